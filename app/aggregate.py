@@ -1,0 +1,159 @@
+"""Per-track aggregation: which crops to embed, and one quality-weighted template per track."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.records import AlignedFace, FaceEmbedding, TrackSummary
+
+log = logging.getLogger(__name__)
+
+MIN_WEIGHT = 0.05  # floor on a crop's weight, so a low-quality track still gets a template
+
+
+@dataclass(frozen=True)
+class EmbedPolicy:
+    """Selective embedding: spend embedder time on the crops that improve a track's template.
+
+    A crop is embedded when the track has fewer than `first_n` embedded crops, when its
+    quality beats the best embedded quality of the track by at least `min_gain`, or when
+    `every_n` observed frames of the track have passed since the last embedded crop; never
+    beyond `max_per_track` crops. Larger `first_n`/smaller `every_n` give steadier templates
+    and quicker first decisions at more embedder cost; smaller `min_gain` chases quality
+    more eagerly; `max_per_track` bounds the cost of a person who stands still for minutes.
+    """
+
+    first_n: int = 3  # always embed the first crops: a decision is possible early
+    every_n: int = 10  # refresh periodically: appearance drifts (pose, light) over a track
+    min_gain: float = 0.1  # quality margin that makes a crop worth embedding out of turn
+    max_per_track: int = 32  # hard cap on embedder work per track
+
+    def __post_init__(self) -> None:
+        if self.first_n < 0 or self.every_n < 1 or self.max_per_track < 1 or self.min_gain < 0:
+            raise ValueError(f"invalid embed policy {self}")
+
+    def should_embed(
+        self, embedded: int, best_quality: float, since_last: int, quality: float
+    ) -> bool:
+        """Whether to embed a crop of `quality`, given the track's `embedded` crop count,
+        their best quality and the observed frames `since_last` embedded crop."""
+        if embedded >= self.max_per_track:
+            return False
+        if embedded < self.first_n:
+            return True
+        return quality >= best_quality + self.min_gain or since_last >= self.every_n
+
+
+def _quality(face: AlignedFace) -> float:
+    """Quality score of a crop; an unscored crop counts as 0."""
+    return float(face.quality.score) if face.quality is not None else 0.0
+
+
+class _Track:
+    """Mutable state of one open track."""
+
+    def __init__(self, face: AlignedFace) -> None:
+        self.start = face.pts
+        self.end = face.pts
+        self.frames = 0
+        self.best_quality = -1.0
+        self.best_bbox: np.ndarray | None = None
+        self.best_crop: np.ndarray | None = None
+        self.scheduled = 0  # crops the policy sent to the embedder
+        self.scheduled_best = -1.0  # best quality among them
+        self.since_last = 0  # observed frames since the last scheduled crop
+        self.embedded = 0  # embeddings received
+        self.weighted_sum: np.ndarray | None = None  # float64[D]
+
+
+class TrackAggregator:
+    """Collects the faces and embeddings of the open tracks of one camera.
+
+    Call `observe` for every aligned face, embed the crops it approves, `add` their
+    embeddings, and `finish` a track when the tracker drops it. Policy decisions count a
+    crop when it is approved, not when its embedding arrives, so batching does not cause
+    extra embeddings.
+    """
+
+    def __init__(self, camera: str, policy: EmbedPolicy | None = None) -> None:
+        self.camera = camera
+        self.policy = policy if policy is not None else EmbedPolicy()
+        self.embedded_total = 0  # embeddings added over all tracks
+        self._tracks: dict[int, _Track] = {}
+
+    def observe(self, face: AlignedFace) -> bool:
+        """Record a sighting of `face.track_id`; True when this crop should be embedded."""
+        track = self._tracks.get(face.track_id)
+        if track is None:
+            track = self._tracks[face.track_id] = _Track(face)
+        track.start = min(track.start, face.pts)
+        track.end = max(track.end, face.pts)
+        track.frames += 1
+        quality = _quality(face)
+        if quality > track.best_quality:
+            track.best_quality = quality
+            track.best_bbox = np.asarray(face.bbox, dtype=np.float32).copy()
+            track.best_crop = face.crop
+        track.since_last += 1
+        embed = self.policy.should_embed(
+            track.scheduled, track.scheduled_best, track.since_last, quality
+        )
+        if embed:
+            track.scheduled += 1
+            track.scheduled_best = max(track.scheduled_best, quality)
+            track.since_last = 0
+        return embed
+
+    def add(self, emb: FaceEmbedding) -> None:
+        """Accumulate an embedding of an observed, still open track."""
+        track = self._tracks.get(emb.face.track_id)
+        if track is None:
+            raise KeyError(f"embedding for unknown or finished track {emb.face.track_id}")
+        vec = np.asarray(emb.vector, dtype=np.float64).ravel()
+        norm = np.linalg.norm(vec)
+        if not np.isfinite(norm) or norm == 0:
+            log.warning("track %d: dropped a zero or non-finite embedding", emb.face.track_id)
+            return
+        if track.weighted_sum is not None and track.weighted_sum.shape != vec.shape:
+            raise ValueError(
+                f"track {emb.face.track_id}: embedding dim {vec.size} != {track.weighted_sum.size}"
+            )
+        weighted = max(_quality(emb.face), MIN_WEIGHT) * vec / norm
+        track.weighted_sum = (
+            weighted if track.weighted_sum is None else track.weighted_sum + weighted
+        )
+        track.embedded += 1
+        self.embedded_total += 1
+
+    def finish(self, track_id: int) -> TrackSummary:
+        """Close a track; its template is the quality-weighted mean of its L2-normalised
+        embeddings (weight = quality score, floored at MIN_WEIGHT), renormalised."""
+        track = self._tracks.pop(track_id, None)
+        if track is None:
+            raise KeyError(f"unknown or finished track {track_id}")
+        template = None
+        if track.weighted_sum is not None:
+            norm = np.linalg.norm(track.weighted_sum)
+            if norm > 1e-12:
+                template = (track.weighted_sum / norm).astype(np.float32)
+            else:
+                log.warning("track %d: embeddings cancel out, no template", track_id)
+        return TrackSummary(
+            camera=self.camera,
+            track_id=track_id,
+            start=track.start,
+            end=track.end,
+            frames=track.frames,
+            embedded=track.embedded,
+            template=template,
+            best_bbox=track.best_bbox,
+            best_quality=track.best_quality,
+            best_crop=track.best_crop,
+        )
+
+    def open_tracks(self) -> list[int]:
+        """Ids of the tracks observed and not yet finished, ascending."""
+        return sorted(self._tracks)

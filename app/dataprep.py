@@ -1,0 +1,104 @@
+"""Turn raw photos into aligned 112x112 training data with the product's own detector and aligner.
+
+Two inputs are supported:
+- a folder of raw photos, one sub-folder per identity (`prepare_folder`), written as a folder
+  of aligned JPEG crops that `trainer.data.ImageFolderDataset` reads;
+- the teacher file of ../shared/data/teacher (`prepare_teacher_pool`), whose stored YuNet
+  landmarks are reused, written as one compact .npz (crops, teacher targets, labels).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from app.align import align_face
+from app.detect import FaceDetector
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".webp"}
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    written: int
+    skipped_no_face: list[str]
+    skipped_unreadable: list[str]
+
+
+def _largest(dets):
+    return max(dets, key=lambda d: float(d.bbox[2] * d.bbox[3]))
+
+
+def prepare_folder(src: Path, dst: Path, detector: FaceDetector) -> PrepareReport:
+    """Detect the largest face in every image under src/<identity>/ and write dst/<identity>/*.jpg."""
+    images = sorted(p for p in Path(src).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError(f"no images under {src}")
+    written, no_face, unreadable = 0, [], []
+    for path in tqdm(images, desc="prepare", unit="img"):
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            unreadable.append(str(path))
+            continue
+        dets = detector.detect(image)
+        if not dets:
+            no_face.append(str(path))
+            continue
+        crop = align_face(image, _largest(dets).landmarks)
+        identity = path.parent.name if path.parent != Path(src) else "unlabelled"
+        out = Path(dst) / identity / (path.stem + ".jpg")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out), crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        written += 1
+    return PrepareReport(written, no_face, unreadable)
+
+
+def _eval_identities(data_root: Path) -> set[str]:
+    return set((data_root / "lfw" / "eval_identities.txt").read_text().split())
+
+
+def prepare_teacher_pool(teacher_npz: Path, data_root: Path, out: Path) -> int:
+    """Align every teacher-pool image with its stored landmarks into one .npz.
+
+    Keys: crops uint8[N,112,112,3] BGR, teacher float32[N,128] (raw dlib descriptors),
+    labels int64[N] (identity index, -1 when unlabelled), label_names, paths.
+    Refuses any image of an LFW evaluation identity (they must never be trained on).
+    """
+    t = np.load(teacher_npz)
+    paths, lms = t["paths"], t["landmarks"].reshape(-1, 5, 2)
+    banned = _eval_identities(data_root)
+    celeb_ids = dict(
+        line.split() for line in (data_root / "celeba299" / "identities.txt").read_text().splitlines()
+    )
+    crops = np.empty((len(paths), 112, 112, 3), np.uint8)
+    names: list[str] = []
+    for i, rel in enumerate(tqdm(paths, desc="align pool", unit="img")):
+        parts = Path(rel).parts
+        if parts[0] == "lfw":
+            if parts[-2] in banned:
+                raise ValueError(f"{rel} is an LFW evaluation identity: refusing to train on it")
+            names.append("lfw:" + parts[-2])
+        elif parts[0] == "celeba299":
+            names.append("celeba:" + celeb_ids[parts[-1]])
+        else:
+            names.append("")
+        image = cv2.imread(str(data_root / rel), cv2.IMREAD_COLOR)
+        if image is None:
+            raise OSError(f"cannot read {data_root / rel}")
+        crops[i] = align_face(image, lms[i])
+    label_names = sorted({n for n in names if n})
+    index = {n: i for i, n in enumerate(label_names)}
+    labels = np.array([index.get(n, -1) for n in names], np.int64)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez(tmp, crops=crops, teacher=t["embeddings"].astype(np.float32), labels=labels,
+             label_names=np.array(label_names), paths=paths)
+    tmp.replace(out)
+    log.info("wrote %d aligned faces (%d labelled identities) to %s", len(paths), len(label_names), out)
+    return len(paths)

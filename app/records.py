@@ -1,0 +1,129 @@
+"""Typed records passed between pipeline stages (one direction: source -> sinks).
+
+Arrays carry their shape and dtype in the field comment; records are frozen so a stage
+can never mutate what an earlier stage produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded video frame."""
+
+    camera: str
+    index: int  # 0-based frame number within the source
+    pts: float  # media time in seconds, from the GStreamer buffer timestamp
+    image: np.ndarray = field(repr=False)  # uint8[H, W, 3], BGR
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        return int(self.image.shape[1]), int(self.image.shape[0])
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A face found by the detector, in frame pixels."""
+
+    bbox: np.ndarray  # float32[4]: x, y, w, h
+    landmarks: np.ndarray  # float32[5, 2]: right eye, left eye, nose, right mouth, left mouth
+    score: float
+
+
+@dataclass(frozen=True)
+class TrackedFace:
+    """A detection assigned to a track in one frame."""
+
+    track_id: int
+    frame_index: int
+    pts: float
+    detection: Detection
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Per-crop quality; `score` in [0, 1] combines the factors (higher is better)."""
+
+    score: float
+    size: float  # inter-ocular distance in source pixels
+    blur: float  # variance of the Laplacian of the aligned crop
+    pose: float  # frontalness in [0, 1] from the landmarks (1 = frontal)
+    det_score: float
+
+
+@dataclass(frozen=True)
+class AlignedFace:
+    """A face warped to the 112x112 ArcFace template (DESIGN.md)."""
+
+    track_id: int
+    frame_index: int
+    pts: float
+    bbox: np.ndarray  # float32[4] x, y, w, h in frame pixels
+    crop: np.ndarray = field(repr=False)  # uint8[112, 112, 3], BGR
+    quality: Quality | None = None
+
+
+@dataclass(frozen=True)
+class FaceEmbedding:
+    """An embedded aligned face."""
+
+    face: AlignedFace
+    vector: np.ndarray = field(repr=False)  # float32[D], L2-normalised
+
+
+@dataclass(frozen=True)
+class TrackSummary:
+    """What the aggregator knows about a finished track."""
+
+    camera: str
+    track_id: int
+    start: float
+    end: float
+    frames: int  # frames in which the track was observed
+    embedded: int  # crops embedded for this track
+    template: np.ndarray | None = field(repr=False)  # float32[D] L2-normalised, None if no crop
+    best_bbox: np.ndarray | None  # float32[4] of the best-quality crop
+    best_quality: float
+    best_crop: np.ndarray | None = field(default=None, repr=False)  # uint8[112,112,3] BGR
+
+
+@dataclass(frozen=True)
+class Match:
+    """Open-set gallery decision for one template."""
+
+    identity: str | None  # None: unknown (best score below threshold)
+    score: float  # best cosine similarity (-1 when the gallery is empty)
+    candidate: str | None  # best gallery identity regardless of the threshold
+
+
+@dataclass(frozen=True)
+class Event:
+    """One finished track (DESIGN.md event record)."""
+
+    camera: str
+    track_id: int
+    identity: str | None
+    score: float
+    start: float
+    end: float
+    frames: int
+    best_bbox: tuple[float, float, float, float]
+    model: str
+
+    def to_json(self) -> dict:
+        return {
+            "camera": self.camera,
+            "track_id": int(self.track_id),
+            "identity": self.identity,
+            "score": round(float(self.score), 6),
+            "start": round(float(self.start), 6),
+            "end": round(float(self.end), 6),
+            "frames": int(self.frames),
+            "best_bbox": [round(float(v), 2) for v in self.best_bbox],
+            "model": self.model,
+        }

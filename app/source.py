@@ -1,0 +1,525 @@
+"""Video input and output through GStreamer (decoding never goes through cv2.VideoCapture).
+
+`open_source` turns a path or URI (file, RTSP, HTTP, v4l2 device) into a `VideoSource`
+that yields `app.records.Frame`s; `VideoWriter` encodes BGR frames to an H.264 MP4.
+Every failure a user can cause surfaces as a `SourceError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import numpy as np
+
+from app.records import Frame
+
+try:
+    import gi
+
+    gi.require_version("Gst", "1.0")
+    gi.require_version("GstApp", "1.0")
+    from gi.repository import Gst, GstApp  # noqa: F401  (GstApp adds AppSink.try_pull_sample)
+except (ImportError, ValueError) as _exc:  # pragma: no cover - depends on the host
+    Gst = None
+    _GI_ERROR: Exception | None = _exc
+else:
+    _GI_ERROR = None
+
+log = logging.getLogger(__name__)
+
+_POLL_NS = 250_000_000  # how long one appsink pull waits before the bus is checked again
+_MAX_BUFFERS = 8  # frames queued in the appsink before decoding blocks (files) or drops (live)
+_GIF_STALL_S = 0.5  # see VideoSource._stalled_at_end
+
+
+class SourceError(Exception):
+    """A video input/output failure; `str()` is a one-line message for the user."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+def _init_gst() -> None:
+    """Initialise GStreamer once; raise SourceError when the bindings are missing."""
+    if Gst is None:
+        raise SourceError(
+            f"GStreamer Python bindings unavailable ({_GI_ERROR}); install python3-gi "
+            "python3-gst-1.0 gir1.2-gst-plugins-base-1.0 and use a venv with system site packages"
+        )
+    if not Gst.is_initialized():
+        Gst.init(None)
+
+
+def _make(factory: str, name: str | None = None, **props: object) -> Gst.Element:
+    """Create a GStreamer element or raise SourceError naming the missing element."""
+    element = Gst.ElementFactory.make(factory, name)
+    if element is None:
+        raise SourceError(
+            f"GStreamer element '{factory}' is not available; install the GStreamer plugin "
+            "packages (gstreamer1.0-plugins-base/good/bad/ugly, gstreamer1.0-libav)"
+        )
+    for key, value in props.items():
+        element.set_property(key.replace("_", "-"), value)
+    return element
+
+
+def _redact(uri: str) -> str:
+    """Hide a password embedded in a URI (rtsp://user:pass@host) for messages and logs."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def _resolve(uri: str) -> tuple[str, str, bool]:
+    """Return (GStreamer URI, name for messages, is a local file) for a path or URI."""
+    if "://" in uri:
+        if not uri.startswith("file://"):
+            return uri, _redact(uri), False
+        path = Path(unquote(urlsplit(uri).path))
+        name = str(path)
+    else:
+        path = Path(uri).expanduser()
+        name = uri
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise SourceError(f"no such file: {name}") from None
+    except OSError as exc:
+        raise SourceError(f"cannot read {name}: {exc.strerror}") from None
+    if stat.S_ISCHR(mode):  # a capture device such as /dev/video0
+        return f"v4l2://{path.resolve()}", name, False
+    if stat.S_ISDIR(mode):
+        raise SourceError(f"not a video file: {name} is a directory")
+    if not os.access(path, os.R_OK):
+        raise SourceError(f"cannot read {name}: permission denied")
+    return path.resolve().as_uri(), name, True
+
+
+def _error_text(message: Gst.Message) -> str:
+    """The first line of a GStreamer ERROR message's text."""
+    err, _debug = message.parse_error()
+    text = err.message.strip().splitlines()[0] if err.message else "unknown GStreamer error"
+    return text.rstrip(".")
+
+
+class VideoSource:
+    """Decoded BGR frames from one source; iterate it, then `close()` (or use `with`)."""
+
+    def __init__(self, uri: str, camera: str = "file", *, loop: bool = False,
+                 timeout: float = 30.0) -> None:
+        _init_gst()
+        self.camera = camera
+        self._uri, self._name, self._is_file = _resolve(uri)
+        self._loop = loop
+        self._timeout = timeout
+        self._live = False
+        self._fps = 0.0
+        self._size: tuple[int, int] = (0, 0)
+        self._duration: float | None = None
+        self._frames_read = 0
+        self._pts_offset = 0.0  # added to buffer PTS after each loop restart
+        self._last_pts: float | None = None
+        self._end_time = 0.0  # media time just past the last frame of the current pass
+        self._pass_frames = 0
+        self._video_linked = False
+        self._gif_workaround = False
+        self._closed = False
+
+        self._pipeline = Gst.Pipeline.new(f"source-{camera}")
+        self._decode = _make(os.environ.get("DECODEBIN", "uridecodebin"), uri=self._uri)
+        self._convert = _make("videoconvert")
+        caps = _make("capsfilter", caps=Gst.Caps.from_string("video/x-raw,format=BGR"))
+        self._sink = _make("appsink", emit_signals=False, sync=False,
+                           max_buffers=_MAX_BUFFERS, drop=not self._is_file)
+        for element in (self._decode, self._convert, caps, self._sink):
+            self._pipeline.add(element)
+        if not (self._convert.link(caps) and caps.link(self._sink)):
+            raise SourceError("cannot link videoconvert to appsink")
+        self._decode.connect("pad-added", self._on_pad_added)
+        self._bus = self._pipeline.get_bus()
+        try:
+            self._preroll()
+        except BaseException:
+            self.close()
+            raise
+        log.info("opened %s: %dx%d at %.3f fps%s", self._name, *self._size, self._fps,
+                 " (live)" if self._live else "")
+
+    def _on_pad_added(self, _element: Gst.Element, pad: Gst.Pad) -> None:
+        """Link the first video pad of uridecodebin to videoconvert; ignore the others."""
+        caps = pad.get_current_caps() or pad.query_caps(None)
+        if self._video_linked or not caps.to_string().startswith("video/"):
+            return
+        result = pad.link(self._convert.get_static_pad("sink"))
+        self._video_linked = result == Gst.PadLinkReturn.OK
+        if not self._video_linked:
+            log.error("%s: cannot link decoded video pad (%s)", self._name, result.value_nick)
+
+    def _fail(self, text: str) -> SourceError:
+        return SourceError(f"cannot decode {self._name}: {text}")
+
+    def _wait_async(self) -> None:
+        """Wait for the pending state change; raise SourceError on a bus ERROR or timeout."""
+        message = self._bus.timed_pop_filtered(
+            int(self._timeout * Gst.SECOND), Gst.MessageType.ERROR | Gst.MessageType.ASYNC_DONE
+        )
+        if message is None:
+            raise self._fail(f"no video within {self._timeout:g} s")
+        if message.type == Gst.MessageType.ERROR:
+            raise self._error(message)
+
+    def _error(self, message: Gst.Message) -> SourceError:
+        if not self._video_linked:
+            return self._fail(f"no decodable video stream ({_error_text(message)})")
+        return self._fail(_error_text(message))
+
+    def _preroll(self) -> None:
+        """Bring the pipeline to PLAYING, surfacing open/demux/decode errors before returning."""
+        result = self._pipeline.set_state(Gst.State.PAUSED)
+        if result == Gst.StateChangeReturn.FAILURE:
+            message = self._bus.pop_filtered(Gst.MessageType.ERROR)
+            raise self._error(message) if message else self._fail("cannot start pipeline")
+        self._live = result == Gst.StateChangeReturn.NO_PREROLL
+        if self._live:
+            self._pipeline.set_state(Gst.State.PLAYING)
+        self._wait_async()
+        caps = self._sink.get_static_pad("sink").get_current_caps()
+        if caps is None:
+            raise self._fail("no video caps negotiated")
+        self._read_caps(caps)
+        self._gif_workaround = any(
+            element.get_factory() is not None
+            and element.get_factory().get_name() == "avdemux_gif"
+            for element in self._decode.iterate_recurse()
+        )
+        ok, duration = self._pipeline.query_duration(Gst.Format.TIME)
+        if ok and duration > 0 and not self._live:
+            self._duration = duration / Gst.SECOND
+        if not self._live and self._pipeline.set_state(Gst.State.PLAYING) == (
+            Gst.StateChangeReturn.FAILURE
+        ):
+            raise self._fail("cannot start playback")
+
+    def _read_caps(self, caps: Gst.Caps) -> None:
+        structure = caps.get_structure(0)
+        self._size = (structure.get_value("width"), structure.get_value("height"))
+        ok, num, den = structure.get_fraction("framerate")
+        self._fps = num / den if ok and num > 0 and den > 0 else 0.0
+
+    @property
+    def fps(self) -> float:
+        """Nominal frame rate from the caps; 0.0 when the stream does not declare one."""
+        return self._fps
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Frame size (width, height)."""
+        return self._size
+
+    @property
+    def frames_read(self) -> int:
+        """Frames yielded so far."""
+        return self._frames_read
+
+    @property
+    def duration(self) -> float | None:
+        """Container duration in seconds for seekable sources, else None."""
+        return self._duration
+
+    @property
+    def is_live(self) -> bool:
+        """True for live sources (RTSP, capture devices)."""
+        return self._live
+
+    def __iter__(self) -> Iterator[Frame]:
+        return self._frames()
+
+    def _frames(self) -> Iterator[Frame]:
+        """Yield frames until the end of the stream; errors close the pipeline and raise."""
+        waited = 0.0
+        while not self._closed:
+            try:
+                sample = self._sink.try_pull_sample(_POLL_NS)
+                if sample is not None:
+                    waited = 0.0
+                    frame = self._to_frame(sample)
+                else:
+                    self._raise_bus_error()
+                    if self._sink.is_eos() or self._stalled_at_end(waited):
+                        if self._restart():
+                            continue
+                        self.close()
+                        return
+                    waited += _POLL_NS / Gst.SECOND
+                    if waited >= self._timeout:
+                        raise SourceError(f"{self._name}: no frame for {self._timeout:g} s")
+                    continue
+            except SourceError:
+                self.close()
+                raise
+            yield frame
+
+    def _raise_bus_error(self) -> None:
+        message = self._bus.pop_filtered(Gst.MessageType.ERROR)
+        if message is not None:
+            raise self._error(message)
+
+    def _stalled_at_end(self, idle: float) -> bool:
+        """True when a GIF has stopped producing frames near its end without an EOS.
+
+        GStreamer 1.22's avdemux_gif spins forever at the end of some GIFs instead of
+        sending EOS, so for GIFs a pause of `_GIF_STALL_S` near the end counts as the end.
+        """
+        return (self._gif_workaround and idle >= _GIF_STALL_S and self._pass_frames > 0
+                and self._reached_duration())
+
+    def _reached_duration(self) -> bool:
+        """Whether this pass played (nearly) the container's duration, when one is known.
+
+        Video may legitimately end a little before the container (longer audio track);
+        stopping far short of it means the file lost data (e.g. a truncated download).
+        """
+        if self._duration is None:
+            return True
+        played = self._end_time - self._pts_offset
+        return played >= self._duration - max(1.0, 0.1 * self._duration)
+
+    def _restart(self) -> bool:
+        """At end of stream: rewind when looping (True), else check completeness (False)."""
+        if not self._reached_duration():
+            played = self._end_time - self._pts_offset
+            raise self._fail(
+                f"stream ended at {played:.2f} s of {self._duration:.2f} s "
+                "(truncated or damaged file)"
+            )
+        if not (self._loop and self._is_file and self._pass_frames > 0):
+            log.info("%s: end of stream after %d frames", self._name, self._frames_read)
+            return False
+        self._pts_offset = self._end_time
+        self._last_pts = None
+        self._pass_frames = 0
+        flags = Gst.SeekFlags.FLUSH | Gst.SeekFlags.KEY_UNIT
+        if not self._pipeline.seek_simple(Gst.Format.TIME, flags, 0):
+            raise self._fail("cannot rewind for looping")
+        log.debug("%s: looped at %.3f s", self._name, self._pts_offset)
+        return True
+
+    def _to_frame(self, sample: Gst.Sample) -> Frame:
+        """Copy a BGR sample into a Frame, removing GStreamer's row padding."""
+        caps = sample.get_caps()
+        if caps is not None:
+            self._read_caps(caps)
+        width, height = self._size
+        buffer = sample.get_buffer()
+        ok, info = buffer.map(Gst.MapFlags.READ)
+        if not ok:
+            raise self._fail("cannot map frame buffer")
+        try:
+            data = np.frombuffer(info.data, dtype=np.uint8)
+            stride = data.size // height if height else 0
+            if stride < width * 3:
+                raise self._fail(f"frame buffer of {data.size} bytes is too small for "
+                                 f"{width}x{height} BGR")
+            rows = data[: stride * height].reshape(height, stride)
+            image = np.ascontiguousarray(rows[:, : width * 3]).reshape(height, width, 3)
+        finally:
+            buffer.unmap(info)
+        pts = self._frame_pts(buffer)
+        frame = Frame(camera=self.camera, index=self._frames_read, pts=pts, image=image)
+        self._frames_read += 1
+        self._pass_frames += 1
+        return frame
+
+    def _frame_pts(self, buffer: Gst.Buffer) -> float:
+        """Media time of a buffer; synthesised when the PTS is missing or not increasing.
+
+        Some demuxers (avdemux_gif) stamp every frame 0: then the previous frame's time plus
+        its duration (from the buffer, else 1/fps, else index/fps) is used instead.
+        """
+        step = 1.0 / self._fps if self._fps else 0.0
+        if buffer.duration != Gst.CLOCK_TIME_NONE:
+            step = buffer.duration / Gst.SECOND
+        if buffer.pts != Gst.CLOCK_TIME_NONE:
+            pts = self._pts_offset + buffer.pts / Gst.SECOND
+            if self._last_pts is not None and pts <= self._last_pts:
+                pts = self._end_time
+        elif self._last_pts is not None:
+            pts = self._end_time
+        else:
+            pts = self._pts_offset + (self._pass_frames / self._fps if self._fps else 0.0)
+        self._last_pts = pts
+        self._end_time = pts + step
+        return pts
+
+    def close(self) -> None:
+        """Stop decoding and release the pipeline (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pipeline.set_state(Gst.State.NULL)
+
+    def __enter__(self) -> VideoSource:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()
+
+
+def open_source(uri: str, camera: str = "file", *, loop: bool = False,
+                timeout: float = 30.0) -> VideoSource:
+    """Open a video file path or URI (file://, rtsp://, http(s)://, v4l2://, /dev/videoN).
+
+    The pipeline is prerolled before returning, so a missing or undecodable file raises
+    `SourceError` here. `loop` restarts files at their end (pts keeps increasing);
+    `timeout` bounds the wait for the first frame and between frames, in seconds.
+    """
+    return VideoSource(str(uri), camera, loop=loop, timeout=timeout)
+
+
+class VideoWriter:
+    """H.264 MP4 writer: `write()` BGR frames, then `close()` (or use `with`).
+
+    Writes to `path + ".part"` and renames to `path` only after the muxer finished; on
+    any failure the partial file is removed and `SourceError` is raised.
+    """
+
+    def __init__(self, path: str | Path, fps: float, size: tuple[int, int]) -> None:
+        _init_gst()
+        width, height = int(size[0]), int(size[1])
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise ValueError(f"video size must be positive and even for H.264, got {size}")
+        if not fps > 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.path = Path(path)
+        self._part = self.path.with_name(self.path.name + ".part")
+        self._size = (width, height)
+        self._rate = Fraction(fps).limit_denominator(1001)
+        self._stride = (width * 3 + 3) & ~3  # GStreamer pads packed RGB rows to 4 bytes
+        self._count = 0
+        self._closed = False
+
+        self._pipeline = Gst.Pipeline.new("writer")
+        caps = Gst.Caps.from_string(
+            f"video/x-raw,format=BGR,width={width},height={height},"
+            f"framerate={self._rate.numerator}/{self._rate.denominator}"
+        )
+        self._src = _make("appsrc", caps=caps, format=Gst.Format.TIME, is_live=False,
+                          block=True, max_bytes=8 * self._stride * height)
+        elements = [
+            self._src,
+            _make("videoconvert"),
+            _make("capsfilter", caps=Gst.Caps.from_string("video/x-raw,format=I420")),
+            _make("x264enc", speed_preset="veryfast", tune="zerolatency"),
+            _make("h264parse"),
+            _make("mp4mux"),
+            _make("filesink", location=str(self._part)),
+        ]
+        for element in elements:
+            self._pipeline.add(element)
+        for upstream, downstream in zip(elements, elements[1:]):
+            if not upstream.link(downstream):
+                raise SourceError(
+                    f"cannot link {upstream.get_factory().get_name()} to "
+                    f"{downstream.get_factory().get_name()}"
+                )
+        self._bus = self._pipeline.get_bus()
+        if self._pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
+            self._abort(self._bus_error() or "cannot start the encoder")
+        log.info("writing %s: %dx%d at %s fps", self.path, width, height, self._rate)
+
+    def _bus_error(self) -> str | None:
+        message = self._bus.pop_filtered(Gst.MessageType.ERROR)
+        return _error_text(message) if message is not None else None
+
+    def _abort(self, reason: str) -> None:
+        """Tear down, delete the partial file and raise SourceError."""
+        self._closed = True
+        self._pipeline.set_state(Gst.State.NULL)
+        self._part.unlink(missing_ok=True)
+        raise SourceError(f"cannot write {self.path}: {reason}")
+
+    def write(self, bgr: np.ndarray) -> None:
+        """Append one uint8[H, W, 3] BGR frame of the writer's size."""
+        if self._closed:
+            raise SourceError(f"cannot write {self.path}: writer is closed")
+        width, height = self._size
+        if bgr.shape != (height, width, 3) or bgr.dtype != np.uint8:
+            raise ValueError(
+                f"expected uint8[{height}, {width}, 3] frame, got {bgr.dtype}{list(bgr.shape)}"
+            )
+        if self._stride == width * 3:
+            data = np.ascontiguousarray(bgr).tobytes()
+        else:
+            padded = np.zeros((height, self._stride), dtype=np.uint8)
+            padded[:, : width * 3] = bgr.reshape(height, width * 3)
+            data = padded.tobytes()
+        buffer = Gst.Buffer.new_wrapped(data)
+        start = self._timestamp(self._count)
+        buffer.pts = start
+        buffer.dts = Gst.CLOCK_TIME_NONE
+        buffer.duration = self._timestamp(self._count + 1) - start
+        result = self._src.push_buffer(buffer)
+        if result != Gst.FlowReturn.OK:
+            self._abort(self._bus_error() or f"encoder refused frame ({result.value_nick})")
+        self._count += 1
+
+    def _timestamp(self, index: int) -> int:
+        """Nanosecond timestamp of frame `index` (exact for rational rates like 30000/1001)."""
+        return int(index * Gst.SECOND * self._rate.denominator // self._rate.numerator)
+
+    @property
+    def frames_written(self) -> int:
+        """Frames accepted so far."""
+        return self._count
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Finish the file: send EOS, wait for the muxer, then rename `.part` to the path."""
+        if self._closed:
+            return
+        if self._count == 0:
+            self._abort("no frames were written")
+        self._src.end_of_stream()
+        message = self._bus.timed_pop_filtered(
+            int(timeout * Gst.SECOND), Gst.MessageType.EOS | Gst.MessageType.ERROR
+        )
+        if message is None:
+            self._abort(f"encoder did not finish within {timeout:g} s")
+        if message.type == Gst.MessageType.ERROR:
+            self._abort(_error_text(message))
+        self._closed = True
+        self._pipeline.set_state(Gst.State.NULL)
+        os.replace(self._part, self.path)
+        log.info("wrote %s: %d frames", self.path, self._count)
+
+    def discard(self) -> None:
+        """Stop without finishing the file; the partial output is deleted."""
+        if not self._closed:
+            self._closed = True
+            self._pipeline.set_state(Gst.State.NULL)
+            self._part.unlink(missing_ok=True)
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()

@@ -1,0 +1,1 @@
+"""FaceMoE Edge: engine."""

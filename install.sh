@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One command to a working FaceMoE Edge install on a fresh Debian/Ubuntu machine.
+#   ./install.sh            # CPU install (torch CPU wheel), app + trainer + dev tools
+#   FACEMOE_VENV=/opt/fm ./install.sh   # venv somewhere else (default: ./.venv)
+#   FACEMOE_TORCH=cuda ./install.sh     # take the default (CUDA) torch wheel on a GPU machine
+#   FACEMOE_EXTRAS=dev,train,engine ./install.sh  # which pyproject extras to install
+# Idempotent: re-running it only installs what is missing.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+venv="${FACEMOE_VENV:-$here/.venv}"
+extras="${FACEMOE_EXTRAS:-dev,train}"
+torch_spec="${FACEMOE_TORCH_SPEC:-torch==2.13.*}"
+
+say() { printf '[install] %s\n' "$*" >&2; }
+die() { printf '[install] error: %s\n' "$*" >&2; exit 1; }
+
+# 1. System packages: GStreamer from Debian (the PyPI wheels are Windows/macOS only) and the
+#    Debian Python whose `gi` module the venv must see.
+debs=(python3 python3-venv python3-dev python3-gi python3-gst-1.0 gir1.2-gstreamer-1.0
+      gir1.2-gst-plugins-base-1.0 gir1.2-gst-rtsp-server-1.0 gstreamer1.0-tools
+      gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+      gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-rtsp)
+missing=()
+for p in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  command -v apt-get >/dev/null || die "apt-get not found: install ${missing[*]} with your package manager"
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || die "need root or sudo to install: ${missing[*]}"
+    sudo="sudo"
+  fi
+  say "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq || die "apt-get update failed (no network to the Debian mirror?)"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "apt-get install failed for: ${missing[*]}"
+fi
+
+# 2. The venv, made by the Debian interpreter so Debian's gi (GStreamer bindings) is visible.
+if [ ! -x "$venv/bin/python" ]; then
+  say "creating venv at $venv"
+  /usr/bin/python3 -m venv --system-site-packages "$venv" || die "could not create venv at $venv"
+fi
+py="$venv/bin/python"
+"$py" -c 'import gi; gi.require_version("Gst", "1.0"); from gi.repository import Gst' \
+  || die "the venv cannot import GStreamer (gi); is python3-gi installed for /usr/bin/python3?"
+"$py" -m pip install -q --upgrade pip >/dev/null || say "pip upgrade failed; continuing with the venv's pip"
+
+# 3. torch: a CPU build unless FACEMOE_TORCH=cuda. Plain `pip install torch` on Linux pulls
+#    ~3 GB of CUDA wheels. We ask pip (dry run, nothing downloaded) what it would pick; if that
+#    is not a +cpu build (a machine whose pip has no local CPU wheel), we install from the
+#    PyTorch CPU index instead (FACEMOE_TORCH_INDEX overrides it).
+if ! "$py" -c 'import torch' 2>/dev/null; then
+  if [ "${FACEMOE_TORCH:-cpu}" = "cpu" ]; then
+    picked="$("$py" -m pip install -q --dry-run --no-deps --report - "$torch_spec" 2>/dev/null \
+      | "$py" -c 'import json,sys; r=json.load(sys.stdin); print(r["install"][0]["metadata"]["version"])' 2>/dev/null || true)"
+    if [[ "$picked" == *+cpu ]]; then
+      say "installing CPU torch $picked"
+      "$py" -m pip install -q "torch==$picked" || die "could not install torch $picked"
+    else
+      index="${FACEMOE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+      say "installing CPU torch ($torch_spec) from $index"
+      "$py" -m pip install -q "$torch_spec" --index-url "$index" --extra-index-url https://pypi.org/simple \
+        || die "could not install a CPU torch build ($torch_spec) from $index"
+    fi
+  else
+    "$py" -m pip install -q "$torch_spec" || die "could not install torch ($torch_spec)"
+  fi
+fi
+
+# 4. The product itself, editable, with its extras.
+say "installing facemoe-edge[$extras]"
+"$py" -m pip install -q -e "$here[$extras]" || die "pip install of the project failed"
+
+# 5. The YuNet detector into the model directory, checksum verified.
+yunet_name="face_detection_yunet_2026may.onnx"
+yunet_sha="ebafce4e3c118d6554634be5c27ab333b4c047a9a8c3faf1d7cf93101c22f0f0"
+dest="$here/models/detector/$yunet_name"
+if [ ! -f "$dest" ] || ! echo "$yunet_sha  $dest" | sha256sum -c --status; then
+  src="${FACEMOE_SHARED:-$here/../shared}/models/$yunet_name"
+  [ -f "$src" ] || src="$("$py" - <<'PY'
+import importlib.util, pathlib
+spec = importlib.util.find_spec("cv2")
+print(next(pathlib.Path(spec.origin).parent.rglob("face_detection_yunet*.onnx"), "") if spec else "")
+PY
+)"
+  [ -n "$src" ] && [ -f "$src" ] || die "YuNet detector not found (looked in ../shared/models); put $yunet_name in $(dirname "$dest")"
+  mkdir -p "$(dirname "$dest")"
+  cp "$src" "$dest.tmp" && mv "$dest.tmp" "$dest"
+  echo "$yunet_sha  $dest" | sha256sum -c --status || { rm -f "$dest"; die "YuNet checksum mismatch for $src"; }
+  say "detector placed at $dest"
+fi
+
+"$venv/bin/facemoe" --version >/dev/null || die "facemoe entry point does not run"
+say "done: $venv/bin/facemoe"

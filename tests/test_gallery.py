@@ -1,0 +1,240 @@
+"""Gallery: enrollment round trip, model guard, refusal of bad files, atomic enroll."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.gallery import Gallery, GalleryError, IdentityInfo
+from app.records import Event
+
+MODEL = ("facemoe-edge", "0.1.0")
+D = 16
+
+
+def unit(rng: np.random.Generator, m: int, d: int = D) -> np.ndarray:
+    v = rng.normal(size=(m, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def crops(rng: np.random.Generator, m: int) -> list[np.ndarray]:
+    return [rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8) for _ in range(m)]
+
+
+def event(track_id: int, identity: str | None = "alice") -> Event:
+    return Event(
+        camera="cam0",
+        track_id=track_id,
+        identity=identity,
+        score=0.61,
+        start=1.0 * track_id,
+        end=1.0 * track_id + 2.5,
+        frames=30,
+        best_bbox=(10.0, 20.0, 48.0, 56.0),
+        model="facemoe-edge@0.1.0",
+    )
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "gallery.db"
+
+
+def snapshot(g: Gallery) -> tuple:
+    names, mat = g.matrix()
+    return [(i.name, i.templates) for i in g.identities()], names, mat.tobytes(), g.version()
+
+
+def test_enroll_list_rename_remove_round_trip(db: Path, rng: np.random.Generator) -> None:
+    alice, bob = unit(rng, 3), unit(rng, 2)
+    with Gallery(db, *MODEL) as g:
+        assert g.identities() == []
+        assert g.version() == 0
+        sources = ["a0.jpg", "a1.jpg", "v.mp4#12"]
+        assert g.enroll(" alice ", alice, sources, [0.9, 0.8, 0.7], crops(rng, 3)) == 3
+        v1 = g.version()
+        assert g.enroll("bob", bob * 3.0, ["b0.jpg", "b1.jpg"], [0.5, 0.6]) == 2
+        assert g.version() != v1
+
+    with Gallery(db, *MODEL, create=False) as g:
+        infos = g.identities()
+        assert [(i.name, i.templates) for i in infos] == [("alice", 3), ("bob", 2)]
+        assert all(isinstance(i, IdentityInfo) for i in infos)
+        assert all(i.created_at.tzinfo == timezone.utc for i in infos)
+        names, mat = g.matrix()
+        assert names == ["alice"] * 3 + ["bob"] * 2
+        assert mat.dtype == np.float32 and mat.shape == (5, D)
+        np.testing.assert_allclose(mat, np.vstack([alice, bob]), atol=1e-6)  # bob renormalised
+
+        g.add_events([event(1), event(2, "bob")])
+        v = g.version()
+        g.rename("alice", "  carol ")
+        assert g.version() != v
+        v = g.version()
+        g.remove("bob")
+        assert g.version() != v
+        assert [(i.name, i.templates) for i in g.identities()] == [("carol", 3)]
+        assert g.matrix()[0] == ["carol"] * 3
+        assert [e.identity for e in g.events()] == ["alice", "bob"]  # events are history
+
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert con.execute("SELECT count(*) FROM templates").fetchone()[0] == 3  # cascade
+        jpeg = con.execute("SELECT crop FROM templates ORDER BY id LIMIT 1").fetchone()[0]
+        assert jpeg[:2] == b"\xff\xd8"
+        meta = dict(con.execute("SELECT key, value FROM meta"))
+        assert (meta["model_name"], meta["model_version"]) == MODEL
+
+
+def test_enroll_more_templates_for_existing_identity(db: Path, rng: np.random.Generator) -> None:
+    with Gallery(db, *MODEL) as g:
+        g.enroll("alice", unit(rng, 2), ["a", "b"], [0.5, 0.5])
+        g.enroll("alice", unit(rng, 1), ["c"], [0.5])
+        assert [(i.name, i.templates) for i in g.identities()] == [("alice", 3)]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda g: g.remove("nobody"), "no such identity: 'nobody'"),
+        (lambda g: g.rename("nobody", "x"), "no such identity: 'nobody'"),
+        (lambda g: g.rename("alice", "bob"), "identity 'bob' already exists"),
+        (lambda g: g.rename("alice", "   "), "identity name must not be empty"),
+    ],
+)
+def test_remove_rename_errors(db: Path, rng: np.random.Generator, call, message: str) -> None:
+    with Gallery(db, *MODEL) as g:
+        g.enroll("alice", unit(rng, 1), ["a"], [0.5])
+        g.enroll("bob", unit(rng, 1), ["b"], [0.5])
+        before = snapshot(g)
+        with pytest.raises(GalleryError, match="^" + message + "$"):
+            call(g)
+        assert snapshot(g) == before
+
+
+@pytest.mark.parametrize(
+    ("name", "vectors", "sources", "qualities", "with_crops", "message"),
+    [
+        ("", (2, D), ["a", "b"], [0.5, 0.5], False, "name must not be empty"),
+        ("   ", (2, D), ["a", "b"], [0.5, 0.5], False, "name must not be empty"),
+        ("carol", (2, D + 1), ["a", "b"], [0.5, 0.5], False, "dim 17, gallery templates have dim"),
+        ("alice", (2, 8), ["a", "b"], [0.5, 0.5], False, "dim 8"),
+        ("carol", (2, D), ["a"], [0.5, 0.5], False, "2 vectors but"),
+        ("carol", (2, D), ["a", "b"], [0.5], False, "2 vectors but"),
+        ("carol", (2, D), ["a", "b"], [0.5, "high"], False, "qualities must be numbers"),
+        ("carol", (0, D), [], [], False, "shape"),
+        ("carol", (D,), ["a"], [0.5], False, "shape"),
+        ("carol", "zero", ["a", "b"], [0.5, 0.5], False, "finite and non-zero"),
+        ("carol", "nan", ["a", "b"], [0.5, 0.5], False, "finite and non-zero"),
+        ("carol", (2, D), ["a", "b"], [0.5, 0.5], True, "crop must be uint8"),
+    ],
+)
+def test_failed_enroll_leaves_gallery_unchanged(
+    db: Path, rng: np.random.Generator, name, vectors, sources, qualities, with_crops, message
+) -> None:
+    if vectors == "zero":
+        vecs = unit(rng, 2)
+        vecs[1] = 0.0
+    elif vectors == "nan":
+        vecs = unit(rng, 2)
+        vecs[0, 3] = np.nan
+    else:
+        vecs = rng.normal(size=vectors).astype(np.float32)
+    bad_crops = [np.zeros((112, 112, 3), np.uint8), np.zeros((112, 112), np.float32)]
+    with Gallery(db, *MODEL) as g:
+        g.enroll("alice", unit(rng, 2), ["a", "b"], [0.5, 0.5])
+        before = snapshot(g)
+        with pytest.raises(GalleryError, match=message) as err:
+            g.enroll(name, vecs, sources, qualities, bad_crops if with_crops else None)
+        assert "\n" not in str(err.value)
+        assert snapshot(g) == before
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT count(*) FROM identities").fetchone()[0] == 1
+
+
+def test_model_mismatch_refused(db: Path, rng: np.random.Generator) -> None:
+    with Gallery(db, *MODEL) as g:
+        g.enroll("alice", unit(rng, 1), ["a"], [0.5])
+    for other in [("facemoe-edge", "0.2.0"), ("other", "0.1.0")]:
+        with pytest.raises(GalleryError) as err:
+            Gallery(db, *other)
+        assert str(err.value) == (
+            f"gallery {db} was built with model facemoe-edge@0.1.0; this model is "
+            f"{other[0]}@{other[1]}: re-embed or use a matching model"
+        )
+
+
+def test_model_is_claimed_on_first_write(db: Path, rng: np.random.Generator) -> None:
+    Gallery(db, "first", "1").close()  # opening writes no model
+    with Gallery(db, *MODEL) as g:
+        g.enroll("alice", unit(rng, 1), ["a"], [0.5])
+    with pytest.raises(GalleryError, match="was built with model facemoe-edge"):
+        Gallery(db, "first", "1")
+
+
+@pytest.mark.parametrize("content", [b"this is not a database" * 50, bytes(range(256)) * 8])
+def test_garbage_file_refused(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(content)
+    with pytest.raises(GalleryError) as err:
+        Gallery(path, *MODEL)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "not a database" in message
+    assert path.read_bytes() == content
+
+
+def test_foreign_sqlite_database_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE songs (id INTEGER PRIMARY KEY)")
+    with pytest.raises(GalleryError, match="is a database but not a FaceMoE gallery$"):
+        Gallery(path, *MODEL)
+
+
+def test_missing_gallery_with_create_false(tmp_path: Path) -> None:
+    path = tmp_path / "missing.db"
+    with pytest.raises(GalleryError) as err:
+        Gallery(path, *MODEL, create=False)
+    assert str(err.value) == f"no such gallery: {path}"
+    assert not path.exists()
+
+
+def test_url_locations(tmp_path: Path, rng: np.random.Generator) -> None:
+    path = tmp_path / "sub" / "g.db"
+    with Gallery(f"sqlite:///{path}", *MODEL) as g:
+        g.enroll("alice", unit(rng, 1), ["a"], [0.5])
+    with Gallery(path, *MODEL, create=False) as g:
+        assert [i.name for i in g.identities()] == ["alice"]
+    with Gallery("sqlite://", *MODEL) as g:  # in memory
+        g.enroll("bob", unit(rng, 2), ["a", "b"], [0.5, 0.5])
+        assert g.matrix()[0] == ["bob", "bob"]
+
+
+def test_events_round_trip_and_limit(db: Path) -> None:
+    events = [event(i, None if i % 2 else "alice") for i in range(5)]
+    with Gallery(db, *MODEL) as g:
+        assert g.events() == []
+        g.add_events(events[:3])
+        g.add_events(events[3:])
+        g.add_events([])
+        assert g.events() == events
+        assert g.events(limit=2) == events[3:]
+        assert g.version() == 0  # events do not change the templates
+
+
+def test_failed_event_batch_writes_nothing(db: Path) -> None:
+    bad = Event("cam0", 9, None, 0.1, 0.0, 1.0, 3, (0.0, 0.0, 1.0, 1.0), None)  # type: ignore[arg-type]
+    with Gallery(db, *MODEL) as g:
+        with pytest.raises(GalleryError) as err:
+            g.add_events([event(1), bad])
+        assert "\n" not in str(err.value)
+        assert g.events() == []

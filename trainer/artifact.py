@@ -1,0 +1,88 @@
+"""The self-describing model artifact: weights.safetensors + model.yaml + manifest.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from trainer.models import create_model
+from trainer.preprocess import MEAN, STD
+
+WEIGHTS = "weights.safetensors"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_artifact(model: nn.Module, arch: dict[str, Any], out_dir: str | Path, *, name: str,
+                  version: str, recipe: dict[str, Any] | None = None,
+                  data: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Path:
+    """Write the artifact directory; returns it. `arch` is the registry config (model.yaml)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    (out / "model.yaml").write_text(yaml.safe_dump(arch, sort_keys=False))
+    manifest = {
+        "name": name,
+        "version": version,
+        "architecture": arch["name"],
+        "input_size": int(getattr(model, "input_size", arch.get("img_size", 112))),
+        "crop_size": 112,
+        "mean": list(MEAN),
+        "std": list(STD),
+        "colour": "RGB",
+        "layout": "NCHW",
+        "embedding_dim": int(getattr(model, "embed_dim", 512)),
+        "normalised": True,
+        "num_experts": arch.get("num_experts"),
+        "top_k": arch.get("top_k"),
+        "gate": arch.get("gate"),
+        "training": recipe or {},
+        "data": data or {},
+        "metrics": metrics or {},
+        "weights_sha256": sha256_file(out / WEIGHTS),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def read_manifest(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"not a model artifact (no manifest.json): {model_dir}")
+    return json.loads(path.read_text())
+
+
+def load_model(model_dir: str | Path, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model from model.yaml, load its weights (checksum verified), eval mode."""
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    weights = model_dir / WEIGHTS
+    if sha256_file(weights) != manifest["weights_sha256"]:
+        raise ValueError(f"{weights}: checksum does not match manifest.json")
+    arch = yaml.safe_load((model_dir / "model.yaml").read_text())
+    name = arch.pop("name")
+    model = create_model(name, **{**arch, **overrides})
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval(), manifest
+
+
+def update_metrics(model_dir: str | Path, metrics: dict[str, Any]) -> None:
+    """Merge measured metrics into manifest.json (the weights and their hash are unchanged)."""
+    path = Path(model_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.setdefault("metrics", {}).update(metrics)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")

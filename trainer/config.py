@@ -1,0 +1,101 @@
+"""The trainer's one config object, validated once (pydantic, unknown keys refused)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from trainer.augment import AugmentConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(_Strict):
+    name: str = "facemoe-edge"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    init_from: str | None = None  # a model artifact directory or checkpoint to start from
+
+
+class DataSection(_Strict):
+    pool: str | None = None  # teacher-pool .npz (facemoe data prepare --teacher)
+    folders: list[str] = Field(default_factory=list)  # aligned crops, one sub-folder per identity
+    lists: list[str] = Field(default_factory=list)  # `path label` list files
+    teacher_onnx: str | None = None  # a teacher model artifact: targets computed on clean crops
+    val_identities: int = 40  # labelled identities held out for the per-epoch check
+    min_images_per_class: int = 1
+
+
+class LossSection(_Strict):
+    margin: Literal["cosface", "arcface"] = "cosface"
+    s: float = 64.0
+    m: float = 0.35
+    w_id: float = 1.0  # margin loss on labelled faces
+    w_kd: float = 1.0  # cosine distillation to the (centred) teacher targets
+    w_rkd: float = 1.0  # relational distillation (batch similarity matrix)
+    lambda_z: float = 10.0  # router z-loss weight
+    lambda_balance: float = 10.0  # load-balancing loss weight
+    z_scale: float = 1e-3  # the z-loss term inside lambda_z (see trainer.losses)
+    balance_scale: float = 1e-2
+
+
+class OptimSection(_Strict):
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    epochs: int = 20
+    batch_size: int = 128
+    warmup_steps: int = 200
+    power: float = 1.0  # polynomial decay exponent (1 = linear to 0)
+    clip_grad: float = 5.0
+    freeze_backbone: bool = False  # linear probe: train only the heads / last layers
+
+
+class RunSection(_Strict):
+    out_dir: str = "runs/facemoe-edge"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    threads: int = 0  # 0: torch default
+    log_every: int = 20
+    max_minutes: float = 0  # stop (and checkpoint) after this long; 0 = no limit
+    name: str = "facemoe-edge"
+    version: str = "0.1.0"
+
+
+class TrainConfig(_Strict):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    loss: LossSection = Field(default_factory=LossSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    run: RunSection = Field(default_factory=RunSection)
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the YAML path."""
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no such config file: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{path}: {where}: {err['msg']}") from e

@@ -1,0 +1,121 @@
+"""Sparse top-k mixture-of-experts MLP (the FaceMoE routing op).
+
+For tokens x (T x d): logits z = x Wr (T x N); per token take the top-k experts;
+gate `softmax_topk` (the paper): w = softmax over the k selected logits;
+gate `raw_logits` (the authors' released code): w = the k selected logits themselves.
+y = sum_j w_j * expert_j(x) with GELU MLP experts. Ties break like `torch.topk`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GATES = ("softmax_topk", "raw_logits")
+
+
+@dataclass
+class RouterOutput:
+    """What a MoE layer remembers of its last forward, for the auxiliary losses and stats."""
+
+    logits: torch.Tensor  # float[T, N]
+    top_idx: torch.Tensor  # int64[T, k]
+
+
+def route(logits: torch.Tensor, top_k: int, gate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k selection and gate weights: (weights float[T, k], indices int64[T, k])."""
+    top_val, top_idx = logits.topk(top_k, dim=-1)
+    if gate == "softmax_topk":
+        weights = top_val.float().softmax(dim=-1).to(top_val.dtype)
+    elif gate == "raw_logits":
+        weights = top_val
+    else:
+        raise ValueError(f"unknown gate {gate!r}; expected one of {GATES}")
+    return weights, top_idx
+
+
+class MoEMLP(nn.Module):
+    """N GELU expert MLPs behind a linear top-k router; a drop-in for a transformer MLP.
+
+    `dispatch="dense"` computes every expert for every token and mixes them with a
+    weight matrix that is zero outside the top-k: vectorised with no host sync, and the
+    form exported to ONNX standard ops. `dispatch="sparse"` permutes tokens by expert and
+    runs each expert only on the tokens that chose it (k/N of the expert FLOPs); it reads
+    the N group sizes back once per layer to split the batch. Both give the same output.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        num_experts: int = 3,
+        top_k: int = 2,
+        gate: str = "softmax_topk",
+        dispatch: str = "dense",
+        drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in 1..{num_experts}, got {top_k}")
+        if gate not in GATES:
+            raise ValueError(f"unknown gate {gate!r}; expected one of {GATES}")
+        self.num_experts, self.top_k, self.gate, self.dispatch = num_experts, top_k, gate, dispatch
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+        self.drop = nn.Dropout(drop)
+        self.last: RouterOutput | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.w1, std=0.02)
+        nn.init.trunc_normal_(self.w2, std=0.02)
+        nn.init.trunc_normal_(self.router.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        logits = self.router(tokens)
+        weights, top_idx = route(logits, self.top_k, self.gate)
+        self.last = RouterOutput(logits=logits, top_idx=top_idx)
+        if self.num_experts == 1:
+            out = self._expert(tokens, 0) * weights
+        elif self.dispatch == "sparse":
+            out = self._sparse(tokens, weights, top_idx)
+        else:
+            out = self._dense(tokens, weights, top_idx)
+        return out.reshape(shape)
+
+    def _expert(self, tokens: torch.Tensor, e: int) -> torch.Tensor:
+        h = self.drop(F.gelu(tokens @ self.w1[e] + self.b1[e]))
+        return h @ self.w2[e] + self.b2[e]
+
+    def _dense(self, tokens: torch.Tensor, weights: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+        # mix[t, e] = gate weight of expert e for token t, 0 where e is not in the top-k.
+        mix = torch.zeros(tokens.shape[0], self.num_experts, dtype=weights.dtype, device=tokens.device)
+        mix = mix.scatter(1, top_idx, weights)
+        h = self.drop(F.gelu(torch.einsum("td,edh->eth", tokens, self.w1) + self.b1[:, None]))
+        y = torch.einsum("eth,ehd->etd", h, self.w2) + self.b2[:, None]
+        return torch.einsum("etd,te->td", y, mix.to(y.dtype))
+
+    def _sparse(self, tokens: torch.Tensor, weights: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+        t, k = top_idx.shape
+        flat_expert = top_idx.reshape(-1)
+        order = flat_expert.argsort(stable=True)
+        token_of = order // k
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # one host sync
+        gathered = tokens[token_of]
+        outs = [
+            self._expert(chunk, e) for e, chunk in enumerate(gathered.split(counts)) if chunk.numel()
+        ]
+        y = torch.cat(outs) * weights.reshape(-1)[order, None].to(gathered.dtype)
+        return torch.zeros_like(tokens, dtype=y.dtype).index_add_(0, token_of, y).to(tokens.dtype)
+
+
+def moe_layers(model: nn.Module) -> list[MoEMLP]:
+    return [m for m in model.modules() if isinstance(m, MoEMLP)]
