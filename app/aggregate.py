@@ -52,6 +52,13 @@ def _quality(face: AlignedFace) -> float:
     return float(face.quality.score) if face.quality is not None else 0.0
 
 
+def _normalised(weighted_sum: np.ndarray | None) -> np.ndarray | None:
+    if weighted_sum is None:
+        return None
+    norm = np.linalg.norm(weighted_sum)
+    return (weighted_sum / norm).astype(np.float32) if norm > 1e-12 else None
+
+
 class _Track:
     """Mutable state of one open track."""
 
@@ -134,13 +141,9 @@ class TrackAggregator:
         track = self._tracks.pop(track_id, None)
         if track is None:
             raise KeyError(f"unknown or finished track {track_id}")
-        template = None
-        if track.weighted_sum is not None:
-            norm = np.linalg.norm(track.weighted_sum)
-            if norm > 1e-12:
-                template = (track.weighted_sum / norm).astype(np.float32)
-            else:
-                log.warning("track %d: embeddings cancel out, no template", track_id)
+        template = _normalised(track.weighted_sum)
+        if track.weighted_sum is not None and template is None:
+            log.warning("track %d: embeddings cancel out, no template", track_id)
         return TrackSummary(
             camera=self.camera,
             track_id=track_id,
@@ -153,6 +156,11 @@ class TrackAggregator:
             best_quality=track.best_quality,
             best_crop=track.best_crop,
         )
+
+    def template(self, track_id: int) -> np.ndarray | None:
+        """The running template of an open track (None before its first embedding)."""
+        track = self._tracks.get(track_id)
+        return None if track is None else _normalised(track.weighted_sum)
 
     def open_tracks(self) -> list[int]:
         """Ids of the tracks observed and not yet finished, ascending."""

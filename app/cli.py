@@ -1,5 +1,325 @@
+"""`facemoe`: the one entry point. `--json` prints one JSON object on stdout; logs go to stderr.
+
+User mistakes end with a one-line message on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
 import sys
-def main(argv=None):
-    print("0.1.0"); return 0
+from pathlib import Path
+
+from app import __version__
+
+log = logging.getLogger("facemoe")
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line."""
+
+
+def _out(args: argparse.Namespace, payload: dict, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(payload))
+    else:
+        print(text)
+
+
+def _config(args: argparse.Namespace):
+    from app.config import load_config
+
+    return load_config(getattr(args, "config", None))
+
+
+def _embedder(cfg):
+    from app.runtime import make_embedder
+
+    return make_embedder(cfg)
+
+
+def _gallery_path(args: argparse.Namespace, cfg) -> str:
+    return str(Path(args.gallery).expanduser()) if getattr(args, "gallery", None) else cfg.gallery.path
+
+
+# --- enroll / gallery -----------------------------------------------------------------------
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from app.enroll import enroll
+    from app.runtime import make_detector, open_gallery
+
+    cfg = _config(args)
+    detector, embedder = make_detector(cfg), _embedder(cfg)
+    with open_gallery(_gallery_path(args, cfg), embedder) as gallery:
+        faces = enroll(args.name, args.paths, detector, embedder, gallery, face=args.face)
+    _out(args, {"name": args.name.strip(), "templates": len(faces),
+                "sources": [f.source for f in faces], "qualities": [round(f.quality, 3) for f in faces]},
+         f"enrolled {args.name.strip()!r}: {len(faces)} template(s)")
+    return 0
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from app.runtime import open_gallery
+
+    cfg = _config(args)
+    embedder = _embedder(cfg)
+    path = _gallery_path(args, cfg)
+    with open_gallery(path, embedder, create=False) as gallery:
+        if args.action == "list":
+            ids = gallery.identities()
+            _out(args, {"gallery": str(path), "model": gallery.model,
+                        "identities": [{"name": i.name, "templates": i.templates,
+                                        "created_at": i.created_at.isoformat()} for i in ids]},
+                 "\n".join(f"{i.name}\t{i.templates}\t{i.created_at:%Y-%m-%d %H:%M}" for i in ids)
+                 or "(empty gallery)")
+        elif args.action == "remove":
+            gallery.remove(args.name)
+            _out(args, {"removed": args.name}, f"removed {args.name!r}")
+        elif args.action == "rename":
+            gallery.rename(args.name, args.new_name)
+            _out(args, {"renamed": args.name, "to": args.new_name}, f"renamed {args.name!r} to {args.new_name!r}")
+    return 0
+
+
+# --- process ---------------------------------------------------------------------------------
+
+def cmd_process(args: argparse.Namespace) -> int:
+    from app.process import process_video
+    from app.runtime import make_detector, open_gallery, threshold
+
+    cfg = _config(args)
+    if args.validate_config:
+        _out(args, {"config": "ok"}, "config ok")
+        return 0
+    if not Path(args.video).exists() and "://" not in args.video:
+        raise UserError(f"no such file: {args.video}")
+    detector, embedder = make_detector(cfg), _embedder(cfg)
+    with open_gallery(_gallery_path(args, cfg), embedder) as gallery:
+        if not gallery.identities():
+            log.warning("the gallery %s is empty: every face will be reported as unknown",
+                        _gallery_path(args, cfg))
+        summary = process_video(args.video, cfg, detector, embedder, gallery, threshold(cfg, embedder),
+                                events_jsonl=args.events or cfg.output.events_jsonl,
+                                annotate=args.annotate, camera=args.camera,
+                                progress=not args.no_progress and sys.stderr.isatty())
+    payload = summary.as_json()
+    lines = [f"{e.camera} track {e.track_id}: {e.identity or 'unknown'} ({e.score:.3f}) "
+             f"{e.start:.2f}-{e.end:.2f}s, {e.frames} frames" for e in summary.events]
+    lines.append(f"{payload['frames']} frames in {payload['seconds']} s ({payload['fps']} fps), "
+                 f"{payload['tracks']} tracks, {payload['events']} events, "
+                 f"{payload['embedded_crops']} crops embedded")
+    _out(args, payload, "\n".join(lines))
+    return 0
+
+
+# --- trainer ---------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.config import load_train_config
+    from trainer.train import train
+
+    overrides = dict(kv.split("=", 1) for kv in args.set or [])
+    overrides = {k: _yaml_value(v) for k, v in overrides.items()}
+    if args.command == "finetune":
+        if args.init_from:
+            overrides["model.init_from"] = args.init_from
+    cfg = load_train_config(args.config, overrides)
+    if args.command == "finetune" and not cfg.model.init_from:
+        raise UserError("finetune needs model.init_from in the config or --init-from MODEL_DIR")
+    run_dir = train(cfg, resume=args.resume)
+    _out(args, {"run_dir": str(run_dir), "model": str(run_dir / "model")},
+         f"trained: {run_dir / 'model'}")
+    return 0
+
+
+def _yaml_value(v: str):
+    import yaml
+
+    return yaml.safe_load(v)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from app.dataprep import prepare_folder, prepare_teacher_pool
+
+    if args.teacher:
+        data_root = Path(args.data_root) if args.data_root else Path(args.teacher).resolve().parents[1]
+        n = prepare_teacher_pool(Path(args.teacher), data_root, Path(args.out))
+        _out(args, {"out": args.out, "faces": n}, f"wrote {n} aligned faces to {args.out}")
+        return 0
+    if not args.input:
+        raise UserError("data prepare needs --input DIR (raw photos per identity) or --teacher NPZ")
+    from app.config import load_config
+    from app.runtime import make_detector
+
+    report = prepare_folder(Path(args.input), Path(args.out), make_detector(load_config(args.config)))
+    _out(args, {"out": args.out, "written": report.written, "no_face": report.skipped_no_face,
+                "unreadable": report.skipped_unreadable},
+         f"wrote {report.written} aligned faces to {args.out}; "
+         f"{len(report.skipped_no_face)} without a face, {len(report.skipped_unreadable)} unreadable")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from app.evaluate import eval_lfw
+
+    cfg = _config(args)
+    report = eval_lfw(cfg, Path(args.root), Path(args.pairs), args.probe_res, model_dir=args.model,
+                      roc_png=args.roc, write_manifest=args.write_manifest)
+    text = "\n".join(f"{k}: {v['accuracy']:.2f} ± {v['std']:.2f}  TAR@FAR1e-3 {v['tar_at_far_1e-3']:.2f}"
+                     for k, v in report["results"].items())
+    _out(args, report, text)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from engine.export import ensure_onnx
+
+    forms = ["standard", "plugin"] if args.form == "both" else [args.form]
+    paths = [str(ensure_onnx(args.model, f)) for f in forms]
+    _out(args, {"onnx": paths}, "\n".join(paths))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from engine.bench import bench_embed
+
+    result = bench_embed(args.model, args.backend, args.batch, args.iters, threads=args.threads)
+    _out(args, result, "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="facemoe", description="FaceMoE Edge face recognition")
+    p.add_argument("--version", action="version", version=f"facemoe {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, gallery=True):
+        sp.add_argument("--config", help="app config YAML (default: configs/app.yaml)")
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        if gallery:
+            sp.add_argument("--gallery", help="gallery database (path or SQLAlchemy URL)")
+
+    sp = sub.add_parser("enroll", help="add a person to the gallery from images, folders or a video")
+    sp.add_argument("name")
+    sp.add_argument("paths", nargs="+")
+    sp.add_argument("--face", type=int, help="in images with several faces, enroll the N-th largest (0 = largest)")
+    common(sp)
+    sp.set_defaults(func=cmd_enroll)
+
+    sp = sub.add_parser("gallery", help="list, remove or rename gallery identities")
+    gsub = sp.add_subparsers(dest="action", required=True)
+    g = gsub.add_parser("list")
+    common(g)
+    g = gsub.add_parser("remove")
+    g.add_argument("name")
+    common(g)
+    g = gsub.add_parser("rename")
+    g.add_argument("name")
+    g.add_argument("new_name")
+    common(g)
+    sp.set_defaults(func=cmd_gallery)
+
+    sp = sub.add_parser("process", help="recognise faces in a video file")
+    sp.add_argument("video", nargs="?")
+    sp.add_argument("--events", help="append events as JSON lines to this file")
+    sp.add_argument("--annotate", help="write the video with boxes, track ids and names (mp4)")
+    sp.add_argument("--camera", help="camera name in events (default: the file name)")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--validate-config", action="store_true", help="check the config and exit")
+    common(sp)
+    sp.set_defaults(func=cmd_process)
+
+    for name in ("train", "finetune"):
+        sp = sub.add_parser(name, help=f"{name} a FaceMoE model")
+        sp.add_argument("--config", required=True)
+        sp.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (a.b=c)")
+        sp.add_argument("--json", action="store_true")
+        if name == "finetune":
+            sp.add_argument("--init-from", help="model artifact to fine-tune")
+        sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("data", help="prepare training data")
+    dsub = sp.add_subparsers(dest="action", required=True)
+    d = dsub.add_parser("prepare", help="detect and align faces into a training set")
+    d.add_argument("--input", help="raw photos, one sub-folder per identity")
+    d.add_argument("--teacher", help="teacher embeddings .npz (../shared/data/teacher)")
+    d.add_argument("--data-root", help="root the teacher paths are relative to")
+    d.add_argument("--out", required=True)
+    d.add_argument("--config")
+    d.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_data)
+
+    sp = sub.add_parser("eval", help="evaluate a model")
+    esub = sp.add_subparsers(dest="benchmark", required=True)
+    e = esub.add_parser("lfw", help="LFW 10-fold verification")
+    e.add_argument("--root", required=True, help="LFW image root (lfw-deepfunneled)")
+    e.add_argument("--pairs", required=True, help="pairs.txt")
+    e.add_argument("--probe-res", type=int, action="append", default=None,
+                   help="also test with the second image downsampled to NxN (repeatable)")
+    e.add_argument("--model", help="model artifact (default: the config's)")
+    e.add_argument("--roc", help="write the ROC curves to this PNG")
+    e.add_argument("--write-manifest", action="store_true", help="store the results in the model's manifest")
+    common(e, gallery=False)
+    sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("export", help="export a model artifact to ONNX")
+    sp.add_argument("model")
+    sp.add_argument("--form", choices=["standard", "plugin", "both"], default="standard")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("bench", help="benchmarks")
+    bsub = sp.add_subparsers(dest="what", required=True)
+    b = bsub.add_parser("embed", help="embedding throughput and latency")
+    b.add_argument("--model", default=None)
+    b.add_argument("--backend", default="onnxruntime")
+    b.add_argument("--batch", type=int, default=32)
+    b.add_argument("--iters", type=int, default=20)
+    b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_bench)
+    return p
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from app.config import ConfigError
+    from app.enroll import EnrollError
+    from app.gallery import GalleryError
+    from app.sinks import SinkError
+    from app.source import SourceError
+    from engine.backends import BackendError
+    from trainer.config import ConfigError as TrainConfigError
+
+    return (UserError, ConfigError, EnrollError, GalleryError, SinkError, SourceError, BackendError,
+            TrainConfigError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "process" and not args.video and not args.validate_config:
+        print("facemoe: error: process needs a VIDEO", file=sys.stderr)
+        return 2
+    if getattr(args, "model", "unset") is None:
+        from app.config import load_config
+
+        args.model = load_config(getattr(args, "config", None)).model.dir
+    errors = _user_errors()
+    try:
+        return args.func(args)
+    except errors as e:
+        print(f"facemoe: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("facemoe: interrupted", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import time
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -106,11 +107,11 @@ def _resolve(uri: str) -> tuple[str, str, bool]:
     return path.resolve().as_uri(), name, True
 
 
-def _error_text(message: Gst.Message) -> str:
-    """The first line of a GStreamer ERROR message's text."""
+def _error_text(message: Gst.Message) -> tuple[str, bool]:
+    """(first line of a GStreamer ERROR message, whether it is a resource/IO error)."""
     err, _debug = message.parse_error()
     text = err.message.strip().splitlines()[0] if err.message else "unknown GStreamer error"
-    return text.rstrip(".")
+    return text.rstrip("."), err.domain == "gst-resource-error-quark"
 
 
 class VideoSource:
@@ -137,11 +138,11 @@ class VideoSource:
         self._closed = False
 
         self._pipeline = Gst.Pipeline.new(f"source-{camera}")
-        self._decode = _make(os.environ.get("DECODEBIN", "uridecodebin"), uri=self._uri)
+        self._decode = _make("uridecodebin", uri=self._uri)
         self._convert = _make("videoconvert")
         caps = _make("capsfilter", caps=Gst.Caps.from_string("video/x-raw,format=BGR"))
         self._sink = _make("appsink", emit_signals=False, sync=False,
-                           max_buffers=_MAX_BUFFERS, drop=not self._is_file)
+                           max_buffers=_MAX_BUFFERS, drop=False)
         for element in (self._decode, self._convert, caps, self._sink):
             self._pipeline.add(element)
         if not (self._convert.link(caps) and caps.link(self._sink)):
@@ -171,18 +172,46 @@ class VideoSource:
 
     def _wait_async(self) -> None:
         """Wait for the pending state change; raise SourceError on a bus ERROR or timeout."""
-        message = self._bus.timed_pop_filtered(
-            int(self._timeout * Gst.SECOND), Gst.MessageType.ERROR | Gst.MessageType.ASYNC_DONE
-        )
-        if message is None:
-            raise self._fail(f"no video within {self._timeout:g} s")
-        if message.type == Gst.MessageType.ERROR:
-            raise self._error(message)
+        deadline = time.monotonic() + self._timeout
+        while True:
+            message = self._bus.timed_pop_filtered(
+                _POLL_NS, Gst.MessageType.ERROR | Gst.MessageType.ASYNC_DONE
+            )
+            if message is not None:
+                if message.type == Gst.MessageType.ERROR:
+                    raise self._error(message)
+                return
+            stopped = self._stopped_demuxer() if self._is_file else None
+            if stopped is not None:
+                raise self._fail(f"not a playable video ({stopped} stopped before any frame)")
+            if time.monotonic() >= deadline:
+                raise self._fail(f"no video within {self._timeout:g} s")
+
+    def _stopped_demuxer(self) -> str | None:
+        """Name of an element whose streaming task stopped before the first frame, if any.
+
+        decodebin drops ERROR messages posted while it is still starting a newly plugged
+        element (a race: qtdemux rejecting a file without a moov atom is often lost), so the
+        pipeline would wait forever; a paused task before preroll reveals that failure.
+        typefind pauses its task by design once the type is known and is ignored.
+        """
+        for element in self._decode.iterate_recurse():
+            factory = element.get_factory()
+            if factory is None or factory.get_name() == "typefind":
+                continue
+            for pad in element.iterate_sink_pads():
+                if pad.get_task_state() == Gst.TaskState.PAUSED:
+                    return factory.get_name()
+        return None
 
     def _error(self, message: Gst.Message) -> SourceError:
+        """SourceError for a bus ERROR: cannot open (I/O), not a video, or decoding failed."""
+        text, resource = _error_text(message)
+        if resource:
+            return SourceError(f"cannot open {self._name}: {text}")
         if not self._video_linked:
-            return self._fail(f"no decodable video stream ({_error_text(message)})")
-        return self._fail(_error_text(message))
+            return self._fail(f"not a playable video ({text})")
+        return self._fail(text)
 
     def _preroll(self) -> None:
         """Bring the pipeline to PLAYING, surfacing open/demux/decode errors before returning."""
@@ -191,7 +220,8 @@ class VideoSource:
             message = self._bus.pop_filtered(Gst.MessageType.ERROR)
             raise self._error(message) if message else self._fail("cannot start pipeline")
         self._live = result == Gst.StateChangeReturn.NO_PREROLL
-        if self._live:
+        if self._live:  # a slow consumer gets the newest frames instead of stalling the camera
+            self._sink.set_property("drop", True)
             self._pipeline.set_state(Gst.State.PLAYING)
         self._wait_async()
         caps = self._sink.get_static_pad("sink").get_current_caps()
@@ -307,7 +337,6 @@ class VideoSource:
             log.info("%s: end of stream after %d frames", self._name, self._frames_read)
             return False
         self._pts_offset = self._end_time
-        self._last_pts = None
         self._pass_frames = 0
         flags = Gst.SeekFlags.FLUSH | Gst.SeekFlags.KEY_UNIT
         if not self._pipeline.seek_simple(Gst.Format.TIME, flags, 0):
@@ -332,7 +361,7 @@ class VideoSource:
                 raise self._fail(f"frame buffer of {data.size} bytes is too small for "
                                  f"{width}x{height} BGR")
             rows = data[: stride * height].reshape(height, stride)
-            image = np.ascontiguousarray(rows[:, : width * 3]).reshape(height, width, 3)
+            image = rows[:, : width * 3].copy().reshape(height, width, 3)  # own the pixels
         finally:
             buffer.unmap(info)
         pts = self._frame_pts(buffer)
@@ -345,19 +374,20 @@ class VideoSource:
         """Media time of a buffer; synthesised when the PTS is missing or not increasing.
 
         Some demuxers (avdemux_gif) stamp every frame 0: then the previous frame's time plus
-        its duration (from the buffer, else 1/fps, else index/fps) is used instead.
+        its duration (from the buffer, else 1/fps) is used, which is index/fps at a
+        constant rate.
         """
         step = 1.0 / self._fps if self._fps else 0.0
         if buffer.duration != Gst.CLOCK_TIME_NONE:
             step = buffer.duration / Gst.SECOND
         if buffer.pts != Gst.CLOCK_TIME_NONE:
+            if self._pass_frames == 0 and self._frames_read > 0:  # first frame after a loop
+                self._pts_offset = self._end_time - buffer.pts / Gst.SECOND
             pts = self._pts_offset + buffer.pts / Gst.SECOND
             if self._last_pts is not None and pts <= self._last_pts:
                 pts = self._end_time
-        elif self._last_pts is not None:
-            pts = self._end_time
         else:
-            pts = self._pts_offset + (self._pass_frames / self._fps if self._fps else 0.0)
+            pts = self._end_time  # 0.0 for the first frame
         self._last_pts = pts
         self._end_time = pts + step
         return pts
@@ -402,25 +432,27 @@ class VideoWriter:
     def __init__(self, path: str | Path, fps: float, size: tuple[int, int]) -> None:
         _init_gst()
         width, height = int(size[0]), int(size[1])
-        if width <= 0 or height <= 0 or width % 2 or height % 2:
-            raise ValueError(f"video size must be positive and even for H.264, got {size}")
+        if width <= 0 or height <= 0:
+            raise ValueError(f"video size must be positive, got {size}")
         if not fps > 0:
             raise ValueError(f"fps must be positive, got {fps}")
         self.path = Path(path)
         self._part = self.path.with_name(self.path.name + ".part")
         self._size = (width, height)
         self._rate = Fraction(fps).limit_denominator(1001)
-        self._stride = (width * 3 + 3) & ~3  # GStreamer pads packed RGB rows to 4 bytes
+        # H.264 4:2:0 needs even sides: odd frames get a black last column/row.
+        self._encoded = (width + width % 2, height + height % 2)
+        self._stride = (self._encoded[0] * 3 + 3) & ~3  # GStreamer pads BGR rows to 4 bytes
         self._count = 0
         self._closed = False
 
         self._pipeline = Gst.Pipeline.new("writer")
         caps = Gst.Caps.from_string(
-            f"video/x-raw,format=BGR,width={width},height={height},"
+            f"video/x-raw,format=BGR,width={self._encoded[0]},height={self._encoded[1]},"
             f"framerate={self._rate.numerator}/{self._rate.denominator}"
         )
         self._src = _make("appsrc", caps=caps, format=Gst.Format.TIME, is_live=False,
-                          block=True, max_bytes=8 * self._stride * height)
+                          block=True, max_bytes=8 * self._stride * self._encoded[1])
         elements = [
             self._src,
             _make("videoconvert"),
@@ -432,7 +464,7 @@ class VideoWriter:
         ]
         for element in elements:
             self._pipeline.add(element)
-        for upstream, downstream in zip(elements, elements[1:]):
+        for upstream, downstream in zip(elements, elements[1:], strict=False):
             if not upstream.link(downstream):
                 raise SourceError(
                     f"cannot link {upstream.get_factory().get_name()} to "
@@ -441,11 +473,11 @@ class VideoWriter:
         self._bus = self._pipeline.get_bus()
         if self._pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
             self._abort(self._bus_error() or "cannot start the encoder")
-        log.info("writing %s: %dx%d at %s fps", self.path, width, height, self._rate)
+        log.info("writing %s: %dx%d at %s fps", self.path, *self._encoded, self._rate)
 
     def _bus_error(self) -> str | None:
         message = self._bus.pop_filtered(Gst.MessageType.ERROR)
-        return _error_text(message) if message is not None else None
+        return _error_text(message)[0] if message is not None else None
 
     def _abort(self, reason: str) -> None:
         """Tear down, delete the partial file and raise SourceError."""
@@ -463,11 +495,11 @@ class VideoWriter:
             raise ValueError(
                 f"expected uint8[{height}, {width}, 3] frame, got {bgr.dtype}{list(bgr.shape)}"
             )
-        if self._stride == width * 3:
+        if self._stride == width * 3 and self._encoded[1] == height:
             data = np.ascontiguousarray(bgr).tobytes()
         else:
-            padded = np.zeros((height, self._stride), dtype=np.uint8)
-            padded[:, : width * 3] = bgr.reshape(height, width * 3)
+            padded = np.zeros((self._encoded[1], self._stride), dtype=np.uint8)
+            padded[:height, : width * 3] = bgr.reshape(height, width * 3)
             data = padded.tobytes()
         buffer = Gst.Buffer.new_wrapped(data)
         start = self._timestamp(self._count)
@@ -501,7 +533,7 @@ class VideoWriter:
         if message is None:
             self._abort(f"encoder did not finish within {timeout:g} s")
         if message.type == Gst.MessageType.ERROR:
-            self._abort(_error_text(message))
+            self._abort(_error_text(message)[0])
         self._closed = True
         self._pipeline.set_state(Gst.State.NULL)
         os.replace(self._part, self.path)
@@ -516,6 +548,12 @@ class VideoWriter:
 
     def __enter__(self) -> VideoWriter:
         return self
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            log.warning("%s: writer dropped without close(); partial output discarded",
+                        self.path)
+            self.discard()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

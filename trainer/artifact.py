@@ -12,6 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from trainer.manifest import read_manifest
 from trainer.models import create_model
 from trainer.preprocess import MEAN, STD
 
@@ -57,13 +58,6 @@ def save_artifact(model: nn.Module, arch: dict[str, Any], out_dir: str | Path, *
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
-
-
-def read_manifest(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"not a model artifact (no manifest.json): {model_dir}")
-    return json.loads(path.read_text())
 
 
 def load_model(model_dir: str | Path, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:

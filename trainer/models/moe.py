@@ -3,7 +3,12 @@
 For tokens x (T x d): logits z = x Wr (T x N); per token take the top-k experts;
 gate `softmax_topk` (the paper): w = softmax over the k selected logits;
 gate `raw_logits` (the authors' released code): w = the k selected logits themselves.
-y = sum_j w_j * expert_j(x) with GELU MLP experts. Ties break like `torch.topk`.
+y = sum_j w_j * expert_j(x) with GELU MLP experts.
+
+Ties: the lower expert index wins. That is what `torch.topk` does for N <= 3 (the shipped
+configs) and what ONNX TopK specifies; for larger N torch.topk's CPU tie order is
+implementation-defined, so selection uses a stable descending sort instead, which gives
+the same rule in torch, the NumPy reference, ONNX Runtime and the TensorRT plugin.
 """
 
 from __future__ import annotations
@@ -27,7 +32,11 @@ class RouterOutput:
 
 def route(logits: torch.Tensor, top_k: int, gate: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k selection and gate weights: (weights float[T, k], indices int64[T, k])."""
-    top_val, top_idx = logits.topk(top_k, dim=-1)
+    if torch.onnx.is_in_onnx_export():
+        top_val, top_idx = logits.topk(top_k, dim=-1)  # ONNX TopK: lower index first on ties
+    else:
+        top_val, top_idx = logits.sort(dim=-1, descending=True, stable=True)
+        top_val, top_idx = top_val[..., :top_k], top_idx[..., :top_k]
     if gate == "softmax_topk":
         weights = top_val.float().softmax(dim=-1).to(top_val.dtype)
     elif gate == "raw_logits":
@@ -90,6 +99,12 @@ class MoEMLP(nn.Module):
         else:
             out = self._dense(tokens, weights, top_idx)
         return out.reshape(shape)
+
+    def _dense_forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output by the masked-dense path (used by the ONNX plugin export)."""
+        tokens = x.reshape(-1, x.shape[-1])
+        weights, top_idx = route(self.router(tokens), self.top_k, self.gate)
+        return self._dense(tokens, weights, top_idx).reshape(x.shape)
 
     def _expert(self, tokens: torch.Tensor, e: int) -> torch.Tensor:
         h = self.drop(F.gelu(tokens @ self.w1[e] + self.b1[e]))

@@ -1,0 +1,117 @@
+"""The app's one config object (pydantic, unknown keys refused), the only YAML reader of the app.
+
+Relative paths in the file are resolved against the repository root, so the shipped
+configs/app.yaml works from any working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "app.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    dir: str = "models/facemoe-edge"
+    backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
+    threads: int = Field(0, ge=0, description="inference threads; 0 = all cores")
+    batch_size: int = Field(32, ge=1, le=256, description="crops per embedding call")
+
+
+class DetectorConfig(_Strict):
+    model: str | None = None  # default: models/detector (install.sh), then ../shared/models
+    score_threshold: float = Field(0.6, gt=0, lt=1)
+    nms_threshold: float = Field(0.3, gt=0, lt=1)
+    upscale: float = Field(1.0, ge=1.0, le=4.0, description="enlarge frames before detection to find tiny faces")
+    min_face: float = Field(8.0, ge=0, description="ignore boxes narrower than this (px)")
+    every_n_frames: int = Field(1, ge=1, description="detection rate: run the detector on every n-th frame")
+
+
+class TrackerSection(_Strict):
+    high_thresh: float = 0.6
+    low_thresh: float = 0.3
+    match_iou: float = 0.3
+    max_missed: int = Field(15, ge=1)
+
+
+class EmbedSection(_Strict):
+    first_n: int = 3
+    every_n: int = 10
+    min_gain: float = 0.1
+    max_per_track: int = 32
+
+
+class MatchConfig(_Strict):
+    threshold: float | Literal["auto"] = "auto"  # auto: the model manifest's recommended threshold
+    min_frames: int = Field(2, ge=1, description="tracks seen in fewer frames make no event")
+
+
+class GalleryConfig(_Strict):
+    path: str = "gallery.db"
+
+
+class OutputConfig(_Strict):
+    events_jsonl: str | None = None
+    events_sqlite: bool = True
+
+
+class AppConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    tracker: TrackerSection = Field(default_factory=TrackerSection)
+    embed: EmbedSection = Field(default_factory=EmbedSection)
+    matching: MatchConfig = Field(default_factory=MatchConfig)
+    gallery: GalleryConfig = Field(default_factory=GalleryConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _model_dir(cls, v: ModelConfig) -> ModelConfig:
+        return v.model_copy(update={"dir": str(resolve(v.dir))})
+
+    @field_validator("detector")
+    @classmethod
+    def _detector_path(cls, v: DetectorConfig) -> DetectorConfig:
+        return v if v.model is None else v.model_copy(update={"model": str(resolve(v.model))})
+
+
+    @field_validator("gallery")
+    @classmethod
+    def _gallery_path(cls, v: GalleryConfig) -> GalleryConfig:
+        return v if "://" in v.path else v.model_copy(update={"path": str(resolve(v.path))})
+
+
+def resolve(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names the file and the YAML path."""
+
+
+def load_config(path: str | Path | None = None) -> AppConfig:
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"no such config file: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return AppConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise ConfigError(f"{path}: {where}: {err['msg']}") from e

@@ -1,0 +1,119 @@
+"""`facemoe enroll NAME PATH...`: best-quality aligned faces from images, folders or a video."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from app.align import align_face
+from app.detect import FaceDetector
+from app.embed import Embedder
+from app.gallery import Gallery
+from app.quality import score_quality
+from app.records import Detection
+from app.source import open_source
+from app.track import Tracker, TrackerConfig
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".gif", ".ts", ".m4v"}
+
+
+class EnrollError(Exception):
+    """Nothing was enrolled; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class EnrollFace:
+    crop: np.ndarray  # uint8[112,112,3] BGR
+    quality: float
+    source: str
+
+
+def _pick(dets: list[Detection], source: str, face: int | None) -> Detection:
+    """The face to enroll: the only one, or the `face`-th largest when the caller chose."""
+    if not dets:
+        raise EnrollError(f"no face found in {source}")
+    ranked = sorted(dets, key=lambda d: -float(d.bbox[2] * d.bbox[3]))
+    if face is None:
+        if len(ranked) > 1:
+            raise EnrollError(f"{source} has {len(ranked)} faces; choose one with --face N "
+                              f"(0 = largest, 1 = next largest, ...)")
+        return ranked[0]
+    if face >= len(ranked):
+        raise EnrollError(f"{source} has {len(ranked)} faces; --face {face} does not exist")
+    return ranked[face]
+
+
+def faces_from_image(path: Path, detector: FaceDetector, face: int | None, *, strict: bool = True
+                     ) -> list[EnrollFace]:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise EnrollError(f"cannot read image {path}")
+    try:
+        det = _pick(detector.detect(image), str(path), face)
+    except EnrollError as e:
+        if strict:
+            raise
+        log.warning("skipped: %s", e)
+        return []
+    crop = align_face(image, det.landmarks)
+    return [EnrollFace(crop, score_quality(det, crop).score, str(path))]
+
+
+def faces_from_video(path: Path, detector: FaceDetector, max_faces: int) -> list[EnrollFace]:
+    """The best-quality crops of the video's longest track (the person the clip is about)."""
+    tracker = Tracker(TrackerConfig())
+    per_track: dict[int, list[EnrollFace]] = {}
+    with open_source(str(path), "enroll") as source:
+        for frame in source:
+            faces, _ = tracker.update(frame.index, frame.pts, detector.detect(frame.image))
+            for f in faces:
+                crop = align_face(frame.image, f.detection.landmarks)
+                q = score_quality(f.detection, crop).score
+                per_track.setdefault(f.track_id, []).append(
+                    EnrollFace(crop, q, f"{path}#frame={f.frame_index}"))
+    if not per_track:
+        raise EnrollError(f"no face found in video {path}")
+    tid, faces = max(per_track.items(), key=lambda kv: len(kv[1]))
+    if len(per_track) > 1:
+        log.info("%s: %d tracks; enrolling track %d (%d frames, the longest)", path, len(per_track),
+                 tid, len(faces))
+    return sorted(faces, key=lambda f: -f.quality)[:max_faces]
+
+
+def collect(paths: list[str], detector: FaceDetector, face: int | None = None,
+            max_video_faces: int = 8) -> list[EnrollFace]:
+    out: list[EnrollFace] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            images = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            found = [x for img in images for x in faces_from_image(img, detector, face, strict=False)]
+            if not found:
+                raise EnrollError(f"no usable face in folder {p}")
+            out += found
+        elif not p.exists():
+            raise EnrollError(f"no such file: {p}")
+        elif p.suffix.lower() in VIDEO_SUFFIXES:
+            out += faces_from_video(p, detector, max_video_faces)
+        elif p.suffix.lower() in IMAGE_SUFFIXES:
+            out += faces_from_image(p, detector, face)
+        else:
+            raise EnrollError(f"{p}: not an image or video file ({p.suffix or 'no extension'})")
+    return out
+
+
+def enroll(name: str, paths: list[str], detector: FaceDetector, embedder: Embedder,
+           gallery: Gallery, face: int | None = None) -> list[EnrollFace]:
+    """Embed every face found and store them as templates of `name` in one transaction."""
+    if not name.strip():
+        raise EnrollError("the identity name is empty")
+    faces = collect(paths, detector, face)
+    vectors = embedder.embed([f.crop for f in faces])
+    gallery.enroll(name, vectors, [f.source for f in faces], [f.quality for f in faces],
+                   [f.crop for f in faces])
+    return faces

@@ -1,0 +1,134 @@
+"""One camera's data path: frames -> detect -> track -> align -> quality -> embed -> aggregate -> match.
+
+`FacePipeline.push(frame)` returns the events of the tracks that ended at that frame;
+`flush()` ends the remaining tracks. Both `facemoe process` and the daemon drive it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.aggregate import EmbedPolicy, TrackAggregator
+from app.align import align_face
+from app.config import AppConfig
+from app.detect import FaceDetector
+from app.embed import Embedder
+from app.match import Matcher
+from app.quality import score_quality
+from app.records import AlignedFace, Event, FaceEmbedding, Frame, Match, TrackedFace, TrackSummary
+from app.track import Tracker, TrackerConfig
+
+log = logging.getLogger(__name__)
+
+
+class StageTimes:
+    """Wall seconds spent per stage, summed over the run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.seconds.items()}
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """What the pipeline saw in one frame (for annotation) and the events it finished."""
+
+    faces: list[TrackedFace]
+    labels: dict[int, Match]  # running match per visible track (None before its first embedding)
+    events: list[Event]
+
+
+class FacePipeline:
+    def __init__(self, camera: str, cfg: AppConfig, detector: FaceDetector, embedder: Embedder,
+                 matcher: Callable[[], Matcher], times: StageTimes | None = None) -> None:
+        self.camera, self.cfg = camera, cfg
+        self.detector, self.embedder, self.matcher = detector, embedder, matcher
+        t = cfg.tracker
+        self.tracker = Tracker(TrackerConfig(high_thresh=t.high_thresh, low_thresh=t.low_thresh,
+                                             match_iou=t.match_iou, max_missed=t.max_missed))
+        e = cfg.embed
+        self.aggregator = TrackAggregator(camera, EmbedPolicy(e.first_n, e.every_n, e.min_gain, e.max_per_track))
+        self.times = times or StageTimes()
+        self.pending: list[AlignedFace] = []
+        self.labels: dict[int, Match] = {}
+        self.frames = self.detections = self.tracks_finished = 0
+
+    def push(self, frame: Frame) -> FrameResult:
+        self.frames += 1
+        if frame.index % self.cfg.detector.every_n_frames:
+            return FrameResult([], {}, [])
+        with self.times("detect"):
+            dets = [d for d in self.detector.detect(frame.image) if d.bbox[2] >= self.cfg.detector.min_face]
+        self.detections += len(dets)
+        with self.times("track"):
+            faces, finished = self.tracker.update(frame.index, frame.pts, dets)
+        with self.times("align"):
+            for f in faces:
+                crop = align_face(frame.image, f.detection.landmarks)
+                aligned = AlignedFace(f.track_id, f.frame_index, f.pts, f.detection.bbox, crop,
+                                      score_quality(f.detection, crop))
+                if self.aggregator.observe(aligned):
+                    self.pending.append(aligned)
+        if len(self.pending) >= self.embedder.batch_size or finished:
+            self._embed_pending()
+        events = self._finish(finished)
+        return FrameResult(faces, {f.track_id: self.labels[f.track_id] for f in faces
+                                   if f.track_id in self.labels}, events)
+
+    def flush(self) -> list[Event]:
+        """End every open track (end of a file, a camera going away, shutdown)."""
+        self._embed_pending()
+        return self._finish(self.tracker.finish_all())
+
+    def _embed_pending(self) -> None:
+        if not self.pending:
+            return
+        faces, self.pending = self.pending, []
+        with self.times("embed"):
+            vectors = self.embedder.embed([f.crop for f in faces])
+        with self.times("aggregate"):
+            for face, vec in zip(faces, vectors):
+                self.aggregator.add(FaceEmbedding(face, vec))
+            matcher = self.matcher()
+            for tid in {f.track_id for f in faces}:
+                template = self.aggregator.template(tid)
+                if template is not None:
+                    self.labels[tid] = matcher.match(template)
+
+    def _finish(self, track_ids: list[int]) -> list[Event]:
+        events = []
+        with self.times("match"):
+            matcher = self.matcher() if track_ids else None
+            for tid in track_ids:
+                self.labels.pop(tid, None)
+                if tid not in self.aggregator.open_tracks():
+                    continue  # a track the tracker ended before any frame reached the aligner
+                summary = self.aggregator.finish(tid)
+                self.tracks_finished += 1
+                if summary.frames < self.cfg.matching.min_frames or summary.template is None:
+                    continue
+                events.append(self._event(summary, matcher.match(summary.template)))
+        return events
+
+    def _event(self, s: TrackSummary, m: Match) -> Event:
+        bbox = tuple(float(v) for v in (s.best_bbox if s.best_bbox is not None else np.zeros(4)))
+        return Event(camera=self.camera, track_id=s.track_id, identity=m.identity, score=m.score,
+                     start=s.start, end=s.end, frames=s.frames, best_bbox=bbox,
+                     model=self.embedder.model)

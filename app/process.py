@@ -1,0 +1,119 @@
+"""`facemoe process VIDEO`: the offline data path over one video file, top to bottom."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from app.annotate import draw
+from app.config import AppConfig
+from app.embed import Embedder
+from app.detect import FaceDetector
+from app.pipeline import FacePipeline, StageTimes
+from app.records import Event
+from app.runtime import GalleryMatcher
+from app.gallery import Gallery
+from app.sinks import GallerySink, JsonlSink, Sink
+from app.source import VideoWriter, open_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProcessSummary:
+    video: str
+    camera: str
+    frames: int = 0
+    seconds: float = 0.0
+    media_seconds: float = 0.0
+    detections: int = 0
+    tracks: int = 0
+    events: list[Event] = field(default_factory=list)
+    embedded_crops: int = 0
+    stages: dict[str, float] = field(default_factory=dict)
+    backend: str = ""
+    model: str = ""
+    annotated: str | None = None
+
+    def as_json(self) -> dict:
+        return {
+            "video": self.video, "camera": self.camera, "frames": self.frames,
+            "seconds": round(self.seconds, 3),
+            "fps": round(self.frames / self.seconds, 2) if self.seconds else 0.0,
+            "media_seconds": round(self.media_seconds, 3), "detections": self.detections,
+            "tracks": self.tracks, "events": len(self.events),
+            "identified": sorted({e.identity for e in self.events if e.identity}),
+            "embedded_crops": self.embedded_crops, "stages": self.stages,
+            "backend": self.backend, "model": self.model, "annotated": self.annotated,
+        }
+
+
+def process_video(video: str, cfg: AppConfig, detector: FaceDetector, embedder: Embedder,
+                  gallery: Gallery, threshold: float, *, events_jsonl: str | None = None,
+                  annotate: str | None = None, camera: str | None = None,
+                  progress: bool = True) -> ProcessSummary:
+    camera = camera or Path(video).stem
+    times = StageTimes()
+    pipeline = FacePipeline(camera, cfg, detector, embedder, GalleryMatcher(gallery, threshold), times)
+    sinks: list[Sink] = []
+    if cfg.output.events_sqlite:
+        sinks.append(GallerySink(gallery))
+    if events_jsonl:
+        sinks.append(JsonlSink(events_jsonl))
+    summary = ProcessSummary(video=str(video), camera=camera, backend=embedder.backend.name,
+                             model=embedder.model, annotated=annotate)
+    started = time.perf_counter()
+    writer = None
+    source = open_source(video, camera)
+    try:
+        total = None
+        if source.duration and source.fps:
+            total = int(round(source.duration * source.fps))
+        bar = tqdm(total=total, unit="frame", desc=Path(video).name, disable=not progress, leave=False)
+        frames = iter(source)
+        while True:
+            with times("decode"):
+                frame = next(frames, None)
+            if frame is None:
+                break
+            result = pipeline.push(frame)
+            summary.media_seconds = frame.pts
+            if annotate:
+                with times("annotate"):
+                    if writer is None:
+                        writer = VideoWriter(annotate, source.fps or 25.0, frame.size)
+                    writer.write(draw(frame.image, result.faces, result.labels))
+            _emit(sinks, result.events, summary, times)
+            bar.update(1)
+        _emit(sinks, pipeline.flush(), summary, times)
+        bar.close()
+        if writer is not None:
+            with times("annotate"):
+                writer.close()
+            writer = None
+    finally:
+        if writer is not None:
+            writer.discard()
+        source.close()
+        for s in sinks:
+            s.close()
+    summary.seconds = time.perf_counter() - started
+    summary.frames = pipeline.frames
+    summary.detections = pipeline.detections
+    summary.tracks = pipeline.tracks_finished
+    summary.embedded_crops = pipeline.aggregator.embedded_total
+    summary.stages = times.as_dict()
+    return summary
+
+
+def _emit(sinks: list[Sink], events: list[Event], summary: ProcessSummary, times: StageTimes) -> None:
+    if not events:
+        return
+    with times("sinks"):
+        for s in sinks:
+            s.write(events)
+    summary.events.extend(events)

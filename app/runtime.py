@@ -1,0 +1,48 @@
+"""Building the long-lived parts (detector, embedder, gallery, matcher) from the app config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.config import AppConfig
+from app.detect import FaceDetector, find_detector_model
+from app.embed import Embedder
+from app.gallery import Gallery
+from app.match import Matcher
+
+FALLBACK_THRESHOLD = 0.4
+
+
+def make_detector(cfg: AppConfig) -> FaceDetector:
+    d = cfg.detector
+    return FaceDetector(find_detector_model(d.model), score_threshold=d.score_threshold,
+                        nms_threshold=d.nms_threshold, upscale=d.upscale)
+
+
+def make_embedder(cfg: AppConfig) -> Embedder:
+    m = cfg.model
+    return Embedder.from_config(m.dir, m.backend, m.threads, m.batch_size)
+
+
+def open_gallery(path: str | Path, embedder: Embedder, *, create: bool = True) -> Gallery:
+    return Gallery(path, embedder.model_name, embedder.model_version, create=create)
+
+
+def threshold(cfg: AppConfig, embedder: Embedder) -> float:
+    t = cfg.matching.threshold
+    if t == "auto":
+        return embedder.recommended_threshold or FALLBACK_THRESHOLD
+    return float(t)
+
+
+class GalleryMatcher:
+    """A matcher that rebuilds itself when the gallery changes (another process enrolled someone)."""
+
+    def __init__(self, gallery: Gallery, threshold: float) -> None:
+        self.gallery, self.threshold = gallery, threshold
+        self._matcher = Matcher.from_gallery(gallery, threshold)
+
+    def __call__(self) -> Matcher:
+        if self.gallery.version() != self._matcher.version:
+            self._matcher = Matcher.from_gallery(self.gallery, self.threshold)
+        return self._matcher

@@ -1,0 +1,1 @@
+"""CUDA kernels of the custom ops: source (`*.cu`) and their cuda-python launchers."""

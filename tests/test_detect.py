@@ -1,0 +1,106 @@
+"""YuNet detector on the shared stills and on the Intel clips with ~15-25 px faces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from app import detect
+from app.detect import DETECTOR_FILE, FaceDetector, find_detector_model
+from app.source import open_source
+
+
+@pytest.fixture(scope="module")
+def detector(yunet_path: Path) -> FaceDetector:
+    return FaceDetector(yunet_path)
+
+
+def _still(data_dir: Path, name: str) -> np.ndarray:
+    image = cv2.imread(str(data_dir / "videos" / name), cv2.IMREAD_COLOR)  # drops PNG alpha
+    assert image is not None
+    return image
+
+
+@pytest.mark.parametrize("name, faces", [("lin-manuel-miranda.png", 1), ("two_people.jpg", 2),
+                                         ("obama-240p.jpg", 1)])
+def test_stills(detector: FaceDetector, data_dir: Path, name: str, faces: int) -> None:
+    image = _still(data_dir, name)
+    found = detector.detect(image)
+    assert len(found) == faces
+    height, width = image.shape[:2]
+    for det in found:
+        assert det.bbox.dtype == np.float32 and det.bbox.shape == (4,)
+        assert det.landmarks.dtype == np.float32 and det.landmarks.shape == (5, 2)
+        assert 0.6 <= det.score <= 1.0
+        x, y, w, h = det.bbox
+        assert 0 <= x and 0 <= y and x + w <= width + 1 and y + h <= height + 1
+        # Landmarks inside the box; image-left eye (index 0) left of the other one.
+        top_left, bottom_right = det.bbox[:2] - 2, det.bbox[:2] + det.bbox[2:] + 2
+        assert np.all((det.landmarks >= top_left) & (det.landmarks <= bottom_right))
+        assert det.landmarks[0, 0] < det.landmarks[1, 0]
+    if faces == 2:  # Obama left, Biden right; results are sorted by score
+        assert {bool(d.bbox[0] < width / 2) for d in found} == {True, False}
+        assert found[0].score >= found[1].score
+
+
+def test_upscale_maps_back_to_source_pixels(yunet_path: Path, data_dir: Path) -> None:
+    image = _still(data_dir, "two_people.jpg")
+    small = cv2.resize(image, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+    plain = sorted(FaceDetector(yunet_path).detect(small), key=lambda d: d.bbox[0])
+    upscaled = sorted(FaceDetector(yunet_path, upscale=2.0).detect(small), key=lambda d: d.bbox[0])
+    assert len(plain) == len(upscaled) == 2
+    for a, b in zip(plain, upscaled, strict=True):
+        assert np.abs(a.bbox - b.bbox).max() < 0.1 * a.bbox[2]
+        assert np.abs(a.landmarks - b.landmarks).max() < 0.1 * a.bbox[2]
+
+
+@pytest.mark.parametrize("clip, per_frame", [("intel_classroom.mp4", 4),
+                                             ("intel_face-demographics-walking.mp4", 2)])
+def test_tiny_faces_in_intel_clips(detector: FaceDetector, data_dir: Path, clip: str,
+                                   per_frame: int) -> None:
+    """480x270 clips whose faces are about 11-25 px wide (inter-ocular distance ~6-8 px)."""
+    with open_source(str(data_dir / "videos" / clip)) as source:
+        frames = [frame.image for frame in source][::4]
+    counts, widths = [], []
+    for image in frames:
+        found = detector.detect(image)
+        counts.append(len(found))
+        widths += [float(d.bbox[2]) for d in found]
+    assert np.median(counts) >= per_frame
+    assert 10 <= np.median(widths) <= 25
+
+
+def test_size_cache_handles_changing_sizes(detector: FaceDetector, data_dir: Path) -> None:
+    image = _still(data_dir, "two_people.jpg")
+    half = cv2.resize(image, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+    assert len(detector.detect(half)) == 2
+    assert len(detector.detect(image)) == 2
+    assert detector.detect(np.zeros((64, 96, 3), np.uint8)) == []
+    with pytest.raises(ValueError):
+        detector.detect(np.zeros((64, 96), np.uint8))
+
+
+def test_find_detector_model(tmp_path: Path, yunet_path: Path, shared_dir: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    assert find_detector_model(yunet_path) == yunet_path
+    monkeypatch.setenv("FACEMOE_DETECTOR", str(yunet_path))
+    assert find_detector_model() == yunet_path
+    monkeypatch.delenv("FACEMOE_DETECTOR")
+    assert find_detector_model().name == DETECTOR_FILE
+    # Without <repo>/models/detector: the shared folder (FACEMOE_SHARED) is used.
+    monkeypatch.setattr(detect, "_REPO_ROOT", tmp_path)
+    monkeypatch.setenv("FACEMOE_SHARED", str(shared_dir))
+    assert find_detector_model() == shared_dir / "models" / DETECTOR_FILE
+    monkeypatch.setenv("FACEMOE_SHARED", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError) as info:
+        find_detector_model()
+    assert str(tmp_path / "models" / "detector") in str(info.value)
+    assert str(tmp_path / "elsewhere") in str(info.value)
+    with pytest.raises(FileNotFoundError) as info:
+        find_detector_model(tmp_path / "none.onnx")
+    assert str(tmp_path / "none.onnx") in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="none.onnx"):
+        FaceDetector(tmp_path / "none.onnx")

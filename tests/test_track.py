@@ -1,0 +1,175 @@
+"""Tracker: behaviour tables on synthetic boxes, then real clips through YuNet."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.detect import FaceDetector
+from app.records import Detection
+from app.source import open_source
+from app.track import KalmanBoxFilter, Tracker, TrackerConfig, iou_matrix
+
+
+def box(x: float, y: float, w: float = 40, h: float = 50, score: float = 0.9) -> Detection:
+    """A detection with plausible landmarks inside the box."""
+    rel = np.array([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]])
+    landmarks = (np.array([x, y]) + rel * np.array([w, h])).astype(np.float32)
+    return Detection(np.array([x, y, w, h], np.float32), landmarks, score)
+
+
+def run(tracker: Tracker, frames: dict[int, list[Detection]]) -> tuple[dict[int, list[int]],
+                                                                        dict[int, list[int]]]:
+    """Feed {frame_index: detections}; return ids seen per frame and ids finished per frame."""
+    seen, ended = {}, {}
+    for index in sorted(frames):
+        faces, finished = tracker.update(index, index / 25, frames[index])
+        seen[index] = [f.track_id for f in faces]
+        ended[index] = finished
+    return seen, ended
+
+
+@pytest.mark.parametrize("vx, vy, grow", [(0, 0, 0), (3, 0, 0), (0, -4, 0), (8, 5, 0),
+                                          (2, 1, 1.5), (-6, 0, -0.5)])
+def test_steady_motion_keeps_id(vx: float, vy: float, grow: float) -> None:
+    frames = {i: [box(300 + vx * i, 200 + vy * i, 40 + grow * i, 50 + grow * i)]
+              for i in range(40)}
+    seen, ended = run(Tracker(), frames)
+    assert all(ids == [1] for ids in seen.values())
+    assert not any(ended.values())
+
+
+@pytest.mark.parametrize("gap", [1, 5, 10, 15])
+def test_short_miss_keeps_id(gap: int) -> None:
+    """Up to max_missed (15) frames without a detection; the face reappears where it moved to."""
+    frames: dict[int, list[Detection]] = {i: [box(100 + 2 * i, 100)] for i in range(10)}
+    frames.update({i: [] for i in range(10, 10 + gap)})
+    frames.update({i: [box(100 + 2 * i, 100)] for i in range(10 + gap, 20 + gap)})
+    seen, ended = run(Tracker(TrackerConfig(max_missed=15)), frames)
+    assert {tid for ids in seen.values() for tid in ids} == {1}
+    assert not any(ended.values())
+
+
+@pytest.mark.parametrize("start, after, config", [
+    ((50, 50), (500, 300), {}),  # across the frame
+    ((50, 50), (80, 50), {}),  # shifted by 3/4 of its width: IoU 0.14 < match_iou
+    ((50, 50), (58, 50), {"max_center_shift": 0.1}),  # IoU 0.67 but centre moved 0.16 box
+    ((50, 50), (56, 55), {"match_iou": 0.9}),  # IoU below a strict match_iou
+])
+def test_jump_starts_new_track(start: tuple[float, float], after: tuple[float, float],
+                               config: dict) -> None:
+    cfg = replace(TrackerConfig(), **config)
+    frames = {i: [box(*start)] for i in range(10)}
+    frames.update({i: [box(*after)] for i in range(10, 15)})
+    seen, _ = run(Tracker(cfg), frames)
+    assert seen[9] == [1] and seen[10] == [2] and seen[14] == [2]
+
+
+@pytest.mark.parametrize("max_missed", [0, 1, 5, 15])
+def test_track_ends_after_max_missed(max_missed: int) -> None:
+    frames: dict[int, list[Detection]] = {i: [box(100, 100)] for i in range(5)}
+    frames.update({i: [] for i in range(5, 5 + max_missed + 3)})
+    tracker = Tracker(TrackerConfig(max_missed=max_missed))
+    _, ended = run(tracker, frames)
+    last_seen = 4
+    assert ended[last_seen + max_missed + 1] == [1]
+    assert sum(len(ids) for ids in ended.values()) == 1
+    assert tracker.finish_all() == []
+
+
+def test_gaps_between_detector_runs() -> None:
+    """Running the detector every 3rd frame: gaps are predicted through and count as misses."""
+    frames = {i: [box(100 + 4 * i, 100), box(400 - 4 * i, 300)] for i in range(0, 60, 3)}
+    seen, ended = run(Tracker(TrackerConfig(max_missed=5)), frames)
+    assert all(sorted(ids) == [1, 2] for ids in seen.values())
+    assert not any(ended.values())
+    # Frames 4-8 unseen (5 = max_missed): same track; frames 10-15 unseen (6): a new one.
+    frames = {0: [box(100, 100)], 3: [box(100, 100)], 9: [box(100, 100)], 16: [box(100, 100)]}
+    seen, ended = run(Tracker(TrackerConfig(max_missed=5)), frames)
+    assert seen[9] == [1] and ended[9] == []
+    assert ended[16] == [1] and seen[16] == [2]
+
+
+def test_two_stage_low_scores() -> None:
+    cfg = TrackerConfig(high_thresh=0.6, low_thresh=0.3)
+    frames = {0: [box(100, 100, score=0.9)], 1: [box(102, 100, score=0.4)],
+              2: [box(104, 100, score=0.35)], 3: [box(106, 100, score=0.8)],
+              4: [box(400, 300, score=0.5)],  # low score, no track nearby: never a track
+              5: [box(400, 300, score=0.2)]}  # below low_thresh: ignored
+    seen, _ = run(Tracker(cfg), frames)
+    assert [seen[i] for i in range(6)] == [[1], [1], [1], [1], [], []]
+
+
+def test_min_hits_and_consecutive_ids() -> None:
+    cfg = TrackerConfig(min_hits=3)
+    frames = {0: [box(100, 100), box(400, 100)], 1: [box(101, 100), box(400, 300)],
+              2: [box(102, 100)], 3: [box(103, 100), box(250, 250)], 4: [box(104, 100),
+                                                                          box(251, 250)],
+              5: [box(105, 100), box(252, 250)]}
+    seen, _ = run(Tracker(cfg), frames)
+    assert [seen[i] for i in range(6)] == [[], [], [1], [1], [1], [1, 2]]
+
+
+def test_finish_all_and_order_checks() -> None:
+    tracker = Tracker()
+    faces, _ = tracker.update(0, 0.0, [box(100, 100), box(300, 100)])
+    assert [f.track_id for f in faces] == [1, 2] and tracker.active_ids == [1, 2]
+    with pytest.raises(ValueError):
+        tracker.update(0, 0.0, [])
+    assert tracker.finish_all() == [1, 2] and tracker.active_ids == []
+    faces, _ = tracker.update(0, 0.0, [box(100, 100)])  # a new stream; ids stay unique
+    assert [f.track_id for f in faces] == [3]
+
+
+def test_iou_and_kalman() -> None:
+    iou = iou_matrix(np.array([[0, 0, 10, 10], [20, 20, 10, 10]]), np.array([[5, 0, 10, 10]]))
+    assert iou[:, 0] == pytest.approx([50 / 150, 0.0])
+    kf = KalmanBoxFilter(np.array([0, 0, 20, 20]))
+    for i in range(1, 10):
+        kf.predict()
+        kf.update(np.array([5 * i, 0, 20, 20]))
+    kf.predict()
+    assert kf.bbox[0] == pytest.approx(50, abs=2)  # learned 5 px/frame
+
+
+@pytest.fixture(scope="module")
+def detector(yunet_path: Path) -> FaceDetector:
+    return FaceDetector(yunet_path)
+
+
+def _track_clip(detector: FaceDetector, path: Path, limit: int | None = None
+                ) -> tuple[int, dict[int, list[int]]]:
+    tracker = Tracker()
+    detections, frames_of = 0, {}
+    with open_source(str(path)) as source:
+        for frame in source:
+            if limit is not None and frame.index >= limit:
+                break
+            found = detector.detect(frame.image)
+            detections += len(found)
+            for face in tracker.update(frame.index, frame.pts, found)[0]:
+                frames_of.setdefault(face.track_id, []).append(frame.index)
+    return detections, frames_of
+
+
+def test_walking_clip_ids_are_stable(detector: FaceDetector, data_dir: Path) -> None:
+    """Two people walk through 35 frames with ~17 px faces: two tracks, each the whole clip."""
+    detections, frames_of = _track_clip(
+        detector, data_dir / "videos" / "intel_face-demographics-walking.mp4")
+    assert detections >= 60
+    assert len(frames_of) <= 3
+    assert sorted(len(v) for v in frames_of.values())[-2:] == [35, 35]
+
+
+def test_shot_cut_ends_tracks(detector: FaceDetector, data_dir: Path) -> None:
+    """short_hamilton_clip.mp4 cuts between frames 19 and 20: no id continues across it."""
+    _, frames_of = _track_clip(detector, data_dir / "videos" / "short_hamilton_clip.mp4",
+                               limit=40)
+    before = {tid for tid, idx in frames_of.items() if 19 in idx}
+    after = {tid for tid, idx in frames_of.items() if 20 in idx}
+    assert before and after
+    assert all(max(frames_of[tid]) <= 19 for tid in before)
+    assert all(min(frames_of[tid]) >= 20 for tid in after)
