@@ -93,5 +93,11 @@ PY
   say "detector placed at $dest"
 fi
 
+# 6. The default model's ONNX file for ONNX Runtime (derived from the committed weights).
+if [ -f "$here/models/facemoe-edge/manifest.json" ] && "$py" -c 'import torch' 2>/dev/null; then
+  "$py" -m engine.export "$here/models/facemoe-edge" >/dev/null 2>&1 \
+    || die "could not export models/facemoe-edge to ONNX (run: $py -m engine.export models/facemoe-edge)"
+fi
+
 "$venv/bin/facemoe" --version >/dev/null || die "facemoe entry point does not run"
 say "done: $venv/bin/facemoe"

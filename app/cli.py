@@ -60,12 +60,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
-    from app.runtime import open_gallery
+    from app.gallery_cli import open_gallery_for, run_gallery_action
 
     cfg = _config(args)
     embedder = _embedder(cfg)
     path = _gallery_path(args, cfg)
-    with open_gallery(path, embedder, create=False) as gallery:
+    with open_gallery_for(args, path, embedder) as gallery:
         if args.action == "list":
             ids = gallery.identities()
             _out(args, {"gallery": str(path), "model": gallery.model,
@@ -74,11 +74,14 @@ def cmd_gallery(args: argparse.Namespace) -> int:
                  "\n".join(f"{i.name}\t{i.templates}\t{i.created_at:%Y-%m-%d %H:%M}" for i in ids)
                  or "(empty gallery)")
         elif args.action == "remove":
-            gallery.remove(args.name)
-            _out(args, {"removed": args.name}, f"removed {args.name!r}")
+            events = gallery.remove(args.name)
+            _out(args, {"removed": args.name, "events_deleted": events},
+                 f"removed {args.name!r} with its templates, crops and {events} event(s)")
         elif args.action == "rename":
             gallery.rename(args.name, args.new_name)
             _out(args, {"renamed": args.name, "to": args.new_name}, f"renamed {args.name!r} to {args.new_name!r}")
+        else:
+            run_gallery_action(args, gallery, embedder)
     return 0
 
 
@@ -172,12 +175,66 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_ident(args: argparse.Namespace) -> int:
+    from app.evaluate import eval_identification
+
+    cfg = _config(args)
+    try:
+        report = eval_identification(cfg, Path(args.root), args.probe_res,
+                                     list_file=Path(args.list) if args.list else None,
+                                     model_dir=args.model,
+                                     progress=not args.json and sys.stderr.isatty())
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    lines = [f"{report['identities']} identities, {report['images']} images: "
+             f"gallery {report['gallery']} ({report['distractors']} distractors), "
+             f"probes {report['probes']}, "
+             f"no face {report['no_face']}, unreadable {report['unreadable']}"]
+    lines += [f"{k}: " + "  ".join(f"{r} {v:.2f}%" for r, v in res.items())
+              for k, res in report["results"].items()]
+    _out(args, report, "\n".join(lines))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from app.evaluate import explain_image
+
+    cfg = _config(args)
+    image = Path(args.image)
+    out = Path(args.out) if args.out else Path(f"{image.stem}-routing.png")
+    probe_res = [16] if args.probe_res is None else [r for r in args.probe_res if r > 0]
+    try:
+        report = explain_image(cfg, image, args.model, probe_res, out)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    k = report["top_k"]
+    lines = [f"{report['model']}: {report['layers']} MoE layers, {report['num_experts']} experts, "
+             f"top-{k}; share of top-{k} token assignments per expert (%)"]
+    for label, r in report["resolutions"].items():
+        lines.append(f"{label}:")
+        lines += [f"  layer {i}: " + " ".join(f"{s * 100:5.1f}" for s in row)
+                  for i, row in enumerate(r["shares"])]
+    lines.append(f"wrote {report['png']}")
+    _out(args, report, "\n".join(lines))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from engine.export import ensure_onnx
 
     forms = ["standard", "plugin"] if args.form == "both" else [args.form]
     paths = [str(ensure_onnx(args.model, f)) for f in forms]
     _out(args, {"onnx": paths}, "\n".join(paths))
+    return 0
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from engine.build import build_engine, read_engine_manifest
+
+    out = build_engine(args.model, args.out, flavour=args.flavour, fp16=args.fp16,
+                       max_batch=args.max_batch, gpu_target=args.gpu_target)
+    info = read_engine_manifest(out)["build"]
+    _out(args, {"engine_dir": str(out), **info}, f"built {out / 'engine.plan'}")
     return 0
 
 
@@ -192,6 +249,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # --- parser ----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from app.gallery_cli import add_gallery_actions
+
     p = argparse.ArgumentParser(prog="facemoe", description="FaceMoE Edge face recognition")
     p.add_argument("--version", action="version", version=f"facemoe {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -210,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=cmd_enroll)
 
-    sp = sub.add_parser("gallery", help="list, remove or rename gallery identities")
+    sp = sub.add_parser("gallery", help="manage the gallery: list, remove, export, import, ...")
     gsub = sp.add_subparsers(dest="action", required=True)
     g = gsub.add_parser("list")
     common(g)
@@ -221,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("name")
     g.add_argument("new_name")
     common(g)
+    add_gallery_actions(gsub, common)
     sp.set_defaults(func=cmd_gallery)
 
     sp = sub.add_parser("process", help="recognise faces in a video file")
@@ -267,16 +327,50 @@ def build_parser() -> argparse.ArgumentParser:
     common(e, gallery=False)
     sp.set_defaults(func=cmd_eval)
 
+    e = esub.add_parser("ident", help="closed-set rank-N identification "
+                        "(first image per identity = gallery)")
+    e.add_argument("--root", required=True,
+                   help="raw photos, one sub-folder per identity (or see --list)")
+    e.add_argument("--list", help="file of 'filename identity' lines, filenames relative to --root")
+    e.add_argument("--probe-res", type=int, action="append", default=None,
+                   help="also test with probes downsampled to NxN (repeatable)")
+    e.add_argument("--model", help="model artifact (default: the config's)")
+    common(e, gallery=False)
+    e.set_defaults(func=cmd_eval_ident)
+
+    sp = sub.add_parser("explain", help="show which MoE expert each face token is routed to")
+    sp.add_argument("image", help="photo; the largest face is explained")
+    sp.add_argument("--model", help="model artifact (default: the config's)")
+    sp.add_argument("--out", help="PNG to write (default: <image stem>-routing.png)")
+    sp.add_argument("--probe-res", type=int, action="append", default=None,
+                    help="also explain the face downsampled to NxN "
+                         "(repeatable; default 16; 0 = none)")
+    common(sp, gallery=False)
+    sp.set_defaults(func=cmd_explain)
+
     sp = sub.add_parser("export", help="export a model artifact to ONNX")
-    sp.add_argument("model")
+    sp.add_argument("model", nargs="?", default=None, help="model artifact (default: the config's)")
+    sp.add_argument("--config")
     sp.add_argument("--form", choices=["standard", "plugin", "both"], default="standard")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("build-engine", help="compile a model into a TensorRT engine with the routing plugin")
+    sp.add_argument("model", nargs="?", default=None, help="model artifact (default: the config's)")
+    sp.add_argument("--out", help="engine directory (default: MODEL/engine)")
+    sp.add_argument("--flavour", choices=["auto", "rtx", "standard"], default="auto")
+    sp.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True)
+    sp.add_argument("--max-batch", type=int, default=64)
+    sp.add_argument("--gpu-target", default="auto", help="compute capabilities, e.g. 8.6,8.9 (RTX)")
+    sp.add_argument("--config")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_build_engine)
 
     sp = sub.add_parser("bench", help="benchmarks")
     bsub = sp.add_subparsers(dest="what", required=True)
     b = bsub.add_parser("embed", help="embedding throughput and latency")
     b.add_argument("--model", default=None)
+    b.add_argument("--config")
     b.add_argument("--backend", default="onnxruntime")
     b.add_argument("--batch", type=int, default=32)
     b.add_argument("--iters", type=int, default=20)
@@ -293,10 +387,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from app.sinks import SinkError
     from app.source import SourceError
     from engine.backends import BackendError
+    from engine.build import EngineBuildError
     from trainer.config import ConfigError as TrainConfigError
 
     return (UserError, ConfigError, EnrollError, GalleryError, SinkError, SourceError, BackendError,
-            TrainConfigError, FileNotFoundError)
+            TrainConfigError, EngineBuildError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,3 +105,160 @@ def eval_lfw(cfg: AppConfig, root: Path, pairs_file: Path, probe_res: list[int] 
 
         update_metrics(model_cfg.dir, {"lfw": results})
     return report
+
+
+# --- `facemoe eval ident`: closed-set rank-N identification ------------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pnm", ".tif", ".tiff", ".webp")
+
+
+def _largest_face(image: np.ndarray, detector: FaceDetector):
+    dets = detector.detect(image)
+    return max(dets, key=lambda d: float(d.bbox[2]) * float(d.bbox[3])) if dets else None
+
+
+def _natural_key(name: str) -> list:
+    """'s2/10.pgm' after 's2/9.pgm': digit runs compare as numbers."""
+    import re
+
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def identity_images(root: Path, list_file: Path | None = None) -> dict[str, list[str]]:
+    """Identity -> image paths relative to `root`, naturally sorted.
+
+    Without `list_file`: one sub-folder of `root` per identity (its image files, any depth).
+    With it: lines `filename identity` (filename relative to `root`; blank lines and lines
+    starting with '#' are skipped).
+    """
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such image folder: {root}")
+    by_id: dict[str, list[str]] = {}
+    if list_file is not None:
+        if not list_file.is_file():
+            raise FileNotFoundError(f"no such list file: {list_file}")
+        for n, line in enumerate(list_file.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2:
+                raise ValueError(f"{list_file}:{n}: expected 'filename identity', got {line!r}")
+            by_id.setdefault(parts[1], []).append(parts[0])
+    else:
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            files = [p.relative_to(root).as_posix() for p in d.rglob("*")
+                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            if files:
+                by_id[d.name] = files
+    if not by_id:
+        raise FileNotFoundError(f"no identity images under {root}"
+                                + ("" if list_file else " (expected one sub-folder per identity)"))
+    ordered = sorted(by_id.items(), key=lambda kv: _natural_key(kv[0]))
+    return {k: sorted(v, key=_natural_key) for k, v in ordered}
+
+
+def eval_identification(cfg: AppConfig, root: Path, probe_res: list[int] | None = None,
+                        list_file: Path | None = None, model_dir: str | None = None,
+                        ranks: tuple[int, ...] = (1, 5), progress: bool = False) -> dict:
+    """Closed-set rank-N identification on raw photos grouped by identity.
+
+    Each image is detected (largest face) and aligned by the app. Per identity the first image
+    with a face (natural sort order) is its gallery template and the rest are probes; an
+    identity with one usable image is a gallery distractor only. Probes are optionally
+    degraded to NxN (`probe_res`; INTER_AREA down, INTER_CUBIC back up) while the gallery stays
+    at native resolution. Images without a face or unreadable are counted and left out.
+    """
+    from trainer.evaluate import rank_n_identification
+
+    by_id = identity_images(root, list_file)
+    m = cfg.model if model_dir is None else cfg.model.model_copy(update={"dir": model_dir})
+    embedder = Embedder.from_config(m.dir, m.backend, m.threads, m.batch_size)
+    detector = make_detector(cfg)
+    gallery, gallery_ids, probes, probe_ids = [], [], [], []
+    no_face, unreadable = [], []
+    total = sum(len(v) for v in by_id.values())
+    bar = tqdm(total=total, desc="detect+align", unit="img", disable=not progress)
+    for ident, files in by_id.items():
+        first = True
+        for name in files:
+            bar.update(1)
+            image = cv2.imread(str(root / name), cv2.IMREAD_COLOR)
+            if image is None:
+                unreadable.append(name)
+                continue
+            det = _largest_face(image, detector)
+            if det is None:
+                no_face.append(name)
+                continue
+            crop = align_face(image, det.landmarks)
+            if first:
+                gallery.append(crop)
+                gallery_ids.append(ident)
+                first = False
+            else:
+                probes.append(crop)
+                probe_ids.append(ident)
+    bar.close()
+    if not gallery:
+        raise ValueError(f"no face found in any of the {total} images under {root}")
+    g_emb = embedder.embed(np.stack(gallery))
+    ids = np.array(gallery_ids)
+    p_ids = np.array(probe_ids)
+    results: dict[str, dict] = {}
+    for res in [None, *(probe_res or [])]:
+        if not probes:
+            break
+        batch = np.stack(probes) if res is None else np.stack([downscale(c, res) for c in probes])
+        p_emb = embedder.embed(batch)
+        label = "native" if res is None else f"{res}px"
+        results[label] = rank_n_identification(g_emb, ids, p_emb, p_ids, ranks)
+    with_probes = set(probe_ids)
+    return {"benchmark": "ident", "root": str(root), "model": embedder.model,
+            "backend": embedder.backend.name, "identities": len(by_id), "images": total,
+            "gallery": len(gallery), "probes": len(probes),
+            "distractors": sum(1 for i in gallery_ids if i not in with_probes),
+            "no_face": len(no_face), "unreadable": len(unreadable), "results": results}
+
+
+# --- `facemoe explain`: which expert each token goes to ----------------------------------------
+
+def explain_image(cfg: AppConfig, image_path: Path, model_dir: str | None = None,
+                  probe_res: list[int] | None = None, out_png: Path | None = None) -> dict:
+    """Detect the largest face in an image, align it, and show the MoE routing of the native
+    crop and of each `probe_res` NxN degraded copy (maps per layer + expert shares; PNG)."""
+    from trainer.artifact import load_model
+    from trainer.explain import degrade_crops, plot_routing, routing_maps
+
+    if not image_path.is_file():
+        raise FileNotFoundError(f"no such file: {image_path}")
+    image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"cannot read image: {image_path}")
+    model, manifest = load_model(model_dir or cfg.model.dir)
+    det = _largest_face(image, make_detector(cfg))
+    if det is None:
+        raise ValueError(f"no face found in {image_path}")
+    crop = align_face(image, det.landmarks)
+    rows, resolutions = [], {}
+    for res in [None, *(probe_res or [])]:
+        x = degrade_crops(crop[None], res)
+        maps = routing_maps(model, x, tuple(manifest.get("mean", (0.5,) * 3)),
+                            tuple(manifest.get("std", (0.5,) * 3)))
+        label = "native" if res is None else f"{res}px"
+        rows.append((label, x[0], maps))
+        resolutions[label] = {"shares": np.round(maps.shares, 4).tolist(),
+                              "top1_shares": np.round(maps.top1_shares, 4).tolist(),
+                              "top1": [m[0].tolist() for m in maps.top1]}
+    maps = rows[0][2]
+    model_name = f"{manifest.get('name')}@{manifest.get('version')}"
+    report = {"image": str(image_path), "model": model_name,
+              "face": {"bbox": [round(float(v), 1) for v in det.bbox],
+                       "score": round(float(det.score), 3)},
+              "layers": len(maps.topk), "num_experts": maps.num_experts, "top_k": maps.top_k,
+              "grids": maps.grids, "resolutions": resolutions}
+    if out_png is not None:
+        title = (f"{model_name}: routing of {image_path.name} "
+                 "(colour: top-1 expert per token; digits: top-k)")
+        report["png"] = str(plot_routing(rows, out_png, title=title))
+    return report

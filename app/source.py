@@ -22,6 +22,15 @@ import numpy as np
 from app.records import Frame
 
 try:
+    import ctypes
+
+    # GStreamer pulls in libunwind, whose unwinder would then handle C++ exceptions thrown by
+    # torch, OpenCV or matplotlib and abort the process. Loading libgcc_s's first keeps the
+    # normal unwinder in charge.
+    try:
+        ctypes.CDLL("libgcc_s.so.1", mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        pass
     import gi
 
     gi.require_version("Gst", "1.0")

@@ -25,7 +25,7 @@ from torch import nn
 from engine.manifest import derived_manifest, read_manifest
 from engine.ops.reference import OP_DOMAIN, OP_NAME, OP_VERSION
 from trainer.artifact import load_model
-from trainer.models.moe import MoEMLP
+from trainer.models.moe import MoEMLP, moe_dense
 
 log = logging.getLogger(__name__)
 FORMS = ("standard", "plugin")
@@ -34,18 +34,17 @@ OPSET = 17
 
 
 class _TopKMoEOp(torch.autograd.Function):
-    """Forward = the MoE layer's dense form; exported as one custom node."""
+    """Forward = the routing op in its masked-dense form; exported as one custom node."""
 
     @staticmethod
-    def forward(ctx, x, router, w1, b1, w2, b2, layer):  # noqa: ARG004
-        return layer._dense_forward_tokens(x)
+    def forward(ctx, x, router, w1, b1, w2, b2, num_experts: int, top_k: int, gate: str):  # noqa: ARG004
+        return moe_dense(x, router, w1, b1, w2, b2, top_k, gate)
 
     @staticmethod
-    def symbolic(g, x, router, w1, b1, w2, b2, layer):
+    def symbolic(g, x, router, w1, b1, w2, b2, num_experts, top_k, gate):
         return g.op(
             f"{OP_DOMAIN}::{OP_NAME}", x, router, w1, b1, w2, b2,
-            num_experts_i=layer.num_experts, top_k_i=layer.top_k, gate_s=layer.gate,
-            plugin_version_s=OP_VERSION,
+            num_experts_i=num_experts, top_k_i=top_k, gate_s=gate, plugin_version_s=OP_VERSION,
         ).setType(x.type())
 
 
@@ -56,7 +55,7 @@ class _PluginMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.layer
-        return _TopKMoEOp.apply(x, m.router.weight, m.w1, m.b1, m.w2, m.b2, m)
+        return _TopKMoEOp.apply(x, m.router.weight, m.w1, m.b1, m.w2, m.b2, m.num_experts, m.top_k, m.gate)
 
 
 class Embedder(nn.Module):

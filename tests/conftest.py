@@ -43,3 +43,58 @@ def models_dir(shared_dir: Path) -> Path:
 def yunet_path(models_dir: Path) -> Path:
     """The YuNet face detector ONNX file."""
     return _need(models_dir / YUNET_FILE, "YuNet detector")
+
+
+TINY_ARCH = dict(depth=1, dim=48, heads=2, stem_width=8)
+
+
+@pytest.fixture(scope="session")
+def real_faces(data_dir: Path) -> dict:
+    """96 real training-pool faces (CelebA, 8 identities x 12) aligned by the app's aligner,
+    with their dlib teacher targets: crops uint8[96,112,112,3], teacher float32[96,128], labels."""
+    import numpy as np
+
+    from app.align import align_face
+
+    t = np.load(data_dir / "teacher" / "dlib_resnet_v1.npz")
+    ids = dict(line.split() for line in (data_dir / "celeba299" / "identities.txt").read_text().splitlines())
+    by_id: dict[str, list[int]] = {}
+    for i, p in enumerate(t["paths"]):
+        if str(p).startswith("celeba299/"):
+            by_id.setdefault(ids[Path(str(p)).name], []).append(i)
+    chosen = sorted(k for k, v in by_id.items() if len(v) >= 12)[:8]
+    rows = [i for k in chosen for i in by_id[k][:12]]
+    import cv2
+
+    crops = np.stack([align_face(cv2.imread(str(data_dir / t["paths"][i])), t["landmarks"][i].reshape(5, 2))
+                      for i in rows])
+    labels = np.repeat(np.arange(len(chosen)), 12)
+    return {"crops": crops, "teacher": t["embeddings"][rows].astype(np.float32), "labels": labels,
+            "label_names": np.array([f"celeba:{k}" for k in chosen]), "paths": t["paths"][rows]}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised, tiny facemoe-edge artifact (for fast export/backend tests)."""
+    import torch
+
+    from trainer.artifact import save_artifact
+    from trainer.models import create_model, model_config
+
+    torch.manual_seed(0)
+    model = create_model("facemoe-edge", **TINY_ARCH).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics so eval differs from identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    return save_artifact(model, model_config("facemoe-edge", **TINY_ARCH), out, name="tiny-edge", version="0")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The shipped default model (committed in the repository)."""
+    path = REPO_ROOT / "models" / "facemoe-edge"
+    assert (path / "manifest.json").is_file(), f"the default model is missing at {path}"
+    return path

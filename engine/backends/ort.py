@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +11,6 @@ import onnxruntime as ort
 
 from engine.backends import BackendError, check_output
 from engine.manifest import read_manifest
-
-
-def export_in_subprocess(model_dir: Path) -> None:
-    """Export the ONNX file in a clean process.
-
-    torch's exporter aborts in a process that has already loaded OpenCV's and GStreamer's
-    native libraries, so the app never exports in its own process.
-    """
-    cmd = [sys.executable, "-m", "engine.export", str(model_dir)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = (done.stderr or "").strip().splitlines()
-        reason = lines[-1] if lines else f"exit code {done.returncode}"
-        raise BackendError(f"cannot export {model_dir} to ONNX ({reason}); is torch installed?")
 
 
 class OnnxRuntimeBackend:
@@ -38,7 +22,11 @@ class OnnxRuntimeBackend:
         self.dim = int(self.manifest["embedding_dim"])
         path = model_dir / "model.onnx"
         if not path.is_file() or not self._fresh(path):
-            export_in_subprocess(model_dir)
+            try:
+                from engine.export import ensure_onnx
+            except ImportError as e:
+                raise BackendError(f"{path} is missing and torch is not installed to export it") from e
+            path = ensure_onnx(model_dir, "standard")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -46,6 +46,24 @@ def route(logits: torch.Tensor, top_k: int, gate: str) -> tuple[torch.Tensor, to
     return weights, top_idx
 
 
+def _mix_dense(tokens, weights, top_idx, w1, b1, w2, b2, drop=None) -> torch.Tensor:
+    """Every expert on every token, mixed by gate weights that are zero outside the top-k."""
+    mix = torch.zeros(tokens.shape[0], w1.shape[0], dtype=weights.dtype, device=tokens.device)
+    mix = mix.scatter(1, top_idx, weights)
+    h = F.gelu(torch.einsum("td,edh->eth", tokens, w1) + b1[:, None])
+    if drop is not None:
+        h = drop(h)
+    y = torch.einsum("eth,ehd->etd", h, w2) + b2[:, None]
+    return torch.einsum("etd,te->td", y, mix.to(y.dtype))
+
+
+def moe_dense(x, router, w1, b1, w2, b2, top_k: int, gate: str) -> torch.Tensor:
+    """The routing op as a function of its weights (inference; x [..., d], router [N, d])."""
+    tokens = x.reshape(-1, x.shape[-1])
+    weights, top_idx = route(tokens @ router.T, top_k, gate)
+    return _mix_dense(tokens, weights, top_idx, w1, b1, w2, b2).reshape(x.shape)
+
+
 class MoEMLP(nn.Module):
     """N GELU expert MLPs behind a linear top-k router; a drop-in for a transformer MLP.
 
@@ -100,23 +118,12 @@ class MoEMLP(nn.Module):
             out = self._dense(tokens, weights, top_idx)
         return out.reshape(shape)
 
-    def _dense_forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's output by the masked-dense path (used by the ONNX plugin export)."""
-        tokens = x.reshape(-1, x.shape[-1])
-        weights, top_idx = route(self.router(tokens), self.top_k, self.gate)
-        return self._dense(tokens, weights, top_idx).reshape(x.shape)
-
     def _expert(self, tokens: torch.Tensor, e: int) -> torch.Tensor:
         h = self.drop(F.gelu(tokens @ self.w1[e] + self.b1[e]))
         return h @ self.w2[e] + self.b2[e]
 
     def _dense(self, tokens: torch.Tensor, weights: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
-        # mix[t, e] = gate weight of expert e for token t, 0 where e is not in the top-k.
-        mix = torch.zeros(tokens.shape[0], self.num_experts, dtype=weights.dtype, device=tokens.device)
-        mix = mix.scatter(1, top_idx, weights)
-        h = self.drop(F.gelu(torch.einsum("td,edh->eth", tokens, self.w1) + self.b1[:, None]))
-        y = torch.einsum("eth,ehd->etd", h, self.w2) + self.b2[:, None]
-        return torch.einsum("etd,te->td", y, mix.to(y.dtype))
+        return _mix_dense(tokens, weights, top_idx, self.w1, self.b1, self.w2, self.b2, self.drop)
 
     def _sparse(self, tokens: torch.Tensor, weights: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
         t, k = top_idx.shape

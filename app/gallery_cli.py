@@ -1,0 +1,188 @@
+"""`facemoe gallery export|import|reembed|purge|audit|settings|check`: gallery lifecycle commands.
+
+`add_gallery_actions` adds the sub-commands to `facemoe gallery`; `open_gallery_for` opens
+the gallery the way an action needs it; `run_gallery_action` runs one and prints its result
+(one JSON object with --json). Heavy imports happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.embed import Embedder
+    from app.gallery import Gallery
+
+ACTIONS = ("export", "import", "reembed", "purge", "audit", "settings", "check")
+_KEY_HELP = ("file with the gallery's AES-256 key, base64 (openssl rand -base64 32); "
+             "default: $FACEMOE_GALLERY_KEY, then the file named by $FACEMOE_GALLERY_KEY_FILE")
+
+
+def _days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"days must be >= 0, got {text}")
+    return value
+
+
+def _on_off(text: str) -> bool:
+    if text.lower() in ("on", "yes", "true", "1"):
+        return True
+    if text.lower() in ("off", "no", "false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+def add_gallery_actions(gsub: argparse._SubParsersAction, common: Callable) -> None:
+    """Add the lifecycle actions to `facemoe gallery`'s sub-parsers."""
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        g = gsub.add_parser(name, help=help_text, description=help_text)
+        g.add_argument("--key-file", help=_KEY_HELP)
+        return g
+
+    g = action("export", "write identities, templates and crops to one checksummed file")
+    g.add_argument("file", help="the export to write (a zip; mode 0600)")
+    common(g)
+    g = action("import", "add the identities of an export (verified, in one transaction)")
+    g.add_argument("file", help="an export written by `facemoe gallery export`")
+    g.add_argument("--on-conflict", choices=["fail", "skip", "merge"], default="fail",
+                   help="a name already in the gallery: refuse the import (default), keep the "
+                        "gallery's identity, or add the new templates to it")
+    g.add_argument("--reembed", action="store_true",
+                   help="accept an export of another model: re-embed its crops with this model")
+    g.add_argument("--drop-missing", action="store_true",
+                   help="with --reembed: leave out templates that have no crop")
+    common(g)
+    g = action("reembed", "rebuild every template from its stored crop with the current model")
+    g.add_argument("--drop-missing", action="store_true",
+                   help="delete templates that have no stored crop (default: refuse)")
+    common(g)
+    g = action("purge", "apply an event retention period")
+    g.add_argument("--events-older-than", type=_days, required=True, metavar="DAYS",
+                   help="delete events stored more than DAYS days ago")
+    common(g)
+    g = action("audit", "show the audit log (who enrolled, removed, renamed, exported ...)")
+    g.add_argument("--limit", type=int, help="only the most recent N rows")
+    common(g)
+    g = action("settings", "show the gallery's model, settings and sizes; change settings")
+    g.add_argument("--store-crops", type=_on_off, metavar="on|off",
+                   help="keep the aligned crops of new templates (needed to re-embed)")
+    g.add_argument("--delete-crops", action="store_true",
+                   help="with --store-crops off: also delete the crops already stored")
+    common(g)
+    g = action("check", "run SQLite's integrity check on the gallery")
+    common(g)
+
+
+def open_gallery_for(args: argparse.Namespace, path: str, embedder: Embedder) -> Gallery:
+    """Open the gallery for `args.action`. Only `import` may create a gallery and it needs
+    the embedder's model; the other actions manage a gallery of any model (after a model
+    upgrade it can still be listed, exported, cleaned or re-embedded)."""
+    from app.gallery import Gallery, load_key
+
+    key = load_key(getattr(args, "key_file", None))
+    importing = args.action == "import"
+    return Gallery(path, embedder.model_name, embedder.model_version, create=importing,
+                   key=key, adopt_model=not importing)
+
+
+def run_gallery_action(args: argparse.Namespace, gallery: Gallery,
+                       embedder: Embedder) -> dict | None:
+    """Run a lifecycle action and print its result; None when `args.action` is not one."""
+    handler = _HANDLERS.get(args.action)
+    if handler is None:
+        return None
+    payload, text = handler(args, gallery, embedder)
+    print(json.dumps(payload) if getattr(args, "json", False) else text)
+    return payload
+
+
+def _export(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
+            ) -> tuple[dict, str]:
+    r = gallery.export(args.file)
+    return ({"gallery": gallery.location, "model": gallery.model, **r.as_json()},
+            f"exported {r.identities} identities, {r.templates} templates, {r.crops} crops "
+            f"to {r.path} ({r.bytes} bytes, sha256 {r.sha256})")
+
+
+def _import(args: argparse.Namespace, gallery: Gallery, embedder: Embedder
+            ) -> tuple[dict, str]:
+    from app.gallery import GalleryError
+
+    if args.drop_missing and not args.reembed:
+        raise GalleryError("--drop-missing only applies with --reembed")
+    r = gallery.import_file(args.file, on_conflict=args.on_conflict,
+                            embedder=embedder if args.reembed else None,
+                            drop_missing=args.drop_missing)
+    lines = [f"imported {r.path}: {r.identities_added} identities added, "
+             f"{r.identities_merged} merged, {r.identities_skipped} skipped; "
+             f"{r.templates_added} templates added"
+             + (f" ({r.templates_reembedded} re-embedded)" if r.templates_reembedded else "")
+             + (f", {r.templates_duplicate} already present" if r.templates_duplicate else "")]
+    lines += [f"left out (no crop): {d}" for d in r.templates_dropped]
+    if r.crops_dropped:
+        lines.append(f"{r.crops_dropped} crops not stored (store_crops is off)")
+    return {"gallery": gallery.location, "model": gallery.model, **r.as_json()}, "\n".join(lines)
+
+
+def _reembed(args: argparse.Namespace, gallery: Gallery, embedder: Embedder
+             ) -> tuple[dict, str]:
+    r = gallery.reembed(embedder, drop_missing=args.drop_missing)
+    lines = [f"re-embedded {r.templates} templates: {r.model_from} -> {r.model_to}"]
+    lines += [f"deleted (no crop): {d}" for d in r.dropped]
+    return {"gallery": gallery.location, **r.as_json()}, "\n".join(lines)
+
+
+def _purge(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
+           ) -> tuple[dict, str]:
+    n = gallery.purge_events(args.events_older_than)
+    return ({"gallery": gallery.location, "events_deleted": n,
+             "older_than_days": args.events_older_than},
+            f"deleted {n} events older than {args.events_older_than:g} days")
+
+
+def _audit(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
+           ) -> tuple[dict, str]:
+    rows = gallery.audit(args.limit)
+    text = "\n".join(f"{r.time:%Y-%m-%d %H:%M:%S}\t{r.user}\t{r.action}\t"
+                     f"{r.identity if r.identity is not None else '-'}\t{r.detail}"
+                     for r in rows) or "(no audit rows)"
+    return {"gallery": gallery.location, "audit": [r.as_json() for r in rows]}, text
+
+
+def _settings(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
+              ) -> tuple[dict, str]:
+    from app.gallery import GalleryError
+
+    if args.delete_crops and args.store_crops is not False:
+        raise GalleryError("--delete-crops needs --store-crops off")
+    deleted = 0
+    if args.store_crops is not None:
+        deleted = gallery.set_store_crops(args.store_crops, delete_existing=args.delete_crops)
+    info: dict[str, Any] = gallery.info()
+    if args.delete_crops:
+        info["crops_deleted"] = deleted
+    return info, "\n".join(f"{k}: {v}" for k, v in info.items())
+
+
+def _check(_args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
+           ) -> tuple[dict, str]:
+    from app.gallery import GalleryError
+
+    result = gallery.integrity_check()
+    if result != "ok":
+        raise GalleryError(f"gallery {gallery.location} is corrupt: {result}")
+    return {"gallery": gallery.location, "integrity": result}, f"{gallery.location}: ok"
+
+
+_HANDLERS: dict[str, Callable[..., tuple[dict, str]]] = {
+    "export": _export, "import": _import, "reembed": _reembed, "purge": _purge,
+    "audit": _audit, "settings": _settings, "check": _check,
+}

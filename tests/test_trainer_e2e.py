@@ -1,0 +1,87 @@
+"""Tiny end-to-end training on real faces: two steps, resume, export, ONNX parity with torch."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from engine.backends import load_backend
+from engine.export import ensure_onnx
+from tests.conftest import TINY_ARCH
+from trainer.artifact import load_model, read_manifest
+from trainer.config import ConfigError, load_train_config
+from trainer.preprocess import to_input
+from trainer.train import train
+
+
+@pytest.fixture()
+def tiny_config(tmp_path, real_faces):
+    pool = tmp_path / "pool.npz"
+    np.savez(pool, **real_faces)
+    cfg = {
+        "model": {"name": "facemoe-edge", "overrides": TINY_ARCH},
+        "data": {"pool": str(pool), "val_identities": 2},
+        "optim": {"epochs": 1, "batch_size": 32, "warmup_steps": 1},
+        "loss": {"w_id": 0.5},
+        "run": {"out_dir": str(tmp_path / "run"), "log_every": 1, "threads": 2},
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_resume_export_parity(tiny_config, real_faces):
+    # 72 training faces (2 identities held out) / batch 32 = 2 steps per epoch
+    run = train(load_train_config(tiny_config))
+    steps = [r for r in _rows(run) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert np.isfinite(r["loss"]) and {"id", "kd", "rkd", "z", "balance"} <= set(r)
+        assert len(r["expert_usage"]) == 3 and sum(r["expert_usage"]) == pytest.approx(1, abs=1e-2)
+    assert (run / "config.yaml").is_file() and (run / "checkpoint.pt").is_file()
+    epoch = [r for r in _rows(run) if "val_acc_native" in r]
+    assert epoch and 0 <= epoch[0]["val_acc_16"] <= 1
+
+    # resume: one more epoch continues the step count from the checkpoint
+    run = train(load_train_config(tiny_config, {"optim.epochs": 2}), resume=True)
+    assert [r["step"] for r in _rows(run) if "loss" in r][-1] == 4
+    manifest = read_manifest(run / "model")
+    assert manifest["training"]["steps"] == 4 and manifest["input_size"] == 112
+
+    # the artifact and its ONNX export agree on real aligned crops
+    x = to_input(real_faces["crops"][:12])
+    model, _ = load_model(run / "model")
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(model(torch.from_numpy(x))).numpy()
+    ensure_onnx(run / "model")
+    got = load_backend(run / "model", "onnxruntime").embed(x)
+    assert (np.sum(got * want, axis=1) >= 0.9999).all()
+
+
+def test_finetune_starts_from_an_artifact(tiny_config, tmp_path):
+    base = train(load_train_config(tiny_config)) / "model"
+    base_model, _ = load_model(base)
+    cfg = load_train_config(tiny_config, {"model.init_from": str(base), "optim.lr": 0.0,
+                                          "run.out_dir": str(tmp_path / "ft")})
+    ft = train(cfg) / "model"
+    # lr 0: weights equal the starting point except BatchNorm running statistics
+    tuned, _ = load_model(ft)
+    for (name, a), b in zip(base_model.state_dict().items(), tuned.state_dict().values()):
+        if "running" not in name and "num_batches" not in name:
+            torch.testing.assert_close(a, b, msg=name)
+
+
+def test_config_errors_name_the_yaml_path(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match="optim.epochs"):
+        load_train_config(bad)
+    bad.write_text("optim:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match="optim.epoch"):
+        load_train_config(bad)
