@@ -98,10 +98,13 @@ def cmd_process(args: argparse.Namespace) -> int:
     if not Path(args.video).exists() and "://" not in args.video:
         raise UserError(f"no such file: {args.video}")
     detector, embedder = make_detector(cfg), _embedder(cfg)
-    with open_gallery(_gallery_path(args, cfg), embedder) as gallery:
+    path = _gallery_path(args, cfg)
+    with open_gallery(path, embedder, create=args.allow_empty_gallery) as gallery:
         if not gallery.identities():
-            log.warning("the gallery %s is empty: every face will be reported as unknown",
-                        _gallery_path(args, cfg))
+            if not args.allow_empty_gallery:
+                raise UserError(f"gallery {path} is empty: enroll someone first (facemoe enroll NAME PHOTO) "
+                                "or pass --allow-empty-gallery")
+            log.warning("the gallery %s is empty: every face will be reported as unknown", path)
         summary = process_video(args.video, cfg, detector, embedder, gallery, threshold(cfg, embedder),
                                 events_jsonl=args.events or cfg.output.events_jsonl,
                                 annotate=args.annotate, camera=args.camera,
@@ -290,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--camera", help="camera name in events (default: the file name)")
     sp.add_argument("--no-progress", action="store_true")
     sp.add_argument("--validate-config", action="store_true", help="check the config and exit")
+    sp.add_argument("--allow-empty-gallery", action="store_true",
+                    help="process even with no one enrolled (every face is unknown)")
     common(sp)
     sp.set_defaults(func=cmd_process)
 

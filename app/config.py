@@ -41,6 +41,8 @@ class TrackerSection(_Strict):
     low_thresh: float = 0.3
     match_iou: float = 0.3
     max_missed: int = Field(15, ge=1)
+    min_hits: int = Field(2, ge=1, description="detections before a track gets an id (drops one-frame blips)")
+    shot_cut_threshold: float = Field(0.15, ge=0, description="end every track at a cut above this; 0 = off")
 
 
 class EmbedSection(_Strict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
     from app.embed import Embedder
     from app.gallery import Gallery
 
-ACTIONS = ("export", "import", "reembed", "purge", "audit", "settings", "check")
+log = logging.getLogger(__name__)
 _KEY_HELP = ("file with the gallery's AES-256 key, base64 (openssl rand -base64 32); "
              "default: $FACEMOE_GALLERY_KEY, then the file named by $FACEMOE_GALLERY_KEY_FILE")
 
@@ -85,12 +86,19 @@ def open_gallery_for(args: argparse.Namespace, path: str, embedder: Embedder) ->
     """Open the gallery for `args.action`. Only `import` may create a gallery and it needs
     the embedder's model; the other actions manage a gallery of any model (after a model
     upgrade it can still be listed, exported, cleaned or re-embedded)."""
-    from app.gallery import Gallery, load_key
+    from app.gallery import Gallery, load_key, verify_export
 
     key = load_key(getattr(args, "key_file", None))
     importing = args.action == "import"
-    return Gallery(path, embedder.model_name, embedder.model_version, create=importing,
-                   key=key, adopt_model=not importing)
+    if importing:
+        verify_export(args.file)  # before a new gallery file is made for a bad export
+    gallery = Gallery(path, embedder.model_name, embedder.model_version, create=importing,
+                      key=key, adopt_model=not importing)
+    if gallery.model != embedder.model and args.action != "reembed":
+        log.warning("gallery %s was built with model %s, not the configured %s: recognition "
+                    "needs `facemoe gallery reembed`", gallery.location, gallery.model,
+                    embedder.model)
+    return gallery
 
 
 def run_gallery_action(args: argparse.Namespace, gallery: Gallery,

@@ -22,6 +22,7 @@ from app.detect import FaceDetector
 from app.embed import Embedder
 from app.match import Matcher
 from app.quality import score_quality
+from app.shotcut import ShotCutDetector
 from app.records import AlignedFace, Event, FaceEmbedding, Frame, Match, TrackedFace, TrackSummary
 from app.track import Tracker, TrackerConfig
 
@@ -62,7 +63,9 @@ class FacePipeline:
         self.detector, self.embedder, self.matcher = detector, embedder, matcher
         t = cfg.tracker
         self.tracker = Tracker(TrackerConfig(high_thresh=t.high_thresh, low_thresh=t.low_thresh,
-                                             match_iou=t.match_iou, max_missed=t.max_missed))
+                                             match_iou=t.match_iou, max_missed=t.max_missed,
+                                             min_hits=t.min_hits))
+        self.cuts = ShotCutDetector(t.shot_cut_threshold)
         e = cfg.embed
         self.aggregator = TrackAggregator(camera, EmbedPolicy(e.first_n, e.every_n, e.min_gain, e.max_per_track))
         self.times = times or StageTimes()
@@ -78,7 +81,10 @@ class FacePipeline:
             dets = [d for d in self.detector.detect(frame.image) if d.bbox[2] >= self.cfg.detector.min_face]
         self.detections += len(dets)
         with self.times("track"):
+            cut = self.cuts.is_cut(frame.image)
+            ended = self.tracker.finish_all() if cut else []
             faces, finished = self.tracker.update(frame.index, frame.pts, dets)
+            finished = ended + finished
         with self.times("align"):
             for f in faces:
                 crop = align_face(frame.image, f.detection.landmarks)

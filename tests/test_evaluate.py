@@ -55,3 +55,14 @@ def test_official_lfw_pairs(data_dir):
     assert {p.fold for p in pairs} == set(range(10))
     assert all(sum(1 for p in pairs if p.fold == k and p.same) == 300 for k in range(10))
     assert pairs[0].left.endswith("_0001.jpg") or pairs[0].left.count("/") == 1
+
+
+@pytest.mark.parametrize("far,expected_accepted_negatives", [(0.0, 0), (0.1, 1), (0.25, 2), (1.0, 10)])
+def test_threshold_at_far(far, expected_accepted_negatives):
+    from trainer.evaluate import threshold_at_far
+
+    scores = np.r_[np.linspace(0.9, 0.0, 10), 0.99, 0.98]  # 10 negatives, then 2 positives
+    same = np.array([False] * 10 + [True] * 2)
+    t = threshold_at_far(scores, same, far)
+    assert int((scores[~same] >= t).sum()) == expected_accepted_negatives
+    assert (scores[~same] >= t).mean() <= far

@@ -411,6 +411,9 @@ def test_encryption_at_rest(tmp_path: Path, embedder, faces: dict,
     with Gallery(tmp_path / "copy.db", *model_of(embedder), key=key) as copy:
         assert copy.import_file(export).templates_added == 24
         np.testing.assert_array_equal(copy.matrix()[1], mat)
+        assert copy.reembed(embedder).templates == 24  # from the encrypted crops
+        np.testing.assert_allclose(copy.matrix()[1], embedder.embed(decoded(faces["crops"])),
+                                   atol=1e-5)
 
 
 # --- robustness ------------------------------------------------------------------------------
@@ -428,7 +431,8 @@ def real_gallery_bytes(tmp_path_factory, embedder, faces: dict) -> bytes:
 def test_truncated_gallery_refused(tmp_path: Path, embedder, real_gallery_bytes: bytes,
                                    cut: str) -> None:
     data = real_gallery_bytes
-    size = {"header": 60, "half": len(data) // 2, "last page": len(data) - 4096,
+    page = int.from_bytes(data[16:18], "big")
+    size = {"header": 60, "half": len(data) // 2, "last page": len(data) - page,
             "one byte": len(data) - 1}[cut]
     db = tmp_path / "truncated.db"
     db.write_bytes(data[:size])
@@ -443,7 +447,8 @@ def test_truncated_gallery_refused(tmp_path: Path, embedder, real_gallery_bytes:
 def test_damaged_pages_give_one_line_errors(tmp_path: Path, embedder,
                                             real_gallery_bytes: bytes) -> None:
     data = bytearray(real_gallery_bytes)
-    data[4096:] = bytes(len(data) - 4096)  # every page after the first zeroed, size kept
+    page = int.from_bytes(data[16:18], "big")
+    data[page:] = bytes(len(data) - page)  # every page after the first zeroed, size kept
     db = tmp_path / "damaged.db"
     db.write_bytes(bytes(data))
     with pytest.raises(GalleryError) as err:

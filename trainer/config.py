@@ -25,7 +25,8 @@ class DataSection(_Strict):
     pool: str | None = None  # teacher-pool .npz (facemoe data prepare --teacher)
     folders: list[str] = Field(default_factory=list)  # aligned crops, one sub-folder per identity
     lists: list[str] = Field(default_factory=list)  # `path label` list files
-    teacher_onnx: str | None = None  # a teacher model artifact: targets computed on clean crops
+    teacher_onnx: str | None = None  # an exported teacher ONNX: targets from its clean-crop embeddings
+    holdout_folders: list[str] = Field(default_factory=list)  # high-res set for the forgetting report
     val_identities: int = 40  # labelled identities held out for the per-epoch check
     min_images_per_class: int = 1
 
@@ -51,7 +52,9 @@ class OptimSection(_Strict):
     warmup_steps: int = 200
     power: float = 1.0  # polynomial decay exponent (1 = linear to 0)
     clip_grad: float = 5.0
-    freeze_backbone: bool = False  # linear probe: train only the heads / last layers
+    freeze_backbone: bool = False  # train only the heads for the whole run
+    probe_epochs: int = 0  # fine-tuning stage 1: epochs with the backbone frozen (linear probe)
+    probe_lr: float = 1e-3  # stage 1 learning rate; stage 2 (full fine-tune) uses `lr`
 
 
 class RunSection(_Strict):

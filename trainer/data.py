@@ -106,3 +106,22 @@ def concat(sets: list[FaceSet]) -> FaceSet:
             teachers.append(t)
     return FaceSet(np.concatenate(crops), np.concatenate(labels),
                    np.concatenate(teachers) if dim is not None else None, names)
+
+
+def teacher_targets_from_onnx(onnx_path: str | Path, crops: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Embeddings of clean crops by a teacher ONNX export (its manifest gives input size, mean, std)."""
+    import json
+
+    import onnxruntime as ort
+
+    from trainer.preprocess import to_input
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    if "facemoe_manifest" not in meta:
+        raise ValueError(f"{onnx_path} is not a FaceMoE export (no facemoe_manifest metadata)")
+    m = json.loads(meta["facemoe_manifest"])
+    name = session.get_inputs()[0].name
+    out = [session.run(None, {name: to_input(crops[i:i + batch], m["input_size"], m["mean"], m["std"])})[0]
+           for i in range(0, len(crops), batch)]
+    return np.concatenate(out).astype(np.float32)

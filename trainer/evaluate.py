@@ -78,6 +78,13 @@ def tar_at_far(scores: np.ndarray, same: np.ndarray, far: float) -> float:
     return float(tars[ok].max() * 100) if ok.any() else 0.0
 
 
+def threshold_at_far(scores: np.ndarray, same: np.ndarray, far: float) -> float:
+    """The lowest threshold whose false-accept rate on (scores, same) is <= `far`."""
+    neg = np.sort(scores[~same])[::-1]
+    allowed = int(np.floor(far * len(neg)))  # negatives that may score at or above the threshold
+    return float(np.nextafter(neg[allowed], np.inf)) if allowed < len(neg) else float(neg[-1])
+
+
 def verification_report(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> dict[str, float]:
     acc, std = kfold_accuracy(scores, same, folds)
     return {"accuracy": round(acc, 2), "std": round(std, 2),

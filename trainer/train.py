@@ -28,7 +28,15 @@ from tqdm import tqdm
 from trainer.artifact import load_model, save_artifact
 from trainer.augment import degrade, downscale
 from trainer.config import TrainConfig
-from trainer.data import FaceSet, centred_targets, concat, load_image_folder, load_list_file, load_pool
+from trainer.data import (
+    FaceSet,
+    centred_targets,
+    concat,
+    load_image_folder,
+    load_list_file,
+    load_pool,
+    teacher_targets_from_onnx,
+)
 from trainer.losses import (
     MarginHead,
     cosine_distill_loss,
@@ -36,6 +44,7 @@ from trainer.losses import (
     relational_distill_loss,
     router_losses,
 )
+from trainer.evaluate import threshold_at_far
 from trainer.models import create_model, model_config
 from trainer.models.moe import moe_layers
 from trainer.preprocess import to_input
@@ -57,7 +66,16 @@ def load_training_data(cfg: TrainConfig) -> FaceSet:
     sets += [load_list_file(f) for f in cfg.data.lists]
     if not sets:
         raise ValueError("config has no training data: set data.pool, data.folders or data.lists")
-    return concat(sets)
+    data = concat(sets)
+    if cfg.data.teacher_onnx:
+        # high-resolution teacher targets for every face: degraded student inputs learn from them
+        data.teacher = teacher_targets_from_onnx(cfg.data.teacher_onnx, data.crops)
+    return data
+
+
+def holdout_report(model: nn.Module, sets: list[FaceSet], device: torch.device) -> dict[str, float]:
+    """Verification accuracy on held-out high-resolution faces (native and 16 px probes)."""
+    return validate(model, concat(sets), device) if sets else {}
 
 
 def split_validation(data: FaceSet, n_ids: int, seed: int) -> tuple[FaceSet, FaceSet | None]:
@@ -103,12 +121,21 @@ def validate(model: nn.Module, val: FaceSet, device: torch.device) -> dict[str, 
     return out
 
 
+def calibrate_threshold(model: nn.Module, val: FaceSet, device: torch.device, far: float = 1e-3) -> dict:
+    """Open-set threshold at `far` over all pairs of the held-out identities (never LFW)."""
+    emb = embed_crops(model, val.crops, device)
+    iu = np.triu_indices(len(emb), 1)
+    scores, same = (emb @ emb.T)[iu], (val.labels[:, None] == val.labels[None])[iu]
+    return {"recommended_threshold": round(threshold_at_far(scores, same, far), 4),
+            "threshold_far": far, "threshold_pairs": int(len(scores)),
+            "threshold_identities": int(len(np.unique(val.labels)))}
+
+
 def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for m in modules:
+        # every parameter, also frozen ones: a later stage may unfreeze them (no grad = no update)
         for name, p in m.named_parameters():
-            if not p.requires_grad:
-                continue
             (no_decay if p.ndim <= 1 or name.endswith("pos") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -162,20 +189,28 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
              len(train_set), labelled.sum(), 0 if teacher is None else len(teacher),
              0 if val_set is None else len(val_set))
 
-    arch = model_config(cfg.model.name, **cfg.model.overrides)
     if cfg.model.init_from:
+        # fine-tuning keeps the starting artifact's architecture (model.yaml), not model.name
         model, _ = load_model(cfg.model.init_from, **cfg.model.overrides)
-        arch = {**arch, **{k: v for k, v in arch.items()}}
+        arch = {**yaml.safe_load((Path(cfg.model.init_from) / "model.yaml").read_text()),
+                **cfg.model.overrides}
     else:
+        arch = model_config(cfg.model.name, **cfg.model.overrides)
         model = create_model(cfg.model.name, **cfg.model.overrides)
     model.to(device)
+    holdout = [load_image_folder(f) for f in cfg.data.holdout_folders]
+    if val_set is not None:
+        holdout.append(val_set)
+    before = holdout_report(model, holdout, device) if cfg.model.init_from and rank == 0 else {}
     num_classes = len(train_set.label_names)
     margin = MarginHead(model.embed_dim, max(num_classes, 1), cfg.loss.margin, cfg.loss.s, cfg.loss.m).to(device)
     proj = nn.Linear(model.embed_dim, teacher.shape[1]).to(device) if teacher is not None else None
     heads: list[nn.Module] = [margin] + ([proj] if proj is not None else [])
-    if cfg.optim.freeze_backbone:
+    def set_backbone_trainable(trainable: bool) -> None:
         for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("head.")
+            p.requires_grad = trainable or name.startswith("head.")
+
+    set_backbone_trainable(not (cfg.optim.freeze_backbone or cfg.optim.probe_epochs > 0))
     optim = torch.optim.AdamW(_param_groups([model, *heads], cfg.optim.weight_decay), lr=cfg.optim.lr)
 
     world = dist.get_world_size() if distributed else 1
@@ -202,7 +237,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     stopped_early = False
     history: list[dict[str, Any]] = []
 
+    probe_steps = steps_per_epoch * cfg.optim.probe_epochs
     for epoch in range(start_epoch, cfg.optim.epochs):
+        if cfg.optim.probe_epochs and epoch == cfg.optim.probe_epochs and not cfg.optim.freeze_backbone:
+            set_backbone_trainable(True)  # stage 2: full fine-tune
         model.train()
         perm = np.random.default_rng(cfg.run.seed + epoch).permutation(len(train_set))
         perm = perm[rank::world]
@@ -215,7 +253,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             tidx = torch.from_numpy(idx).to(device)
             y = labels_all[tidx]
             for g in optim.param_groups:
-                g["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps, total, cfg.optim.power)
+                if step < probe_steps:  # stage 1 (linear probe): its own schedule
+                    g["lr"] = cfg.optim.probe_lr * lr_factor(step, cfg.optim.warmup_steps, probe_steps,
+                                                             cfg.optim.power)
+                else:
+                    g["lr"] = cfg.optim.lr * lr_factor(step - probe_steps, cfg.optim.warmup_steps,
+                                                       total - probe_steps, cfg.optim.power)
 
             with _autocast(device, cfg.run.amp):
                 emb = net(x)
@@ -239,8 +282,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
             optim.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_([p for g in optim.param_groups for p in g["params"]],
-                                                 cfg.optim.clip_grad)
+            grad_norm = nn.utils.clip_grad_norm_(
+                [p for g in optim.param_groups for p in g["params"] if p.grad is not None], cfg.optim.clip_grad)
             optim.step()
             step += 1
 
@@ -287,8 +330,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                   "history": history}
         data_info = {"pool": cfg.data.pool, "folders": cfg.data.folders, "lists": cfg.data.lists,
                      "faces": len(train_set)}
+        if before:
+            after = holdout_report(model, holdout, device)
+            report = {"before": before, "after": after,
+                      "change": {k: round(after[k] - before[k], 4) for k in before}}
+            (run_dir / "forgetting_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            recipe["forgetting_report"] = report
+            log.info("held-out high-resolution check before/after fine-tuning: %s", report)
+        metrics = calibrate_threshold(model, val_set, device) if val_set is not None else {}
         save_artifact(model.cpu(), arch, run_dir / "model", name=cfg.run.name, version=cfg.run.version,
-                      recipe=recipe, data=data_info)
+                      recipe=recipe, data=data_info, metrics=metrics)
     if distributed:
         dist.destroy_process_group()
     if not math.isfinite(loss.item()):
