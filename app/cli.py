@@ -119,6 +119,12 @@ def cmd_process(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from app.daemon import run_daemon
+
+    return run_daemon(_config(args))
+
+
 # --- trainer ---------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -297,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="process even with no one enrolled (every face is unknown)")
     common(sp)
     sp.set_defaults(func=cmd_process)
+
+    sp = sub.add_parser("run", help="the daemon: recognise faces on the configured cameras")
+    sp.add_argument("--config", help="app config YAML with a `cameras:` list "
+                    "(default: configs/app.yaml)")
+    sp.set_defaults(func=cmd_run)
 
     for name in ("train", "finetune"):
         sp = sub.add_parser(name, help=f"{name} a FaceMoE model")

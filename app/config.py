@@ -66,6 +66,62 @@ class OutputConfig(_Strict):
     events_sqlite: bool = True
 
 
+class CameraConfig(_Strict):
+    """One camera of the daemon."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    uri: str = Field(min_length=1, description="rtsp://, http(s):// MJPEG, /dev/videoN or a file")
+    loop: bool = Field(False, description="restart a file at its end (files only)")
+    detect_every_n: int | None = Field(
+        None, ge=1, description="detection rate; default detector.every_n_frames")
+    enabled: bool = True
+
+
+class ReconnectConfig(_Strict):
+    initial_s: float = Field(1.0, gt=0, description="first wait after a camera failure")
+    max_s: float = Field(30.0, gt=0, description="the wait doubles up to this")
+
+
+class JsonlConfig(_Strict):
+    path: str | None = None  # events as JSON lines; None = off
+    max_mb: float = Field(100.0, gt=0, description="rotate the file above this size")
+    backups: int = Field(5, ge=0, description="rotated files kept (path.1 ... path.N)")
+
+
+class SnapshotConfig(_Strict):
+    dir: str | None = None  # best face JPEG per event under dir/camera/; None = off
+    retention_days: float = Field(7.0, gt=0)
+
+
+class MqttConfig(_Strict):
+    host: str
+    port: int = Field(1883, ge=1, le=65535)
+    topic: str = "facemoe/events"
+
+
+class WebhookConfig(_Strict):
+    url: str = Field(pattern=r"^https?://")
+    timeout_s: float = Field(2.0, gt=0, le=30)
+
+
+class DaemonConfig(_Strict):
+    metrics_port: int = Field(0, ge=0, le=65535, description="/metrics and /healthz; 0 = off")
+    metrics_host: str = "127.0.0.1"
+    stats_interval_s: float = Field(60.0, gt=0, description="period of the stats line in the log")
+    frame_timeout_s: float = Field(10.0, gt=0,
+                                   description="a camera with no frame this long is reconnected")
+    reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
+    frame_queue: int = Field(4, ge=1, description="frames queued per camera; the oldest is dropped")
+    event_queue: int = Field(10000, ge=1, description="events waiting for the sinks")
+    sqlite_commit_s: float = Field(1.0, ge=0,
+                                   description="events are committed in batches this often")
+    jsonl: JsonlConfig = Field(default_factory=JsonlConfig)
+    snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    mqtt: MqttConfig | None = None
+    webhook: WebhookConfig | None = None
+    shutdown_timeout_s: float = Field(5.0, gt=0)
+
+
 class AppConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
@@ -74,6 +130,8 @@ class AppConfig(_Strict):
     matching: MatchConfig = Field(default_factory=MatchConfig)
     gallery: GalleryConfig = Field(default_factory=GalleryConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    cameras: list[CameraConfig] = Field(default_factory=list)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
 
     @field_validator("model")
     @classmethod
@@ -85,6 +143,26 @@ class AppConfig(_Strict):
     def _detector_path(cls, v: DetectorConfig) -> DetectorConfig:
         return v if v.model is None else v.model_copy(update={"model": str(resolve(v.model))})
 
+    @field_validator("cameras")
+    @classmethod
+    def _camera_names(cls, v: list[CameraConfig]) -> list[CameraConfig]:
+        names = [c.name for c in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"camera names must be unique (repeated: {', '.join(dup)})")
+        return [c if "://" in c.uri or c.uri.startswith("/dev/")
+                else c.model_copy(update={"uri": str(resolve(c.uri))}) for c in v]
+
+    @field_validator("daemon")
+    @classmethod
+    def _daemon_paths(cls, v: DaemonConfig) -> DaemonConfig:
+        if v.jsonl.path:
+            v = v.model_copy(update={"jsonl": v.jsonl.model_copy(
+                update={"path": str(resolve(v.jsonl.path))})})
+        if v.snapshots.dir:
+            v = v.model_copy(update={"snapshots": v.snapshots.model_copy(
+                update={"dir": str(resolve(v.snapshots.dir))})})
+        return v
 
     @field_validator("gallery")
     @classmethod

@@ -1,0 +1,546 @@
+"""`facemoe run`: the long-running daemon over many live cameras.
+
+Threads:
+  - one reader per camera: GStreamer source -> a bounded frame queue (the oldest frame is
+    dropped when the worker falls behind); on a failure (SourceError, end of a live stream,
+    no frame for `frame_timeout_s`) it tells the worker to end the camera's open tracks and
+    reconnects with exponential backoff; other cameras are unaffected;
+  - one worker: round-robins the camera queues through one `FacePipeline` per camera (all
+    sharing one detector and embedder) and hands events to the sink queue;
+  - one sink thread: SQLite (batched commits), rotating JSONL, snapshots, MQTT, webhook;
+    a slow or failing sink never blocks the video path;
+  - a monitor (stats line, Prometheus gauges) and an HTTP server (/metrics, /healthz).
+SIGTERM/SIGINT: stop the readers, end every open track, write its event, exit 0.
+SIGHUP: reload the gallery matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import cv2
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from app.config import AppConfig, CameraConfig, ConfigError
+from app.gallery import Gallery
+from app.pipeline import FacePipeline, StageTimes
+from app.records import Event, Frame
+from app.runtime import GalleryMatcher, make_detector, make_embedder, open_gallery, threshold
+from app.sinks import GallerySink, MqttSink, RotatingJsonlSink, Sink, SinkError, WebhookSink
+from app.source import SourceError, _init_gst, open_source
+
+log = logging.getLogger(__name__)
+
+_RECONNECT = object()  # queue marker: the camera's stream broke; end its open tracks
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """The daemon's Prometheus metrics in a registry of its own."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        cam = ["camera"]
+        self.frames = Counter("facemoe_frames", "frames processed", cam, registry=r)
+        self.dropped = Counter("facemoe_frames_dropped", "frames dropped (queue full)", cam,
+                               registry=r)
+        self.reconnects = Counter("facemoe_reconnects", "camera reconnects", cam, registry=r)
+        self.events = Counter("facemoe_events", "events (finished tracks)", cam, registry=r)
+        self.events_dropped = Counter("facemoe_events_dropped", "events dropped (sink queue full)",
+                                      registry=r)
+        self.sink_errors = Counter("facemoe_sink_errors", "failed sink writes", ["sink"],
+                                   registry=r)
+        self.fps = Gauge("facemoe_fps", "processed frames per second", cam, registry=r)
+        self.queue = Gauge("facemoe_queue_depth", "frames waiting", cam, registry=r)
+        self.up = Gauge("facemoe_camera_up", "1 while the camera delivers frames", cam, registry=r)
+        self.latency = Histogram("facemoe_stage_seconds", "per-frame stage latency",
+                                 ["camera", "stage"], buckets=_LATENCY_BUCKETS, registry=r)
+
+
+class FrameQueue:
+    """A bounded, thread-safe frame queue that drops its oldest frame when full.
+
+    Items are (enqueue time, Frame) pairs or the `_RECONNECT` marker; markers are never
+    dropped and do not count against the bound, so a camera failure always reaches the worker
+    in order.
+    """
+
+    def __init__(self, max_frames: int) -> None:
+        self.max_frames = max_frames
+        self._items: deque = deque()
+        self._frames = 0
+        self._lock = threading.Lock()
+
+    def put(self, item) -> bool:
+        """Append a Frame or `_RECONNECT`; True when the oldest frame was dropped for it."""
+        dropped = False
+        with self._lock:
+            if item is not _RECONNECT:
+                if self._frames >= self.max_frames:
+                    for i, x in enumerate(self._items):
+                        if x is not _RECONNECT:
+                            del self._items[i]
+                            self._frames -= 1
+                            dropped = True
+                            break
+                item = (time.monotonic(), item)
+                self._frames += 1
+            self._items.append(item)
+        return dropped
+
+    def take(self):
+        """The oldest item, or None when empty."""
+        with self._lock:
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            if item is not _RECONNECT:
+                self._frames -= 1
+            return item
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+class Camera:
+    """A camera's reader thread, frame queue, pipeline and counters."""
+
+    def __init__(self, cc: CameraConfig, daemon: Daemon) -> None:
+        self.cc, self.name, self.d = cc, cc.name, daemon
+        cfg = daemon.cfg
+        if cc.detect_every_n is not None:
+            cfg = cfg.model_copy(update={"detector": cfg.detector.model_copy(
+                update={"every_n_frames": cc.detect_every_n})})
+        self.times = StageTimes()
+        self.pipeline = FacePipeline(cc.name, cfg, daemon.detector, daemon.embedder,
+                                     daemon.matcher, self.times)
+        self.queue = FrameQueue(daemon.cfg.daemon.frame_queue)
+        self.state = "starting"
+        self.error = ""
+        self.frames = self.dropped = self.reconnects = self.events = 0
+        self.last_frame = 0.0  # monotonic time of the last frame read
+        self.latencies: dict[str, deque[float]] = {}
+        self.fps_window: deque[tuple[float, int]] = deque(maxlen=16)
+        self.best: dict[int, tuple[float, np.ndarray]] = {}  # track id -> (score, face crop)
+        self.source = None
+        self.thread = threading.Thread(target=self._read, name=f"cam-{cc.name}", daemon=True)
+        self._next_index = 0
+        self._pts_base = 0.0
+
+    # --- reader thread -------------------------------------------------------------------
+    def _read(self) -> None:
+        cfg = self.d.cfg.daemon
+        backoff = cfg.reconnect.initial_s
+        is_file = "://" not in self.cc.uri and not self.cc.uri.startswith("/dev/")
+        while not self.d.stopping.is_set():
+            ended = False
+            try:
+                self.source = open_source(self.cc.uri, self.name, loop=self.cc.loop,
+                                          timeout=cfg.frame_timeout_s)
+                if self.d.stopping.is_set():
+                    break
+                self.state, self.error = "running", ""
+                first_pts, last_pts = None, 0.0
+                paced = not self.source.is_live  # files play at their frame rate, like a camera
+                for frame in self.source:
+                    if self.d.stopping.is_set():
+                        break
+                    if first_pts is None:
+                        first_pts, started = frame.pts, time.monotonic()
+                    if paced:
+                        delay = started + (frame.pts - first_pts) - time.monotonic()
+                        if delay > 0 and self.d.stopping.wait(min(delay, 1.0)):
+                            break
+                    last_pts = self._pts_base + frame.pts - first_pts
+                    self._put(dataclasses.replace(frame, index=self._next_index, pts=last_pts))
+                    self._next_index += 1
+                    backoff = cfg.reconnect.initial_s
+                else:
+                    ended = True
+                    self.error = "end of stream"
+                self._pts_base = last_pts + 0.04
+            except SourceError as exc:
+                self.error = str(exc)
+            finally:
+                if self.source is not None:
+                    self.source.close()
+            if self.d.stopping.is_set():
+                break
+            self._put(_RECONNECT)
+            if ended and is_file and not self.cc.loop:
+                self.state = "finished"
+                log.info("camera %s: file ended", self.name)
+                return
+            self.state = "reconnecting"
+            self.reconnects += 1
+            self.d.metrics.reconnects.labels(self.name).inc()
+            log.warning("camera %s: %s; reconnecting in %.1f s", self.name, self.error, backoff)
+            if self.d.stopping.wait(backoff):
+                break
+            backoff = min(backoff * 2, cfg.reconnect.max_s)
+        self.state = "stopped"
+
+    def _put(self, item) -> None:
+        if item is not _RECONNECT:
+            self.last_frame = time.monotonic()
+        if self.queue.put(item):
+            self.dropped += 1
+            self.d.metrics.dropped.labels(self.name).inc()
+        self.d.wake.set()
+
+    def take(self):
+        return self.queue.take()
+
+    def depth(self) -> int:
+        return len(self.queue)
+
+    def stop(self) -> None:
+        """Unblock the reader; closing may wait on a hung server, so not in the caller's thread."""
+        src = self.source
+        if src is not None:
+            threading.Thread(target=src.close, name=f"close-{self.name}", daemon=True).start()
+
+    # --- worker thread -------------------------------------------------------------------
+    def process(self, queued_at: float, frame: Frame) -> list[Event]:
+        before = dict(self.times.seconds)
+        t = time.perf_counter()
+        result = self.pipeline.push(frame)
+        total = time.perf_counter() - t
+        self._observe("queue", time.monotonic() - queued_at)
+        self._observe("frame", total)
+        for stage, secs in self.times.seconds.items():
+            if secs != before.get(stage, 0.0):
+                self._observe(stage, secs - before.get(stage, 0.0))
+        self.frames += 1
+        self.d.metrics.frames.labels(self.name).inc()
+        if self.d.cfg.daemon.snapshots.dir:
+            self._keep_best(frame, result.faces)
+        return result.events
+
+    def _observe(self, stage: str, seconds: float) -> None:
+        self.latencies.setdefault(stage, deque(maxlen=1000)).append(seconds)
+        self.d.metrics.latency.labels(self.name, stage).observe(seconds)
+
+    def _keep_best(self, frame: Frame, faces) -> None:
+        h, w = frame.image.shape[:2]
+        for f in faces:
+            x, y, bw, bh = (float(v) for v in f.detection.bbox)
+            score = bw * bh * float(f.detection.score)
+            if score <= self.best.get(f.track_id, (-1.0, None))[0]:
+                continue
+            x0, y0 = max(0, int(x - 0.2 * bw)), max(0, int(y - 0.2 * bh))
+            x1, y1 = min(w, int(x + 1.2 * bw)), min(h, int(y + 1.2 * bh))
+            if x1 > x0 and y1 > y0:
+                self.best[f.track_id] = (score, frame.image[y0:y1, x0:x1].copy())
+        if len(self.best) > 64 and frame.index % 100 == 0:  # tracks that ended without an event
+            open_ids = set(self.pipeline.aggregator.open_tracks())
+            self.best = {k: v for k, v in self.best.items() if k in open_ids}
+
+    def snapshot(self, ev: Event) -> np.ndarray | None:
+        item = self.best.pop(ev.track_id, None)
+        return None if item is None else item[1]
+
+    def percentiles(self, stage: str) -> tuple[float, float]:
+        values = list(self.latencies.get(stage, ()))
+        if not values:
+            return 0.0, 0.0
+        p50, p95 = np.percentile(values, [50, 95])
+        return float(p50), float(p95)
+
+    def health(self, now: float) -> dict:
+        return {"state": self.state, "uri": _redact(self.cc.uri), "frames": self.frames,
+                "dropped": self.dropped, "reconnects": self.reconnects, "events": self.events,
+                "queue": self.depth(), "fps": round(self.fps(), 2),
+                "last_frame_age_s": round(now - self.last_frame, 3) if self.last_frame else None,
+                "error": self.error or None}
+
+    def fps(self) -> float:
+        w = self.fps_window
+        if len(w) < 2 or w[-1][0] <= w[0][0]:
+            return 0.0
+        return (w[-1][1] - w[0][1]) / (w[-1][0] - w[0][0])
+
+
+def _redact(uri: str) -> str:
+    from app.source import _redact as redact
+
+    return redact(uri)
+
+
+class Daemon:
+    def __init__(self, cfg: AppConfig) -> None:
+        self.cfg = cfg
+        cams = [c for c in cfg.cameras if c.enabled]
+        if not cams:
+            raise ConfigError("no enabled camera in the config (add a `cameras:` list)")
+        _init_gst()  # once, here: initialising from several reader threads at once races
+        self.detector, self.embedder = make_detector(cfg), make_embedder(cfg)
+        self.gallery: Gallery = open_gallery(cfg.gallery.path, self.embedder, create=True)
+        if not self.gallery.identities():
+            log.warning("the gallery %s is empty: every face will be reported as unknown",
+                        cfg.gallery.path)
+        self.threshold = threshold(cfg, self.embedder)
+        self._matcher = GalleryMatcher(self.gallery, self.threshold)
+        self.metrics = Metrics()
+        self.stopping = threading.Event()
+        self.wake = threading.Event()
+        self.reload = threading.Event()
+        self.cameras = [Camera(c, self) for c in cams]
+        self.events_out: queue.Queue = queue.Queue(maxsize=cfg.daemon.event_queue)
+        self.started = time.monotonic()
+        self.http: ThreadingHTTPServer | None = None
+        self._sinks = self._open_sinks()
+
+    def matcher(self):
+        return self._matcher()
+
+    # --- sinks ---------------------------------------------------------------------------
+    def _open_sinks(self) -> dict[str, Sink]:
+        d, sinks = self.cfg.daemon, {}
+        if self.cfg.output.events_sqlite:
+            sinks["sqlite"] = GallerySink(self.gallery)
+        jsonl = d.jsonl.path or self.cfg.output.events_jsonl
+        if jsonl:
+            sinks["jsonl"] = RotatingJsonlSink(jsonl, int(d.jsonl.max_mb * 1e6), d.jsonl.backups)
+        if d.mqtt:
+            sinks["mqtt"] = MqttSink(d.mqtt.host, d.mqtt.port, d.mqtt.topic)
+        if d.webhook:
+            sinks["webhook"] = WebhookSink(d.webhook.url, d.webhook.timeout_s)
+        return sinks
+
+    def _emit(self, cam: Camera, events: list[Event]) -> None:
+        for ev in events:
+            cam.events += 1
+            self.metrics.events.labels(cam.name).inc()
+            try:
+                self.events_out.put_nowait((ev, cam.snapshot(ev)))
+            except queue.Full:
+                self.metrics.events_dropped.inc()
+                log.error("sink queue full: event %s/%d dropped", ev.camera, ev.track_id)
+
+    def _sink_loop(self) -> None:
+        d = self.cfg.daemon
+        pending_db: list[Event] = []
+        last_commit = time.monotonic()
+        done = False
+        while not done:
+            batch = []
+            try:
+                item = self.events_out.get(timeout=0.2)
+                while True:
+                    if item is None:
+                        done = True
+                        break
+                    batch.append(item)
+                    item = self.events_out.get_nowait()
+            except queue.Empty:
+                pass
+            events = [ev for ev, _ in batch]
+            for name, sink in self._sinks.items():
+                if name == "sqlite" or not events:
+                    continue
+                self._write(name, sink, events)
+            if d.snapshots.dir:
+                for ev, crop in batch:
+                    if crop is not None:
+                        self._snapshot(ev, crop)
+            if "sqlite" in self._sinks:
+                pending_db.extend(events)
+                if pending_db and (done or time.monotonic() - last_commit >= d.sqlite_commit_s):
+                    self._write("sqlite", self._sinks["sqlite"], pending_db)
+                    pending_db, last_commit = [], time.monotonic()
+        for name, sink in self._sinks.items():
+            try:
+                sink.close()
+            except SinkError as exc:
+                log.error("closing %s sink: %s", name, exc)
+
+    def _write(self, name: str, sink: Sink, events: list[Event]) -> None:
+        try:
+            sink.write(events)
+        except SinkError as exc:
+            self.metrics.sink_errors.labels(name).inc()
+            log.error("%s sink: %s (%d event(s) lost)", name, exc, len(events))
+
+    def _snapshot(self, ev: Event, crop: np.ndarray) -> None:
+        folder = Path(self.cfg.daemon.snapshots.dir) / ev.camera
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            ok, data = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
+            if ok:
+                (folder / f"{stamp}-track{ev.track_id}.jpg").write_bytes(data.tobytes())
+        except OSError as exc:
+            self.metrics.sink_errors.labels("snapshots").inc()
+            log.error("snapshot for %s/%d: %s", ev.camera, ev.track_id, exc)
+
+    def _purge_snapshots(self) -> None:
+        s = self.cfg.daemon.snapshots
+        if not s.dir or not Path(s.dir).is_dir():
+            return
+        cutoff = time.time() - s.retention_days * 86400
+        for p in Path(s.dir).glob("*/*.jpg"):
+            try:
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+            except OSError:
+                pass
+
+    # --- worker --------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self.stopping.is_set():
+            if self.reload.is_set():
+                self.reload.clear()
+                self._matcher = GalleryMatcher(self.gallery, self.threshold)
+                log.info("gallery reloaded (version %s)", self._matcher().version)
+            busy = False
+            for cam in self.cameras:
+                item = cam.take()
+                if item is None:
+                    continue
+                busy = True
+                if item is _RECONNECT:
+                    self._emit(cam, cam.pipeline.flush())
+                else:
+                    self._emit(cam, cam.process(*item))
+                if self.stopping.is_set():
+                    break
+            if not busy:
+                self.wake.wait(0.1)
+                self.wake.clear()
+
+    # --- monitor and HTTP ----------------------------------------------------------------
+    def _monitor(self) -> None:
+        interval = self.cfg.daemon.stats_interval_s
+        next_stats = time.monotonic() + interval
+        next_purge = time.monotonic()
+        while not self.stopping.wait(1.0):
+            now = time.monotonic()
+            for cam in self.cameras:
+                cam.fps_window.append((now, cam.frames))
+                self.metrics.fps.labels(cam.name).set(cam.fps())
+                self.metrics.queue.labels(cam.name).set(cam.depth())
+                self.metrics.up.labels(cam.name).set(
+                    1 if cam.state == "running" and now - cam.last_frame < 5 else 0)
+            if now >= next_stats:
+                next_stats = now + interval
+                log.info("stats %s", self.stats_line())
+            if now >= next_purge:
+                next_purge = now + 3600
+                self._purge_snapshots()
+
+    def stats_line(self) -> str:
+        parts = []
+        for cam in self.cameras:
+            f50, f95 = cam.percentiles("frame")
+            d50, d95 = cam.percentiles("detect")
+            e50, e95 = cam.percentiles("embed")
+            parts.append(f"{cam.name}[{cam.state}] fps={cam.fps():.1f} frames={cam.frames} "
+                         f"dropped={cam.dropped} reconnects={cam.reconnects} queue={cam.depth()} "
+                         f"events={cam.events} frame_ms p50/p95={f50 * 1e3:.1f}/{f95 * 1e3:.1f} "
+                         f"detect_ms={d50 * 1e3:.1f}/{d95 * 1e3:.1f} "
+                         f"embed_ms={e50 * 1e3:.1f}/{e95 * 1e3:.1f}")
+        return "; ".join(parts) + f"; sink_queue={self.events_out.qsize()}"
+
+    def health(self) -> dict:
+        now = time.monotonic()
+        cams = {c.name: c.health(now) for c in self.cameras}
+        ok = all(c["state"] in ("running", "finished") for c in cams.values())
+        return {"status": "ok" if ok else "degraded", "uptime_s": round(now - self.started, 1),
+                "model": self.embedder.model, "cameras": cams}
+
+    def _serve_http(self) -> None:
+        d = self.cfg.daemon
+        daemon = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    body = generate_latest(daemon.metrics.registry)
+                    ctype, code = CONTENT_TYPE_LATEST, 200
+                elif path == "/healthz":
+                    body, ctype, code = (json.dumps(daemon.health()).encode(),
+                                         "application/json", 200)
+                else:
+                    body, ctype, code = b"not found\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer((d.metrics_host, d.metrics_port), Handler)
+        self.http.daemon_threads = True
+        threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
+        log.info("metrics on http://%s:%d/metrics, health on /healthz", d.metrics_host,
+                 self.http.server_address[1])
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; return the exit code."""
+        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload.set())
+        if self.cfg.daemon.metrics_port:
+            self._serve_http()
+        sink_thread = threading.Thread(target=self._sink_loop, name="sinks", daemon=True)
+        worker = threading.Thread(target=self._work, name="worker", daemon=True)
+        sink_thread.start()
+        worker.start()
+        threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
+        for cam in self.cameras:
+            cam.thread.start()
+        log.info("daemon running: %d camera(s): %s", len(self.cameras),
+                 ", ".join(f"{c.name}={_redact(c.cc.uri)}" for c in self.cameras))
+        while not self.stopping.wait(0.5):
+            pass
+        return self.shutdown(worker, sink_thread)
+
+    def shutdown(self, worker: threading.Thread, sink_thread: threading.Thread) -> int:
+        deadline = time.monotonic() + self.cfg.daemon.shutdown_timeout_s
+        log.info("shutting down")
+        for cam in self.cameras:
+            cam.stop()
+        self.wake.set()
+        worker.join(max(0.1, deadline - time.monotonic()))
+        if worker.is_alive():
+            log.error("worker did not stop in time; open tracks are lost")
+        else:
+            for cam in self.cameras:  # frames still queued are dropped; open tracks end now
+                self._emit(cam, cam.pipeline.flush())
+        try:
+            self.events_out.put(None, timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Full:
+            log.error("sink queue full at shutdown")
+        sink_thread.join(max(0.5, deadline - time.monotonic()))
+        if sink_thread.is_alive():
+            log.error("sinks did not finish in time; %d event(s) not written",
+                      self.events_out.qsize())
+        for cam in self.cameras:
+            cam.thread.join(max(0.0, deadline - time.monotonic()))
+        log.info("stats %s", self.stats_line())
+        if self.http is not None:
+            self.http.shutdown()
+        self.gallery.close()
+        log.info("stopped")
+        return 0
+
+
+def run_daemon(cfg: AppConfig) -> int:
+    return Daemon(cfg).run()
