@@ -27,5 +27,7 @@ def draw(image: np.ndarray, faces: list[TrackedFace], labels: dict[int, Match]) 
         (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
         ty = max(y - 4, th + 4)
         cv2.rectangle(out, (x, ty - th - 4), (x + tw + 4, ty + 2), colour, -1)
-        cv2.putText(out, text, (x + 2, ty - 2), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(
+            out, text, (x + 2, ty - 2), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA
+        )
     return out

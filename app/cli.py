@@ -40,10 +40,13 @@ def _embedder(cfg):
 
 
 def _gallery_path(args: argparse.Namespace, cfg) -> str:
-    return str(Path(args.gallery).expanduser()) if getattr(args, "gallery", None) else cfg.gallery.path
+    return (
+        str(Path(args.gallery).expanduser()) if getattr(args, "gallery", None) else cfg.gallery.path
+    )
 
 
 # --- enroll / gallery -----------------------------------------------------------------------
+
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     from app.enroll import enroll
@@ -53,9 +56,16 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     detector, embedder = make_detector(cfg), _embedder(cfg)
     with open_gallery(_gallery_path(args, cfg), embedder) as gallery:
         faces = enroll(args.name, args.paths, detector, embedder, gallery, face=args.face)
-    _out(args, {"name": args.name.strip(), "templates": len(faces),
-                "sources": [f.source for f in faces], "qualities": [round(f.quality, 3) for f in faces]},
-         f"enrolled {args.name.strip()!r}: {len(faces)} template(s)")
+    _out(
+        args,
+        {
+            "name": args.name.strip(),
+            "templates": len(faces),
+            "sources": [f.source for f in faces],
+            "qualities": [round(f.quality, 3) for f in faces],
+        },
+        f"enrolled {args.name.strip()!r}: {len(faces)} template(s)",
+    )
     return 0
 
 
@@ -68,24 +78,44 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     with open_gallery_for(args, path, embedder) as gallery:
         if args.action == "list":
             ids = gallery.identities()
-            _out(args, {"gallery": str(path), "model": gallery.model,
-                        "identities": [{"name": i.name, "templates": i.templates,
-                                        "created_at": i.created_at.isoformat()} for i in ids]},
-                 "\n".join(f"{i.name}\t{i.templates}\t{i.created_at:%Y-%m-%d %H:%M}" for i in ids)
-                 or "(empty gallery)")
+            _out(
+                args,
+                {
+                    "gallery": str(path),
+                    "model": gallery.model,
+                    "identities": [
+                        {
+                            "name": i.name,
+                            "templates": i.templates,
+                            "created_at": i.created_at.isoformat(),
+                        }
+                        for i in ids
+                    ],
+                },
+                "\n".join(f"{i.name}\t{i.templates}\t{i.created_at:%Y-%m-%d %H:%M}" for i in ids)
+                or "(empty gallery)",
+            )
         elif args.action == "remove":
             events = gallery.remove(args.name)
-            _out(args, {"removed": args.name, "events_deleted": events},
-                 f"removed {args.name!r} with its templates, crops and {events} event(s)")
+            _out(
+                args,
+                {"removed": args.name, "events_deleted": events},
+                f"removed {args.name!r} with its templates, crops and {events} event(s)",
+            )
         elif args.action == "rename":
             gallery.rename(args.name, args.new_name)
-            _out(args, {"renamed": args.name, "to": args.new_name}, f"renamed {args.name!r} to {args.new_name!r}")
+            _out(
+                args,
+                {"renamed": args.name, "to": args.new_name},
+                f"renamed {args.name!r} to {args.new_name!r}",
+            )
         else:
             run_gallery_action(args, gallery, embedder)
     return 0
 
 
 # --- process ---------------------------------------------------------------------------------
+
 
 def cmd_process(args: argparse.Namespace) -> int:
     from app.process import process_video
@@ -102,19 +132,34 @@ def cmd_process(args: argparse.Namespace) -> int:
     with open_gallery(path, embedder, create=args.allow_empty_gallery) as gallery:
         if not gallery.identities():
             if not args.allow_empty_gallery:
-                raise UserError(f"gallery {path} is empty: enroll someone first (facemoe enroll NAME PHOTO) "
-                                "or pass --allow-empty-gallery")
+                raise UserError(
+                    f"gallery {path} is empty: enroll someone first (facemoe enroll NAME PHOTO) "
+                    "or pass --allow-empty-gallery"
+                )
             log.warning("the gallery %s is empty: every face will be reported as unknown", path)
-        summary = process_video(args.video, cfg, detector, embedder, gallery, threshold(cfg, embedder),
-                                events_jsonl=args.events or cfg.output.events_jsonl,
-                                annotate=args.annotate, camera=args.camera,
-                                progress=not args.no_progress and sys.stderr.isatty())
+        summary = process_video(
+            args.video,
+            cfg,
+            detector,
+            embedder,
+            gallery,
+            threshold(cfg, embedder),
+            events_jsonl=args.events or cfg.output.events_jsonl,
+            annotate=args.annotate,
+            camera=args.camera,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
     payload = summary.as_json()
-    lines = [f"{e.camera} track {e.track_id}: {e.identity or 'unknown'} ({e.score:.3f}) "
-             f"{e.start:.2f}-{e.end:.2f}s, {e.frames} frames" for e in summary.events]
-    lines.append(f"{payload['frames']} frames in {payload['seconds']} s ({payload['fps']} fps), "
-                 f"{payload['tracks']} tracks, {payload['events']} events, "
-                 f"{payload['embedded_crops']} crops embedded")
+    lines = [
+        f"{e.camera} track {e.track_id}: {e.identity or 'unknown'} ({e.score:.3f}) "
+        f"{e.start:.2f}-{e.end:.2f}s, {e.frames} frames"
+        for e in summary.events
+    ]
+    lines.append(
+        f"{payload['frames']} frames in {payload['seconds']} s ({payload['fps']} fps), "
+        f"{payload['tracks']} tracks, {payload['events']} events, "
+        f"{payload['embedded_crops']} crops embedded"
+    )
     _out(args, payload, "\n".join(lines))
     return 0
 
@@ -126,6 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # --- trainer ---------------------------------------------------------------------------------
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_train_config
@@ -140,8 +186,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.command == "finetune" and not cfg.model.init_from:
         raise UserError("finetune needs model.init_from in the config or --init-from MODEL_DIR")
     run_dir = train(cfg, resume=args.resume)
-    _out(args, {"run_dir": str(run_dir), "model": str(run_dir / "model")},
-         f"trained: {run_dir / 'model'}")
+    _out(
+        args,
+        {"run_dir": str(run_dir), "model": str(run_dir / "model")},
+        f"trained: {run_dir / 'model'}",
+    )
     return 0
 
 
@@ -155,7 +204,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     from app.dataprep import prepare_folder, prepare_teacher_pool
 
     if args.teacher:
-        data_root = Path(args.data_root) if args.data_root else Path(args.teacher).resolve().parents[1]
+        data_root = (
+            Path(args.data_root) if args.data_root else Path(args.teacher).resolve().parents[1]
+        )
         n = prepare_teacher_pool(Path(args.teacher), data_root, Path(args.out))
         _out(args, {"out": args.out, "faces": n}, f"wrote {n} aligned faces to {args.out}")
         return 0
@@ -164,11 +215,20 @@ def cmd_data(args: argparse.Namespace) -> int:
     from app.config import load_config
     from app.runtime import make_detector
 
-    report = prepare_folder(Path(args.input), Path(args.out), make_detector(load_config(args.config)))
-    _out(args, {"out": args.out, "written": report.written, "no_face": report.skipped_no_face,
-                "unreadable": report.skipped_unreadable},
-         f"wrote {report.written} aligned faces to {args.out}; "
-         f"{len(report.skipped_no_face)} without a face, {len(report.skipped_unreadable)} unreadable")
+    report = prepare_folder(
+        Path(args.input), Path(args.out), make_detector(load_config(args.config))
+    )
+    _out(
+        args,
+        {
+            "out": args.out,
+            "written": report.written,
+            "no_face": report.skipped_no_face,
+            "unreadable": report.skipped_unreadable,
+        },
+        f"wrote {report.written} aligned faces to {args.out}; "
+        f"{len(report.skipped_no_face)} without a face, {len(report.skipped_unreadable)} unreadable",
+    )
     return 0
 
 
@@ -176,10 +236,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from app.evaluate import eval_lfw
 
     cfg = _config(args)
-    report = eval_lfw(cfg, Path(args.root), Path(args.pairs), args.probe_res, model_dir=args.model,
-                      roc_png=args.roc, write_manifest=args.write_manifest)
-    text = "\n".join(f"{k}: {v['accuracy']:.2f} ± {v['std']:.2f}  TAR@FAR1e-3 {v['tar_at_far_1e-3']:.2f}"
-                     for k, v in report["results"].items())
+    report = eval_lfw(
+        cfg,
+        Path(args.root),
+        Path(args.pairs),
+        args.probe_res,
+        model_dir=args.model,
+        roc_png=args.roc,
+        write_manifest=args.write_manifest,
+    )
+    text = "\n".join(
+        f"{k}: {v['accuracy']:.2f} ± {v['std']:.2f}  TAR@FAR1e-3 {v['tar_at_far_1e-3']:.2f}"
+        for k, v in report["results"].items()
+    )
     _out(args, report, text)
     return 0
 
@@ -189,18 +258,26 @@ def cmd_eval_ident(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     try:
-        report = eval_identification(cfg, Path(args.root), args.probe_res,
-                                     list_file=Path(args.list) if args.list else None,
-                                     model_dir=args.model,
-                                     progress=not args.json and sys.stderr.isatty())
+        report = eval_identification(
+            cfg,
+            Path(args.root),
+            args.probe_res,
+            list_file=Path(args.list) if args.list else None,
+            model_dir=args.model,
+            progress=not args.json and sys.stderr.isatty(),
+        )
     except ValueError as e:
         raise UserError(str(e)) from e
-    lines = [f"{report['identities']} identities, {report['images']} images: "
-             f"gallery {report['gallery']} ({report['distractors']} distractors), "
-             f"probes {report['probes']}, "
-             f"no face {report['no_face']}, unreadable {report['unreadable']}"]
-    lines += [f"{k}: " + "  ".join(f"{r} {v:.2f}%" for r, v in res.items())
-              for k, res in report["results"].items()]
+    lines = [
+        f"{report['identities']} identities, {report['images']} images: "
+        f"gallery {report['gallery']} ({report['distractors']} distractors), "
+        f"probes {report['probes']}, "
+        f"no face {report['no_face']}, unreadable {report['unreadable']}"
+    ]
+    lines += [
+        f"{k}: " + "  ".join(f"{r} {v:.2f}%" for r, v in res.items())
+        for k, res in report["results"].items()
+    ]
     _out(args, report, "\n".join(lines))
     return 0
 
@@ -217,12 +294,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from e
     k = report["top_k"]
-    lines = [f"{report['model']}: {report['layers']} MoE layers, {report['num_experts']} experts, "
-             f"top-{k}; share of top-{k} token assignments per expert (%)"]
+    lines = [
+        f"{report['model']}: {report['layers']} MoE layers, {report['num_experts']} experts, "
+        f"top-{k}; share of top-{k} token assignments per expert (%)"
+    ]
     for label, r in report["resolutions"].items():
         lines.append(f"{label}:")
-        lines += [f"  layer {i}: " + " ".join(f"{s * 100:5.1f}" for s in row)
-                  for i, row in enumerate(r["shares"])]
+        lines += [
+            f"  layer {i}: " + " ".join(f"{s * 100:5.1f}" for s in row)
+            for i, row in enumerate(r["shares"])
+        ]
     lines.append(f"wrote {report['png']}")
     _out(args, report, "\n".join(lines))
     return 0
@@ -240,8 +321,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_build_engine(args: argparse.Namespace) -> int:
     from engine.build import build_engine, read_engine_manifest
 
-    out = build_engine(args.model, args.out, flavour=args.flavour, fp16=args.fp16,
-                       max_batch=args.max_batch, gpu_target=args.gpu_target)
+    out = build_engine(
+        args.model,
+        args.out,
+        flavour=args.flavour,
+        fp16=args.fp16,
+        max_batch=args.max_batch,
+        gpu_target=args.gpu_target,
+    )
     info = read_engine_manifest(out)["build"]
     _out(args, {"engine_dir": str(out), **info}, f"built {out / 'engine.plan'}")
     return 0
@@ -257,6 +344,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --- parser ----------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     from app.gallery_cli import add_gallery_actions
 
@@ -271,10 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
         if gallery:
             sp.add_argument("--gallery", help="gallery database (path or SQLAlchemy URL)")
 
-    sp = sub.add_parser("enroll", help="add a person to the gallery from images, folders or a video")
+    sp = sub.add_parser(
+        "enroll", help="add a person to the gallery from images, folders or a video"
+    )
     sp.add_argument("name")
     sp.add_argument("paths", nargs="+")
-    sp.add_argument("--face", type=int, help="in images with several faces, enroll the N-th largest (0 = largest)")
+    sp.add_argument(
+        "--face",
+        type=int,
+        help="in images with several faces, enroll the N-th largest (0 = largest)",
+    )
     common(sp)
     sp.set_defaults(func=cmd_enroll)
 
@@ -299,21 +393,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--camera", help="camera name in events (default: the file name)")
     sp.add_argument("--no-progress", action="store_true")
     sp.add_argument("--validate-config", action="store_true", help="check the config and exit")
-    sp.add_argument("--allow-empty-gallery", action="store_true",
-                    help="process even with no one enrolled (every face is unknown)")
+    sp.add_argument(
+        "--allow-empty-gallery",
+        action="store_true",
+        help="process even with no one enrolled (every face is unknown)",
+    )
     common(sp)
     sp.set_defaults(func=cmd_process)
 
     sp = sub.add_parser("run", help="the daemon: recognise faces on the configured cameras")
-    sp.add_argument("--config", help="app config YAML with a `cameras:` list "
-                    "(default: configs/app.yaml)")
+    sp.add_argument(
+        "--config", help="app config YAML with a `cameras:` list (default: configs/app.yaml)"
+    )
     sp.set_defaults(func=cmd_run)
 
     for name in ("train", "finetune"):
         sp = sub.add_parser(name, help=f"{name} a FaceMoE model")
         sp.add_argument("--config", required=True)
         sp.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
-        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (a.b=c)")
+        sp.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override a config key (a.b=c)"
+        )
         sp.add_argument("--json", action="store_true")
         if name == "finetune":
             sp.add_argument("--init-from", help="model artifact to fine-tune")
@@ -335,21 +435,35 @@ def build_parser() -> argparse.ArgumentParser:
     e = esub.add_parser("lfw", help="LFW 10-fold verification")
     e.add_argument("--root", required=True, help="LFW image root (lfw-deepfunneled)")
     e.add_argument("--pairs", required=True, help="pairs.txt")
-    e.add_argument("--probe-res", type=int, action="append", default=None,
-                   help="also test with the second image downsampled to NxN (repeatable)")
+    e.add_argument(
+        "--probe-res",
+        type=int,
+        action="append",
+        default=None,
+        help="also test with the second image downsampled to NxN (repeatable)",
+    )
     e.add_argument("--model", help="model artifact (default: the config's)")
     e.add_argument("--roc", help="write the ROC curves to this PNG")
-    e.add_argument("--write-manifest", action="store_true", help="store the results in the model's manifest")
+    e.add_argument(
+        "--write-manifest", action="store_true", help="store the results in the model's manifest"
+    )
     common(e, gallery=False)
     sp.set_defaults(func=cmd_eval)
 
-    e = esub.add_parser("ident", help="closed-set rank-N identification "
-                        "(first image per identity = gallery)")
-    e.add_argument("--root", required=True,
-                   help="raw photos, one sub-folder per identity (or see --list)")
+    e = esub.add_parser(
+        "ident", help="closed-set rank-N identification (first image per identity = gallery)"
+    )
+    e.add_argument(
+        "--root", required=True, help="raw photos, one sub-folder per identity (or see --list)"
+    )
     e.add_argument("--list", help="file of 'filename identity' lines, filenames relative to --root")
-    e.add_argument("--probe-res", type=int, action="append", default=None,
-                   help="also test with probes downsampled to NxN (repeatable)")
+    e.add_argument(
+        "--probe-res",
+        type=int,
+        action="append",
+        default=None,
+        help="also test with probes downsampled to NxN (repeatable)",
+    )
     e.add_argument("--model", help="model artifact (default: the config's)")
     common(e, gallery=False)
     e.set_defaults(func=cmd_eval_ident)
@@ -358,9 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("image", help="photo; the largest face is explained")
     sp.add_argument("--model", help="model artifact (default: the config's)")
     sp.add_argument("--out", help="PNG to write (default: <image stem>-routing.png)")
-    sp.add_argument("--probe-res", type=int, action="append", default=None,
-                    help="also explain the face downsampled to NxN "
-                         "(repeatable; default 16; 0 = none)")
+    sp.add_argument(
+        "--probe-res",
+        type=int,
+        action="append",
+        default=None,
+        help="also explain the face downsampled to NxN (repeatable; default 16; 0 = none)",
+    )
     common(sp, gallery=False)
     sp.set_defaults(func=cmd_explain)
 
@@ -371,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_export)
 
-    sp = sub.add_parser("build-engine", help="compile a model into a TensorRT engine with the routing plugin")
+    sp = sub.add_parser(
+        "build-engine", help="compile a model into a TensorRT engine with the routing plugin"
+    )
     sp.add_argument("model", nargs="?", default=None, help="model artifact (default: the config's)")
     sp.add_argument("--out", help="engine directory (default: MODEL/engine)")
     sp.add_argument("--flavour", choices=["auto", "rtx", "standard"], default="auto")
@@ -406,14 +526,27 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from engine.build import EngineBuildError
     from trainer.config import ConfigError as TrainConfigError
 
-    return (UserError, ConfigError, EnrollError, GalleryError, SinkError, SourceError, BackendError,
-            TrainConfigError, EngineBuildError, FileNotFoundError)
+    return (
+        UserError,
+        ConfigError,
+        EnrollError,
+        GalleryError,
+        SinkError,
+        SourceError,
+        BackendError,
+        TrainConfigError,
+        EngineBuildError,
+        FileNotFoundError,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.command == "process" and not args.video and not args.validate_config:
         print("facemoe: error: process needs a VIDEO", file=sys.stderr)
         return 2
@@ -425,7 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except errors as e:
-        print(f"facemoe: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(
+            f"facemoe: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("facemoe: interrupted", file=sys.stderr)

@@ -31,9 +31,13 @@ class DetectorConfig(_Strict):
     model: str | None = None  # default: models/detector (install.sh), then ../shared/models
     score_threshold: float = Field(0.6, gt=0, lt=1)
     nms_threshold: float = Field(0.3, gt=0, lt=1)
-    upscale: float = Field(1.0, ge=1.0, le=4.0, description="enlarge frames before detection to find tiny faces")
+    upscale: float = Field(
+        1.0, ge=1.0, le=4.0, description="enlarge frames before detection to find tiny faces"
+    )
     min_face: float = Field(8.0, ge=0, description="ignore boxes narrower than this (px)")
-    every_n_frames: int = Field(1, ge=1, description="detection rate: run the detector on every n-th frame")
+    every_n_frames: int = Field(
+        1, ge=1, description="detection rate: run the detector on every n-th frame"
+    )
 
 
 class TrackerSection(_Strict):
@@ -41,8 +45,12 @@ class TrackerSection(_Strict):
     low_thresh: float = 0.3
     match_iou: float = 0.3
     max_missed: int = Field(15, ge=1)
-    min_hits: int = Field(2, ge=1, description="detections before a track gets an id (drops one-frame blips)")
-    shot_cut_threshold: float = Field(0.15, ge=0, description="end every track at a cut above this; 0 = off")
+    min_hits: int = Field(
+        2, ge=1, description="detections before a track gets an id (drops one-frame blips)"
+    )
+    shot_cut_threshold: float = Field(
+        0.15, ge=0, description="end every track at a cut above this; 0 = off"
+    )
 
 
 class EmbedSection(_Strict):
@@ -73,7 +81,8 @@ class CameraConfig(_Strict):
     uri: str = Field(min_length=1, description="rtsp://, http(s):// MJPEG, /dev/videoN or a file")
     loop: bool = Field(False, description="restart a file at its end (files only)")
     detect_every_n: int | None = Field(
-        None, ge=1, description="detection rate; default detector.every_n_frames")
+        None, ge=1, description="detection rate; default detector.every_n_frames"
+    )
     enabled: bool = True
 
 
@@ -108,13 +117,15 @@ class DaemonConfig(_Strict):
     metrics_port: int = Field(0, ge=0, le=65535, description="/metrics and /healthz; 0 = off")
     metrics_host: str = "127.0.0.1"
     stats_interval_s: float = Field(60.0, gt=0, description="period of the stats line in the log")
-    frame_timeout_s: float = Field(10.0, gt=0,
-                                   description="a camera with no frame this long is reconnected")
+    frame_timeout_s: float = Field(
+        10.0, gt=0, description="a camera with no frame this long is reconnected"
+    )
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
     frame_queue: int = Field(4, ge=1, description="frames queued per camera; the oldest is dropped")
     event_queue: int = Field(10000, ge=1, description="events waiting for the sinks")
-    sqlite_commit_s: float = Field(1.0, ge=0,
-                                   description="events are committed in batches this often")
+    sqlite_commit_s: float = Field(
+        1.0, ge=0, description="events are committed in batches this often"
+    )
     jsonl: JsonlConfig = Field(default_factory=JsonlConfig)
     snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
     mqtt: MqttConfig | None = None
@@ -150,18 +161,28 @@ class AppConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"camera names must be unique (repeated: {', '.join(dup)})")
-        return [c if "://" in c.uri or c.uri.startswith("/dev/")
-                else c.model_copy(update={"uri": str(resolve(c.uri))}) for c in v]
+        return [
+            c
+            if "://" in c.uri or c.uri.startswith("/dev/")
+            else c.model_copy(update={"uri": str(resolve(c.uri))})
+            for c in v
+        ]
 
     @field_validator("daemon")
     @classmethod
     def _daemon_paths(cls, v: DaemonConfig) -> DaemonConfig:
         if v.jsonl.path:
-            v = v.model_copy(update={"jsonl": v.jsonl.model_copy(
-                update={"path": str(resolve(v.jsonl.path))})})
+            v = v.model_copy(
+                update={"jsonl": v.jsonl.model_copy(update={"path": str(resolve(v.jsonl.path))})}
+            )
         if v.snapshots.dir:
-            v = v.model_copy(update={"snapshots": v.snapshots.model_copy(
-                update={"dir": str(resolve(v.snapshots.dir))})})
+            v = v.model_copy(
+                update={
+                    "snapshots": v.snapshots.model_copy(
+                        update={"dir": str(resolve(v.snapshots.dir))}
+                    )
+                }
+            )
         return v
 
     @field_validator("gallery")

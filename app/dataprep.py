@@ -74,7 +74,8 @@ def prepare_teacher_pool(teacher_npz: Path, data_root: Path, out: Path) -> int:
     paths, lms = t["paths"], t["landmarks"].reshape(-1, 5, 2)
     banned = _eval_identities(data_root)
     celeb_ids = dict(
-        line.split() for line in (data_root / "celeba299" / "identities.txt").read_text().splitlines()
+        line.split()
+        for line in (data_root / "celeba299" / "identities.txt").read_text().splitlines()
     )
     crops = np.empty((len(paths), 112, 112, 3), np.uint8)
     names: list[str] = []
@@ -97,8 +98,16 @@ def prepare_teacher_pool(teacher_npz: Path, data_root: Path, out: Path) -> int:
     labels = np.array([index.get(n, -1) for n in names], np.int64)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.npz")
-    np.savez(tmp, crops=crops, teacher=t["embeddings"].astype(np.float32), labels=labels,
-             label_names=np.array(label_names), paths=paths)
+    np.savez(
+        tmp,
+        crops=crops,
+        teacher=t["embeddings"].astype(np.float32),
+        labels=labels,
+        label_names=np.array(label_names),
+        paths=paths,
+    )
     tmp.replace(out)
-    log.info("wrote %d aligned faces (%d labelled identities) to %s", len(paths), len(label_names), out)
+    log.info(
+        "wrote %d aligned faces (%d labelled identities) to %s", len(paths), len(label_names), out
+    )
     return len(paths)

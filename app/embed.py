@@ -23,14 +23,17 @@ class Embedder:
         self.input_size = int(m["input_size"])
         self.mean, self.std = tuple(m["mean"]), tuple(m["std"])
         if m.get("colour", "RGB") != "RGB":
-            raise ValueError(f"model expects colour order {m['colour']}; only RGB models are supported")
+            raise ValueError(
+                f"model expects colour order {m['colour']}; only RGB models are supported"
+            )
         self.dim = int(m["embedding_dim"])
         self.model_name, self.model_version = model_id(m)
         self.crops_embedded = 0
 
     @classmethod
-    def from_config(cls, model_dir: str, backend: str = "auto", threads: int = 0,
-                    batch_size: int = 32) -> Embedder:
+    def from_config(
+        cls, model_dir: str, backend: str = "auto", threads: int = 0, batch_size: int = 32
+    ) -> Embedder:
         options = {"threads": threads} if backend in ("auto", "onnxruntime", "torch") else {}
         return cls(load_backend(model_dir, backend, **options), batch_size)
 
@@ -48,7 +51,9 @@ class Embedder:
             return np.zeros((0, self.dim), np.float32)
         out = []
         for i in range(0, len(crops), self.batch_size):
-            x = to_input(np.stack(crops[i:i + self.batch_size]), self.input_size, self.mean, self.std)
+            x = to_input(
+                np.stack(crops[i : i + self.batch_size]), self.input_size, self.mean, self.std
+            )
             out.append(self.backend.embed(x))
         self.crops_embedded += len(crops)
         return np.concatenate(out)

@@ -41,16 +41,19 @@ def _pick(dets: list[Detection], source: str, face: int | None) -> Detection:
     ranked = sorted(dets, key=lambda d: -float(d.bbox[2] * d.bbox[3]))
     if face is None:
         if len(ranked) > 1:
-            raise EnrollError(f"{source} has {len(ranked)} faces; choose one with --face N "
-                              f"(0 = largest, 1 = next largest, ...)")
+            raise EnrollError(
+                f"{source} has {len(ranked)} faces; choose one with --face N "
+                f"(0 = largest, 1 = next largest, ...)"
+            )
         return ranked[0]
     if face >= len(ranked):
         raise EnrollError(f"{source} has {len(ranked)} faces; --face {face} does not exist")
     return ranked[face]
 
 
-def faces_from_image(path: Path, detector: FaceDetector, face: int | None, *, strict: bool = True
-                     ) -> list[EnrollFace]:
+def faces_from_image(
+    path: Path, detector: FaceDetector, face: int | None, *, strict: bool = True
+) -> list[EnrollFace]:
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise EnrollError(f"cannot read image {path}")
@@ -76,23 +79,32 @@ def faces_from_video(path: Path, detector: FaceDetector, max_faces: int) -> list
                 crop = align_face(frame.image, f.detection.landmarks)
                 q = score_quality(f.detection, crop).score
                 per_track.setdefault(f.track_id, []).append(
-                    EnrollFace(crop, q, f"{path}#frame={f.frame_index}"))
+                    EnrollFace(crop, q, f"{path}#frame={f.frame_index}")
+                )
     if not per_track:
         raise EnrollError(f"no face found in video {path}")
     tid, faces = max(per_track.items(), key=lambda kv: len(kv[1]))
     if len(per_track) > 1:
-        log.info("%s: %d tracks; enrolling track %d (%d frames, the longest)", path, len(per_track),
-                 tid, len(faces))
+        log.info(
+            "%s: %d tracks; enrolling track %d (%d frames, the longest)",
+            path,
+            len(per_track),
+            tid,
+            len(faces),
+        )
     return sorted(faces, key=lambda f: -f.quality)[:max_faces]
 
 
-def collect(paths: list[str], detector: FaceDetector, face: int | None = None,
-            max_video_faces: int = 8) -> list[EnrollFace]:
+def collect(
+    paths: list[str], detector: FaceDetector, face: int | None = None, max_video_faces: int = 8
+) -> list[EnrollFace]:
     out: list[EnrollFace] = []
     for p in map(Path, paths):
         if p.is_dir():
             images = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-            found = [x for img in images for x in faces_from_image(img, detector, face, strict=False)]
+            found = [
+                x for img in images for x in faces_from_image(img, detector, face, strict=False)
+            ]
             if not found:
                 raise EnrollError(f"no usable face in folder {p}")
             out += found
@@ -107,13 +119,24 @@ def collect(paths: list[str], detector: FaceDetector, face: int | None = None,
     return out
 
 
-def enroll(name: str, paths: list[str], detector: FaceDetector, embedder: Embedder,
-           gallery: Gallery, face: int | None = None) -> list[EnrollFace]:
+def enroll(
+    name: str,
+    paths: list[str],
+    detector: FaceDetector,
+    embedder: Embedder,
+    gallery: Gallery,
+    face: int | None = None,
+) -> list[EnrollFace]:
     """Embed every face found and store them as templates of `name` in one transaction."""
     if not name.strip():
         raise EnrollError("the identity name is empty")
     faces = collect(paths, detector, face)
     vectors = embedder.embed([f.crop for f in faces])
-    gallery.enroll(name, vectors, [f.source for f in faces], [f.quality for f in faces],
-                   [f.crop for f in faces])
+    gallery.enroll(
+        name,
+        vectors,
+        [f.source for f in faces],
+        [f.quality for f in faces],
+        [f.crop for f in faces],
+    )
     return faces

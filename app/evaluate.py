@@ -32,14 +32,23 @@ def _central_face(image: np.ndarray, detector: FaceDetector):
     if not dets:
         return None
     h, w = image.shape[:2]
-    return min(dets, key=lambda d: (d.bbox[0] + d.bbox[2] / 2 - w / 2) ** 2 + (d.bbox[1] + d.bbox[3] / 2 - h / 2) ** 2)
+    return min(
+        dets,
+        key=lambda d: (
+            (d.bbox[0] + d.bbox[2] / 2 - w / 2) ** 2 + (d.bbox[1] + d.bbox[3] / 2 - h / 2) ** 2
+        ),
+    )
 
 
-def align_pairs(root: Path, pairs: list[Pair], detector: FaceDetector) -> tuple[dict[str, np.ndarray], list[str]]:
+def align_pairs(
+    root: Path, pairs: list[Pair], detector: FaceDetector
+) -> tuple[dict[str, np.ndarray], list[str]]:
     """Aligned crop per image (the most central face, as LFW is centred); images with no face listed."""
     names = sorted({p.left for p in pairs} | {p.right for p in pairs})
     key = hashlib.sha256(("\n".join(names) + str(root.resolve())).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("FACEMOE_CACHE", Path.home() / ".cache" / "facemoe")) / f"lfw-{key}.npz"
+    cache = (
+        Path(os.environ.get("FACEMOE_CACHE", Path.home() / ".cache" / "facemoe")) / f"lfw-{key}.npz"
+    )
     if cache.is_file():
         d = np.load(cache)
         crops = dict(zip(d["names"].tolist(), d["crops"]))
@@ -53,18 +62,23 @@ def align_pairs(root: Path, pairs: list[Pair], detector: FaceDetector) -> tuple[
             # centre crop stands in so the pair still counts (the protocol scores all 6,000 pairs)
             image = image if image is not None else np.zeros((250, 250, 3), np.uint8)
             h, w = image.shape[:2]
-            crops[name] = cv2.resize(image[h // 4:3 * h // 4, w // 4:3 * w // 4], (112, 112))
+            crops[name] = cv2.resize(image[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4], (112, 112))
         else:
             crops[name] = align_face(image, det.landmarks)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache.with_suffix(".tmp.npz"), names=np.array(list(crops)), crops=np.stack(list(crops.values())),
-             missing=np.array(missing, dtype=str))
+    np.savez(
+        cache.with_suffix(".tmp.npz"),
+        names=np.array(list(crops)),
+        crops=np.stack(list(crops.values())),
+        missing=np.array(missing, dtype=str),
+    )
     cache.with_suffix(".tmp.npz").replace(cache)
     return crops, missing
 
 
-def evaluate_pairs(embedder: Embedder, crops: dict[str, np.ndarray], pairs: list[Pair],
-                   probe_res: list[int]) -> tuple[dict[str, dict], dict[str, tuple]]:
+def evaluate_pairs(
+    embedder: Embedder, crops: dict[str, np.ndarray], pairs: list[Pair], probe_res: list[int]
+) -> tuple[dict[str, dict], dict[str, tuple]]:
     names = list(crops)
     index = {n: i for i, n in enumerate(names)}
     clean = embedder.embed(np.stack([crops[n] for n in names]))
@@ -86,18 +100,32 @@ def evaluate_pairs(embedder: Embedder, crops: dict[str, np.ndarray], pairs: list
     return results, curves
 
 
-def eval_lfw(cfg: AppConfig, root: Path, pairs_file: Path, probe_res: list[int] | None,
-             model_dir: str | None = None, roc_png: str | None = None,
-             write_manifest: bool = False) -> dict:
+def eval_lfw(
+    cfg: AppConfig,
+    root: Path,
+    pairs_file: Path,
+    probe_res: list[int] | None,
+    model_dir: str | None = None,
+    roc_png: str | None = None,
+    write_manifest: bool = False,
+) -> dict:
     if not root.is_dir():
         raise FileNotFoundError(f"no such LFW image folder: {root}")
     pairs = read_lfw_pairs(pairs_file)
     model_cfg = cfg.model if model_dir is None else cfg.model.model_copy(update={"dir": model_dir})
-    embedder = Embedder.from_config(model_cfg.dir, model_cfg.backend, model_cfg.threads, model_cfg.batch_size)
+    embedder = Embedder.from_config(
+        model_cfg.dir, model_cfg.backend, model_cfg.threads, model_cfg.batch_size
+    )
     crops, missing = align_pairs(root, pairs, make_detector(cfg))
     results, curves = evaluate_pairs(embedder, crops, pairs, probe_res or [])
-    report = {"benchmark": "lfw", "model": embedder.model, "backend": embedder.backend.name,
-              "images": len(crops), "no_face": len(missing), "results": results}
+    report = {
+        "benchmark": "lfw",
+        "model": embedder.model,
+        "backend": embedder.backend.name,
+        "images": len(crops),
+        "no_face": len(missing),
+        "results": results,
+    }
     if roc_png:
         report["roc_png"] = str(plot_roc(curves, roc_png))
     if write_manifest:
@@ -147,20 +175,31 @@ def identity_images(root: Path, list_file: Path | None = None) -> dict[str, list
             by_id.setdefault(parts[1], []).append(parts[0])
     else:
         for d in sorted(p for p in root.iterdir() if p.is_dir()):
-            files = [p.relative_to(root).as_posix() for p in d.rglob("*")
-                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            files = [
+                p.relative_to(root).as_posix()
+                for p in d.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            ]
             if files:
                 by_id[d.name] = files
     if not by_id:
-        raise FileNotFoundError(f"no identity images under {root}"
-                                + ("" if list_file else " (expected one sub-folder per identity)"))
+        raise FileNotFoundError(
+            f"no identity images under {root}"
+            + ("" if list_file else " (expected one sub-folder per identity)")
+        )
     ordered = sorted(by_id.items(), key=lambda kv: _natural_key(kv[0]))
     return {k: sorted(v, key=_natural_key) for k, v in ordered}
 
 
-def eval_identification(cfg: AppConfig, root: Path, probe_res: list[int] | None = None,
-                        list_file: Path | None = None, model_dir: str | None = None,
-                        ranks: tuple[int, ...] = (1, 5), progress: bool = False) -> dict:
+def eval_identification(
+    cfg: AppConfig,
+    root: Path,
+    probe_res: list[int] | None = None,
+    list_file: Path | None = None,
+    model_dir: str | None = None,
+    ranks: tuple[int, ...] = (1, 5),
+    progress: bool = False,
+) -> dict:
     """Closed-set rank-N identification on raw photos grouped by identity.
 
     Each image is detected (largest face) and aligned by the app. Per identity the first image
@@ -214,17 +253,32 @@ def eval_identification(cfg: AppConfig, root: Path, probe_res: list[int] | None 
         label = "native" if res is None else f"{res}px"
         results[label] = rank_n_identification(g_emb, ids, p_emb, p_ids, ranks)
     with_probes = set(probe_ids)
-    return {"benchmark": "ident", "root": str(root), "model": embedder.model,
-            "backend": embedder.backend.name, "identities": len(by_id), "images": total,
-            "gallery": len(gallery), "probes": len(probes),
-            "distractors": sum(1 for i in gallery_ids if i not in with_probes),
-            "no_face": len(no_face), "unreadable": len(unreadable), "results": results}
+    return {
+        "benchmark": "ident",
+        "root": str(root),
+        "model": embedder.model,
+        "backend": embedder.backend.name,
+        "identities": len(by_id),
+        "images": total,
+        "gallery": len(gallery),
+        "probes": len(probes),
+        "distractors": sum(1 for i in gallery_ids if i not in with_probes),
+        "no_face": len(no_face),
+        "unreadable": len(unreadable),
+        "results": results,
+    }
 
 
 # --- `facemoe explain`: which expert each token goes to ----------------------------------------
 
-def explain_image(cfg: AppConfig, image_path: Path, model_dir: str | None = None,
-                  probe_res: list[int] | None = None, out_png: Path | None = None) -> dict:
+
+def explain_image(
+    cfg: AppConfig,
+    image_path: Path,
+    model_dir: str | None = None,
+    probe_res: list[int] | None = None,
+    out_png: Path | None = None,
+) -> dict:
     """Detect the largest face in an image, align it, and show the MoE routing of the native
     crop and of each `probe_res` NxN degraded copy (maps per layer + expert shares; PNG)."""
     from trainer.artifact import load_model
@@ -243,22 +297,38 @@ def explain_image(cfg: AppConfig, image_path: Path, model_dir: str | None = None
     rows, resolutions = [], {}
     for res in [None, *(probe_res or [])]:
         x = degrade_crops(crop[None], res)
-        maps = routing_maps(model, x, tuple(manifest.get("mean", (0.5,) * 3)),
-                            tuple(manifest.get("std", (0.5,) * 3)))
+        maps = routing_maps(
+            model,
+            x,
+            tuple(manifest.get("mean", (0.5,) * 3)),
+            tuple(manifest.get("std", (0.5,) * 3)),
+        )
         label = "native" if res is None else f"{res}px"
         rows.append((label, x[0], maps))
-        resolutions[label] = {"shares": np.round(maps.shares, 4).tolist(),
-                              "top1_shares": np.round(maps.top1_shares, 4).tolist(),
-                              "top1": [m[0].tolist() for m in maps.top1]}
+        resolutions[label] = {
+            "shares": np.round(maps.shares, 4).tolist(),
+            "top1_shares": np.round(maps.top1_shares, 4).tolist(),
+            "top1": [m[0].tolist() for m in maps.top1],
+        }
     maps = rows[0][2]
     model_name = f"{manifest.get('name')}@{manifest.get('version')}"
-    report = {"image": str(image_path), "model": model_name,
-              "face": {"bbox": [round(float(v), 1) for v in det.bbox],
-                       "score": round(float(det.score), 3)},
-              "layers": len(maps.topk), "num_experts": maps.num_experts, "top_k": maps.top_k,
-              "grids": maps.grids, "resolutions": resolutions}
+    report = {
+        "image": str(image_path),
+        "model": model_name,
+        "face": {
+            "bbox": [round(float(v), 1) for v in det.bbox],
+            "score": round(float(det.score), 3),
+        },
+        "layers": len(maps.topk),
+        "num_experts": maps.num_experts,
+        "top_k": maps.top_k,
+        "grids": maps.grids,
+        "resolutions": resolutions,
+    }
     if out_png is not None:
-        title = (f"{model_name}: routing of {image_path.name} "
-                 "(colour: top-1 expert per token; digits: top-k)")
+        title = (
+            f"{model_name}: routing of {image_path.name} "
+            "(colour: top-1 expert per token; digits: top-k)"
+        )
         report["png"] = str(plot_routing(rows, out_png, title=title))
     return report

@@ -22,8 +22,8 @@ from app.detect import FaceDetector
 from app.embed import Embedder
 from app.match import Matcher
 from app.quality import score_quality
-from app.shotcut import ShotCutDetector
 from app.records import AlignedFace, Event, FaceEmbedding, Frame, Match, TrackedFace, TrackSummary
+from app.shotcut import ShotCutDetector
 from app.track import Tracker, TrackerConfig
 
 log = logging.getLogger(__name__)
@@ -57,17 +57,32 @@ class FrameResult:
 
 
 class FacePipeline:
-    def __init__(self, camera: str, cfg: AppConfig, detector: FaceDetector, embedder: Embedder,
-                 matcher: Callable[[], Matcher], times: StageTimes | None = None) -> None:
+    def __init__(
+        self,
+        camera: str,
+        cfg: AppConfig,
+        detector: FaceDetector,
+        embedder: Embedder,
+        matcher: Callable[[], Matcher],
+        times: StageTimes | None = None,
+    ) -> None:
         self.camera, self.cfg = camera, cfg
         self.detector, self.embedder, self.matcher = detector, embedder, matcher
         t = cfg.tracker
-        self.tracker = Tracker(TrackerConfig(high_thresh=t.high_thresh, low_thresh=t.low_thresh,
-                                             match_iou=t.match_iou, max_missed=t.max_missed,
-                                             min_hits=t.min_hits))
+        self.tracker = Tracker(
+            TrackerConfig(
+                high_thresh=t.high_thresh,
+                low_thresh=t.low_thresh,
+                match_iou=t.match_iou,
+                max_missed=t.max_missed,
+                min_hits=t.min_hits,
+            )
+        )
         self.cuts = ShotCutDetector(t.shot_cut_threshold)
         e = cfg.embed
-        self.aggregator = TrackAggregator(camera, EmbedPolicy(e.first_n, e.every_n, e.min_gain, e.max_per_track))
+        self.aggregator = TrackAggregator(
+            camera, EmbedPolicy(e.first_n, e.every_n, e.min_gain, e.max_per_track)
+        )
         self.times = times or StageTimes()
         self.pending: list[AlignedFace] = []
         self.labels: dict[int, Match] = {}
@@ -78,7 +93,11 @@ class FacePipeline:
         if frame.index % self.cfg.detector.every_n_frames:
             return FrameResult([], {}, [])
         with self.times("detect"):
-            dets = [d for d in self.detector.detect(frame.image) if d.bbox[2] >= self.cfg.detector.min_face]
+            dets = [
+                d
+                for d in self.detector.detect(frame.image)
+                if d.bbox[2] >= self.cfg.detector.min_face
+            ]
         self.detections += len(dets)
         with self.times("track"):
             cut = self.cuts.is_cut(frame.image)
@@ -88,15 +107,24 @@ class FacePipeline:
         with self.times("align"):
             for f in faces:
                 crop = align_face(frame.image, f.detection.landmarks)
-                aligned = AlignedFace(f.track_id, f.frame_index, f.pts, f.detection.bbox, crop,
-                                      score_quality(f.detection, crop))
+                aligned = AlignedFace(
+                    f.track_id,
+                    f.frame_index,
+                    f.pts,
+                    f.detection.bbox,
+                    crop,
+                    score_quality(f.detection, crop),
+                )
                 if self.aggregator.observe(aligned):
                     self.pending.append(aligned)
         if len(self.pending) >= self.embedder.batch_size or finished:
             self._embed_pending()
         events = self._finish(finished)
-        return FrameResult(faces, {f.track_id: self.labels[f.track_id] for f in faces
-                                   if f.track_id in self.labels}, events)
+        return FrameResult(
+            faces,
+            {f.track_id: self.labels[f.track_id] for f in faces if f.track_id in self.labels},
+            events,
+        )
 
     def flush(self) -> list[Event]:
         """End every open track (end of a file, a camera going away, shutdown)."""
@@ -135,6 +163,14 @@ class FacePipeline:
 
     def _event(self, s: TrackSummary, m: Match) -> Event:
         bbox = tuple(float(v) for v in (s.best_bbox if s.best_bbox is not None else np.zeros(4)))
-        return Event(camera=self.camera, track_id=s.track_id, identity=m.identity, score=m.score,
-                     start=s.start, end=s.end, frames=s.frames, best_bbox=bbox,
-                     model=self.embedder.model)
+        return Event(
+            camera=self.camera,
+            track_id=s.track_id,
+            identity=m.identity,
+            score=m.score,
+            start=s.start,
+            end=s.end,
+            frames=s.frames,
+            best_bbox=bbox,
+            model=self.embedder.model,
+        )

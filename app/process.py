@@ -11,12 +11,12 @@ from tqdm import tqdm
 
 from app.annotate import draw
 from app.config import AppConfig
-from app.embed import Embedder
 from app.detect import FaceDetector
+from app.embed import Embedder
+from app.gallery import Gallery
 from app.pipeline import FacePipeline, StageTimes
 from app.records import Event
 from app.runtime import GalleryMatcher
-from app.gallery import Gallery
 from app.sinks import GallerySink, JsonlSink, Sink
 from app.source import VideoWriter, open_source
 
@@ -41,31 +41,54 @@ class ProcessSummary:
 
     def as_json(self) -> dict:
         return {
-            "video": self.video, "camera": self.camera, "frames": self.frames,
+            "video": self.video,
+            "camera": self.camera,
+            "frames": self.frames,
             "seconds": round(self.seconds, 3),
             "fps": round(self.frames / self.seconds, 2) if self.seconds else 0.0,
-            "media_seconds": round(self.media_seconds, 3), "detections": self.detections,
-            "tracks": self.tracks, "events": len(self.events),
+            "media_seconds": round(self.media_seconds, 3),
+            "detections": self.detections,
+            "tracks": self.tracks,
+            "events": len(self.events),
             "identified": sorted({e.identity for e in self.events if e.identity}),
-            "embedded_crops": self.embedded_crops, "stages": self.stages,
-            "backend": self.backend, "model": self.model, "annotated": self.annotated,
+            "embedded_crops": self.embedded_crops,
+            "stages": self.stages,
+            "backend": self.backend,
+            "model": self.model,
+            "annotated": self.annotated,
         }
 
 
-def process_video(video: str, cfg: AppConfig, detector: FaceDetector, embedder: Embedder,
-                  gallery: Gallery, threshold: float, *, events_jsonl: str | None = None,
-                  annotate: str | None = None, camera: str | None = None,
-                  progress: bool = True) -> ProcessSummary:
+def process_video(
+    video: str,
+    cfg: AppConfig,
+    detector: FaceDetector,
+    embedder: Embedder,
+    gallery: Gallery,
+    threshold: float,
+    *,
+    events_jsonl: str | None = None,
+    annotate: str | None = None,
+    camera: str | None = None,
+    progress: bool = True,
+) -> ProcessSummary:
     camera = camera or Path(video).stem
     times = StageTimes()
-    pipeline = FacePipeline(camera, cfg, detector, embedder, GalleryMatcher(gallery, threshold), times)
+    pipeline = FacePipeline(
+        camera, cfg, detector, embedder, GalleryMatcher(gallery, threshold), times
+    )
     sinks: list[Sink] = []
     if cfg.output.events_sqlite:
         sinks.append(GallerySink(gallery))
     if events_jsonl:
         sinks.append(JsonlSink(events_jsonl))
-    summary = ProcessSummary(video=str(video), camera=camera, backend=embedder.backend.name,
-                             model=embedder.model, annotated=annotate)
+    summary = ProcessSummary(
+        video=str(video),
+        camera=camera,
+        backend=embedder.backend.name,
+        model=embedder.model,
+        annotated=annotate,
+    )
     started = time.perf_counter()
     writer = None
     source = open_source(video, camera)
@@ -73,7 +96,9 @@ def process_video(video: str, cfg: AppConfig, detector: FaceDetector, embedder: 
         total = None
         if source.duration and source.fps:
             total = int(round(source.duration * source.fps))
-        bar = tqdm(total=total, unit="frame", desc=Path(video).name, disable=not progress, leave=False)
+        bar = tqdm(
+            total=total, unit="frame", desc=Path(video).name, disable=not progress, leave=False
+        )
         frames = iter(source)
         while True:
             with times("decode"):
@@ -110,7 +135,9 @@ def process_video(video: str, cfg: AppConfig, detector: FaceDetector, embedder: 
     return summary
 
 
-def _emit(sinks: list[Sink], events: list[Event], summary: ProcessSummary, times: StageTimes) -> None:
+def _emit(
+    sinks: list[Sink], events: list[Event], summary: ProcessSummary, times: StageTimes
+) -> None:
     if not events:
         return
     with times("sinks"):

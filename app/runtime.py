@@ -15,8 +15,12 @@ FALLBACK_THRESHOLD = 0.4
 
 def make_detector(cfg: AppConfig) -> FaceDetector:
     d = cfg.detector
-    return FaceDetector(find_detector_model(d.model), score_threshold=d.score_threshold,
-                        nms_threshold=d.nms_threshold, upscale=d.upscale)
+    return FaceDetector(
+        find_detector_model(d.model),
+        score_threshold=d.score_threshold,
+        nms_threshold=d.nms_threshold,
+        upscale=d.upscale,
+    )
 
 
 def make_embedder(cfg: AppConfig) -> Embedder:

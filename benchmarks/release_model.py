@@ -31,8 +31,9 @@ def main(run_dir: str, out_dir: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in ("weights.safetensors", "model.yaml", "manifest.json"):
         shutil.copy2(run / "model" / name, out / name)
-    cfg = TrainConfig.model_validate(json.loads(json.dumps(
-        __import__("yaml").safe_load((run / "config.yaml").read_text()))))
+    cfg = TrainConfig.model_validate(
+        json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))
+    )
     _, val = split_validation(load_training_data(cfg), cfg.data.val_identities, cfg.run.seed)
     model, _ = load_model(out)
     metrics = calibrate_threshold(model, val, torch.device("cpu"))

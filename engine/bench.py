@@ -12,8 +12,14 @@ import numpy as np
 from engine.backends import load_backend
 
 
-def bench_embed(model_dir: str, backend: str = "onnxruntime", batch: int = 32, iters: int = 20,
-                warmup: int = 3, threads: int = 0) -> dict:
+def bench_embed(
+    model_dir: str,
+    backend: str = "onnxruntime",
+    batch: int = 32,
+    iters: int = 20,
+    warmup: int = 3,
+    threads: int = 0,
+) -> dict:
     options = {"threads": threads} if backend in ("onnxruntime", "torch", "auto") else {}
     b = load_backend(model_dir, backend, **options)
     size = b.input_size
@@ -32,11 +38,16 @@ def bench_embed(model_dir: str, backend: str = "onnxruntime", batch: int = 32, i
 
         gpu_mem = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return {
-        "model": b.manifest["name"], "backend": b.name, "batch": batch, "iters": iters,
+        "model": b.manifest["name"],
+        "backend": b.name,
+        "batch": batch,
+        "iters": iters,
         "faces_per_s": round(batch * iters / float(np.sum(lat)), 1),
         "latency_ms_p50": round(float(np.percentile(lat_ms, 50)), 2),
         "latency_ms_p99": round(float(np.percentile(lat_ms, 99)), 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_gpu_mb": gpu_mem, "device": str(getattr(b, "device", "cpu")),
-        "cpu": platform.processor() or platform.machine(), "date": date.today().isoformat(),
+        "peak_gpu_mb": gpu_mem,
+        "device": str(getattr(b, "device", "cpu")),
+        "cpu": platform.processor() or platform.machine(),
+        "date": date.today().isoformat(),
     }

@@ -43,8 +43,17 @@ class _TopKMoEOp(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, router, w1, b1, w2, b2, num_experts, top_k, gate):
         return g.op(
-            f"{OP_DOMAIN}::{OP_NAME}", x, router, w1, b1, w2, b2,
-            num_experts_i=num_experts, top_k_i=top_k, gate_s=gate, plugin_version_s=OP_VERSION,
+            f"{OP_DOMAIN}::{OP_NAME}",
+            x,
+            router,
+            w1,
+            b1,
+            w2,
+            b2,
+            num_experts_i=num_experts,
+            top_k_i=top_k,
+            gate_s=gate,
+            plugin_version_s=OP_VERSION,
         ).setType(x.type())
 
 
@@ -55,7 +64,9 @@ class _PluginMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.layer
-        return _TopKMoEOp.apply(x, m.router.weight, m.w1, m.b1, m.w2, m.b2, m.num_experts, m.top_k, m.gate)
+        return _TopKMoEOp.apply(
+            x, m.router.weight, m.w1, m.b1, m.w2, m.b2, m.num_experts, m.top_k, m.gate
+        )
 
 
 class Embedder(nn.Module):
@@ -77,8 +88,13 @@ def _swap_moe(module: nn.Module) -> None:
             _swap_moe(child)
 
 
-def export_model(model: nn.Module, manifest: dict[str, Any], out: str | Path, form: str = "standard",
-                 opset: int = OPSET) -> Path:
+def export_model(
+    model: nn.Module,
+    manifest: dict[str, Any],
+    out: str | Path,
+    form: str = "standard",
+    opset: int = OPSET,
+) -> Path:
     """Export `model` (eval mode) to `out`; returns the path."""
     if form not in FORMS:
         raise ValueError(f"unknown export form {form!r}; expected one of {FORMS}")
@@ -95,14 +111,25 @@ def export_model(model: nn.Module, manifest: dict[str, Any], out: str | Path, fo
     tmp = out.with_suffix(".tmp.onnx")
     with torch.no_grad():
         torch.onnx.export(
-            net, (dummy,), str(tmp), dynamo=False, opset_version=opset,
-            input_names=["input"], output_names=["embedding"],
+            net,
+            (dummy,),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["embedding"],
             dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
             custom_opsets={OP_DOMAIN: int(OP_VERSION)} if form == "plugin" else None,
         )
     proto = onnx.load(str(tmp))
-    info = derived_manifest(manifest, kind="onnx", form=form, opset=opset, torch=torch.__version__,
-                            exported=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    info = derived_manifest(
+        manifest,
+        kind="onnx",
+        form=form,
+        opset=opset,
+        torch=torch.__version__,
+        exported=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     onnx.helper.set_model_props(proto, {"facemoe_manifest": json.dumps(info)})
     onnx.save(proto, str(tmp))
     tmp.replace(out)

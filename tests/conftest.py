@@ -23,8 +23,9 @@ def _need(path: Path, what: str) -> Path:
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The shared folder: $FACEMOE_SHARED, else <repo>/../shared."""
-    return _need(Path(os.environ.get("FACEMOE_SHARED") or REPO_ROOT.parent / "shared"),
-                 "shared data folder")
+    return _need(
+        Path(os.environ.get("FACEMOE_SHARED") or REPO_ROOT.parent / "shared"), "shared data folder"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +58,10 @@ def real_faces(data_dir: Path) -> dict:
     from app.align import align_face
 
     t = np.load(data_dir / "teacher" / "dlib_resnet_v1.npz")
-    ids = dict(line.split() for line in (data_dir / "celeba299" / "identities.txt").read_text().splitlines())
+    ids = dict(
+        line.split()
+        for line in (data_dir / "celeba299" / "identities.txt").read_text().splitlines()
+    )
     by_id: dict[str, list[int]] = {}
     for i, p in enumerate(t["paths"]):
         if str(p).startswith("celeba299/"):
@@ -66,11 +70,20 @@ def real_faces(data_dir: Path) -> dict:
     rows = [i for k in chosen for i in by_id[k][:12]]
     import cv2
 
-    crops = np.stack([align_face(cv2.imread(str(data_dir / t["paths"][i])), t["landmarks"][i].reshape(5, 2))
-                      for i in rows])
+    crops = np.stack(
+        [
+            align_face(cv2.imread(str(data_dir / t["paths"][i])), t["landmarks"][i].reshape(5, 2))
+            for i in rows
+        ]
+    )
     labels = np.repeat(np.arange(len(chosen)), 12)
-    return {"crops": crops, "teacher": t["embeddings"][rows].astype(np.float32), "labels": labels,
-            "label_names": np.array([f"celeba:{k}" for k in chosen]), "paths": t["paths"][rows]}
+    return {
+        "crops": crops,
+        "teacher": t["embeddings"][rows].astype(np.float32),
+        "labels": labels,
+        "label_names": np.array([f"celeba:{k}" for k in chosen]),
+        "paths": t["paths"][rows],
+    }
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +102,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     out = tmp_path_factory.mktemp("tiny") / "model"
-    return save_artifact(model, model_config("facemoe-edge", **TINY_ARCH), out, name="tiny-edge", version="0")
+    return save_artifact(
+        model, model_config("facemoe-edge", **TINY_ARCH), out, name="tiny-edge", version="0"
+    )
 
 
 @pytest.fixture(scope="session")

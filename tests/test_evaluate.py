@@ -57,7 +57,9 @@ def test_official_lfw_pairs(data_dir):
     assert pairs[0].left.endswith("_0001.jpg") or pairs[0].left.count("/") == 1
 
 
-@pytest.mark.parametrize("far,expected_accepted_negatives", [(0.0, 0), (0.1, 1), (0.25, 2), (1.0, 10)])
+@pytest.mark.parametrize(
+    "far,expected_accepted_negatives", [(0.0, 0), (0.1, 1), (0.25, 2), (1.0, 10)]
+)
 def test_threshold_at_far(far, expected_accepted_negatives):
     from trainer.evaluate import threshold_at_far
 

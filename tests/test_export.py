@@ -24,7 +24,10 @@ def test_standard_export_matches_torch_on_random_and_real_crops(tiny_model_dir, 
     assert onnx_manifest(path)["weights_sha256"] == read_manifest(tiny_model_dir)["weights_sha256"]
     ort = load_backend(tiny_model_dir, "onnxruntime")
     rng = np.random.default_rng(0)
-    for x in (rng.standard_normal((5, 3, 112, 112)).astype(np.float32), to_input(real_faces["crops"][:16])):
+    for x in (
+        rng.standard_normal((5, 3, 112, 112)).astype(np.float32),
+        to_input(real_faces["crops"][:16]),
+    ):
         got, want = ort.embed(x), _torch_embed(tiny_model_dir, x)
         assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
         assert (np.sum(got * want, axis=1) >= 0.9999).all()
@@ -46,7 +49,9 @@ def test_plugin_export_has_one_node_per_moe_layer(tiny_model_dir):
     for n in nodes:
         assert n.domain == "facemoe"
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        assert attrs["num_experts"] == manifest["num_experts"] and attrs["top_k"] == manifest["top_k"]
+        assert (
+            attrs["num_experts"] == manifest["num_experts"] and attrs["top_k"] == manifest["top_k"]
+        )
         assert attrs["gate"] == manifest["gate"].encode() and attrs["plugin_version"] == b"1"
         assert len(n.input) == 6
     assert {(o.domain, o.version) for o in proto.opset_import} >= {("facemoe", 1)}

@@ -34,7 +34,9 @@ def test_margin_logits_table(kind, s, m, label, expected_logits):
     logits = _head(kind, s, m).logits(emb, y)
     torch.testing.assert_close(logits, torch.tensor([expected_logits]), rtol=1e-5, atol=1e-4)
     loss = _head(kind, s, m)(emb, y)
-    assert loss.item() == pytest.approx(F.cross_entropy(torch.tensor([expected_logits]), y).item(), rel=1e-5)
+    assert loss.item() == pytest.approx(
+        F.cross_entropy(torch.tensor([expected_logits]), y).item(), rel=1e-5
+    )
 
 
 def test_arcface_past_pi_minus_m_stays_monotonic():

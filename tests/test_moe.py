@@ -70,7 +70,11 @@ def test_tie_rule_equals_torch_topk_for_three_experts(k):
     "logits,top,expected",
     [
         # softmax over the selected logits (paper) ...
-        ([[2.0, 1.0, 0.0]], "softmax_topk", [[1 / (1 + np.exp(-1)), np.exp(-1) / (1 + np.exp(-1))]]),
+        (
+            [[2.0, 1.0, 0.0]],
+            "softmax_topk",
+            [[1 / (1 + np.exp(-1)), np.exp(-1) / (1 + np.exp(-1))]],
+        ),
         ([[0.0, 5.0, 5.0]], "softmax_topk", [[0.5, 0.5]]),
         # ... or the raw selected logits (the authors' code)
         ([[2.0, 1.0, 0.0]], "raw_logits", [[2.0, 1.0]]),
@@ -87,7 +91,10 @@ def test_gate_weights(logits, top, expected):
     [
         ([[0.0, 0.0, 0.0]], np.log(3) ** 2),
         ([[np.log(2.0), np.log(1.0), np.log(1.0)]], np.log(4) ** 2),
-        ([[0.0, 0.0, 0.0], [np.log(2.0), np.log(1.0), np.log(1.0)]], (np.log(3) ** 2 + np.log(4) ** 2) / 2),
+        (
+            [[0.0, 0.0, 0.0], [np.log(2.0), np.log(1.0), np.log(1.0)]],
+            (np.log(3) ** 2 + np.log(4) ** 2) / 2,
+        ),
     ],
 )
 def test_router_z_loss_table(logits, expected):
@@ -117,4 +124,6 @@ def test_router_losses_average_layers_and_have_gradients():
         m(x)
     z, b = router_losses(layers)
     (z + b).backward()
-    assert all(m.router.weight.grad is not None and m.router.weight.grad.abs().sum() > 0 for m in layers)
+    assert all(
+        m.router.weight.grad is not None and m.router.weight.grad.abs().sum() > 0 for m in layers
+    )

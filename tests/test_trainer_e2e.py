@@ -67,8 +67,10 @@ def test_train_resume_export_parity(tiny_config, real_faces):
 def test_finetune_starts_from_an_artifact(tiny_config, tmp_path):
     base = train(load_train_config(tiny_config)) / "model"
     base_model, _ = load_model(base)
-    cfg = load_train_config(tiny_config, {"model.init_from": str(base), "optim.lr": 0.0,
-                                          "run.out_dir": str(tmp_path / "ft")})
+    cfg = load_train_config(
+        tiny_config,
+        {"model.init_from": str(base), "optim.lr": 0.0, "run.out_dir": str(tmp_path / "ft")},
+    )
     ft = train(cfg) / "model"
     # lr 0: weights equal the starting point except BatchNorm running statistics
     tuned, _ = load_model(ft)
@@ -102,19 +104,33 @@ def test_two_stage_finetune_with_teacher_onnx_reports_forgetting(tiny_config, tm
         (holdout / f"person{label}").mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(holdout / f"person{label}" / f"{i}.jpg"), crop)
     teacher = ensure_onnx(base)
-    cfg = load_train_config(tiny_config, {
-        "model.init_from": str(base), "data.pool": None, "data.folders": [str(site)],
-        "data.teacher_onnx": str(teacher), "data.holdout_folders": [str(holdout)],
-        "data.val_identities": 0, "optim.batch_size": 16, "optim.epochs": 2, "optim.probe_epochs": 1,
-        "optim.lr": 1e-4, "run.out_dir": str(tmp_path / "ft")})
+    cfg = load_train_config(
+        tiny_config,
+        {
+            "model.init_from": str(base),
+            "data.pool": None,
+            "data.folders": [str(site)],
+            "data.teacher_onnx": str(teacher),
+            "data.holdout_folders": [str(holdout)],
+            "data.val_identities": 0,
+            "optim.batch_size": 16,
+            "optim.epochs": 2,
+            "optim.probe_epochs": 1,
+            "optim.lr": 1e-4,
+            "run.out_dir": str(tmp_path / "ft"),
+        },
+    )
     base_model, _ = load_model(base)
     run = train(cfg)
     report = json.loads((run / "forgetting_report.json").read_text())
     assert set(report["before"]) == set(report["after"]) == {"val_acc_native", "val_acc_16"}
     tuned, _ = load_model(run / "model")
     # stage 1 froze the backbone, stage 2 changed it
-    changed = [n for (n, a), b in zip(base_model.state_dict().items(), tuned.state_dict().values())
-               if "running" not in n and "num_batches" not in n and not torch.equal(a, b)]
+    changed = [
+        n
+        for (n, a), b in zip(base_model.state_dict().items(), tuned.state_dict().values())
+        if "running" not in n and "num_batches" not in n and not torch.equal(a, b)
+    ]
     assert any(not n.startswith("head.") for n in changed)
     rows = [r for r in _rows(run) if "loss" in r]
     assert {"kd", "rkd", "id"} <= set(rows[0])  # teacher targets from the ONNX were used

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -27,9 +26,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_artifact(model: nn.Module, arch: dict[str, Any], out_dir: str | Path, *, name: str,
-                  version: str, recipe: dict[str, Any] | None = None,
-                  data: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Path:
+def save_artifact(
+    model: nn.Module,
+    arch: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    name: str,
+    version: str,
+    recipe: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
     """Write the artifact directory; returns it. `arch` is the registry config (model.yaml)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,12 @@ class DataSection(_Strict):
     pool: str | None = None  # teacher-pool .npz (facemoe data prepare --teacher)
     folders: list[str] = Field(default_factory=list)  # aligned crops, one sub-folder per identity
     lists: list[str] = Field(default_factory=list)  # `path label` list files
-    teacher_onnx: str | None = None  # an exported teacher ONNX: targets from its clean-crop embeddings
-    holdout_folders: list[str] = Field(default_factory=list)  # high-res set for the forgetting report
+    teacher_onnx: str | None = (
+        None  # an exported teacher ONNX: targets from its clean-crop embeddings
+    )
+    holdout_folders: list[str] = Field(
+        default_factory=list
+    )  # high-res set for the forgetting report
     val_identities: int = 40  # labelled identities held out for the per-epoch check
     min_images_per_class: int = 1
 

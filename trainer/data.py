@@ -32,7 +32,9 @@ class FaceSet:
         return FaceSet(self.crops[idx], self.labels[idx], t, self.label_names)
 
 
-def centred_targets(teacher: np.ndarray, mean: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def centred_targets(
+    teacher: np.ndarray, mean: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Subtract the training mean and renormalise.
 
     Raw dlib descriptors share one dominant direction; cosine distillation to them collapses
@@ -40,13 +42,19 @@ def centred_targets(teacher: np.ndarray, mean: np.ndarray | None = None) -> tupl
     """
     mean = teacher.mean(0) if mean is None else mean
     c = teacher - mean
-    return (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32), mean.astype(np.float32)
+    return (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32), mean.astype(
+        np.float32
+    )
 
 
 def load_pool(path: str | Path) -> FaceSet:
     d = np.load(path)
-    return FaceSet(d["crops"], d["labels"].astype(np.int64), d["teacher"].astype(np.float32),
-                   [str(n) for n in d["label_names"]])
+    return FaceSet(
+        d["crops"],
+        d["labels"].astype(np.int64),
+        d["teacher"].astype(np.float32),
+        [str(n) for n in d["label_names"]],
+    )
 
 
 def _read_crop(path: Path, size: int = 112) -> np.ndarray:
@@ -73,7 +81,9 @@ def load_image_folder(root: str | Path) -> FaceSet:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no such dataset folder: {root}")
-    items = [(p, p.parent.name) for p in sorted(root.glob("*/*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    items = [
+        (p, p.parent.name) for p in sorted(root.glob("*/*")) if p.suffix.lower() in IMAGE_SUFFIXES
+    ]
     return _from_items(items)
 
 
@@ -104,11 +114,17 @@ def concat(sets: list[FaceSet]) -> FaceSet:
         if dim is not None:
             t = s.teacher if s.teacher is not None else np.full((len(s), dim), np.nan, np.float32)
             teachers.append(t)
-    return FaceSet(np.concatenate(crops), np.concatenate(labels),
-                   np.concatenate(teachers) if dim is not None else None, names)
+    return FaceSet(
+        np.concatenate(crops),
+        np.concatenate(labels),
+        np.concatenate(teachers) if dim is not None else None,
+        names,
+    )
 
 
-def teacher_targets_from_onnx(onnx_path: str | Path, crops: np.ndarray, batch: int = 64) -> np.ndarray:
+def teacher_targets_from_onnx(
+    onnx_path: str | Path, crops: np.ndarray, batch: int = 64
+) -> np.ndarray:
     """Embeddings of clean crops by a teacher ONNX export (its manifest gives input size, mean, std)."""
     import json
 
@@ -122,6 +138,10 @@ def teacher_targets_from_onnx(onnx_path: str | Path, crops: np.ndarray, batch: i
         raise ValueError(f"{onnx_path} is not a FaceMoE export (no facemoe_manifest metadata)")
     m = json.loads(meta["facemoe_manifest"])
     name = session.get_inputs()[0].name
-    out = [session.run(None, {name: to_input(crops[i:i + batch], m["input_size"], m["mean"], m["std"])})[0]
-           for i in range(0, len(crops), batch)]
+    out = [
+        session.run(
+            None, {name: to_input(crops[i : i + batch], m["input_size"], m["mean"], m["std"])}
+        )[0]
+        for i in range(0, len(crops), batch)
+    ]
     return np.concatenate(out).astype(np.float32)

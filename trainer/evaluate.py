@@ -85,21 +85,34 @@ def threshold_at_far(scores: np.ndarray, same: np.ndarray, far: float) -> float:
     return float(np.nextafter(neg[allowed], np.inf)) if allowed < len(neg) else float(neg[-1])
 
 
-def verification_report(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> dict[str, float]:
+def verification_report(
+    scores: np.ndarray, same: np.ndarray, folds: np.ndarray
+) -> dict[str, float]:
     acc, std = kfold_accuracy(scores, same, folds)
-    return {"accuracy": round(acc, 2), "std": round(std, 2),
-            "tar_at_far_1e-3": round(tar_at_far(scores, same, 1e-3), 2), "pairs": int(len(scores))}
+    return {
+        "accuracy": round(acc, 2),
+        "std": round(std, 2),
+        "tar_at_far_1e-3": round(tar_at_far(scores, same, 1e-3), 2),
+        "pairs": int(len(scores)),
+    }
 
 
-def rank_n_identification(gallery: np.ndarray, gallery_ids: np.ndarray, probes: np.ndarray,
-                          probe_ids: np.ndarray, ranks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+def rank_n_identification(
+    gallery: np.ndarray,
+    gallery_ids: np.ndarray,
+    probes: np.ndarray,
+    probe_ids: np.ndarray,
+    ranks: tuple[int, ...] = (1, 5),
+) -> dict[str, float]:
     """Closed-set rank-N: the probe's identity is among the N best-scoring gallery identities (%)."""
     ids = np.unique(gallery_ids)
     sim = probes @ gallery.T
     per_id = np.stack([sim[:, gallery_ids == i].max(1) for i in ids], 1)
     order = ids[np.argsort(-per_id, 1)]
-    return {f"rank{r}": round(float(np.mean((order[:, :r] == probe_ids[:, None]).any(1)) * 100), 2)
-            for r in ranks}
+    return {
+        f"rank{r}": round(float(np.mean((order[:, :r] == probe_ids[:, None]).any(1)) * 100), 2)
+        for r in ranks
+    }
 
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], out: str | Path) -> Path:

@@ -103,14 +103,16 @@ def routing_maps(model: nn.Module, crops: np.ndarray, mean=MEAN, std=STD) -> Rou
         t = idx.shape[0] // b
         g = math.isqrt(t)
         if g * g != t or t * b != idx.shape[0]:
-            raise ValueError(f"MoE layer {i}: {idx.shape[0]} tokens for {b} crops "
-                             "is not a square grid")
+            raise ValueError(
+                f"MoE layer {i}: {idx.shape[0]} tokens for {b} crops is not a square grid"
+            )
         topk.append(idx.reshape(b, g, g, idx.shape[1]))
     return RoutingMaps(topk=topk, num_experts=layers[0].num_experts, top_k=layers[0].top_k)
 
 
-def routing_shares(model: nn.Module, crops: np.ndarray, batch_size: int = 64,
-                   top1: bool = False) -> np.ndarray:
+def routing_shares(
+    model: nn.Module, crops: np.ndarray, batch_size: int = 64, top1: bool = False
+) -> np.ndarray:
     """float64[L, N]: fraction of token-to-expert assignments per expert per layer over `crops`
     (all top-k assignments; only the top-1 expert with `top1=True`). Rows sum to 1."""
     crops = np.asarray(crops)
@@ -118,7 +120,7 @@ def routing_shares(model: nn.Module, crops: np.ndarray, batch_size: int = 64,
         raise ValueError("routing_shares needs at least one crop")
     counts = None
     for i in range(0, len(crops), batch_size):
-        maps = routing_maps(model, crops[i:i + batch_size])
+        maps = routing_maps(model, crops[i : i + batch_size])
         c = maps.histograms(k_only_top1=top1)
         counts = c if counts is None else counts + c
     return counts / counts.sum(1, keepdims=True)
@@ -134,9 +136,12 @@ def degrade_crops(crops: np.ndarray, res: int | None) -> np.ndarray:
     return crops if res is None else np.stack([downscale(c, res) for c in crops])
 
 
-def routing_report(model_dir: str | Path, crops: np.ndarray,
-                   resolutions: Sequence[int | None] = (None, 32, 24, 16),
-                   batch_size: int = 64) -> dict[str, Any]:
+def routing_report(
+    model_dir: str | Path,
+    crops: np.ndarray,
+    resolutions: Sequence[int | None] = (None, 32, 24, 16),
+    batch_size: int = 64,
+) -> dict[str, Any]:
     """Resolution-aware routing of a model artifact over aligned crops (uint8[B, 112, 112, 3] BGR).
 
     Returns a JSON-able dict: per resolution ("native", "32px", ...) the [L][N] `shares` (all
@@ -189,8 +194,12 @@ def expert_colours(n: int) -> np.ndarray:
     return np.array([cmap(i % cmap.N) for i in range(n)])
 
 
-def plot_routing(rows: Sequence[tuple[str, np.ndarray, RoutingMaps]], out: str | Path,
-                 alpha: float = 0.45, title: str | None = None) -> Path:
+def plot_routing(
+    rows: Sequence[tuple[str, np.ndarray, RoutingMaps]],
+    out: str | Path,
+    alpha: float = 0.45,
+    title: str | None = None,
+) -> Path:
     """One row per resolution: the aligned face, then per MoE layer its top-1 expert per token
     (colour per expert, semi-transparent over the face; for grids up to 8x8 the cell also names
     the token's top-k experts), then a bar chart of the top-k token shares per expert per layer.
@@ -214,9 +223,17 @@ def plot_routing(rows: Sequence[tuple[str, np.ndarray, RoutingMaps]], out: str |
     cell = min(1.9, 36.0 / (cols + 1.2))  # inches per map; many layers (Swin): smaller maps
     fig_w, fig_h = cell * (cols + 1.2) + 0.6, cell * len(rows) + 1.3
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=110)
-    grid = fig.add_gridspec(len(rows), cols, width_ratios=[1] * (cols - 1) + [2.2], wspace=0.08,
-                            hspace=0.25, left=0.5 / fig_w, right=1 - 0.5 / fig_w,
-                            top=1 - 0.65 / fig_h, bottom=0.75 / fig_h)
+    grid = fig.add_gridspec(
+        len(rows),
+        cols,
+        width_ratios=[1] * (cols - 1) + [2.2],
+        wspace=0.08,
+        hspace=0.25,
+        left=0.5 / fig_w,
+        right=1 - 0.5 / fig_w,
+        top=1 - 0.65 / fig_h,
+        bottom=0.75 / fig_h,
+    )
     for r, (label, crop, maps) in enumerate(rows):
         face = np.ascontiguousarray(np.asarray(crop)[..., ::-1])  # BGR -> RGB
         h, w = face.shape[:2]
@@ -231,15 +248,33 @@ def plot_routing(rows: Sequence[tuple[str, np.ndarray, RoutingMaps]], out: str |
             ax = fig.add_subplot(grid[r, 1 + li])
             ax.imshow(face, extent=(0, w, h, 0))
             top1 = maps.topk[li][0, ..., 0]
-            ax.imshow(top1, cmap=cmap, vmin=-0.5, vmax=n_exp - 0.5, alpha=alpha,
-                      interpolation="nearest", extent=(0, w, h, 0))
+            ax.imshow(
+                top1,
+                cmap=cmap,
+                vmin=-0.5,
+                vmax=n_exp - 0.5,
+                alpha=alpha,
+                interpolation="nearest",
+                extent=(0, w, h, 0),
+            )
             g = top1.shape[0]
             if g <= 8:
                 for (i, j), _ in np.ndenumerate(top1):
-                    ids = "".join(str(int(e)) for e in maps.topk[li][0, i, j]) if n_exp <= 10 else \
-                        ",".join(str(int(e)) for e in maps.topk[li][0, i, j])
-                    ax.text((j + 0.5) * w / g, (i + 0.5) * h / g, ids, ha="center", va="center",
-                            fontsize=5.5, color="white", alpha=0.9)
+                    ids = (
+                        "".join(str(int(e)) for e in maps.topk[li][0, i, j])
+                        if n_exp <= 10
+                        else ",".join(str(int(e)) for e in maps.topk[li][0, i, j])
+                    )
+                    ax.text(
+                        (j + 0.5) * w / g,
+                        (i + 0.5) * h / g,
+                        ids,
+                        ha="center",
+                        va="center",
+                        fontsize=5.5,
+                        color="white",
+                        alpha=0.9,
+                    )
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -261,10 +296,19 @@ def plot_routing(rows: Sequence[tuple[str, np.ndarray, RoutingMaps]], out: str |
         if r == len(rows) - 1:
             ax.set_xlabel("layer", fontsize=8)
     handles = [Patch(color=colours[e], label=f"expert {e}") for e in range(n_exp)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(n_exp, 10), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, 0.02 / fig_h))
-    fig.suptitle(title or "FaceMoE routing: top-1 expert per token (digits: top-k)", fontsize=10,
-                 y=1 - 0.15 / fig_h)
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=min(n_exp, 10),
+        fontsize=8,
+        frameon=False,
+        bbox_to_anchor=(0.5, 0.02 / fig_h),
+    )
+    fig.suptitle(
+        title or "FaceMoE routing: top-1 expert per token (digits: top-k)",
+        fontsize=10,
+        y=1 - 0.15 / fig_h,
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

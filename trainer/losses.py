@@ -18,8 +18,14 @@ class MarginHead(nn.Module):
     Other classes: s * cos(theta_j).
     """
 
-    def __init__(self, embed_dim: int, num_classes: int, kind: str = "cosface",
-                 s: float = 64.0, m: float = 0.35) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        kind: str = "cosface",
+        s: float = 64.0,
+        m: float = 0.35,
+    ) -> None:
         super().__init__()
         if kind not in ("cosface", "arcface"):
             raise ValueError(f"unknown margin loss {kind!r}")
@@ -35,8 +41,11 @@ class MarginHead(nn.Module):
         else:
             theta = torch.acos(target.clamp(-1 + 1e-7, 1 - 1e-7))
             # Past pi - m the angle would wrap; fall back to CosFace-style there (insightface does too).
-            margined = torch.where(theta + self.m < math.pi, torch.cos(theta + self.m),
-                                   target - self.m * math.sin(self.m))
+            margined = torch.where(
+                theta + self.m < math.pi,
+                torch.cos(theta + self.m),
+                target - self.m * math.sin(self.m),
+            )
         return self.s * cos.scatter(1, labels[:, None], margined)
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -48,7 +57,9 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
-def load_balance_loss(logits: torch.Tensor, top_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balance_loss(
+    logits: torch.Tensor, top_idx: torch.Tensor, num_experts: int
+) -> torch.Tensor:
     """Switch-style balance: N * sum_i f_i * P_i.
 
     f_i: fraction of the T*k token-to-expert assignments that went to expert i (no gradient);
@@ -56,7 +67,8 @@ def load_balance_loss(logits: torch.Tensor, top_idx: torch.Tensor, num_experts: 
     """
     probs = logits.float().softmax(-1).mean(0)
     counts = torch.zeros(num_experts, device=logits.device).scatter_add_(
-        0, top_idx.reshape(-1), torch.ones(top_idx.numel(), device=logits.device))
+        0, top_idx.reshape(-1), torch.ones(top_idx.numel(), device=logits.device)
+    )
     frac = counts / top_idx.numel()
     return num_experts * (frac * probs).sum()
 
@@ -68,8 +80,9 @@ def router_losses(layers: list[MoEMLP]) -> tuple[torch.Tensor, torch.Tensor]:
         zero = torch.zeros(())
         return zero, zero
     z = torch.stack([router_z_loss(m.last.logits) for m in layers]).mean()
-    b = torch.stack([load_balance_loss(m.last.logits, m.last.top_idx, m.num_experts)
-                     for m in layers]).mean()
+    b = torch.stack(
+        [load_balance_loss(m.last.logits, m.last.top_idx, m.num_experts) for m in layers]
+    ).mean()
     return z, b
 
 

@@ -18,8 +18,9 @@ def to_input(crops: np.ndarray, input_size: int = 112, mean=MEAN, std=STD) -> np
     if crops.ndim == 3:
         crops = crops[None]
     if crops.shape[1] != input_size or crops.shape[2] != input_size:
-        crops = np.stack([cv2.resize(c, (input_size, input_size), interpolation=cv2.INTER_CUBIC)
-                          for c in crops])
+        crops = np.stack(
+            [cv2.resize(c, (input_size, input_size), interpolation=cv2.INTER_CUBIC) for c in crops]
+        )
     x = crops[..., ::-1].astype(np.float32) / 255.0
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

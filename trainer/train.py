@@ -37,6 +37,7 @@ from trainer.data import (
     load_pool,
     teacher_targets_from_onnx,
 )
+from trainer.evaluate import threshold_at_far
 from trainer.losses import (
     MarginHead,
     cosine_distill_loss,
@@ -44,7 +45,6 @@ from trainer.losses import (
     relational_distill_loss,
     router_losses,
 )
-from trainer.evaluate import threshold_at_far
 from trainer.models import create_model, model_config
 from trainer.models.moe import moe_layers
 from trainer.preprocess import to_input
@@ -90,11 +90,13 @@ def split_validation(data: FaceSet, n_ids: int, seed: int) -> tuple[FaceSet, Fac
 
 
 @torch.no_grad()
-def embed_crops(model: nn.Module, crops: np.ndarray, device: torch.device, batch: int = 128) -> np.ndarray:
+def embed_crops(
+    model: nn.Module, crops: np.ndarray, device: torch.device, batch: int = 128
+) -> np.ndarray:
     model.eval()
     out = []
     for i in range(0, len(crops), batch):
-        x = torch.from_numpy(to_input(crops[i:i + batch], model.input_size)).to(device)
+        x = torch.from_numpy(to_input(crops[i : i + batch], model.input_size)).to(device)
         out.append(F.normalize(model(x).float()).cpu().numpy())
     return np.concatenate(out)
 
@@ -117,18 +119,25 @@ def validate(model: nn.Module, val: FaceSet, device: torch.device) -> dict[str, 
     out = {}
     for res in (None, 16):
         crops = val.crops if res is None else np.stack([downscale(c, res) for c in val.crops])
-        out[f"val_acc_{res or 'native'}"] = verification_accuracy(embed_crops(model, crops, device), val.labels)
+        out[f"val_acc_{res or 'native'}"] = verification_accuracy(
+            embed_crops(model, crops, device), val.labels
+        )
     return out
 
 
-def calibrate_threshold(model: nn.Module, val: FaceSet, device: torch.device, far: float = 1e-3) -> dict:
+def calibrate_threshold(
+    model: nn.Module, val: FaceSet, device: torch.device, far: float = 1e-3
+) -> dict:
     """Open-set threshold at `far` over all pairs of the held-out identities (never LFW)."""
     emb = embed_crops(model, val.crops, device)
     iu = np.triu_indices(len(emb), 1)
     scores, same = (emb @ emb.T)[iu], (val.labels[:, None] == val.labels[None])[iu]
-    return {"recommended_threshold": round(threshold_at_far(scores, same, far), 4),
-            "threshold_far": far, "threshold_pairs": int(len(scores)),
-            "threshold_identities": int(len(np.unique(val.labels)))}
+    return {
+        "recommended_threshold": round(threshold_at_far(scores, same, far), 4),
+        "threshold_far": far,
+        "threshold_pairs": int(len(scores)),
+        "threshold_identities": int(len(np.unique(val.labels))),
+    }
 
 
 def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
@@ -137,7 +146,10 @@ def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[st
         # every parameter, also frozen ones: a later stage may unfreeze them (no grad = no update)
         for name, p in m.named_parameters():
             (no_decay if p.ndim <= 1 or name.endswith("pos") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def lr_factor(step: int, warmup: int, total: int, power: float) -> float:
@@ -165,8 +177,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank = dist.get_rank()
     want = cfg.run.device
-    device = torch.device("cuda" if want == "auto" and torch.cuda.is_available() else
-                          ("cpu" if want == "auto" else want))
+    device = torch.device(
+        "cuda"
+        if want == "auto" and torch.cuda.is_available()
+        else ("cpu" if want == "auto" else want)
+    )
     if device.type == "cuda" and distributed:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -175,7 +190,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     seed_everything(cfg.run.seed + rank)
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    )
 
     data = load_training_data(cfg)
     train_set, val_set = split_validation(data, cfg.data.val_identities, cfg.run.seed)
@@ -185,15 +202,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         teacher = np.zeros_like(train_set.teacher)
         teacher[has_t], mean = centred_targets(train_set.teacher[has_t])
     labelled = train_set.labels >= 0
-    log.info("training on %d faces (%d labelled, %d with teacher targets), %d held out",
-             len(train_set), labelled.sum(), 0 if teacher is None else len(teacher),
-             0 if val_set is None else len(val_set))
+    log.info(
+        "training on %d faces (%d labelled, %d with teacher targets), %d held out",
+        len(train_set),
+        labelled.sum(),
+        0 if teacher is None else len(teacher),
+        0 if val_set is None else len(val_set),
+    )
 
     if cfg.model.init_from:
         # fine-tuning keeps the starting artifact's architecture (model.yaml), not model.name
         model, _ = load_model(cfg.model.init_from, **cfg.model.overrides)
-        arch = {**yaml.safe_load((Path(cfg.model.init_from) / "model.yaml").read_text()),
-                **cfg.model.overrides}
+        arch = {
+            **yaml.safe_load((Path(cfg.model.init_from) / "model.yaml").read_text()),
+            **cfg.model.overrides,
+        }
     else:
         arch = model_config(cfg.model.name, **cfg.model.overrides)
         model = create_model(cfg.model.name, **cfg.model.overrides)
@@ -203,15 +226,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         holdout.append(val_set)
     before = holdout_report(model, holdout, device) if cfg.model.init_from and rank == 0 else {}
     num_classes = len(train_set.label_names)
-    margin = MarginHead(model.embed_dim, max(num_classes, 1), cfg.loss.margin, cfg.loss.s, cfg.loss.m).to(device)
+    margin = MarginHead(
+        model.embed_dim, max(num_classes, 1), cfg.loss.margin, cfg.loss.s, cfg.loss.m
+    ).to(device)
     proj = nn.Linear(model.embed_dim, teacher.shape[1]).to(device) if teacher is not None else None
     heads: list[nn.Module] = [margin] + ([proj] if proj is not None else [])
+
     def set_backbone_trainable(trainable: bool) -> None:
         for name, p in model.named_parameters():
             p.requires_grad = trainable or name.startswith("head.")
 
     set_backbone_trainable(not (cfg.optim.freeze_backbone or cfg.optim.probe_epochs > 0))
-    optim = torch.optim.AdamW(_param_groups([model, *heads], cfg.optim.weight_decay), lr=cfg.optim.lr)
+    optim = torch.optim.AdamW(
+        _param_groups([model, *heads], cfg.optim.weight_decay), lr=cfg.optim.lr
+    )
 
     world = dist.get_world_size() if distributed else 1
     steps_per_epoch = len(train_set) // (cfg.optim.batch_size * world)
@@ -239,26 +267,39 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     probe_steps = steps_per_epoch * cfg.optim.probe_epochs
     for epoch in range(start_epoch, cfg.optim.epochs):
-        if cfg.optim.probe_epochs and epoch == cfg.optim.probe_epochs and not cfg.optim.freeze_backbone:
+        if (
+            cfg.optim.probe_epochs
+            and epoch == cfg.optim.probe_epochs
+            and not cfg.optim.freeze_backbone
+        ):
             set_backbone_trainable(True)  # stage 2: full fine-tune
         model.train()
         perm = np.random.default_rng(cfg.run.seed + epoch).permutation(len(train_set))
         perm = perm[rank::world]
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
-                   disable=rank != 0, unit="step")
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+            disable=rank != 0,
+            unit="step",
+        )
         for i in bar:
-            idx = np.sort(perm[i * cfg.optim.batch_size:(i + 1) * cfg.optim.batch_size])
+            idx = np.sort(perm[i * cfg.optim.batch_size : (i + 1) * cfg.optim.batch_size])
             crops = np.stack([degrade(c, cfg.augment, rng) for c in train_set.crops[idx]])
             x = torch.from_numpy(to_input(crops, model.input_size)).to(device, non_blocking=True)
             tidx = torch.from_numpy(idx).to(device)
             y = labels_all[tidx]
             for g in optim.param_groups:
                 if step < probe_steps:  # stage 1 (linear probe): its own schedule
-                    g["lr"] = cfg.optim.probe_lr * lr_factor(step, cfg.optim.warmup_steps, probe_steps,
-                                                             cfg.optim.power)
+                    g["lr"] = cfg.optim.probe_lr * lr_factor(
+                        step, cfg.optim.warmup_steps, probe_steps, cfg.optim.power
+                    )
                 else:
-                    g["lr"] = cfg.optim.lr * lr_factor(step - probe_steps, cfg.optim.warmup_steps,
-                                                       total - probe_steps, cfg.optim.power)
+                    g["lr"] = cfg.optim.lr * lr_factor(
+                        step - probe_steps,
+                        cfg.optim.warmup_steps,
+                        total - probe_steps,
+                        cfg.optim.power,
+                    )
 
             with _autocast(device, cfg.run.amp):
                 emb = net(x)
@@ -283,15 +324,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             optim.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(
-                [p for g in optim.param_groups for p in g["params"] if p.grad is not None], cfg.optim.clip_grad)
+                [p for g in optim.param_groups for p in g["params"] if p.grad is not None],
+                cfg.optim.clip_grad,
+            )
             optim.step()
             step += 1
 
             if rank == 0 and step % cfg.run.log_every == 0:
                 # .item() is a device sync: only on logging steps.
-                row = {"step": step, "epoch": epoch, "lr": optim.param_groups[0]["lr"],
-                       "loss": loss.item(), "grad_norm": float(grad_norm),
-                       **{k: v.item() for k, v in parts.items()}}
+                row = {
+                    "step": step,
+                    "epoch": epoch,
+                    "lr": optim.param_groups[0]["lr"],
+                    "loss": loss.item(),
+                    "grad_norm": float(grad_norm),
+                    **{k: v.item() for k, v in parts.items()},
+                }
                 if layers and layers[0].num_experts > 1:
                     row["expert_usage"] = expert_usage(layers).mean(0).round(decimals=3).tolist()
                 metrics_file.write(json.dumps(row) + "\n")
@@ -309,12 +357,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             metrics_file.write(json.dumps(summary) + "\n")
             metrics_file.flush()
             log.info("epoch %d: %s", epoch + 1, summary)
-            state = {"model": model.state_dict(), "margin": margin.state_dict(),
-                     "proj": proj.state_dict() if proj is not None else None,
-                     "optim": optim.state_dict(), "step": step,
-                     "epoch": epoch + 1 if not stopped_early else epoch,
-                     "arch": arch, "config": cfg.model_dump(mode="json"),
-                     "teacher_mean": mean}
+            state = {
+                "model": model.state_dict(),
+                "margin": margin.state_dict(),
+                "proj": proj.state_dict() if proj is not None else None,
+                "optim": optim.state_dict(),
+                "step": step,
+                "epoch": epoch + 1 if not stopped_early else epoch,
+                "arch": arch,
+                "config": cfg.model_dump(mode="json"),
+                "teacher_mean": mean,
+            }
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save(state, tmp)
             tmp.replace(ckpt_path)
@@ -324,22 +377,40 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     metrics_file.close()
     if rank == 0:
-        recipe = {"config": cfg.model_dump(mode="json"), "steps": step,
-                  "minutes": round((time.time() - started) / 60, 1),
-                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  "history": history}
-        data_info = {"pool": cfg.data.pool, "folders": cfg.data.folders, "lists": cfg.data.lists,
-                     "faces": len(train_set)}
+        recipe = {
+            "config": cfg.model_dump(mode="json"),
+            "steps": step,
+            "minutes": round((time.time() - started) / 60, 1),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "history": history,
+        }
+        data_info = {
+            "pool": cfg.data.pool,
+            "folders": cfg.data.folders,
+            "lists": cfg.data.lists,
+            "faces": len(train_set),
+        }
         if before:
             after = holdout_report(model, holdout, device)
-            report = {"before": before, "after": after,
-                      "change": {k: round(after[k] - before[k], 4) for k in before}}
+            report = {
+                "before": before,
+                "after": after,
+                "change": {k: round(after[k] - before[k], 4) for k in before},
+            }
             (run_dir / "forgetting_report.json").write_text(json.dumps(report, indent=2) + "\n")
             recipe["forgetting_report"] = report
             log.info("held-out high-resolution check before/after fine-tuning: %s", report)
         metrics = calibrate_threshold(model, val_set, device) if val_set is not None else {}
-        save_artifact(model.cpu(), arch, run_dir / "model", name=cfg.run.name, version=cfg.run.version,
-                      recipe=recipe, data=data_info, metrics=metrics)
+        save_artifact(
+            model.cpu(),
+            arch,
+            run_dir / "model",
+            name=cfg.run.name,
+            version=cfg.run.version,
+            recipe=recipe,
+            data=data_info,
+            metrics=metrics,
+        )
     if distributed:
         dist.destroy_process_group()
     if not math.isfinite(loss.item()):

@@ -16,7 +16,9 @@ from engine.manifest import read_manifest
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, model_dir: Path, threads: int = 0, providers: list[str] | None = None) -> None:
+    def __init__(
+        self, model_dir: Path, threads: int = 0, providers: list[str] | None = None
+    ) -> None:
         self.manifest = read_manifest(model_dir)
         self.input_size = int(self.manifest["input_size"])
         self.dim = int(self.manifest["embedding_dim"])
@@ -25,14 +27,18 @@ class OnnxRuntimeBackend:
             try:
                 from engine.export import ensure_onnx
             except ImportError as e:
-                raise BackendError(f"{path} is missing and torch is not installed to export it") from e
+                raise BackendError(
+                    f"{path} is missing and torch is not installed to export it"
+                ) from e
             path = ensure_onnx(model_dir, "standard")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(path), opts, providers=providers or ["CPUExecutionProvider"]
+            )
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendError(f"cannot load {path}: {str(e).splitlines()[0]}") from e
         self.device = self.session.get_providers()[0]

@@ -16,7 +16,9 @@ from trainer.artifact import load_model
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model_dir: Path, device: str = "auto", half: bool = False, threads: int = 0) -> None:
+    def __init__(
+        self, model_dir: Path, device: str = "auto", half: bool = False, threads: int = 0
+    ) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -34,7 +36,9 @@ class TorchBackend:
 
     @torch.inference_mode()
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, self.dtype)
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(
+            self.device, self.dtype
+        )
         out = F.normalize(self.model(x).float(), dim=-1).cpu().numpy()
         return check_output(out, len(batch), self.dim)
 

@@ -62,4 +62,6 @@ def topk_moe_reference(
     return out.reshape(shape).astype(dtype)
 
 
-REFERENCE_OPS: dict[str, Callable[..., np.ndarray]] = {f"{OP_DOMAIN}::{OP_NAME}": topk_moe_reference}
+REFERENCE_OPS: dict[str, Callable[..., np.ndarray]] = {
+    f"{OP_DOMAIN}::{OP_NAME}": topk_moe_reference
+}

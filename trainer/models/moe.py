@@ -122,10 +122,14 @@ class MoEMLP(nn.Module):
         h = self.drop(F.gelu(tokens @ self.w1[e] + self.b1[e]))
         return h @ self.w2[e] + self.b2[e]
 
-    def _dense(self, tokens: torch.Tensor, weights: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+    def _dense(
+        self, tokens: torch.Tensor, weights: torch.Tensor, top_idx: torch.Tensor
+    ) -> torch.Tensor:
         return _mix_dense(tokens, weights, top_idx, self.w1, self.b1, self.w2, self.b2, self.drop)
 
-    def _sparse(self, tokens: torch.Tensor, weights: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+    def _sparse(
+        self, tokens: torch.Tensor, weights: torch.Tensor, top_idx: torch.Tensor
+    ) -> torch.Tensor:
         t, k = top_idx.shape
         flat_expert = top_idx.reshape(-1)
         order = flat_expert.argsort(stable=True)
@@ -133,7 +137,9 @@ class MoEMLP(nn.Module):
         counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # one host sync
         gathered = tokens[token_of]
         outs = [
-            self._expert(chunk, e) for e, chunk in enumerate(gathered.split(counts)) if chunk.numel()
+            self._expert(chunk, e)
+            for e, chunk in enumerate(gathered.split(counts))
+            if chunk.numel()
         ]
         y = torch.cat(outs) * weights.reshape(-1)[order, None].to(gathered.dtype)
         return torch.zeros_like(tokens, dtype=y.dtype).index_add_(0, token_of, y).to(tokens.dtype)

@@ -145,9 +145,21 @@ class FaceMoEViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-_EDGE = dict(img_size=112, dim=192, depth=6, heads=3, mlp_ratio=2.0, stem_width=24,
-             num_experts=3, top_k=2, gate="softmax_topk", dispatch="dense", embed_dim=512,
-             drop_rate=0.1, drop_path_rate=0.05)
+_EDGE = dict(
+    img_size=112,
+    dim=192,
+    depth=6,
+    heads=3,
+    mlp_ratio=2.0,
+    stem_width=24,
+    num_experts=3,
+    top_k=2,
+    gate="softmax_topk",
+    dispatch="dense",
+    embed_dim=512,
+    drop_rate=0.1,
+    drop_path_rate=0.05,
+)
 register_model("facemoe-edge", FaceMoEViT, **_EDGE)
 # The ablation baseline: the same network with one dense expert (an ordinary ViT MLP).
 register_model("facemoe-edge-dense", FaceMoEViT, **{**_EDGE, "num_experts": 1, "top_k": 1})
