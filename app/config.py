@@ -38,6 +38,9 @@ class DetectorConfig(_Strict):
     every_n_frames: int = Field(
         1, ge=1, description="detection rate: run the detector on every n-th frame"
     )
+    max_fps: float = Field(
+        15.0, ge=0, description="detect at most this often per second of media time; 0 = every frame"
+    )
 
 
 class TrackerSection(_Strict):

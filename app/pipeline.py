@@ -87,10 +87,11 @@ class FacePipeline:
         self.pending: list[AlignedFace] = []
         self.labels: dict[int, Match] = {}
         self.frames = self.detections = self.tracks_finished = 0
+        self._last_detect: float | None = None
 
     def push(self, frame: Frame) -> FrameResult:
         self.frames += 1
-        if frame.index % self.cfg.detector.every_n_frames:
+        if not self._detect_now(frame):
             return FrameResult([], {}, [])
         with self.times("detect"):
             dets = [
@@ -125,6 +126,18 @@ class FacePipeline:
             {f.track_id: self.labels[f.track_id] for f in faces if f.track_id in self.labels},
             events,
         )
+
+    def _detect_now(self, frame: Frame) -> bool:
+        """The detection rate: every n-th frame, and at most `max_fps` per second of media time."""
+        d = self.cfg.detector
+        if frame.index % d.every_n_frames:
+            return False
+        # 2% slack so that a 30 fps source with max_fps 15 detects on exactly every 2nd frame
+        last = self._last_detect
+        if d.max_fps and last is not None and frame.pts - last < 0.98 / d.max_fps:
+            return False
+        self._last_detect = frame.pts
+        return True
 
     def flush(self) -> list[Event]:
         """End every open track (end of a file, a camera going away, shutdown)."""

@@ -1,0 +1,228 @@
+"""The main job end to end with the shipped model: enroll from stills, process real clips."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LIN, ALEX = "Lin-Manuel Miranda", "Alex Lacamoire"
+
+
+def facemoe(*args, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"facemoe {args} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return done
+
+
+def _one_line_error(done):
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("facemoe: error:")]
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def hamilton(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("hamilton")
+    gallery = tmp / "gallery.db"
+    videos = data_dir / "videos"
+    facemoe("enroll", LIN, videos / "lin-manuel-miranda.png", "--gallery", gallery)
+    facemoe("enroll", ALEX, videos / "alex-lacamoire.png", "--gallery", gallery)
+    out = facemoe(
+        "process",
+        videos / "short_hamilton_clip.mp4",
+        "--gallery",
+        gallery,
+        "--json",
+        "--events",
+        tmp / "events.jsonl",
+        "--annotate",
+        tmp / "annotated.mp4",
+    )
+    events = [json.loads(line) for line in (tmp / "events.jsonl").read_text().splitlines()]
+    return json.loads(out.stdout), events, tmp, gallery
+
+
+def test_lin_manuel_miranda_is_named_on_his_close_up(hamilton):
+    summary, events, _, _ = hamilton
+    # the close-up: the longest track of the shot between the cuts at 2.7 s and 7.0 s
+    close_up = max(
+        (e for e in events if e["start"] > 2.5 and e["end"] < 7.1), key=lambda e: e["frames"]
+    )
+    # 128 frames of the shot; detection runs at 15 of its 30 fps (detector.max_fps)
+    assert close_up["frames"] > 50 and close_up["best_bbox"][2] > 60
+    assert close_up["identity"] == LIN, close_up
+    assert LIN in summary["identified"]
+
+
+def test_the_audience_is_not_named_as_either_enrolled_person(hamilton):
+    _, events, _, _ = hamilton
+    audience = [e for e in events if e["start"] >= 7.0]
+    assert len(audience) >= 4  # the Obamas' row: several faces after the cut at 7.0 s
+    assert not [e for e in audience if e["identity"] in (LIN, ALEX)], audience
+
+
+def test_events_follow_the_design_schema_and_sqlite_has_them(hamilton):
+    import sqlite3
+
+    summary, events, _, gallery = hamilton
+    keys = {
+        "camera",
+        "track_id",
+        "identity",
+        "score",
+        "start",
+        "end",
+        "frames",
+        "best_bbox",
+        "model",
+    }
+    assert events and all(set(e) == keys for e in events)
+    assert all(e["model"] == summary["model"] and e["start"] <= e["end"] for e in events)
+    assert len({e["track_id"] for e in events}) == len(events)
+    with sqlite3.connect(gallery) as db:
+        assert db.execute("select count(*) from events").fetchone()[0] == len(events)
+    assert summary["frames"] == 275 and summary["events"] == len(events)
+    assert 0 < summary["embedded_crops"] < summary["detections"]  # selective embedding
+    assert {"decode", "detect", "track", "align", "embed"} <= set(summary["stages"])
+
+
+def test_annotated_video_is_written(hamilton):
+    from app.source import open_source
+
+    _, _, tmp, _ = hamilton
+    with open_source(str(tmp / "annotated.mp4")) as src:
+        frames = sum(1 for _ in src)
+    assert frames == 275 and src.size == (640, 360)
+    assert not list(tmp.glob("*.part"))
+
+
+@pytest.mark.parametrize(
+    "clip", ["intel_classroom.gif", "intel_classroom.mp4", "intel_face-demographics-walking.mp4"]
+)
+def test_intel_clips_small_faces_are_detected_and_tracked(clip, data_dir, tmp_path):
+    out = facemoe(
+        "process",
+        data_dir / "videos" / clip,
+        "--gallery",
+        tmp_path / "g.db",
+        "--allow-empty-gallery",
+        "--json",
+        "--events",
+        tmp_path / "ev.jsonl",
+    )
+    summary = json.loads(out.stdout)
+    events = [json.loads(line) for line in (tmp_path / "ev.jsonl").read_text().splitlines()]
+    assert summary["detections"] >= 2 * summary["frames"] * 0.8  # >= 2 faces in most frames
+    long_tracks = [e for e in events if e["frames"] >= 0.8 * summary["frames"]]
+    assert len(long_tracks) >= 2  # people followed through the whole clip under one id
+    assert min(e["best_bbox"][2] for e in long_tracks) <= 25  # small faces (~20 px)
+    assert all(e["identity"] is None for e in events)
+
+
+def test_bad_inputs_fail_with_one_line_and_write_nothing(data_dir, tmp_path):
+    videos = data_dir / "videos"
+    gallery = tmp_path / "g.db"
+    facemoe("enroll", LIN, videos / "lin-manuel-miranda.png", "--gallery", gallery)
+    before = gallery.read_bytes()
+
+    assert "no such file" in _one_line_error(
+        facemoe("process", tmp_path / "missing.mp4", "--gallery", gallery, check=False)
+    )
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n" * 100)
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes((videos / "short_hamilton_clip.mp4").read_bytes()[:300_000])
+    for bad in (text, truncated):
+        events, annotated = tmp_path / f"{bad.stem}.jsonl", tmp_path / f"{bad.stem}-out.mp4"
+        line = _one_line_error(
+            facemoe(
+                "process",
+                bad,
+                "--gallery",
+                gallery,
+                "--events",
+                events,
+                "--annotate",
+                annotated,
+                check=False,
+            )
+        )
+        assert bad.name in line
+        assert not annotated.exists() and not list(tmp_path.glob("*.part"))
+        assert not events.exists() or events.read_text() == ""
+
+    blank = tmp_path / "wall.png"
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(blank), np.full((240, 320, 3), 127, np.uint8))
+    assert "no face found" in _one_line_error(
+        facemoe("enroll", "Nobody", blank, "--gallery", gallery, check=False)
+    )
+    assert "2 faces" in _one_line_error(
+        facemoe("enroll", "Both", videos / "two_people.jpg", "--gallery", gallery, check=False)
+    )
+    assert "name is empty" in _one_line_error(
+        facemoe("enroll", "  ", videos / "obama.jpg", "--gallery", gallery, check=False)
+    )
+
+    empty = tmp_path / "empty.db"
+    line = _one_line_error(
+        facemoe("process", videos / "intel_classroom.mp4", "--gallery", empty, check=False)
+    )
+    assert "no such gallery" in line or "empty" in line
+    assert gallery.read_bytes() == before  # failed enrollments left the gallery as it was
+
+
+def test_enroll_with_a_chosen_face_and_gallery_commands(data_dir, tmp_path):
+    gallery = tmp_path / "g.db"
+    facemoe(
+        "enroll",
+        "Joe Biden",
+        data_dir / "videos" / "two_people.jpg",
+        "--face",
+        "1",
+        "--gallery",
+        gallery,
+    )
+    facemoe(
+        "enroll",
+        "Barack Obama",
+        data_dir / "videos" / "obama.jpg",
+        data_dir / "videos" / "obama2.jpg",
+        "--gallery",
+        gallery,
+    )
+    listed = json.loads(facemoe("gallery", "list", "--gallery", gallery, "--json").stdout)
+    assert {(i["name"], i["templates"]) for i in listed["identities"]} == {
+        ("Joe Biden", 1),
+        ("Barack Obama", 2),
+    }
+    facemoe("gallery", "rename", "Joe Biden", "Joseph Biden", "--gallery", gallery)
+    facemoe("gallery", "remove", "Barack Obama", "--gallery", gallery)
+    listed = json.loads(facemoe("gallery", "list", "--gallery", gallery, "--json").stdout)
+    assert [i["name"] for i in listed["identities"]] == ["Joseph Biden"]
+
+
+def test_validate_config(tmp_path):
+    assert facemoe("process", "--validate-config").stdout.strip() == "config ok"
+    bad = tmp_path / "app.yaml"
+    bad.write_text("tracker:\n  max_missed: -3\n")
+    assert "tracker.max_missed" in _one_line_error(
+        facemoe("process", "--validate-config", "--config", bad, check=False)
+    )
