@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from trainer.models.layers import DropPath, facemoe_head, init_linear
 from trainer.models.moe import MoEMLP
 from trainer.models.registry import register_model
-from trainer.models.vit import DropPath
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -201,20 +201,8 @@ class FaceMoESwin(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.norm = nn.LayerNorm(width)
         tokens = resolution * resolution
-        self.head = nn.Sequential(
-            nn.BatchNorm1d(tokens * width),
-            nn.Dropout(drop_rate),
-            nn.Linear(tokens * width, embed_dim, bias=False),
-            nn.BatchNorm1d(embed_dim),
-        )
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.head = facemoe_head(tokens, width, embed_dim, drop_rate)
+        self.apply(init_linear)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> final tokens [B, (S / patch / 2^(stages-1))^2, width]."""

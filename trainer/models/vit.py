@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trainer.models.layers import DropPath, facemoe_head, init_linear
 from trainer.models.moe import MoEMLP
 from trainer.models.registry import register_model
 
@@ -63,20 +64,6 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop a residual branch per sample."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) >= self.p
-        return x * keep.to(x.dtype) / (1 - self.p)
-
-
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, moe: dict, drop_path: float) -> None:
         super().__init__()
@@ -120,20 +107,8 @@ class FaceMoEViT(nn.Module):
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, moe, r) for r in rates])
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Sequential(
-            nn.BatchNorm1d(tokens * dim),
-            nn.Dropout(drop_rate),
-            nn.Linear(tokens * dim, embed_dim, bias=False),
-            nn.BatchNorm1d(embed_dim),
-        )
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.head = facemoe_head(tokens, dim, embed_dim, drop_rate)
+        self.apply(init_linear)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.blocks(self.stem(x) + self.pos))
