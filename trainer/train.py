@@ -265,6 +265,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     stopped_early = False
     history: list[dict[str, Any]] = []
 
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16" and device.type == "cuda")
     probe_steps = steps_per_epoch * cfg.optim.probe_epochs
     for epoch in range(start_epoch, cfg.optim.epochs):
         if (
@@ -322,12 +323,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             loss = sum(parts.values())
 
             optim.zero_grad(set_to_none=True)
-            loss.backward()
+            # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (scaler off)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optim)
             grad_norm = nn.utils.clip_grad_norm_(
                 [p for g in optim.param_groups for p in g["params"] if p.grad is not None],
                 cfg.optim.clip_grad,
             )
-            optim.step()
+            scaler.step(optim)
+            scaler.update()
             step += 1
 
             if rank == 0 and step % cfg.run.log_every == 0:
