@@ -524,7 +524,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from app.source import SourceError
     from engine.backends import BackendError
     from engine.build import EngineBuildError
-    from trainer.config import ConfigError as TrainConfigError
 
     return (
         UserError,
@@ -534,7 +533,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         SinkError,
         SourceError,
         BackendError,
-        TrainConfigError,
         EngineBuildError,
         FileNotFoundError,
     )

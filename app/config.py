@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from trainer.config import ConfigError, read_yaml_config  # noqa: F401  (ConfigError is re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "app.yaml"
@@ -39,7 +40,7 @@ class DetectorConfig(_Strict):
         1, ge=1, description="detection rate: run the detector on every n-th frame"
     )
     max_fps: float = Field(
-        15.0, ge=0, description="detect at most this often per second of media time; 0 = every frame"
+        15.0, ge=0, description="most detections per second of media time; 0 = every frame"
     )
 
 
@@ -199,23 +200,5 @@ def resolve(path: str) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
-class ConfigError(Exception):
-    """A config that cannot be used; the message names the file and the YAML path."""
-
-
 def load_config(path: str | Path | None = None) -> AppConfig:
-    path = Path(path) if path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"no such config file: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    try:
-        return AppConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ConfigError(f"{path}: {where}: {err['msg']}") from e
+    return read_yaml_config(Path(path) if path else DEFAULT_CONFIG, AppConfig)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -82,11 +82,18 @@ class TrainConfig(_Strict):
     run: RunSection = Field(default_factory=RunSection)
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the YAML path."""
 
 
-def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def read_yaml_config(path: str | Path, cls: type[M], overrides: dict[str, Any] | None = None) -> M:
+    """Read a YAML file into the pydantic model `cls`; `overrides` set dotted keys (a.b=c) first.
+
+    Every problem is a ConfigError whose one-line message names the file and the YAML path.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no such config file: {path}")
@@ -94,6 +101,8 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
@@ -101,8 +110,12 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
             node = node.setdefault(p, {})
         node[leaf] = value
     try:
-        return TrainConfig.model_validate(raw)
+        return cls.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         raise ConfigError(f"{path}: {where}: {err['msg']}") from e
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    return read_yaml_config(path, TrainConfig, overrides)
