@@ -55,16 +55,26 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     cfg = _config(args)
     detector, embedder = make_detector(cfg), _embedder(cfg)
     with open_gallery(_gallery_path(args, cfg), embedder) as gallery:
-        faces = enroll(args.name, args.paths, detector, embedder, gallery, face=args.face)
+        report = enroll(
+            args.name, args.paths, detector, embedder, gallery, face=args.face,
+            outlier_margin=None if args.keep_outliers else args.outlier_margin,
+        )
+    faces = report.faces
+    text = f"enrolled {report.name!r}: {len(faces)} template(s)"
+    if report.rejected:
+        text += f", {len(report.rejected)} rejected as outlier(s):"
+        for r in report.rejected:
+            text += f"\n  rejected {r.source}: {r.reason}"
     _out(
         args,
         {
-            "name": args.name.strip(),
+            "name": report.name,
             "templates": len(faces),
             "sources": [f.source for f in faces],
             "qualities": [round(f.quality, 3) for f in faces],
+            "rejected": [r.as_json() for r in report.rejected],
         },
-        f"enrolled {args.name.strip()!r}: {len(faces)} template(s)",
+        text,
     )
     return 0
 
@@ -368,6 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--face",
         type=int,
         help="in images with several faces, enroll the N-th largest (0 = largest)",
+    )
+    sp.add_argument(
+        "--outlier-margin",
+        type=float,
+        default=0.3,
+        help="with >= 3 faces, leave out a face whose cosine to the medoid face is this far "
+        "below the median (default 0.3)",
+    )
+    sp.add_argument(
+        "--keep-outliers", action="store_true", help="enroll every face (no outlier rejection)"
     )
     common(sp)
     sp.set_defaults(func=cmd_enroll)

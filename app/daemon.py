@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 _RECONNECT = object()  # queue marker: the camera's stream broke; end its open tracks
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# frame to event: a track ends `tracker.max_missed` detections after its last frame
+_EVENT_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
 
 
 class Metrics:
@@ -66,6 +68,10 @@ class Metrics:
         self.up = Gauge("facemoe_camera_up", "1 while the camera delivers frames", cam, registry=r)
         self.latency = Histogram("facemoe_stage_seconds", "per-frame stage latency",
                                  ["camera", "stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.event_latency = Histogram(
+            "facemoe_event_latency_seconds",
+            "seconds from the arrival of a track's last frame to its event reaching the sinks",
+            cam, buckets=_EVENT_BUCKETS, registry=r)
 
 
 class FrameQueue:
@@ -133,6 +139,8 @@ class Camera:
         self.last_frame = 0.0  # monotonic time of the last frame read
         self.latencies: dict[str, deque[float]] = {}
         self.fps_window: deque[tuple[float, int]] = deque(maxlen=16)
+        self.arrivals: deque[tuple[float, float]] = deque(maxlen=4096)  # (pts, monotonic)
+        self._arrivals_lock = threading.Lock()
         self.best: dict[int, tuple[float, np.ndarray]] = {}  # track id -> (score, face crop)
         self.source = None
         self.thread = threading.Thread(target=self._read, name=f"cam-{cc.name}", daemon=True)
@@ -164,6 +172,8 @@ class Camera:
                         if delay > 0 and self.d.stopping.wait(min(delay, 1.0)):
                             break
                     last_pts = self._pts_base + frame.pts - first_pts
+                    with self._arrivals_lock:
+                        self.arrivals.append((last_pts, time.monotonic()))
                     self._put(dataclasses.replace(frame, index=self._next_index, pts=last_pts))
                     self._next_index += 1
                     backoff = cfg.reconnect.initial_s
@@ -248,6 +258,14 @@ class Camera:
             open_ids = set(self.pipeline.aggregator.open_tracks())
             self.best = {k: v for k, v in self.best.items() if k in open_ids}
 
+    def arrival(self, pts: float) -> float | None:
+        """Monotonic arrival time of the frame at `pts` (the latest frame at or before it)."""
+        with self._arrivals_lock:
+            for frame_pts, at in reversed(self.arrivals):
+                if frame_pts <= pts + 1e-6:
+                    return at
+        return None
+
     def snapshot(self, ev: Event) -> np.ndarray | None:
         item = self.best.pop(ev.track_id, None)
         return None if item is None else item[1]
@@ -326,6 +344,9 @@ class Daemon:
             self.metrics.events.labels(cam.name).inc()
             try:
                 self.events_out.put_nowait((ev, cam.snapshot(ev)))
+                at = cam.arrival(ev.end)
+                if at is not None:
+                    self.metrics.event_latency.labels(cam.name).observe(time.monotonic() - at)
             except queue.Full:
                 self.metrics.events_dropped.inc()
                 log.error("sink queue full: event %s/%d dropped", ev.camera, ev.track_id)

@@ -21,6 +21,8 @@ from app.track import Tracker, TrackerConfig
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".gif", ".ts", ".m4v"}
+OUTLIER_MARGIN = 0.3  # reject a template this far below the median similarity to the medoid
+OUTLIER_MIN_TEMPLATES = 3  # with fewer templates there is no majority to judge outliers by
 
 
 class EnrollError(Exception):
@@ -32,6 +34,63 @@ class EnrollFace:
     crop: np.ndarray  # uint8[112,112,3] BGR
     quality: float
     source: str
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A template left out at enrollment: its cosine to the identity's medoid template was
+    below `bound` (the median similarity of the other templates minus the margin)."""
+
+    source: str
+    quality: float
+    similarity: float
+    bound: float
+
+    @property
+    def reason(self) -> str:
+        return (f"cosine {self.similarity:.3f} to the medoid template is below "
+                f"{self.bound:.3f} (the median similarity minus the margin)")
+
+    def as_json(self) -> dict:
+        return {"source": self.source, "quality": round(self.quality, 3),
+                "similarity": round(self.similarity, 4), "bound": round(self.bound, 4),
+                "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class EnrollReport:
+    """What `enroll` stored (`faces`) and what it left out as outliers (`rejected`)."""
+
+    name: str
+    faces: list[EnrollFace]
+    rejected: list[Rejection]
+
+
+def find_outliers(
+    vectors: np.ndarray,
+    *,
+    margin: float | None = OUTLIER_MARGIN,
+    min_templates: int = OUTLIER_MIN_TEMPLATES,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Outlier templates of one identity: (mask of those to reject, cosine of each template to
+    the medoid, the bound). The medoid is the template with the highest summed cosine to the
+    others (a robust centre that is itself a real face); a template is rejected when its cosine
+    to the medoid is below the median cosine of the non-medoid templates minus `margin`. Only
+    with >= `min_templates` templates and a non-None margin; the medoid is never rejected."""
+    vecs = np.asarray(vectors, dtype=np.float32)
+    n = len(vecs)
+    keep_all = np.zeros(n, dtype=bool)
+    if margin is None or n < max(min_templates, 3):
+        return keep_all, np.ones(n, dtype=np.float32), float("-inf")
+    unit = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    sims = unit @ unit.T
+    medoid = int(np.argmax(sims.sum(axis=1)))
+    to_medoid = sims[medoid].astype(np.float32)
+    others = np.delete(to_medoid, medoid)
+    bound = float(np.median(others)) - float(margin)
+    reject = to_medoid < bound
+    reject[medoid] = False
+    return reject, to_medoid, bound
 
 
 def _pick(dets: list[Detection], source: str, face: int | None) -> Detection:
@@ -126,12 +185,25 @@ def enroll(
     embedder: Embedder,
     gallery: Gallery,
     face: int | None = None,
-) -> list[EnrollFace]:
-    """Embed every face found and store them as templates of `name` in one transaction."""
+    *,
+    outlier_margin: float | None = OUTLIER_MARGIN,
+    min_templates: int = OUTLIER_MIN_TEMPLATES,
+) -> EnrollReport:
+    """Embed every face found, leave out outliers (`find_outliers`: a face of someone else,
+    a bad detection) and store the rest as templates of `name` in one transaction.
+    `outlier_margin=None` keeps every face."""
     if not name.strip():
         raise EnrollError("the identity name is empty")
     faces = collect(paths, detector, face)
-    vectors = embedder.embed([f.crop for f in faces])
+    vectors = np.asarray(embedder.embed([f.crop for f in faces]), dtype=np.float32)
+    reject, sims, bound = find_outliers(vectors, margin=outlier_margin,
+                                        min_templates=min_templates)
+    rejected = [Rejection(f.source, f.quality, float(sims[i]), bound)
+                for i, f in enumerate(faces) if reject[i]]
+    for r in rejected:
+        log.warning("%s: not enrolled as %r: %s", r.source, name.strip(), r.reason)
+    faces = [f for i, f in enumerate(faces) if not reject[i]]
+    vectors = vectors[~reject]
     gallery.enroll(
         name,
         vectors,
@@ -139,4 +211,4 @@ def enroll(
         [f.quality for f in faces],
         [f.crop for f in faces],
     )
-    return faces
+    return EnrollReport(name.strip(), faces, rejected)

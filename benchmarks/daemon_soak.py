@@ -1,0 +1,397 @@
+"""Daemon soak: N loopback RTSP cameras (640x360, 25 fps) through `facemoe run` for M minutes.
+
+Starts N GstRtspServer subprocesses on 127.0.0.1, each serving short_hamilton_clip.mp4
+(re-encoded once up front to exactly 25 fps, then looped without re-encoding), enrolls
+Lin-Manuel Miranda into a temporary gallery with the CLI, runs the daemon as a subprocess with
+the default model and /metrics on a free port, samples its RSS (/proc/PID/status VmRSS) and
+/metrics every 10 s, and stops it with SIGTERM (exit code must be 0). Figures are measured
+over the M minutes after a warm-up (default 60 s): processed fps per camera, dropped frames,
+reconnects, events, frame-to-event latency p95 (facemoe_event_latency_seconds) and memory
+growth (target < 50 MB). Prints one JSON object on stdout. Not a test.
+
+    .venv/bin/python benchmarks/daemon_soak.py                    # 4 cameras, 10 minutes
+    .venv/bin/python benchmarks/daemon_soak.py --minutes 1 --cameras 2 --out soak.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+SAMPLE_S = 10.0
+GROWTH_TARGET_MB = 50.0
+
+# A looping RTSP camera: the clip's H.264 access units pushed at real time (no re-encoding).
+RTSP_SERVER = r'''
+import sys, threading, time
+import gi
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GLib, Gst, GstRtspServer
+
+Gst.init(None)
+clip, port = sys.argv[1], sys.argv[2]
+reader = Gst.parse_launch(
+    f"filesrc location={clip} ! qtdemux ! h264parse config-interval=-1 ! "
+    "video/x-h264,stream-format=byte-stream,alignment=au ! appsink name=out sync=false")
+reader.set_state(Gst.State.PLAYING)
+sink = reader.get_by_name("out")
+units, caps = [], None
+while True:
+    s = sink.emit("pull-sample")
+    if s is None:
+        break
+    caps = caps or s.get_caps()
+    b = s.get_buffer()
+    units.append(b.extract_dup(0, b.get_size()))
+reader.set_state(Gst.State.NULL)
+ok, n, d = caps.get_structure(0).get_fraction("framerate")
+fps = n / d if ok and n and d else 25.0
+
+def feed(appsrc):
+    i, t0 = 0, time.monotonic()
+    while True:
+        buf = Gst.Buffer.new_wrapped(units[i % len(units)])
+        if appsrc.emit("push-buffer", buf) != Gst.FlowReturn.OK:
+            return
+        i += 1
+        time.sleep(max(0.0, t0 + i / fps - time.monotonic()))
+
+def configure(_factory, media):
+    src = media.get_element().get_by_name("src")
+    src.set_property("caps", caps)
+    threading.Thread(target=feed, args=(src,), daemon=True).start()
+
+server = GstRtspServer.RTSPServer()
+server.set_address("127.0.0.1")
+server.set_service(port)
+factory = GstRtspServer.RTSPMediaFactory()
+factory.set_launch("( appsrc name=src is-live=true do-timestamp=true format=time ! "
+                   "h264parse ! rtph264pay name=pay0 pt=96 config-interval=-1 )")
+factory.connect("media-configure", configure)
+server.get_mount_points().add_factory("/cam", factory)
+if server.attach(None) == 0:
+    sys.exit("cannot bind")
+print("ready", flush=True)
+GLib.MainLoop().run()
+'''
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("FACEMOE_SHARED") or REPO_ROOT.parent / "shared")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def transcode_25fps(clip: Path, out: Path) -> dict:
+    """Re-encode the clip once to exactly 640x360 at 25 fps (H.264, 2 s GOP, no B-frames)."""
+    import gi
+
+    gi.require_version("Gst", "1.0")
+    from gi.repository import Gst
+
+    Gst.init(None)
+    t = time.monotonic()
+    pipe = Gst.parse_launch(
+        f"filesrc location={clip} ! qtdemux ! h264parse ! avdec_h264 ! videoconvert ! "
+        "videoscale ! videorate ! video/x-raw,format=I420,width=640,height=360,framerate=25/1 ! "
+        "x264enc speed-preset=ultrafast tune=zerolatency key-int-max=50 bitrate=1500 ! "
+        f"h264parse ! mp4mux ! filesink location={out}")
+    pipe.set_state(Gst.State.PLAYING)
+    msg = pipe.get_bus().timed_pop_filtered(
+        120 * Gst.SECOND, Gst.MessageType.EOS | Gst.MessageType.ERROR)
+    pipe.set_state(Gst.State.NULL)
+    if msg is None or msg.type != Gst.MessageType.EOS:
+        err = msg.parse_error()[0].message if msg is not None else "timeout"
+        raise SystemExit(f"transcoding {clip} to 25 fps failed: {err}")
+    return {"source": str(clip), "served": str(out), "fps": 25, "size": "640x360",
+            "transcode_s": round(time.monotonic() - t, 2)}
+
+
+class RtspCamera:
+    def __init__(self, script: Path, clip: Path) -> None:
+        self.script, self.clip = script, clip
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"rtsp://127.0.0.1:{self.port}/cam"
+
+    def start(self) -> None:
+        for _ in range(20):  # a free port can be taken between the probe and the bind
+            self.port = free_port()
+            cmd = [sys.executable, str(self.script), str(self.clip), str(self.port)]
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         text=True)
+            if self.proc.stdout.readline().strip() == "ready":
+                return
+            self.proc.wait(5)
+            time.sleep(0.3)
+        raise SystemExit("the RTSP server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmRSS")
+
+
+def scrape(port: int) -> dict:
+    """/metrics as {(sample name, sorted label items): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(m: dict, name: str, **labels) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def histogram(m: dict, name: str, **labels) -> list[tuple[float, float]]:
+    """Cumulative (upper bound, count) buckets of one labelled histogram, ascending."""
+    want = set(labels.items())
+    rows = [(float(dict(k)["le"]), v) for (n, k), v in m.items()
+            if n == f"{name}_bucket" and want <= set(k)]
+    return sorted(rows)
+
+
+def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Prometheus histogram_quantile: linear interpolation inside the bucket."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound  # above the highest finite bucket
+            if count == lower_count:
+                return bound
+            share = (rank - lower_count) / (count - lower_count)
+            return lower_bound + (bound - lower_bound) * share
+        lower_bound, lower_count = bound, count
+    return None
+
+
+def delta(end: list[tuple[float, float]], start: list[tuple[float, float]]):
+    before = dict(start)
+    return [(b, c - before.get(b, 0.0)) for b, c in end]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=10.0, help="measured time after warm-up")
+    p.add_argument("--cameras", type=int, default=4)
+    p.add_argument("--warmup", type=float, default=60.0, help="seconds before the start figures")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, events)")
+    args = p.parse_args()
+    command = shlex.join([sys.executable, *sys.argv])
+
+    shared = shared_dir()
+    clip = shared / "data" / "videos" / "short_hamilton_clip.mp4"
+    photo = shared / "data" / "videos" / "lin-manuel-miranda.png"
+    for f in (clip, photo):
+        if not f.exists():
+            raise SystemExit(f"{f} not found (set FACEMOE_SHARED to the shared folder)")
+
+    tmp = Path(tempfile.mkdtemp(prefix="facemoe-soak-"))
+    print(f"soak: working in {tmp}", file=sys.stderr)
+    source = transcode_25fps(clip, tmp / "clip25.mp4")
+    script = tmp / "rtsp_server.py"
+    script.write_text(RTSP_SERVER)
+
+    cams = [RtspCamera(script, tmp / "clip25.mp4") for _ in range(args.cameras)]
+    daemon: subprocess.Popen | None = None
+    log_path = tmp / "daemon.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        for c in cams:
+            c.start()
+        metrics_port = free_port()
+        cfg = yaml.safe_load((REPO_ROOT / "configs" / "app.yaml").read_text())
+        cfg["gallery"] = {"path": str(tmp / "gallery.db")}
+        cfg["cameras"] = [{"name": f"cam{i}", "uri": c.url} for i, c in enumerate(cams)]
+        cfg.setdefault("daemon", {}).update(
+            metrics_port=metrics_port, stats_interval_s=60,
+            jsonl={"path": str(tmp / "events.jsonl"), "max_mb": 100, "backups": 5})
+        config = tmp / "daemon.yaml"
+        config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+        enroll = subprocess.run(
+            [sys.executable, "-m", "app.cli", "enroll", "Lin-Manuel Miranda", str(photo),
+             "--config", str(config)], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+        if enroll.returncode != 0:
+            raise SystemExit(f"enroll failed:\n{enroll.stdout}{enroll.stderr}")
+
+        with log_path.open("w") as log_file:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "run", "--config", str(config)],
+                cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        t0 = time.monotonic()
+        names = [f"cam{i}" for i in range(args.cameras)]
+
+        def alive() -> None:
+            if daemon.poll() is not None:
+                raise SystemExit(f"the daemon exited ({daemon.returncode}):\n"
+                                 + log_path.read_text()[-3000:])
+
+        while True:  # wait for /metrics
+            alive()
+            try:
+                scrape(metrics_port)
+                break
+            except OSError as exc:
+                if time.monotonic() - t0 > 120:
+                    tail = log_path.read_text()[-3000:]
+                    raise SystemExit(f"no /metrics after 120 s:\n{tail}") from exc
+                time.sleep(0.5)
+
+        samples = []
+        start = end = None
+        warm_at = t0 + args.warmup
+        end_at = warm_at + args.minutes * 60
+        next_at = time.monotonic()
+        while True:
+            alive()
+            now = time.monotonic()
+            m = scrape(metrics_port)
+            rss = rss_mb(daemon.pid)
+            samples.append({
+                "t_s": round(now - t0, 1), "rss_mb": round(rss, 1),
+                "frames": {n: value(m, "facemoe_frames_total", camera=n) for n in names},
+                "dropped": {n: value(m, "facemoe_frames_dropped_total", camera=n) for n in names},
+                "fps": {n: round(value(m, "facemoe_fps", camera=n), 2) for n in names}})
+            print(f"soak: t={now - t0:6.1f} s rss={rss:7.1f} MB fps="
+                  + " ".join(f"{v:.1f}" for v in samples[-1]["fps"].values()), file=sys.stderr)
+            if start is None and now >= warm_at:
+                start = (now, m, rss)
+            if start is not None and now >= end_at:
+                end = (now, m, rss)
+                break
+            next_at += SAMPLE_S
+            time.sleep(max(0.0, min(next_at, end_at if start else warm_at) - time.monotonic()))
+
+        t_stop = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            rc = daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            rc = daemon.wait(5)
+        stop_s = time.monotonic() - t_stop
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(5)
+        for c in cams:
+            c.stop()
+
+    (t_a, m_a, rss_a), (t_b, m_b, rss_b) = start, end
+    secs = t_b - t_a
+    per_camera = {}
+    for n in names:
+        frames = value(m_b, "facemoe_frames_total", camera=n) - value(
+            m_a, "facemoe_frames_total", camera=n)
+        lat = delta(histogram(m_b, "facemoe_event_latency_seconds", camera=n),
+                    histogram(m_a, "facemoe_event_latency_seconds", camera=n))
+        frame_h = delta(histogram(m_b, "facemoe_stage_seconds", camera=n, stage="frame"),
+                        histogram(m_a, "facemoe_stage_seconds", camera=n, stage="frame"))
+        queue_h = delta(histogram(m_b, "facemoe_stage_seconds", camera=n, stage="queue"),
+                        histogram(m_a, "facemoe_stage_seconds", camera=n, stage="queue"))
+        p95 = quantile(lat, 0.95)
+        per_camera[n] = {
+            "processed_fps": round(frames / secs, 2),
+            "frames": int(frames),
+            "dropped": int(value(m_b, "facemoe_frames_dropped_total", camera=n)
+                           - value(m_a, "facemoe_frames_dropped_total", camera=n)),
+            "reconnects": int(value(m_b, "facemoe_reconnects_total", camera=n)),
+            "events": int(value(m_b, "facemoe_events_total", camera=n)
+                          - value(m_a, "facemoe_events_total", camera=n)),
+            "event_latency_p95_s": None if p95 is None else round(p95, 3),
+            "frame_ms_p95": _ms(quantile(frame_h, 0.95)),
+            "queue_ms_p95": _ms(quantile(queue_h, 0.95)),
+        }
+    growth = rss_b - rss_a
+    all_lat: dict[float, float] = {}  # every camera's events together
+    for n in names:
+        for b, c in delta(histogram(m_b, "facemoe_event_latency_seconds", camera=n),
+                          histogram(m_a, "facemoe_event_latency_seconds", camera=n)):
+            all_lat[b] = all_lat.get(b, 0.0) + c
+    p95_all = quantile(sorted(all_lat.items()), 0.95)
+    result = {
+        "benchmark": "daemon_soak",
+        "command": command,
+        "cameras": args.cameras,
+        "stream": {**source, "transport": "RTSP over 127.0.0.1, H.264 passed through"},
+        "cpu_cores": os.cpu_count(),
+        "warmup_s": args.warmup,
+        "measured_s": round(secs, 1),
+        "per_camera": per_camera,
+        "total_processed_fps": round(sum(c["processed_fps"] for c in per_camera.values()), 2),
+        "dropped_total": sum(c["dropped"] for c in per_camera.values()),
+        "events_total": sum(c["events"] for c in per_camera.values()),
+        "event_latency_p95_s": None if p95_all is None else round(p95_all, 3),
+        "rss_start_mb": round(rss_a, 1),
+        "rss_end_mb": round(rss_b, 1),
+        "rss_growth_mb": round(growth, 1),
+        "rss_growth_target_mb": GROWTH_TARGET_MB,
+        "rss_growth_ok": growth < GROWTH_TARGET_MB,
+        "exit_code": rc,
+        "stop_s": round(stop_s, 2),
+        "samples": samples,
+    }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    if args.keep:
+        print(f"soak: kept {tmp}", file=sys.stderr)
+    else:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    if rc != 0:
+        print(f"soak: the daemon exited with {rc} after SIGTERM", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

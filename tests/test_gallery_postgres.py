@@ -1,0 +1,136 @@
+"""Gallery on PostgreSQL: the core operations against a real server.
+
+Runs when FACEMOE_TEST_POSTGRES_URL names an empty scratch database, e.g.
+postgresql+psycopg://facemoe@127.0.0.1:54329/facemoe_test (`.ci/run` starts one through
+`.ci/postgres.sh`); its gallery tables are dropped after every test. Skips otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.gallery import Gallery, GalleryError, _Base
+from app.match import Matcher
+from app.records import Event
+
+MODEL = ("facemoe-edge", "0.1.0")
+D = 16
+
+
+@pytest.fixture
+def pg_url() -> str:
+    url = os.environ.get("FACEMOE_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("FACEMOE_TEST_POSTGRES_URL is not set (a scratch PostgreSQL database URL, "
+                    "e.g. from .ci/postgres.sh)")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e .[dev])")
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.OperationalError as exc:
+        pytest.skip(f"cannot connect to FACEMOE_TEST_POSTGRES_URL: {str(exc).splitlines()[0]}")
+    _Base.metadata.drop_all(engine)
+    yield url
+    _Base.metadata.drop_all(engine)
+    engine.dispose()
+
+
+def unit(rng: np.random.Generator, m: int, d: int = D) -> np.ndarray:
+    v = rng.normal(size=(m, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def crops(rng: np.random.Generator, m: int) -> list[np.ndarray]:
+    return [rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8) for _ in range(m)]
+
+
+def event(track_id: int, identity: str | None = "alice") -> Event:
+    return Event(camera="cam0", track_id=track_id, identity=identity, score=0.61,
+                 start=1.0 * track_id, end=1.0 * track_id + 2.5, frames=30,
+                 best_bbox=(10.0, 20.0, 48.0, 56.0), model="facemoe-edge@0.1.0")
+
+
+def test_enroll_matrix_rename_remove(pg_url: str) -> None:
+    rng = np.random.default_rng(1)
+    a, b = unit(rng, 2), unit(rng, 1)
+    with Gallery(pg_url, *MODEL) as g:
+        assert g.matrix()[0] == [] and g.version() == 0
+        g.enroll("alice", a, ["a1.jpg", "a2.jpg"], [0.7, 0.8], crops(rng, 2))
+        g.enroll("bob", b, ["b.jpg"], [0.9])
+        names, mat = g.matrix()
+        assert names == ["alice", "alice", "bob"]
+        np.testing.assert_allclose(mat, np.concatenate([a, b]), atol=1e-6)
+        assert [i.name for i in g.identities()] == ["alice", "bob"]
+        assert [t.source for t in g.templates("alice")] == ["a1.jpg", "a2.jpg"]
+        assert Matcher.from_gallery(g, 0.5).match(a[1]).identity == "alice"
+
+        v = g.version()
+        g.rename("alice", "carol")
+        assert g.version() > v and [i.name for i in g.identities()] == ["bob", "carol"]
+        with pytest.raises(GalleryError, match="already exists"):
+            g.rename("bob", "carol")
+
+        g.add_events([event(1, "carol"), event(2, None), event(3, "bob")])
+        evs = g.events()
+        assert len(evs) == 3 and {e.identity for e in evs} == {"carol", None, "bob"}
+        assert g.remove("carol") == 1  # its one event goes with it; compact is a no-op here
+        assert [i.name for i in g.identities()] == ["bob"]
+        assert len(g.events()) == 2
+        assert g.compact() is False  # VACUUM is SQLite-only: skipped
+        assert g.integrity_check() == "ok"
+        assert "bytes" not in g.info() and g.info()["identities"] == 1
+        actions = [e.action for e in g.audit()]
+        assert {"enroll", "rename", "remove"} <= set(actions)
+    with Gallery(pg_url, *MODEL, create=False) as g:  # reopen: the data persisted
+        assert g.matrix()[0] == ["bob"]
+
+
+def test_model_mismatch_refused(pg_url: str) -> None:
+    rng = np.random.default_rng(2)
+    with Gallery(pg_url, *MODEL) as g:
+        g.enroll("alice", unit(rng, 1), ["a.jpg"], [0.5])
+    with pytest.raises(GalleryError, match="model"):
+        Gallery(pg_url, "other-model", "9")
+    with Gallery(pg_url, "other-model", "9", adopt_model=True) as g:
+        assert g.model == "facemoe-edge@0.1.0"
+
+
+def test_export_import_round_trip(pg_url: str, tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    with Gallery(pg_url, *MODEL) as g:
+        g.enroll("alice", unit(rng, 2), ["a1.jpg", "a2.jpg"], [0.7, 0.8], crops(rng, 2))
+        g.enroll("bob", unit(rng, 1), ["b.jpg"], [0.9], crops(rng, 1))
+        report = g.export(tmp_path / "g.zip")
+        before = g.matrix()
+        expected = {n: g.templates(n) for n in ("alice", "bob")}
+    assert (report.identities, report.templates) == (2, 3)
+    # PostgreSQL -> SQLite -> PostgreSQL (after emptying the PostgreSQL gallery)
+    with Gallery(tmp_path / "copy.db", *MODEL) as local:
+        r = local.import_file(report.path)
+        assert (r.identities_added, r.templates_added) == (2, 3)
+        back = local.export(tmp_path / "back.zip")
+    with Gallery(pg_url, *MODEL) as g:
+        g.remove("alice")
+        g.remove("bob")
+        assert g.matrix()[0] == []
+        r = g.import_file(back.path)
+        assert (r.identities_added, r.templates_added) == (2, 3)
+        names, mat = g.matrix()
+        assert names == before[0]
+        np.testing.assert_array_equal(mat, before[1])
+        for name, templates in expected.items():
+            got = g.templates(name)
+            assert [(t.source, t.quality) for t in got] == \
+                   [(t.source, t.quality) for t in templates]
+            assert all(np.array_equal(x.crop, y.crop) for x, y in zip(got, templates, strict=True))
+        with pytest.raises(GalleryError, match="already in the gallery"):
+            g.import_file(back.path)
+        r = g.import_file(back.path, on_conflict="merge")
+        assert (r.templates_added, r.templates_duplicate) == (0, 3)
