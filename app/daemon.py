@@ -34,7 +34,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from app.config import AppConfig, CameraConfig, ConfigError
 from app.gallery import Gallery
-from app.pipeline import FacePipeline, StageTimes
+from app.pipeline import EmbedBatch, FacePipeline, StageTimes
 from app.records import Event, Frame
 from app.runtime import GalleryMatcher, make_detector, make_embedder, open_gallery, threshold
 from app.sinks import GallerySink, MqttSink, RotatingJsonlSink, Sink, SinkError, WebhookSink
@@ -131,7 +131,7 @@ class Camera:
                 update={"every_n_frames": cc.detect_every_n})})
         self.times = StageTimes()
         self.pipeline = FacePipeline(cc.name, cfg, daemon.detector, daemon.embedder,
-                                     daemon.matcher, self.times)
+                                     daemon.matcher, self.times, daemon.embed_batch)
         self.queue = FrameQueue(daemon.cfg.daemon.frame_queue)
         self.state = "starting"
         self.error = ""
@@ -305,6 +305,8 @@ class Daemon:
             raise ConfigError("no enabled camera in the config (add a `cameras:` list)")
         _init_gst()  # once, here: initialising from several reader threads at once races
         self.detector, self.embedder = make_detector(cfg), make_embedder(cfg)
+        # one embedding batch for every camera: crops from all of them fill each embedder call
+        self.embed_batch = EmbedBatch(self.embedder)
         self.gallery: Gallery = open_gallery(cfg.gallery.path, self.embedder, create=True)
         if not self.gallery.identities():
             log.warning("the gallery %s is empty: every face will be reported as unknown",

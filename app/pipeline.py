@@ -47,6 +47,38 @@ class StageTimes:
         return {k: round(v, 4) for k, v in self.seconds.items()}
 
 
+class EmbedBatch:
+    """Crops waiting for the embedder, from one pipeline or shared by several cameras.
+
+    Sharing one batch across the daemon's cameras fills the embedder's batches from all of
+    them; any pipeline that needs its results (a track is ending) runs the whole batch.
+    """
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+        self.items: list[tuple[FacePipeline, AlignedFace]] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, pipeline: FacePipeline, face: AlignedFace) -> None:
+        self.items.append((pipeline, face))
+
+    def run(self, times: StageTimes) -> None:
+        """Embed every waiting crop in one call and hand each vector to its pipeline."""
+        if not self.items:
+            return
+        items, self.items = self.items, []
+        with times("embed"):
+            vectors = self.embedder.embed([face.crop for _, face in items])
+        owners: dict[int, FacePipeline] = {}
+        for (pipeline, face), vec in zip(items, vectors, strict=True):
+            pipeline.aggregator.add(FaceEmbedding(face, vec))
+            owners[id(pipeline)] = pipeline
+        for pipeline in owners.values():
+            pipeline.update_labels({f.track_id for p, f in items if p is pipeline})
+
+
 @dataclass(frozen=True)
 class FrameResult:
     """What the pipeline saw in one frame (for annotation) and the events it finished."""
@@ -65,6 +97,7 @@ class FacePipeline:
         embedder: Embedder,
         matcher: Callable[[], Matcher],
         times: StageTimes | None = None,
+        batch: EmbedBatch | None = None,
     ) -> None:
         self.camera, self.cfg = camera, cfg
         self.detector, self.embedder, self.matcher = detector, embedder, matcher
@@ -84,7 +117,7 @@ class FacePipeline:
             camera, EmbedPolicy(e.first_n, e.every_n, e.min_gain, e.max_per_track)
         )
         self.times = times or StageTimes()
-        self.pending: list[AlignedFace] = []
+        self.batch = batch if batch is not None else EmbedBatch(embedder)
         self.labels: dict[int, Match] = {}
         self.frames = self.detections = self.tracks_finished = 0
         self._last_detect: float | None = None
@@ -117,9 +150,9 @@ class FacePipeline:
                     score_quality(f.detection, crop),
                 )
                 if self.aggregator.observe(aligned):
-                    self.pending.append(aligned)
-        if len(self.pending) >= self.embedder.batch_size or finished:
-            self._embed_pending()
+                    self.batch.add(self, aligned)
+        if len(self.batch) >= self.embedder.batch_size or finished:
+            self.batch.run(self.times)
         events = self._finish(finished)
         return FrameResult(
             faces,
@@ -141,20 +174,14 @@ class FacePipeline:
 
     def flush(self) -> list[Event]:
         """End every open track (end of a file, a camera going away, shutdown)."""
-        self._embed_pending()
+        self.batch.run(self.times)
         return self._finish(self.tracker.finish_all())
 
-    def _embed_pending(self) -> None:
-        if not self.pending:
-            return
-        faces, self.pending = self.pending, []
-        with self.times("embed"):
-            vectors = self.embedder.embed([f.crop for f in faces])
+    def update_labels(self, track_ids: set[int]) -> None:
+        """Re-match the running templates of tracks that just got embeddings (for annotation)."""
         with self.times("aggregate"):
-            for face, vec in zip(faces, vectors):
-                self.aggregator.add(FaceEmbedding(face, vec))
             matcher = self.matcher()
-            for tid in {f.track_id for f in faces}:
+            for tid in track_ids:
                 template = self.aggregator.template(tid)
                 if template is not None:
                     self.labels[tid] = matcher.match(template)
