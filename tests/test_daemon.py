@@ -319,3 +319,49 @@ def test_camera_config_validation():
         AppConfig.model_validate({"cameras": [{"name": "x", "uri": "a", "fps": 3}]})
     with pytest.raises(ValueError):
         AppConfig.model_validate({"daemon": {"webhook": {"url": "ftp://x"}}})
+
+
+@pytest.mark.slow
+def test_person_enrolled_while_running_is_matched_without_restart(tmp_path, data_dir):
+    """Another process enrolls Lin-Manuel Miranda into the running daemon's gallery: the daemon
+    (a looped file camera, the shipped model) names him on the next pass of his close-up."""
+    videos = data_dir / "videos"
+    events_jsonl = tmp_path / "events.jsonl"
+    gallery = tmp_path / "gallery.db"
+    metrics_port = _free_port()
+    cfg = {
+        "gallery": {"path": str(gallery)},
+        "cameras": [{"name": "stage", "uri": str(videos / "short_hamilton_clip.mp4"), "loop": True}],
+        "daemon": {"metrics_port": metrics_port, "jsonl": {"path": str(events_jsonl)},
+                   "sqlite_commit_s": 0.5, "shutdown_timeout_s": 5},
+    }
+    AppConfig.model_validate(cfg)
+    config = tmp_path / "daemon.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "daemon.log"
+
+    def identities():
+        if not events_jsonl.exists():
+            return []
+        return [json.loads(line)["identity"] for line in events_jsonl.read_text().splitlines()]
+
+    with log_path.open("w") as log_file:
+        daemon = subprocess.Popen([sys.executable, "-m", "app.cli", "run", "--config", str(config)],
+                                  cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait("the daemon's first events", lambda: daemon.poll() is None and len(identities()) >= 3, 60)
+        assert not [i for i in identities() if i]  # nobody enrolled yet: all unknown
+        enrolled = subprocess.run(
+            [sys.executable, "-m", "app.cli", "enroll", "Lin-Manuel Miranda",
+             str(videos / "lin-manuel-miranda.png"), "--gallery", str(gallery)],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert enrolled.returncode == 0, enrolled.stderr[-2000:]
+        _wait("an event naming the newly enrolled person",
+              lambda: daemon.poll() is None and "Lin-Manuel Miranda" in identities(), 60)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(15) == 0, log_path.read_text()[-3000:]
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(5)
