@@ -160,7 +160,7 @@ class Camera:
                 if self.d.stopping.is_set():
                     break
                 self.state, self.error = "running", ""
-                first_pts, last_pts = None, 0.0
+                first_pts, last_pts, prev_rel = None, 0.0, None
                 paced = not self.source.is_live  # files play at their frame rate, like a camera
                 for frame in self.source:
                     if self.d.stopping.is_set():
@@ -171,6 +171,10 @@ class Camera:
                         delay = started + (frame.pts - first_pts) - time.monotonic()
                         if delay > 0 and self.d.stopping.wait(min(delay, 1.0)):
                             break
+                    rel = frame.pts - first_pts
+                    if not paced and prev_rel is not None:
+                        self._count_upstream_drops(rel - prev_rel)
+                    prev_rel = rel
                     last_pts = self._pts_base + frame.pts - first_pts
                     with self._arrivals_lock:
                         self.arrivals.append((last_pts, time.monotonic()))
@@ -201,6 +205,15 @@ class Camera:
                 break
             backoff = min(backoff * 2, cfg.reconnect.max_s)
         self.state = "stopped"
+
+    def _count_upstream_drops(self, gap: float) -> None:
+        """Frames a live source's leaky appsink dropped before our queue, from a timestamp gap
+        between consecutive frames of one connection: n frame intervals = n - 1 lost frames."""
+        fps = self.source.fps if self.source is not None else 0.0
+        missed = round(gap * fps) - 1 if fps > 0 else 0
+        if missed > 0:
+            self.dropped += missed
+            self.d.metrics.dropped.labels(self.name).inc(missed)
 
     def _put(self, item) -> None:
         if item is not _RECONNECT:
