@@ -20,7 +20,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,73 +34,13 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from benchmarks.rtsp_camera import RtspCamera, free_port  # noqa: E402
+
 SAMPLE_S = 10.0
 GROWTH_TARGET_MB = 50.0
 
-# A looping RTSP camera: the clip's H.264 access units pushed at real time (no re-encoding).
-RTSP_SERVER = r'''
-import sys, threading, time
-import gi
-gi.require_version("Gst", "1.0")
-gi.require_version("GstRtspServer", "1.0")
-from gi.repository import GLib, Gst, GstRtspServer
-
-Gst.init(None)
-clip, port = sys.argv[1], sys.argv[2]
-reader = Gst.parse_launch(
-    f"filesrc location={clip} ! qtdemux ! h264parse config-interval=-1 ! "
-    "video/x-h264,stream-format=byte-stream,alignment=au ! appsink name=out sync=false")
-reader.set_state(Gst.State.PLAYING)
-sink = reader.get_by_name("out")
-units, caps = [], None
-while True:
-    s = sink.emit("pull-sample")
-    if s is None:
-        break
-    caps = caps or s.get_caps()
-    b = s.get_buffer()
-    units.append(b.extract_dup(0, b.get_size()))
-reader.set_state(Gst.State.NULL)
-ok, n, d = caps.get_structure(0).get_fraction("framerate")
-fps = n / d if ok and n and d else 25.0
-
-def feed(appsrc):
-    i, t0 = 0, time.monotonic()
-    while True:
-        buf = Gst.Buffer.new_wrapped(units[i % len(units)])
-        if appsrc.emit("push-buffer", buf) != Gst.FlowReturn.OK:
-            return
-        i += 1
-        time.sleep(max(0.0, t0 + i / fps - time.monotonic()))
-
-def configure(_factory, media):
-    src = media.get_element().get_by_name("src")
-    src.set_property("caps", caps)
-    threading.Thread(target=feed, args=(src,), daemon=True).start()
-
-server = GstRtspServer.RTSPServer()
-server.set_address("127.0.0.1")
-server.set_service(port)
-factory = GstRtspServer.RTSPMediaFactory()
-factory.set_launch("( appsrc name=src is-live=true do-timestamp=true format=time ! "
-                   "h264parse ! rtph264pay name=pay0 pt=96 config-interval=-1 )")
-factory.connect("media-configure", configure)
-server.get_mount_points().add_factory("/cam", factory)
-if server.attach(None) == 0:
-    sys.exit("cannot bind")
-print("ready", flush=True)
-GLib.MainLoop().run()
-'''
-
-
 def shared_dir() -> Path:
     return Path(os.environ.get("FACEMOE_SHARED") or REPO_ROOT.parent / "shared")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def transcode_25fps(clip: Path, out: Path) -> dict:
@@ -127,34 +66,6 @@ def transcode_25fps(clip: Path, out: Path) -> dict:
         raise SystemExit(f"transcoding {clip} to 25 fps failed: {err}")
     return {"source": str(clip), "served": str(out), "fps": 25, "size": "640x360",
             "transcode_s": round(time.monotonic() - t, 2)}
-
-
-class RtspCamera:
-    def __init__(self, script: Path, clip: Path) -> None:
-        self.script, self.clip = script, clip
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"rtsp://127.0.0.1:{self.port}/cam"
-
-    def start(self) -> None:
-        for _ in range(20):  # a free port can be taken between the probe and the bind
-            self.port = free_port()
-            cmd = [sys.executable, str(self.script), str(self.clip), str(self.port)]
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                         text=True)
-            if self.proc.stdout.readline().strip() == "ready":
-                return
-            self.proc.wait(5)
-            time.sleep(0.3)
-        raise SystemExit("the RTSP server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 def rss_mb(pid: int) -> float:
@@ -230,10 +141,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="facemoe-soak-"))
     print(f"soak: working in {tmp}", file=sys.stderr)
     source = transcode_25fps(clip, tmp / "clip25.mp4")
-    script = tmp / "rtsp_server.py"
-    script.write_text(RTSP_SERVER)
 
-    cams = [RtspCamera(script, tmp / "clip25.mp4") for _ in range(args.cameras)]
+    cams = [RtspCamera(tmp / "clip25.mp4") for _ in range(args.cameras)]
     daemon: subprocess.Popen | None = None
     log_path = tmp / "daemon.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -317,7 +226,7 @@ def main() -> int:
             daemon.kill()
             daemon.wait(5)
         for c in cams:
-            c.stop()
+            c.kill()
 
     (t_a, m_a, rss_a), (t_b, m_b, rss_b) = start, end
     secs = t_b - t_a

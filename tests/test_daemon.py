@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,109 +24,9 @@ import yaml
 from app.config import AppConfig
 from app.records import Event
 from app.sinks import RotatingJsonlSink, SinkError, WebhookSink
+from benchmarks.rtsp_camera import RtspCamera, free_port, rtsp_available
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-RTSP_SERVER = r'''
-import sys, threading, time
-import gi
-gi.require_version("Gst", "1.0")
-gi.require_version("GstRtspServer", "1.0")
-from gi.repository import GLib, Gst, GstRtspServer
-
-Gst.init(None)
-clip, port = sys.argv[1], sys.argv[2]
-reader = Gst.parse_launch(
-    f"filesrc location={clip} ! qtdemux ! h264parse config-interval=-1 ! "
-    "video/x-h264,stream-format=byte-stream,alignment=au ! appsink name=out sync=false")
-reader.set_state(Gst.State.PLAYING)
-sink = reader.get_by_name("out")
-units, caps = [], None
-while True:
-    s = sink.emit("pull-sample")
-    if s is None:
-        break
-    caps = caps or s.get_caps()
-    b = s.get_buffer()
-    units.append(b.extract_dup(0, b.get_size()))
-reader.set_state(Gst.State.NULL)
-ok, n, d = caps.get_structure(0).get_fraction("framerate")
-fps = n / d if ok and n and d else 25.0
-
-def feed(appsrc):  # the clip's access units at real time, looped
-    i, t0 = 0, time.monotonic()
-    while True:
-        buf = Gst.Buffer.new_wrapped(units[i % len(units)])
-        if appsrc.emit("push-buffer", buf) != Gst.FlowReturn.OK:
-            return
-        i += 1
-        time.sleep(max(0.0, t0 + i / fps - time.monotonic()))
-
-def configure(_factory, media):
-    src = media.get_element().get_by_name("src")
-    src.set_property("caps", caps)
-    threading.Thread(target=feed, args=(src,), daemon=True).start()
-
-server = GstRtspServer.RTSPServer()
-server.set_address("127.0.0.1")
-server.set_service(port)
-factory = GstRtspServer.RTSPMediaFactory()
-factory.set_launch("( appsrc name=src is-live=true do-timestamp=true format=time ! "
-                   "h264parse ! rtph264pay name=pay0 pt=96 config-interval=-1 )")
-factory.connect("media-configure", configure)
-server.get_mount_points().add_factory("/cam", factory)
-if server.attach(None) == 0:
-    sys.exit("cannot bind")
-print("ready", flush=True)
-GLib.MainLoop().run()
-'''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gst_rtsp_available() -> bool:
-    try:
-        import gi
-
-        gi.require_version("GstRtspServer", "1.0")
-        from gi.repository import GstRtspServer  # noqa: F401
-    except (ImportError, ValueError):
-        return False
-    return True
-
-
-class RtspCamera:
-    """A looping RTSP camera in a subprocess that can be killed and restarted."""
-
-    def __init__(self, script: Path, clip: Path, port: int) -> None:
-        self.script, self.clip, self.port = script, clip, port
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"rtsp://127.0.0.1:{self.port}/cam"
-
-    def start(self) -> None:
-        deadline = time.monotonic() + 15
-        while True:
-            cmd = [sys.executable, str(self.script), str(self.clip), str(self.port)]
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                         text=True)
-            line = self.proc.stdout.readline()  # "ready" or EOF when it could not bind
-            if line.strip() == "ready":
-                return
-            self.proc.wait(5)
-            assert time.monotonic() < deadline, "RTSP test server did not start"
-            time.sleep(0.3)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -154,14 +53,12 @@ def _wait(what: str, cond, timeout: float, interval: float = 0.25):
 
 @pytest.mark.slow
 def test_daemon_reconnects_and_shuts_down_cleanly(tmp_path, data_dir, tiny_model_dir, yunet_path):
-    if not _gst_rtsp_available():
+    if not rtsp_available():
         pytest.skip("GstRtspServer typelib (gir1.2-gst-rtsp-server-1.0) not installed")
-    script = tmp_path / "rtsp_server.py"
-    script.write_text(RTSP_SERVER)
     videos = data_dir / "videos"
-    cam_a = RtspCamera(script, videos / "short_hamilton_clip.mp4", _free_port())
-    cam_b = RtspCamera(script, videos / "intel_head-pose-face-detection-female.mp4", _free_port())
-    metrics_port = _free_port()
+    cam_a = RtspCamera(videos / "short_hamilton_clip.mp4")
+    cam_b = RtspCamera(videos / "intel_head-pose-face-detection-female.mp4")
+    metrics_port = free_port()
     events_jsonl = tmp_path / "events.jsonl"
     gallery = tmp_path / "gallery.db"
     cfg = {
@@ -169,13 +66,20 @@ def test_daemon_reconnects_and_shuts_down_cleanly(tmp_path, data_dir, tiny_model
         "detector": {"model": str(yunet_path)},
         "tracker": {"max_missed": 5},
         "gallery": {"path": str(gallery)},
-        "cameras": [{"name": "a", "uri": cam_a.url, "detect_every_n": 2},
-                    {"name": "b", "uri": cam_b.url}],
-        "daemon": {"metrics_port": metrics_port, "stats_interval_s": 2, "frame_timeout_s": 2,
-                   "reconnect": {"initial_s": 0.5, "max_s": 1.0},
-                   "jsonl": {"path": str(events_jsonl)}, "sqlite_commit_s": 0.5,
-                   "snapshots": {"dir": str(tmp_path / "snaps")},
-                   "shutdown_timeout_s": 5},
+        "cameras": [
+            {"name": "a", "uri": cam_a.url, "detect_every_n": 2},
+            {"name": "b", "uri": cam_b.url},
+        ],
+        "daemon": {
+            "metrics_port": metrics_port,
+            "stats_interval_s": 2,
+            "frame_timeout_s": 2,
+            "reconnect": {"initial_s": 0.5, "max_s": 1.0},
+            "jsonl": {"path": str(events_jsonl)},
+            "sqlite_commit_s": 0.5,
+            "snapshots": {"dir": str(tmp_path / "snaps")},
+            "shutdown_timeout_s": 5,
+        },
     }
     AppConfig.model_validate(cfg)
     config = tmp_path / "daemon.yaml"
@@ -187,34 +91,52 @@ def test_daemon_reconnects_and_shuts_down_cleanly(tmp_path, data_dir, tiny_model
         cam_b.start()
         with log_path.open("w") as log_file:
             cmd = [sys.executable, "-m", "app.cli", "run", "--config", str(config)]
-            daemon = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            daemon = subprocess.Popen(
+                cmd,
+                cwd=REPO_ROOT,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
 
         def cams():
             assert daemon.poll() is None, log_path.read_text()[-3000:]
             h = _health(metrics_port)
             return h["cameras"] if h else None
 
-        _wait("frames from both cameras",
-              lambda: (c := cams()) and c["a"]["frames"] > 10 and c["b"]["frames"] > 10, 40)
+        _wait(
+            "frames from both cameras",
+            lambda: (c := cams()) and c["a"]["frames"] > 10 and c["b"]["frames"] > 10,
+            40,
+        )
         cam_a.kill()
         _wait("camera a to fail and reconnect", lambda: cams()["a"]["reconnects"] >= 1, 15)
         at_restart = cams()
         assert at_restart["a"]["state"] != "running"
         cam_a.start()
-        _wait("camera a to resume and camera b to go on",
-              lambda: (c := cams())["a"]["frames"] > at_restart["a"]["frames"] + 10
-              and c["a"]["state"] == "running"
-              and c["b"]["frames"] > at_restart["b"]["frames"] + 10, 25)
+        _wait(
+            "camera a to resume and camera b to go on",
+            lambda: (
+                (c := cams())["a"]["frames"] > at_restart["a"]["frames"] + 10
+                and c["a"]["state"] == "running"
+                and c["b"]["frames"] > at_restart["b"]["frames"] + 10
+            ),
+            25,
+        )
 
         # a hung camera (TCP open, no data): no frame for frame_timeout_s -> reconnect
         before = cams()["a"]
         os.kill(cam_a.proc.pid, signal.SIGSTOP)
         _wait("camera a to time out", lambda: cams()["a"]["reconnects"] > before["reconnects"], 15)
         os.kill(cam_a.proc.pid, signal.SIGCONT)
-        _wait("camera a to resume after the hang",
-              lambda: (c := cams())["a"]["frames"] > before["frames"] + 10
-              and c["a"]["state"] == "running", 25)
+        _wait(
+            "camera a to resume after the hang",
+            lambda: (
+                (c := cams())["a"]["frames"] > before["frames"] + 10
+                and c["a"]["state"] == "running"
+            ),
+            25,
+        )
 
         status, body = _get(metrics_port, "/metrics")
         text = body.decode()
@@ -249,8 +171,17 @@ def test_daemon_reconnects_and_shuts_down_cleanly(tmp_path, data_dir, tiny_model
     assert sorted((e["camera"], e["track_id"]) for e in lines) == sorted(rows)
     assert {e["camera"] for e in lines} <= {"a", "b"}
     for e in lines:
-        assert set(e) == {"camera", "track_id", "identity", "score", "start", "end", "frames",
-                          "best_bbox", "model"}
+        assert set(e) == {
+            "camera",
+            "track_id",
+            "identity",
+            "score",
+            "start",
+            "end",
+            "frames",
+            "best_bbox",
+            "model",
+        }
         assert e["end"] >= e["start"]
     snaps = list((tmp_path / "snaps").glob("*/*.jpg"))
     assert 0 < len(snaps) <= len(lines)  # best face per event (events without a crop have none)
@@ -258,8 +189,17 @@ def test_daemon_reconnects_and_shuts_down_cleanly(tmp_path, data_dir, tiny_model
 
 
 def _event(i: int) -> Event:
-    return Event(camera="c", track_id=i, identity=None, score=0.1, start=0.0, end=1.0, frames=3,
-                 best_bbox=(1.0, 2.0, 3.0, 4.0), model="m")
+    return Event(
+        camera="c",
+        track_id=i,
+        identity=None,
+        score=0.1,
+        start=0.0,
+        end=1.0,
+        frames=3,
+        best_bbox=(1.0, 2.0, 3.0, 4.0),
+        model="m",
+    )
 
 
 def test_rotating_jsonl_keeps_backups(tmp_path):
@@ -269,8 +209,11 @@ def test_rotating_jsonl_keeps_backups(tmp_path):
     sink.close()
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["ev.jsonl", "ev.jsonl.1", "ev.jsonl.2"]
-    ids = [json.loads(line)["track_id"] for name in ("ev.jsonl.2", "ev.jsonl.1", "ev.jsonl")
-           for line in (tmp_path / name).read_text().splitlines()]
+    ids = [
+        json.loads(line)["track_id"]
+        for name in ("ev.jsonl.2", "ev.jsonl.1", "ev.jsonl")
+        for line in (tmp_path / name).read_text().splitlines()
+    ]
     assert ids == sorted(ids) and ids[-1] == 19  # newest last, oldest rotated away
     assert all((tmp_path / n).stat().st_size < 600 for n in files)
 
@@ -291,12 +234,13 @@ def test_webhook_posts_events_and_fails_in_one_line(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         WebhookSink(f"http://127.0.0.1:{server.server_address[1]}/hook", timeout=2).write(
-            [_event(1), _event(2)])
+            [_event(1), _event(2)]
+        )
     finally:
         server.shutdown()
     assert [r["track_id"] for r in received] == [1, 2]
     with pytest.raises(SinkError, match="webhook"):
-        WebhookSink(f"http://127.0.0.1:{_free_port()}/hook", timeout=1).write([_event(3)])
+        WebhookSink(f"http://127.0.0.1:{free_port()}/hook", timeout=1).write([_event(3)])
 
 
 def test_frame_queue_drops_oldest_frames_but_keeps_markers():
@@ -328,12 +272,18 @@ def test_person_enrolled_while_running_is_matched_without_restart(tmp_path, data
     videos = data_dir / "videos"
     events_jsonl = tmp_path / "events.jsonl"
     gallery = tmp_path / "gallery.db"
-    metrics_port = _free_port()
+    metrics_port = free_port()
     cfg = {
         "gallery": {"path": str(gallery)},
-        "cameras": [{"name": "stage", "uri": str(videos / "short_hamilton_clip.mp4"), "loop": True}],
-        "daemon": {"metrics_port": metrics_port, "jsonl": {"path": str(events_jsonl)},
-                   "sqlite_commit_s": 0.5, "shutdown_timeout_s": 5},
+        "cameras": [
+            {"name": "stage", "uri": str(videos / "short_hamilton_clip.mp4"), "loop": True}
+        ],
+        "daemon": {
+            "metrics_port": metrics_port,
+            "jsonl": {"path": str(events_jsonl)},
+            "sqlite_commit_s": 0.5,
+            "shutdown_timeout_s": 5,
+        },
     }
     AppConfig.model_validate(cfg)
     config = tmp_path / "daemon.yaml"
@@ -347,18 +297,43 @@ def test_person_enrolled_while_running_is_matched_without_restart(tmp_path, data
         return [json.loads(line)["identity"] for line in events_jsonl.read_text().splitlines()]
 
     with log_path.open("w") as log_file:
-        daemon = subprocess.Popen([sys.executable, "-m", "app.cli", "run", "--config", str(config)],
-                                  cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "run", "--config", str(config)],
+            cwd=REPO_ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
-        _wait("the daemon's first events", lambda: daemon.poll() is None and len(identities()) >= 3, 60)
+        _wait(
+            "the daemon's first events",
+            lambda: daemon.poll() is None and len(identities()) >= 3,
+            60,
+        )
         assert not [i for i in identities() if i]  # nobody enrolled yet: all unknown
         enrolled = subprocess.run(
-            [sys.executable, "-m", "app.cli", "enroll", "Lin-Manuel Miranda",
-             str(videos / "lin-manuel-miranda.png"), "--gallery", str(gallery)],
-            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "enroll",
+                "Lin-Manuel Miranda",
+                str(videos / "lin-manuel-miranda.png"),
+                "--gallery",
+                str(gallery),
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert enrolled.returncode == 0, enrolled.stderr[-2000:]
-        _wait("an event naming the newly enrolled person",
-              lambda: daemon.poll() is None and "Lin-Manuel Miranda" in identities(), 60)
+        _wait(
+            "an event naming the newly enrolled person",
+            lambda: daemon.poll() is None and "Lin-Manuel Miranda" in identities(),
+            60,
+        )
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(15) == 0, log_path.read_text()[-3000:]
     finally:
