@@ -11,32 +11,7 @@ import pytest
 
 from app.gallery import Gallery, GalleryError, IdentityInfo
 from app.records import Event
-
-MODEL = ("facemoe-edge", "0.1.0")
-D = 16
-
-
-def unit(rng: np.random.Generator, m: int, d: int = D) -> np.ndarray:
-    v = rng.normal(size=(m, d)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-def crops(rng: np.random.Generator, m: int) -> list[np.ndarray]:
-    return [rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8) for _ in range(m)]
-
-
-def event(track_id: int, identity: str | None = "alice") -> Event:
-    return Event(
-        camera="cam0",
-        track_id=track_id,
-        identity=identity,
-        score=0.61,
-        start=1.0 * track_id,
-        end=1.0 * track_id + 2.5,
-        frames=30,
-        best_bbox=(10.0, 20.0, 48.0, 56.0),
-        model="facemoe-edge@0.1.0",
-    )
+from tests.gallery_helpers import MODEL, D, crops, event, unit
 
 
 @pytest.fixture(autouse=True)

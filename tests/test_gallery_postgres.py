@@ -15,10 +15,7 @@ import pytest
 
 from app.gallery import Gallery, GalleryError, _Base
 from app.match import Matcher
-from app.records import Event
-
-MODEL = ("facemoe-edge", "0.1.0")
-D = 16
+from tests.gallery_helpers import MODEL, crops, event, unit
 
 
 @pytest.fixture
@@ -40,21 +37,6 @@ def pg_url() -> str:
     yield url
     _Base.metadata.drop_all(engine)
     engine.dispose()
-
-
-def unit(rng: np.random.Generator, m: int, d: int = D) -> np.ndarray:
-    v = rng.normal(size=(m, d)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-def crops(rng: np.random.Generator, m: int) -> list[np.ndarray]:
-    return [rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8) for _ in range(m)]
-
-
-def event(track_id: int, identity: str | None = "alice") -> Event:
-    return Event(camera="cam0", track_id=track_id, identity=identity, score=0.61,
-                 start=1.0 * track_id, end=1.0 * track_id + 2.5, frames=30,
-                 best_bbox=(10.0, 20.0, 48.0, 56.0), model="facemoe-edge@0.1.0")
 
 
 def test_enroll_matrix_rename_remove(pg_url: str) -> None:
