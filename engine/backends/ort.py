@@ -23,29 +23,34 @@ class OnnxRuntimeBackend:
         self.input_size = int(self.manifest["input_size"])
         self.dim = int(self.manifest["embedding_dim"])
         path = model_dir / "model.onnx"
-        if not path.is_file() or not self._fresh(path):
-            try:
-                from engine.export import ensure_onnx
-            except ImportError as e:
-                raise BackendError(
-                    f"{path} is missing and torch is not installed to export it"
-                ) from e
-            path = ensure_onnx(model_dir, "standard")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = providers or ["CPUExecutionProvider"]
+        session = self._load(path, opts, providers) if path.is_file() else None
+        if session is None or not self._fresh(session):
+            try:
+                from engine.export import ensure_onnx
+            except ImportError as e:
+                raise BackendError(
+                    f"{path} is missing or stale and torch is not installed to export it"
+                ) from e
+            session = self._load(ensure_onnx(model_dir, "standard"), opts, providers)
+        self.session = session
+        self.device = session.get_providers()[0]
+
+    @staticmethod
+    def _load(path: Path, opts: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
         try:
-            self.session = ort.InferenceSession(
-                str(path), opts, providers=providers or ["CPUExecutionProvider"]
-            )
+            return ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendError(f"cannot load {path}: {str(e).splitlines()[0]}") from e
-        self.device = self.session.get_providers()[0]
 
-    def _fresh(self, path: Path) -> bool:
-        meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
-        stored = json.loads(meta.custom_metadata_map.get("facemoe_manifest", "{}"))
+    def _fresh(self, session: ort.InferenceSession) -> bool:
+        """Whether the session's ONNX file was exported from this artifact's weights."""
+        meta = session.get_modelmeta().custom_metadata_map
+        stored = json.loads(meta.get("facemoe_manifest", "{}"))
         return stored.get("weights_sha256") == self.manifest["weights_sha256"]
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
