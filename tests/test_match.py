@@ -35,8 +35,11 @@ MATRIX = np.array(
         ([4.0, 3.0, 0.0], 0.9, "bob", 0.98153, "bob"),  # probe is normalised: cosine score
     ],
 )
-def test_open_set_threshold(probe, threshold, identity, score, candidate) -> None:
-    result = Matcher(NAMES, MATRIX, threshold).match(np.array(probe, dtype=np.float32))
+@pytest.mark.parametrize("coarse_min", [10**9, 1], ids=["exact", "int8-first-pass"])
+def test_open_set_threshold(probe, threshold, identity, score, candidate, coarse_min) -> None:
+    matcher = Matcher(NAMES, MATRIX, threshold, coarse_min_templates=coarse_min)
+    assert (matcher._coarse is not None) == (coarse_min == 1)
+    result = matcher.match(np.array(probe, dtype=np.float32))
     assert result.identity == identity
     assert result.candidate == candidate
     assert result.score == pytest.approx(score, abs=1e-4)
@@ -60,6 +63,34 @@ def test_match_many_equals_match() -> None:
         assert m.candidate == names[j]
         assert m.score == pytest.approx(float(scores[k, j]), abs=1e-5)
         assert m.identity == (names[j] if scores[k, j] >= 0.2 else None)
+
+
+def test_int8_first_pass_finds_the_exact_best() -> None:
+    """The two-pass search (int8 candidates, exact float32 re-score) gives the same identity
+    and score as the exact search, for near and far probes and duplicated templates."""
+    rng = np.random.default_rng(3)
+    m, d = 30_000, 512
+    mat = rng.standard_normal((m, d), dtype=np.float32)
+    mat[1000] = mat[29_000]  # an exact duplicate: the lower row must win, as np.argmax does
+    names = [f"person-{i % 20_000}" for i in range(m)]  # some identities have 2 templates
+    two_pass = Matcher(names, mat, 0.5, coarse_min_templates=20_000)
+    exact = Matcher(names, mat, 0.5, coarse_min_templates=10**9)
+    assert two_pass._coarse is not None and exact._coarse is None
+    owners = rng.integers(0, m, 60)
+    probes = np.concatenate([
+        mat[owners] / np.linalg.norm(mat[owners], axis=1, keepdims=True)
+        + rng.standard_normal((60, d), dtype=np.float32) * (0.5 / np.sqrt(d)),  # cos ~0.9
+        rng.standard_normal((60, d), dtype=np.float32),  # nobody: best scores ~0.19, close
+        mat[[29_000, 1000]],
+    ])
+    for probe in probes:
+        got, want = two_pass.match(probe), exact.match(probe)
+        assert (got.identity, got.candidate) == (want.identity, want.candidate)
+        assert got.score == pytest.approx(want.score, abs=1e-5)
+    assert two_pass.match(mat[29_000]).candidate == names[1000]
+    many = two_pass.match_many(probes)
+    assert [x.candidate for x in many] == [exact.match(p).candidate for p in probes]
+    assert sum(x.identity is not None for x in many) >= 60  # the near probes are named
 
 
 @pytest.mark.parametrize("dim", [0, 3, 512])
