@@ -12,6 +12,7 @@ from app.records import AlignedFace, FaceEmbedding, TrackSummary
 log = logging.getLogger(__name__)
 
 MIN_WEIGHT = 0.05  # floor on a crop's weight, so a low-quality track still gets a template
+KEEP_CROPS = 5  # best aligned crops kept per track (stored with its event for enrollment)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class _Track:
         self.best_quality = -1.0
         self.best_bbox: np.ndarray | None = None
         self.best_crop: np.ndarray | None = None
+        self.crops: list[tuple[float, np.ndarray]] = []  # the best KEEP_CROPS, best first
         self.scheduled = 0  # crops the policy sent to the embedder
         self.scheduled_best = -1.0  # best quality among them
         self.since_last = 0  # observed frames since the last scheduled crop
@@ -104,6 +106,10 @@ class TrackAggregator:
             track.best_quality = quality
             track.best_bbox = np.asarray(face.bbox, dtype=np.float32).copy()
             track.best_crop = face.crop
+        if len(track.crops) < KEEP_CROPS or quality > track.crops[-1][0]:
+            track.crops.append((quality, face.crop))
+            track.crops.sort(key=lambda qc: -qc[0])
+            del track.crops[KEEP_CROPS:]
         track.since_last += 1
         embed = self.policy.should_embed(
             track.scheduled, track.scheduled_best, track.since_last, quality
@@ -155,6 +161,7 @@ class TrackAggregator:
             best_bbox=track.best_bbox,
             best_quality=track.best_quality,
             best_crop=track.best_crop,
+            crops=tuple(track.crops),
         )
 
     def template(self, track_id: int) -> np.ndarray | None:

@@ -58,6 +58,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         report = enroll(
             args.name, args.paths, detector, embedder, gallery, face=args.face,
             outlier_margin=None if args.keep_outliers else args.outlier_margin,
+            events=args.event,
         )
     faces = report.faces
     text = f"enrolled {report.name!r}: {len(faces)} template(s)"
@@ -347,7 +348,14 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from engine.bench import bench_embed
 
-    result = bench_embed(args.model, args.backend, args.batch, args.iters, threads=args.threads)
+    result = bench_embed(
+        args.model,
+        args.backend,
+        args.batch,
+        args.iters,
+        threads=args.threads,
+        moe_dispatch=args.moe_dispatch,
+    )
     _out(args, result, "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
 
@@ -370,10 +378,19 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--gallery", help="gallery database (path or SQLAlchemy URL)")
 
     sp = sub.add_parser(
-        "enroll", help="add a person to the gallery from images, folders or a video"
+        "enroll",
+        help="add a person to the gallery from images, folders, a video or stored events",
     )
     sp.add_argument("name")
-    sp.add_argument("paths", nargs="+")
+    sp.add_argument("paths", nargs="*", help="photos, folders of photos, or videos")
+    sp.add_argument(
+        "--event",
+        type=int,
+        action="append",
+        metavar="ID",
+        help="enroll from the face crops kept with a stored event (an id from `facemoe "
+        "gallery events`); repeat for several tracks of the same person",
+    )
     sp.add_argument(
         "--face",
         type=int,
@@ -531,6 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=32)
     b.add_argument("--iters", type=int, default=20)
     b.add_argument("--threads", type=int, default=0)
+    b.add_argument(
+        "--moe-dispatch",
+        choices=["auto", "dense", "sparse", "triton"],
+        default="auto",
+        help="torch backend: how the MoE layers run (auto: triton on CUDA when it imports, "
+        "else sparse; dense on CPU); compare sparse vs dense compute on a GPU",
+    )
     b.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_bench)
     return p

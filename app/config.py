@@ -76,6 +76,10 @@ class GalleryConfig(_Strict):
 class OutputConfig(_Strict):
     events_jsonl: str | None = None
     events_sqlite: bool = True
+    # aligned crops of each event's track kept with the event in the gallery (best first), so
+    # an operator can enroll the person later (`facemoe enroll NAME --event ID`); 0 keeps none.
+    # They are biometric data like the templates: purged with the events, encrypted with them.
+    event_crops: int = Field(3, ge=0, le=5)
 
 
 class CameraConfig(_Strict):

@@ -1,4 +1,5 @@
-"""`facemoe enroll NAME PATH...`: best-quality aligned faces from images, folders or a video."""
+"""`facemoe enroll NAME PATH...`: best-quality aligned faces from images, folders, a video,
+or the tracks of stored events (`--event ID`: the crops the daemon or `process` kept)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 from app.align import align_face
 from app.detect import FaceDetector
 from app.embed import Embedder
-from app.gallery import Gallery
+from app.gallery import Gallery, GalleryError
 from app.quality import score_quality
 from app.records import Detection
 from app.source import open_source
@@ -178,6 +179,25 @@ def collect(
     return out
 
 
+def faces_from_events(gallery: Gallery, event_ids: list[int]) -> list[EnrollFace]:
+    """The aligned crops kept with stored events (`output.event_crops`), best first."""
+    out: list[EnrollFace] = []
+    for event_id in event_ids:
+        try:
+            stored, crops = gallery.event_crops(event_id)
+        except GalleryError as exc:
+            raise EnrollError(str(exc)) from exc
+        if not crops:
+            raise EnrollError(
+                f"event {event_id} has no kept face crops (stored with output.event_crops: 0, "
+                f"or purged); enroll from a photo or video instead"
+            )
+        ev = stored.event
+        source = f"event {event_id}: camera {ev.camera} track {ev.track_id} at {ev.start:.2f} s"
+        out += [EnrollFace(crop, q, f"{source} crop {i}") for i, (q, crop) in enumerate(crops)]
+    return out
+
+
 def enroll(
     name: str,
     paths: list[str],
@@ -188,13 +208,16 @@ def enroll(
     *,
     outlier_margin: float | None = OUTLIER_MARGIN,
     min_templates: int = OUTLIER_MIN_TEMPLATES,
+    events: list[int] | None = None,
 ) -> EnrollReport:
-    """Embed every face found, leave out outliers (`find_outliers`: a face of someone else,
-    a bad detection) and store the rest as templates of `name` in one transaction.
-    `outlier_margin=None` keeps every face."""
+    """Embed every face found in `paths` and in the kept crops of stored `events`, leave out
+    outliers (`find_outliers`: a face of someone else, a bad detection) and store the rest
+    as templates of `name` in one transaction. `outlier_margin=None` keeps every face."""
     if not name.strip():
         raise EnrollError("the identity name is empty")
-    faces = collect(paths, detector, face)
+    if not paths and not events:
+        raise EnrollError("nothing to enroll from: give photos, folders, videos or --event ID")
+    faces = collect(paths, detector, face) + faces_from_events(gallery, list(events or []))
     vectors = np.asarray(embedder.embed([f.crop for f in faces]), dtype=np.float32)
     reject, sims, bound = find_outliers(vectors, margin=outlier_margin,
                                         min_templates=min_templates)

@@ -170,6 +170,17 @@ class _EventRow(_Base):
     )
 
 
+class _EventCrop(_Base):
+    """An aligned crop of an event's track, kept so the person can be enrolled from it."""
+
+    __tablename__ = "event_crops"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"), index=True)
+    quality: Mapped[float] = mapped_column(Float)
+    crop: Mapped[bytes] = mapped_column(LargeBinary)  # JPEG 112x112 (sealed when encrypted)
+
+
 class _Meta(_Base):
     __tablename__ = "meta"
 
@@ -207,6 +218,20 @@ class TemplateInfo:
     created_at: datetime  # UTC
     vector: np.ndarray  # float32[D]
     crop: np.ndarray | None  # uint8[112, 112, 3] BGR, None when not stored
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """One stored event with its database id (`Gallery.stored_events`)."""
+
+    id: int
+    event: Event
+    crops: int  # aligned crops kept with it (enrollable when > 0)
+    created_at: datetime  # UTC
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, **self.event.to_json(), "crops": self.crops,
+                "stored_at": self.created_at.isoformat()}
 
 
 @dataclass(frozen=True)
@@ -790,7 +815,8 @@ class Gallery:
             if encryption is not None:
                 raise GalleryError(self._missing_key())
         elif encryption is None:
-            if session.scalar(select(_Template.id).limit(1)) is not None:
+            if (session.scalar(select(_Template.id).limit(1)) is not None
+                    or session.scalar(select(_EventCrop.id).limit(1)) is not None):
                 raise GalleryError(self._not_encrypted())
             session.add_all(
                 [
@@ -1020,15 +1046,17 @@ class Gallery:
         norms = np.sqrt(np.einsum("ij,ij->i", raw, raw, dtype=np.float32))[:, None]
         return names, (raw / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
-    def add_events(self, events: list[Event]) -> None:
-        """Store events in one transaction."""
+    def add_events(self, events: list[Event], *, crops: int = 0) -> None:
+        """Store events in one transaction, each with up to `crops` of its best aligned crops
+        (`Event.crops`; sealed like template crops in an encrypted gallery)."""
         if not events:
             return
+        jpegs = [[(float(q), _encode_crop(c)) for q, c in ev.crops[:max(0, crops)]]
+                 for ev in events]
 
         def work(session: Session) -> None:
             self._claim(session)
-            session.add_all(
-                [
+            rows = [
                     _EventRow(
                         camera=ev.camera,
                         track_id=int(ev.track_id),
@@ -1045,9 +1073,63 @@ class Gallery:
                     )
                     for ev in events
                 ]
-            )
+            session.add_all(rows)
+            if any(jpegs):
+                session.flush()  # assigns the event ids
+                session.execute(insert(_EventCrop), [
+                    {"event_id": row.id, "quality": q, "crop": self._seal(jpeg, _CROP)}
+                    for row, kept in zip(rows, jpegs, strict=True) for q, jpeg in kept])
 
         self._write(f"store {len(events)} event(s)", work)
+
+    def stored_events(
+        self,
+        limit: int | None = None,
+        *,
+        camera: str | None = None,
+        identity: str | None = None,
+        unknown: bool = False,
+    ) -> list[StoredEvent]:
+        """Stored events with their ids and crop counts, oldest first; with `limit`, only the
+        most recent `limit`; filtered by camera, by the identity named, or to unknown faces."""
+        crops = (select(_EventCrop.event_id, func.count(_EventCrop.id).label("n"))
+                 .group_by(_EventCrop.event_id).subquery())
+        query = (select(_EventRow, func.coalesce(crops.c.n, 0))
+                 .outerjoin(crops, crops.c.event_id == _EventRow.id)
+                 .order_by(_EventRow.id.desc()))
+        if camera is not None:
+            query = query.where(_EventRow.camera == camera)
+        if identity is not None:
+            query = query.where(_EventRow.identity == _normalise_name(identity))
+        if unknown:
+            query = query.where(_EventRow.identity.is_(None))
+        if limit is not None:
+            query = query.limit(limit)
+        with self._transaction("read events") as session:
+            rows = list(session.execute(query).all())
+        rows.reverse()
+        return [StoredEvent(r.id, self._event_of(r), int(n), _as_utc(r.created_at))
+                for r, n in rows]
+
+    def event_crops(self, event_id: int) -> tuple[StoredEvent, list[tuple[float, np.ndarray]]]:
+        """An event and its kept aligned crops (quality, uint8[112, 112, 3] BGR), best first."""
+        with self._transaction("read event crops") as session:
+            row = session.get(_EventRow, int(event_id))
+            if row is None:
+                raise GalleryError(f"gallery {self.location} has no event {event_id}")
+            crops = list(session.execute(
+                select(_EventCrop.quality, _EventCrop.crop)
+                .where(_EventCrop.event_id == row.id)
+                .order_by(_EventCrop.quality.desc(), _EventCrop.id)).all())
+            stored = StoredEvent(row.id, self._event_of(row), len(crops), _as_utc(row.created_at))
+        what = f"event {event_id}"
+        return stored, [(float(q), _decode_crop(self._unseal(c, _CROP), what)) for q, c in crops]
+
+    @staticmethod
+    def _event_of(r: _EventRow) -> Event:
+        return Event(camera=r.camera, track_id=r.track_id, identity=r.identity, score=r.score,
+                     start=r.start, end=r.end, frames=r.frames,
+                     best_bbox=(r.bbox_x, r.bbox_y, r.bbox_w, r.bbox_h), model=r.model)
 
     def events(self, limit: int | None = None) -> list[Event]:
         """Stored events, oldest first; with `limit`, only the most recent `limit`."""
@@ -1057,20 +1139,7 @@ class Gallery:
         with self._transaction("read events") as session:
             rows = list(session.scalars(query).all())
         rows.reverse()
-        return [
-            Event(
-                camera=r.camera,
-                track_id=r.track_id,
-                identity=r.identity,
-                score=r.score,
-                start=r.start,
-                end=r.end,
-                frames=r.frames,
-                best_bbox=(r.bbox_x, r.bbox_y, r.bbox_w, r.bbox_h),
-                model=r.model,
-            )
-            for r in rows
-        ]
+        return [self._event_of(r) for r in rows]
 
     def audit(self, limit: int | None = None) -> list[AuditEntry]:
         """Audit rows, oldest first; with `limit`, only the most recent `limit`."""
@@ -1097,6 +1166,7 @@ class Gallery:
             "templates_with_crops": select(func.count(_Template.id))
             .where(_Template.crop.is_not(None)),
             "events": select(func.count(_EventRow.id)),
+            "event_crops": select(func.count(_EventCrop.id)),
             "audit_rows": select(func.count(_AuditRow.id)),
         }
         with self._transaction("read gallery info") as session:
@@ -1119,6 +1189,8 @@ class Gallery:
             identity = self._find(session, name)
             templates = session.execute(
                 delete(_Template).where(_Template.identity_id == identity.id)).rowcount
+            named = select(_EventRow.id).where(_EventRow.identity == identity.name)
+            session.execute(delete(_EventCrop).where(_EventCrop.event_id.in_(named)))
             events = session.execute(
                 delete(_EventRow).where(_EventRow.identity == identity.name)).rowcount
             session.delete(identity)
@@ -1158,6 +1230,8 @@ class Gallery:
         cutoff = _utcnow() - timedelta(days=days)
 
         def work(session: Session) -> int:
+            old = select(_EventRow.id).where(_EventRow.created_at < cutoff)
+            session.execute(delete(_EventCrop).where(_EventCrop.event_id.in_(old)))
             n = session.execute(delete(_EventRow).where(_EventRow.created_at < cutoff)).rowcount
             self._audit(session, "purge", None,
                         f"{_plural(n, 'event')} older than {days:g} days deleted")

@@ -1,4 +1,4 @@
-"""`facemoe gallery export|import|reembed|purge|audit|settings|check`: gallery lifecycle commands.
+"""`facemoe gallery export|import|reembed|purge|events|audit|settings|check`: gallery lifecycle.
 
 `add_gallery_actions` adds the sub-commands to `facemoe gallery`; `open_gallery_for` opens
 the gallery the way an action needs it; `run_gallery_action` runs one and prints its result
@@ -68,6 +68,14 @@ def add_gallery_actions(gsub: argparse._SubParsersAction, common: Callable) -> N
     g = action("purge", "apply an event retention period")
     g.add_argument("--events-older-than", type=_days, required=True, metavar="DAYS",
                    help="delete events stored more than DAYS days ago")
+    common(g)
+    g = action("events", "list stored events with their ids (enroll from one with "
+                         "`facemoe enroll NAME --event ID`)")
+    g.add_argument("--limit", type=int, default=50, help="only the most recent N (default 50)")
+    g.add_argument("--camera", help="only this camera's events")
+    who = g.add_mutually_exclusive_group()
+    who.add_argument("--identity", help="only events that named this identity")
+    who.add_argument("--unknown", action="store_true", help="only events of unknown faces")
     common(g)
     g = action("audit", "show the audit log (who enrolled, removed, renamed, exported ...)")
     g.add_argument("--limit", type=int, help="only the most recent N rows")
@@ -156,6 +164,20 @@ def _purge(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
             f"deleted {n} events older than {args.events_older_than:g} days")
 
 
+def _events(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
+            ) -> tuple[dict, str]:
+    rows = gallery.stored_events(args.limit, camera=args.camera, identity=args.identity,
+                                 unknown=args.unknown)
+    lines = [f"{'id':>6}  {'camera':<12} {'track':>5} {'start':>9} {'end':>9} {'frames':>6} "
+             f"{'crops':>5} {'score':>6}  identity"]
+    lines += [f"{r.id:>6}  {r.event.camera:<12} {r.event.track_id:>5} {r.event.start:>9.2f} "
+              f"{r.event.end:>9.2f} {r.event.frames:>6} {r.crops:>5} {r.event.score:>6.3f}  "
+              f"{r.event.identity if r.event.identity is not None else '(unknown)'}"
+              for r in rows]
+    text = "\n".join(lines) if rows else "(no stored events)"
+    return {"gallery": gallery.location, "events": [r.as_json() for r in rows]}, text
+
+
 def _audit(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
            ) -> tuple[dict, str]:
     rows = gallery.audit(args.limit)
@@ -191,6 +213,6 @@ def _check(_args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
 
 
 _HANDLERS: dict[str, Callable[..., tuple[dict, str]]] = {
-    "export": _export, "import": _import, "reembed": _reembed, "purge": _purge,
+    "export": _export, "import": _import, "reembed": _reembed, "purge": _purge, "events": _events,
     "audit": _audit, "settings": _settings, "check": _check,
 }

@@ -213,4 +213,5 @@ class FacePipeline:
             frames=s.frames,
             best_bbox=bbox,
             model=self.embedder.model,
+            crops=s.crops,
         )

@@ -90,6 +90,8 @@ class TrackSummary:
     best_bbox: np.ndarray | None  # float32[4] of the best-quality crop
     best_quality: float
     best_crop: np.ndarray | None = field(default=None, repr=False)  # uint8[112,112,3] BGR
+    # the track's best aligned crops, best first: (quality score, uint8[112,112,3] BGR)
+    crops: tuple[tuple[float, np.ndarray], ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,10 @@ class Event:
     frames: int
     best_bbox: tuple[float, float, float, float]
     model: str
+    # the track's best aligned crops, best first: (quality, uint8[112,112,3] BGR); kept with
+    # the event in the gallery (output.event_crops) so a person can be enrolled from a track.
+    # Not part of the JSON record.
+    crops: tuple[tuple[float, np.ndarray], ...] = field(default=(), repr=False, compare=False)
 
     def to_json(self) -> dict:
         return {

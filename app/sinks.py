@@ -65,15 +65,16 @@ class GallerySink:
     The gallery is borrowed: `close()` stops this sink but leaves the gallery open.
     """
 
-    def __init__(self, gallery: Gallery) -> None:
+    def __init__(self, gallery: Gallery, crops: int = 0) -> None:
         self._gallery: Gallery | None = gallery
+        self.crops = crops  # best aligned crops kept per event (for enrollment from a track)
 
     def write(self, events: list[Event]) -> None:
         """Store `events` as one batch."""
         if self._gallery is None:
             raise SinkError("gallery sink is closed")
         try:
-            self._gallery.add_events(events)
+            self._gallery.add_events(events, crops=self.crops)
         except GalleryError as exc:
             raise SinkError(str(exc)) from exc
 

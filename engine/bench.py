@@ -9,7 +9,7 @@ from datetime import date
 
 import numpy as np
 
-from engine.backends import load_backend
+from engine.backends import BackendError, load_backend
 
 
 def bench_embed(
@@ -19,8 +19,14 @@ def bench_embed(
     iters: int = 20,
     warmup: int = 3,
     threads: int = 0,
+    moe_dispatch: str = "auto",
 ) -> dict:
+    """`moe_dispatch` (torch backend only): auto, dense, sparse or triton MoE layers."""
     options = {"threads": threads} if backend in ("onnxruntime", "torch", "auto") else {}
+    if backend == "torch":
+        options["moe_dispatch"] = moe_dispatch
+    elif moe_dispatch != "auto":
+        raise BackendError(f"--moe-dispatch {moe_dispatch} applies to the torch backend only")
     b = load_backend(model_dir, backend, **options)
     size = b.input_size
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
@@ -40,6 +46,7 @@ def bench_embed(
     return {
         "model": b.manifest["name"],
         "backend": b.name,
+        "moe_dispatch": getattr(b, "moe_dispatch", None),
         "batch": batch,
         "iters": iters,
         "faces_per_s": round(batch * iters / float(np.sum(lat)), 1),

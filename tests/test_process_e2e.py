@@ -101,6 +101,42 @@ def test_events_follow_the_design_schema_and_sqlite_has_them(hamilton):
     assert {"decode", "detect", "track", "align", "embed"} <= set(summary["stages"])
 
 
+def test_enroll_from_the_close_up_track_of_a_stored_event(hamilton, tmp_path):
+    """The event of Lin-Manuel Miranda's close-up keeps its best aligned crops in the gallery;
+    a person enrolled from that event (not from a photo) is him: his templates are closest
+    to his photo's template, above the model's threshold, and not to Alex's."""
+    import shutil
+
+    import numpy as np
+
+    from app.gallery import Gallery
+
+    _, events, _, gallery = hamilton
+    copy = tmp_path / "gallery.db"
+    shutil.copy(gallery, copy)  # the module's other tests keep the original
+    listed = json.loads(facemoe("gallery", "events", "--gallery", copy, "--json").stdout)
+    stored = listed["events"]
+    assert len(stored) == len(events) and all(0 < e["crops"] <= 3 for e in stored)
+    close_up = max((e for e in stored if e["start"] > 2.5 and e["end"] < 7.1),
+                   key=lambda e: e["frames"])
+    assert close_up["identity"] == LIN
+    done = facemoe("enroll", "From the close-up", "--event", close_up["id"], "--gallery", copy,
+                   "--json")
+    report = json.loads(done.stdout)
+    assert report["templates"] == 3 and not report["rejected"]
+    assert all(s.startswith(f"event {close_up['id']}: camera short_hamilton_clip track ")
+               for s in report["sources"])
+    threshold = json.loads((REPO / "models/facemoe-edge/manifest.json").read_text())[
+        "metrics"]["recommended_threshold"]
+    with Gallery(copy, "x", "y", create=False, adopt_model=True) as g:
+        names, mat = g.matrix()
+    names = np.array(names)
+    track = mat[names == "From the close-up"]
+    lin, alex = mat[names == LIN], mat[names == ALEX]
+    assert (track @ lin.T).max() >= threshold
+    assert (track @ lin.T).max() > (track @ alex.T).max() + 0.2
+
+
 def test_annotated_video_is_written(hamilton):
     from app.source import open_source
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 GATES = ("softmax_topk", "raw_logits")
+DISPATCHES = ("dense", "sparse", "triton")
 
 
 @dataclass
@@ -71,7 +72,11 @@ class MoEMLP(nn.Module):
     weight matrix that is zero outside the top-k: vectorised with no host sync, and the
     form exported to ONNX standard ops. `dispatch="sparse"` permutes tokens by expert and
     runs each expert only on the tokens that chose it (k/N of the expert FLOPs); it reads
-    the N group sizes back once per layer to split the batch. Both give the same output.
+    the N group sizes back once per layer to split the batch. `dispatch="triton"` is the
+    GPU inference path: the fused Triton op of `engine.ops.triton_moe` (gating kernel, then
+    grouped GEMMs over the tokens routed to each expert; k/N of the expert FLOPs, no host
+    sync). It needs triton and CUDA tensors (or the Triton interpreter) and records no
+    gradients. All three give the same output.
     """
 
     def __init__(
@@ -89,6 +94,8 @@ class MoEMLP(nn.Module):
             raise ValueError(f"top_k must be in 1..{num_experts}, got {top_k}")
         if gate not in GATES:
             raise ValueError(f"unknown gate {gate!r}; expected one of {GATES}")
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"unknown dispatch {dispatch!r}; expected one of {DISPATCHES}")
         self.num_experts, self.top_k, self.gate, self.dispatch = num_experts, top_k, gate, dispatch
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -108,6 +115,8 @@ class MoEMLP(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         logits = self.router(tokens)
+        if self.dispatch == "triton" and self.num_experts > 1:
+            return self._triton(tokens, logits).reshape(shape)
         weights, top_idx = route(logits, self.top_k, self.gate)
         self.last = RouterOutput(logits=logits, top_idx=top_idx)
         if self.num_experts == 1:
@@ -117,6 +126,23 @@ class MoEMLP(nn.Module):
         else:
             out = self._dense(tokens, weights, top_idx)
         return out.reshape(shape)
+
+    def _triton(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (tokens.requires_grad or self.w1.requires_grad):
+            raise RuntimeError(
+                "MoEMLP dispatch='triton' is inference only (no gradients): run it under "
+                "torch.no_grad()/torch.inference_mode(), or use dispatch 'dense' or 'sparse'"
+            )
+        try:
+            from engine.ops.triton_moe import experts_triton, route_triton
+        except ImportError as e:
+            raise RuntimeError(
+                f"MoEMLP dispatch='triton' needs triton ({e}); install the 'gpu' extra "
+                "or use dispatch 'sparse'"
+            ) from e
+        weights, top_idx = route_triton(logits, self.top_k, self.gate)
+        self.last = RouterOutput(logits=logits, top_idx=top_idx.long())
+        return experts_triton(tokens, weights, top_idx, self.w1, self.b1, self.w2, self.b2)
 
     def _expert(self, tokens: torch.Tensor, e: int) -> torch.Tensor:
         h = self.drop(F.gelu(tokens @ self.w1[e] + self.b1[e]))
