@@ -79,6 +79,9 @@ class Int8Index:
         model.ir_version = 8  # what every supported onnxruntime reads
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # no busy-waiting between searches: idle spinning threads would take the cores from
+        # the rest of the pipeline (and from NumPy's BLAS threads) after every search
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(
             model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
