@@ -8,6 +8,7 @@ postgresql+psycopg://facemoe@127.0.0.1:54329/facemoe_test (`.ci/run` starts one 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +60,18 @@ def test_enroll_matrix_rename_remove(pg_url: str) -> None:
         with pytest.raises(GalleryError, match="already exists"):
             g.rename("bob", "carol")
 
-        g.add_events([event(1, "carol"), event(2, None), event(3, "bob")])
+        kept = tuple((0.9 - 0.1 * i, c) for i, c in enumerate(crops(rng, 3)))
+        g.add_events([replace(event(1, "carol"), crops=kept), event(2, None),
+                      replace(event(3, "bob"), crops=kept[:1])], crops=2)
         evs = g.events()
         assert len(evs) == 3 and {e.identity for e in evs} == {"carol", None, "bob"}
+        stored = g.stored_events()
+        assert [e.crops for e in stored] == [2, 0, 1]
+        assert [e.event.track_id for e in g.stored_events(unknown=True)] == [2]
+        assert [q for q, _ in g.event_crops(stored[0].id)[1]] == pytest.approx([0.9, 0.8])
         assert g.remove("carol") == 1  # its one event goes with it; compact is a no-op here
         assert [i.name for i in g.identities()] == ["bob"]
-        assert len(g.events()) == 2
+        assert len(g.events()) == 2 and g.info()["event_crops"] == 1
         assert g.compact() is False  # VACUUM is SQLite-only: skipped
         assert g.integrity_check() == "ok"
         assert "bytes" not in g.info() and g.info()["identities"] == 1
