@@ -1057,22 +1057,22 @@ class Gallery:
         def work(session: Session) -> None:
             self._claim(session)
             rows = [
-                    _EventRow(
-                        camera=ev.camera,
-                        track_id=int(ev.track_id),
-                        identity=ev.identity,
-                        score=float(ev.score),
-                        start=float(ev.start),
-                        end=float(ev.end),
-                        frames=int(ev.frames),
-                        bbox_x=float(ev.best_bbox[0]),
-                        bbox_y=float(ev.best_bbox[1]),
-                        bbox_w=float(ev.best_bbox[2]),
-                        bbox_h=float(ev.best_bbox[3]),
-                        model=ev.model,
-                    )
-                    for ev in events
-                ]
+                _EventRow(
+                    camera=ev.camera,
+                    track_id=int(ev.track_id),
+                    identity=ev.identity,
+                    score=float(ev.score),
+                    start=float(ev.start),
+                    end=float(ev.end),
+                    frames=int(ev.frames),
+                    bbox_x=float(ev.best_bbox[0]),
+                    bbox_y=float(ev.best_bbox[1]),
+                    bbox_w=float(ev.best_bbox[2]),
+                    bbox_h=float(ev.best_bbox[3]),
+                    model=ev.model,
+                )
+                for ev in events
+            ]
             session.add_all(rows)
             if any(jpegs):
                 session.flush()  # assigns the event ids
@@ -1133,13 +1133,7 @@ class Gallery:
 
     def events(self, limit: int | None = None) -> list[Event]:
         """Stored events, oldest first; with `limit`, only the most recent `limit`."""
-        query = select(_EventRow).order_by(_EventRow.id.desc())
-        if limit is not None:
-            query = query.limit(limit)
-        with self._transaction("read events") as session:
-            rows = list(session.scalars(query).all())
-        rows.reverse()
-        return [self._event_of(r) for r in rows]
+        return [stored.event for stored in self.stored_events(limit)]
 
     def audit(self, limit: int | None = None) -> list[AuditEntry]:
         """Audit rows, oldest first; with `limit`, only the most recent `limit`."""
