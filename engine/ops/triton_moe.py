@@ -122,6 +122,26 @@ def _expert_tile(pid_m, offsets_ptr, N: tl.constexpr, N_PAD: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _tile_matmul(a_rows, b_ptr, rmask, cols, cmask, K, N_B, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] tile of A @ B for one expert: `a_rows` points at the start of
+    each of the tile's A rows (K contiguous values each), `b_ptr` at the expert's row-major
+    [K, N_B] weight; `rmask` / `cmask` mask the tile's rows and columns."""
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_rows[:, None] + ks[None, :]
+    b_ptrs = b_ptr + ks[:, None] * N_B + cols[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + ks) < K
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * N_B
+    return acc
+
+
+@triton.jit
 def _gemm1_kernel(
     x_ptr,  # [T, D] tokens
     w1_ptr,  # [N, D, H]
@@ -147,17 +167,8 @@ def _gemm1_kernel(
     tok = tl.load(token_of_ptr + rows, mask=rmask, other=0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < H
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + tok[:, None] * D + ks[None, :]
-    b_ptrs = w1_ptr + e.to(tl.int64) * D * H + ks[:, None] * H + cols[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kmask = (k0 + ks) < D
-        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * H
+    acc = _tile_matmul(x_ptr + tok * D, w1_ptr + e.to(tl.int64) * D * H, rmask, cols, cmask,
+                       D, H, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     acc += tl.load(b1_ptr + e * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))  # exact GELU
     out = h_ptr + rows[:, None].to(tl.int64) * H + cols[None, :]
@@ -192,17 +203,8 @@ def _gemm2_kernel(
     gate = tl.load(gate_ptr + slot, mask=rmask, other=0.0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < D
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * H + ks[None, :]
-    b_ptrs = w2_ptr + e.to(tl.int64) * H * D + ks[:, None] * D + cols[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        kmask = (k0 + ks) < H
-        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * D
+    acc = _tile_matmul(h_ptr + rows.to(tl.int64) * H, w2_ptr + e.to(tl.int64) * H * D, rmask,
+                       cols, cmask, H, D, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     acc += tl.load(b2_ptr + e * D + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     acc = acc * gate[:, None]
     out = out_ptr + slot[:, None] * D + cols[None, :]
