@@ -113,3 +113,10 @@ def default_model_dir() -> Path:
     path = REPO_ROOT / "models" / "facemoe-edge"
     assert (path / "manifest.json").is_file(), f"the default model is missing at {path}"
     return path
+
+
+@pytest.fixture
+def no_gallery_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain (unencrypted) galleries, whatever key the environment holds."""
+    monkeypatch.delenv("FACEMOE_GALLERY_KEY", raising=False)
+    monkeypatch.delenv("FACEMOE_GALLERY_KEY_FILE", raising=False)

@@ -23,10 +23,7 @@ from app.records import AlignedFace, Event, Quality
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def no_gallery_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("FACEMOE_GALLERY_KEY", raising=False)
-    monkeypatch.delenv("FACEMOE_GALLERY_KEY_FILE", raising=False)
+pytestmark = pytest.mark.usefixtures("no_gallery_key")  # plain galleries here
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ from app.gallery import Gallery, GalleryError, IdentityInfo
 from app.records import Event
 from tests.gallery_helpers import MODEL, D, crops, event, unit
 
-
-@pytest.fixture(autouse=True)
-def no_gallery_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plain galleries here, whatever key the environment holds."""
-    monkeypatch.delenv("FACEMOE_GALLERY_KEY", raising=False)
-    monkeypatch.delenv("FACEMOE_GALLERY_KEY_FILE", raising=False)
+pytestmark = pytest.mark.usefixtures("no_gallery_key")  # plain galleries here
 
 
 @pytest.fixture

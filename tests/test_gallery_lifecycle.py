@@ -31,10 +31,7 @@ OLD_MODEL = ("old-model", "1")
 PER_ID = 3  # templates per identity in the small galleries
 
 
-@pytest.fixture(autouse=True)
-def no_gallery_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("FACEMOE_GALLERY_KEY", raising=False)
-    monkeypatch.delenv("FACEMOE_GALLERY_KEY_FILE", raising=False)
+pytestmark = pytest.mark.usefixtures("no_gallery_key")  # plain galleries here
 
 
 @pytest.fixture(scope="module")
