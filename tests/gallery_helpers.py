@@ -1,4 +1,4 @@
-"""Shared test data for the gallery tests (SQLite and PostgreSQL)."""
+"""Shared test data for the gallery tests (SQLite and PostgreSQL) and the event record."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import numpy as np
 from app.records import Event
 
 MODEL = ("facemoe-edge", "0.1.0")
+# the keys of a JSON event record (DESIGN.md), no more and no fewer
+EVENT_KEYS = set("camera track_id identity score start end frames best_bbox model".split())
 D = 16
 
 

@@ -25,6 +25,7 @@ from app.config import AppConfig
 from app.records import Event
 from app.sinks import RotatingJsonlSink, SinkError, WebhookSink
 from benchmarks.rtsp_camera import RtspCamera, free_port, rtsp_available
+from tests.gallery_helpers import EVENT_KEYS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -171,17 +172,7 @@ def test_daemon_reconnects_and_shuts_down_cleanly(tmp_path, data_dir, tiny_model
     assert sorted((e["camera"], e["track_id"]) for e in lines) == sorted(rows)
     assert {e["camera"] for e in lines} <= {"a", "b"}
     for e in lines:
-        assert set(e) == {
-            "camera",
-            "track_id",
-            "identity",
-            "score",
-            "start",
-            "end",
-            "frames",
-            "best_bbox",
-            "model",
-        }
+        assert set(e) == EVENT_KEYS
         assert e["end"] >= e["start"]
     snaps = list((tmp_path / "snaps").glob("*/*.jpg"))
     assert 0 < len(snaps) <= len(lines)  # best face per event (events without a crop have none)

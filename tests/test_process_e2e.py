@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.gallery_helpers import EVENT_KEYS
+
 REPO = Path(__file__).resolve().parent.parent
 LIN, ALEX = "Lin-Manuel Miranda", "Alex Lacamoire"
 
@@ -80,18 +82,7 @@ def test_events_follow_the_design_schema_and_sqlite_has_them(hamilton):
     import sqlite3
 
     summary, events, _, gallery = hamilton
-    keys = {
-        "camera",
-        "track_id",
-        "identity",
-        "score",
-        "start",
-        "end",
-        "frames",
-        "best_bbox",
-        "model",
-    }
-    assert events and all(set(e) == keys for e in events)
+    assert events and all(set(e) == EVENT_KEYS for e in events)
     assert all(e["model"] == summary["model"] and e["start"] <= e["end"] for e in events)
     assert len({e["track_id"] for e in events}) == len(events)
     with sqlite3.connect(gallery) as db:

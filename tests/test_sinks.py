@@ -11,8 +11,7 @@ import pytest
 from app.gallery import Gallery
 from app.records import Event
 from app.sinks import GallerySink, JsonlSink, SinkError
-
-DESIGN_KEYS = set("camera track_id identity score start end frames best_bbox model".split())
+from tests.gallery_helpers import EVENT_KEYS
 
 
 def event(track_id: int, identity: str | None) -> Event:
@@ -37,7 +36,7 @@ def test_jsonl_lines_have_exactly_the_design_keys(tmp_path: Path) -> None:
     sink.close()
     assert len(lines) == 2
     first, second = (json.loads(line) for line in lines)
-    assert set(first) == DESIGN_KEYS and set(second) == DESIGN_KEYS
+    assert set(first) == EVENT_KEYS and set(second) == EVENT_KEYS
     assert first == {
         "camera": "door",
         "track_id": 1,
