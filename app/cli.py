@@ -56,7 +56,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     detector, embedder = make_detector(cfg), _embedder(cfg)
     with open_gallery(_gallery_path(args, cfg), embedder) as gallery:
         report = enroll(
-            args.name, args.paths, detector, embedder, gallery, face=args.face,
+            args.name,
+            args.paths,
+            detector,
+            embedder,
+            gallery,
+            face=args.face,
             outlier_margin=None if args.keep_outliers else args.outlier_margin,
             events=args.event,
         )
@@ -201,6 +206,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         args,
         {"run_dir": str(run_dir), "model": str(run_dir / "model")},
         f"trained: {run_dir / 'model'}",
+    )
+    return 0
+
+
+def cmd_soup(args: argparse.Namespace) -> int:
+    from trainer.soup import soup
+
+    try:
+        out = soup(args.models, args.out, name=args.name, version=args.version)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    _out(
+        args, {"model": str(out), "ingredients": args.models}, f"soup of {len(args.models)}: {out}"
     )
     return 0
 
@@ -455,6 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "finetune":
             sp.add_argument("--init-from", help="model artifact to fine-tune")
         sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser(
+        "soup", help="average the weights of models fine-tuned from one start (a model soup)"
+    )
+    sp.add_argument("models", nargs="+", help="model artifacts with the same model.yaml")
+    sp.add_argument("--out", required=True, help="directory for the averaged artifact")
+    sp.add_argument("--name", default="facemoe-edge")
+    sp.add_argument("--version", default="0.0.0")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_soup)
 
     sp = sub.add_parser("data", help="prepare training data")
     dsub = sp.add_subparsers(dest="action", required=True)
