@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.losses import MarginHead, cosine_distill_loss, relational_distill_loss
+from trainer.losses import (
+    MarginHead,
+    RelationMemory,
+    cosine_distill_loss,
+    relational_distill_loss,
+)
 
 
 def _head(kind, s, m):
@@ -55,3 +60,30 @@ def test_distillation_losses():
     q, _ = torch.linalg.qr(torch.randn(5, 5))
     assert relational_distill_loss(a @ q, a).item() == pytest.approx(0.0, abs=1e-10)
     assert relational_distill_loss(torch.randn(8, 5), a).item() > 0.01
+
+
+def test_relational_loss_with_memory_against_hand_computed_table():
+    # unit vectors in 2-D: batch (s, t) and one remembered face (ms, mt)
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    memory = RelationMemory(4, 2, 2, torch.device("cpu"))
+    assert relational_distill_loss(s, t, memory).item() == pytest.approx(
+        relational_distill_loss(s, t).item()
+    )
+    memory.push(torch.tensor([[0.6, 0.8]]), torch.tensor([[0.0, 1.0]]))
+    # batch relations: s0.s1 = 0 vs t0.t1 = 0.6 (twice, off-diagonal both ways)
+    # memory relations: s0.ms = 0.6 vs t0.mt = 0; s1.ms = 0.8 vs t1.mt = 0.8
+    want = (0.6**2 + 0.6**2 + 0.6**2 + 0.0**2) / 4
+    assert relational_distill_loss(s, t, memory).item() == pytest.approx(want)
+
+
+def test_relation_memory_is_a_fifo_of_detached_unit_vectors():
+    memory = RelationMemory(3, 2, 1, torch.device("cpu"))
+    x = torch.tensor([[3.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    memory.push(x, torch.tensor([[1.0], [2.0]]))
+    memory.push(torch.tensor([[0.0, -1.0], [-5.0, 0.0]]), torch.tensor([[3.0], [4.0]]))
+    ms, mt = memory.tensors()
+    assert len(memory) == 3 and not ms.requires_grad
+    # the oldest row was overwritten by the fourth face
+    assert ms.tolist() == [[-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]
+    assert mt.tolist() == [[1.0], [1.0], [1.0]]  # unit-normalised 1-D targets

@@ -24,7 +24,7 @@ def tiny_config(tmp_path, real_faces):
         "model": {"name": "facemoe-edge", "overrides": TINY_ARCH},
         "data": {"pool": str(pool), "val_identities": 2},
         "optim": {"epochs": 1, "batch_size": 32, "warmup_steps": 1},
-        "loss": {"w_id": 0.5},
+        "loss": {"w_id": 0.5, "rkd_memory": 48},  # cross-batch relations from step 2 on
         "run": {"out_dir": str(tmp_path / "run"), "log_every": 1, "threads": 2},
     }
     path = tmp_path / "train.yaml"

@@ -42,6 +42,7 @@ class LossSection(_Strict):
     w_id: float = 1.0  # margin loss on labelled faces
     w_kd: float = 1.0  # cosine distillation to the (centred) teacher targets
     w_rkd: float = 1.0  # relational distillation (batch similarity matrix)
+    rkd_memory: int = 0  # also relate each face to this many faces of recent batches (0: off)
     lambda_z: float = 10.0  # router z-loss weight
     lambda_balance: float = 10.0  # load-balancing loss weight
     z_scale: float = 1e-3  # the z-loss term inside lambda_z (see trainer.losses)

@@ -100,9 +100,50 @@ def cosine_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.T
     return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
 
 
-def relational_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Match the batch's pairwise cosine-similarity matrix to the teacher's (off-diagonal MSE)."""
+def relational_distill_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    memory: RelationMemory | None = None,
+) -> torch.Tensor:
+    """Match the batch's pairwise cosine-similarity matrix to the teacher's (off-diagonal MSE).
+
+    With a `memory`, each face is also related to the faces of recent batches (their student
+    embeddings detached, as in cross-batch memory, Wang et al. CVPR 2020): B x (B + M) relations
+    per step instead of B x B, at the cost of one matrix product.
+    """
     s = F.normalize(student.float())
     t = F.normalize(teacher.float())
     off = ~torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
-    return F.mse_loss((s @ s.T)[off], (t @ t.T)[off])
+    pred, want = (s @ s.T)[off], (t @ t.T)[off]
+    if memory is not None and len(memory):
+        ms, mt = memory.tensors()
+        pred = torch.cat([pred, (s @ ms.T).reshape(-1)])
+        want = torch.cat([want, (t @ mt.T).reshape(-1)])
+    return F.mse_loss(pred, want)
+
+
+class RelationMemory:
+    """A FIFO of the last `size` (student, teacher) unit embeddings, student ones detached."""
+
+    def __init__(self, size: int, student_dim: int, teacher_dim: int, device: torch.device):
+        self.size = size
+        self.student = torch.zeros(size, student_dim, device=device)
+        self.teacher = torch.zeros(size, teacher_dim, device=device)
+        self.filled = 0
+        self.head = 0
+
+    def __len__(self) -> int:
+        return self.filled
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # copies: a later push must not change what a pending backward pass saved
+        return self.student[: self.filled].clone(), self.teacher[: self.filled].clone()
+
+    @torch.no_grad()
+    def push(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        s = F.normalize(student.detach().float())[-self.size :]
+        t = F.normalize(teacher.float())[-self.size :]
+        idx = (self.head + torch.arange(len(s), device=s.device)) % self.size
+        self.student[idx], self.teacher[idx] = s, t
+        self.head = (self.head + len(s)) % self.size
+        self.filled = min(self.size, self.filled + len(s))

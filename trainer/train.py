@@ -40,6 +40,7 @@ from trainer.data import (
 from trainer.evaluate import threshold_at_far
 from trainer.losses import (
     MarginHead,
+    RelationMemory,
     cosine_distill_loss,
     expert_usage,
     relational_distill_loss,
@@ -231,6 +232,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     ).to(device)
     proj = nn.Linear(model.embed_dim, teacher.shape[1]).to(device) if teacher is not None else None
     heads: list[nn.Module] = [margin] + ([proj] if proj is not None else [])
+    memory = (
+        RelationMemory(cfg.loss.rkd_memory, model.embed_dim, teacher.shape[1], device)
+        if teacher is not None and cfg.loss.rkd_memory > 0 and cfg.loss.w_rkd
+        else None
+    )
 
     def set_backbone_trainable(trainable: bool) -> None:
         for name, p in model.named_parameters():
@@ -316,7 +322,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     if cfg.loss.w_kd:
                         parts["kd"] = cfg.loss.w_kd * cosine_distill_loss(proj(emb[has]), tt[has])
                     if cfg.loss.w_rkd:
-                        parts["rkd"] = cfg.loss.w_rkd * relational_distill_loss(emb[has], tt[has])
+                        parts["rkd"] = cfg.loss.w_rkd * relational_distill_loss(
+                            emb[has], tt[has], memory
+                        )
+                        if memory is not None:
+                            memory.push(emb[has], tt[has])
             z, bal = router_losses(layers)
             parts["z"] = cfg.loss.lambda_z * cfg.loss.z_scale * z.to(device)
             parts["balance"] = cfg.loss.lambda_balance * cfg.loss.balance_scale * bal.to(device)
