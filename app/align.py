@@ -44,7 +44,8 @@ def similarity_transform(landmarks: np.ndarray, size: int = CROP_SIZE) -> np.nda
 
 
 def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
-    """Warp `image` (uint8[H, W, 3]) so the 5 landmarks land on the template: uint8[size, size, 3]."""
+    """Warp `image` (uint8[H, W, 3]) so the 5 landmarks land on the template; uint8[size, size, 3]
+    out."""
     m = similarity_transform(landmarks, size)
     return cv2.warpAffine(
         image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE

@@ -256,7 +256,8 @@ def cmd_data(args: argparse.Namespace) -> int:
             "unreadable": report.skipped_unreadable,
         },
         f"wrote {report.written} aligned faces to {args.out}; "
-        f"{len(report.skipped_no_face)} without a face, {len(report.skipped_unreadable)} unreadable",
+        f"{len(report.skipped_no_face)} without a face, "
+        f"{len(report.skipped_unreadable)} unreadable",
     )
     return 0
 

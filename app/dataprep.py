@@ -36,7 +36,7 @@ def _largest(dets):
 
 
 def prepare_folder(src: Path, dst: Path, detector: FaceDetector) -> PrepareReport:
-    """Detect the largest face in every image under src/<identity>/ and write dst/<identity>/*.jpg."""
+    """Detect the largest face in each image under src/<identity>/; write dst/<identity>/*.jpg."""
     images = sorted(p for p in Path(src).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FileNotFoundError(f"no images under {src}")

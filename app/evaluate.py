@@ -43,7 +43,7 @@ def _central_face(image: np.ndarray, detector: FaceDetector):
 def align_pairs(
     root: Path, pairs: list[Pair], detector: FaceDetector
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Aligned crop per image (the most central face, as LFW is centred); images with no face listed."""
+    """Aligned crop per image (the most central face: LFW is centred), and the faceless images."""
     names = sorted({p.left for p in pairs} | {p.right for p in pairs})
     key = hashlib.sha256(("\n".join(names) + str(root.resolve())).encode()).hexdigest()[:16]
     cache = (
@@ -51,7 +51,7 @@ def align_pairs(
     )
     if cache.is_file():
         d = np.load(cache)
-        crops = dict(zip(d["names"].tolist(), d["crops"]))
+        crops = dict(zip(d["names"].tolist(), d["crops"], strict=True))
         return crops, d["missing"].tolist()
     crops, missing = {}, []
     for name in tqdm(names, desc="detect+align", unit="img"):

@@ -1,4 +1,5 @@
-"""One camera's data path: frames -> detect -> track -> align -> quality -> embed -> aggregate -> match.
+"""One camera's data path:
+frames -> detect -> track -> align -> quality -> embed -> aggregate -> match.
 
 `FacePipeline.push(frame)` returns the events of the tracks that ended at that frame;
 `flush()` ends the remaining tracks. Both `facemoe process` and the daemon drive it.

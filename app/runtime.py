@@ -40,7 +40,7 @@ def threshold(cfg: AppConfig, embedder: Embedder) -> float:
 
 
 class GalleryMatcher:
-    """A matcher that rebuilds itself when the gallery changes (another process enrolled someone)."""
+    """A matcher that rebuilds itself when the gallery changes (another process enrolled)."""
 
     def __init__(self, gallery: Gallery, threshold: float) -> None:
         self.gallery, self.threshold = gallery, threshold

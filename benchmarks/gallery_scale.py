@@ -2,7 +2,8 @@
 
 Builds a gallery of random L2-normalised vectors (no crops; one template per identity),
 then measures it the way the app uses it: the two-pass search (int8 first pass, exact
-float32 re-score; app/match.py) against the exact float32 search over every row. Prints one JSON object on stdout. Not a test.
+float32 re-score; app/match.py) against the exact float32 search over every row.
+Prints one JSON object on stdout. Not a test.
 
     .venv/bin/python benchmarks/gallery_scale.py                  # 100,000 identities, 512-d
     .venv/bin/python benchmarks/gallery_scale.py --identities 20000 --encrypt

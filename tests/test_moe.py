@@ -1,4 +1,4 @@
-"""The routing op: sparse == masked dense, torch == NumPy reference (ties included), router losses."""
+"""The routing op: sparse == masked dense, torch == NumPy reference (ties too), router losses."""
 
 import numpy as np
 import pytest

@@ -74,7 +74,9 @@ def test_finetune_starts_from_an_artifact(tiny_config, tmp_path):
     ft = train(cfg) / "model"
     # lr 0: weights equal the starting point except BatchNorm running statistics
     tuned, _ = load_model(ft)
-    for (name, a), b in zip(base_model.state_dict().items(), tuned.state_dict().values()):
+    for (name, a), b in zip(
+        base_model.state_dict().items(), tuned.state_dict().values(), strict=True
+    ):
         if "running" not in name and "num_batches" not in name:
             torch.testing.assert_close(a, b, msg=name)
 
@@ -96,11 +98,15 @@ def test_two_stage_finetune_with_teacher_onnx_reports_forgetting(tiny_config, tm
 
     base = train(load_train_config(tiny_config)) / "model"
     site = tmp_path / "site"
-    for i, (crop, label) in enumerate(zip(real_faces["crops"][:48], real_faces["labels"][:48])):
+    for i, (crop, label) in enumerate(
+        zip(real_faces["crops"][:48], real_faces["labels"][:48], strict=True)
+    ):
         (site / f"person{label}").mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(site / f"person{label}" / f"{i}.jpg"), crop)
     holdout = tmp_path / "holdout"
-    for i, (crop, label) in enumerate(zip(real_faces["crops"][48:], real_faces["labels"][48:])):
+    for i, (crop, label) in enumerate(
+        zip(real_faces["crops"][48:], real_faces["labels"][48:], strict=True)
+    ):
         (holdout / f"person{label}").mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(holdout / f"person{label}" / f"{i}.jpg"), crop)
     teacher = ensure_onnx(base)
@@ -128,7 +134,9 @@ def test_two_stage_finetune_with_teacher_onnx_reports_forgetting(tiny_config, tm
     # stage 1 froze the backbone, stage 2 changed it
     changed = [
         n
-        for (n, a), b in zip(base_model.state_dict().items(), tuned.state_dict().values())
+        for (n, a), b in zip(
+            base_model.state_dict().items(), tuned.state_dict().values(), strict=True
+        )
         if "running" not in n and "num_batches" not in n and not torch.equal(a, b)
     ]
     assert any(not n.startswith("head.") for n in changed)

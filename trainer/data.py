@@ -17,7 +17,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".pgm"}
 
 @dataclass
 class FaceSet:
-    """crops uint8[N,112,112,3] BGR; labels int64[N] (-1 unlabelled); teacher float32[N,Dt] or None."""
+    """crops uint8[N,112,112,3] BGR; labels int64[N] (-1: unlabelled); teacher float32[N,Dt]."""
 
     crops: np.ndarray
     labels: np.ndarray
@@ -125,7 +125,7 @@ def concat(sets: list[FaceSet]) -> FaceSet:
 def teacher_targets_from_onnx(
     onnx_path: str | Path, crops: np.ndarray, batch: int = 64
 ) -> np.ndarray:
-    """Embeddings of clean crops by a teacher ONNX export (its manifest gives input size, mean, std)."""
+    """Embeddings of clean crops by a teacher ONNX export (its manifest: input size, mean, std)."""
     import json
 
     import onnxruntime as ort

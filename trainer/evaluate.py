@@ -17,7 +17,7 @@ class Pair:
 
 
 def read_lfw_pairs(path: str | Path) -> list[Pair]:
-    """The official LFW View-2 pairs file: a `folds\\tper_fold` header, then 2*per_fold lines per fold."""
+    """The official LFW View-2 pairs file: a `folds\\tper_fold` header, 2*per_fold lines a fold."""
     lines = Path(path).read_text().splitlines()
     folds, per = (int(v) for v in lines[0].split())
     pairs = []
@@ -40,7 +40,7 @@ def _lfw_name(name: str, index: str) -> str:
 
 
 def best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
-    """Threshold maximising accuracy on (scores, same); candidates are midpoints of sorted scores."""
+    """Threshold maximising accuracy on (scores, same); candidates: midpoints of sorted scores."""
     s = np.sort(scores)
     cands = np.concatenate([[s[0] - 1e-6], (s[1:] + s[:-1]) / 2, [s[-1] + 1e-6]])
     # accuracy(t) = (#same with score >= t + #diff with score < t) / n, vectorised by sorting
@@ -51,7 +51,7 @@ def best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
 
 
 def kfold_accuracy(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> tuple[float, float]:
-    """LFW protocol: per fold, fit the threshold on the other folds, test on it. (mean, std) in %."""
+    """LFW protocol: per fold, fit the threshold on the other folds, test on it; (mean, std) %."""
     accs = []
     for k in np.unique(folds):
         test = folds == k
@@ -104,7 +104,7 @@ def rank_n_identification(
     probe_ids: np.ndarray,
     ranks: tuple[int, ...] = (1, 5),
 ) -> dict[str, float]:
-    """Closed-set rank-N: the probe's identity is among the N best-scoring gallery identities (%)."""
+    """Closed-set rank-N: the probe's identity is among the N best-scoring identities (%)."""
     ids = np.unique(gallery_ids)
     sim = probes @ gallery.T
     per_id = np.stack([sim[:, gallery_ids == i].max(1) for i in ids], 1)

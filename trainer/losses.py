@@ -40,7 +40,7 @@ class MarginHead(nn.Module):
             margined = target - self.m
         else:
             theta = torch.acos(target.clamp(-1 + 1e-7, 1 - 1e-7))
-            # Past pi - m the angle would wrap; fall back to CosFace-style there (insightface does too).
+            # Past pi - m the angle would wrap; fall back to CosFace-style there (as insightface).
             margined = torch.where(
                 theta + self.m < math.pi,
                 torch.cos(theta + self.m),

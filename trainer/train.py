@@ -271,7 +271,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     stopped_early = False
     history: list[dict[str, Any]] = []
 
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp == "fp16" and device.type == "cuda")
+    fp16 = cfg.run.amp == "fp16" and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     probe_steps = steps_per_epoch * cfg.optim.probe_epochs
     for epoch in range(start_epoch, cfg.optim.epochs):
         if (

@@ -1,4 +1,5 @@
-"""Runtime backends behind one protocol: `embed(float32[N,3,H,W]) -> float32[N,512]` (L2-normalised).
+"""Runtime backends behind one protocol:
+`embed(float32[N,3,H,W]) -> float32[N,512]` (L2-normalised).
 
 Backends register by name; `load_backend(model_dir, "auto")` picks TensorRT when an engine and
 a supported GPU are present, otherwise ONNX Runtime, and logs which it chose.

@@ -39,7 +39,7 @@ def topk_moe_reference(
     top_k: int,
     gate: str = "softmax_topk",
 ) -> np.ndarray:
-    """y with x's shape; computed in float64, returned in x's dtype. Only the k chosen experts run."""
+    """y with x's shape, computed in float64, returned in x's dtype. Only the k chosen run."""
     shape, dtype = x.shape, x.dtype
     t = x.reshape(-1, shape[-1]).astype(np.float64)
     logits = t @ router.astype(np.float64).T
