@@ -170,6 +170,30 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def sync_head_grads(heads: list[nn.Module], world: int) -> None:
+    """Average the loss heads' gradients over the ranks (DDP wraps only the backbone).
+
+    A head a rank did not use this step (no labelled face in its batch) gets zeros, so every
+    rank reduces the same tensors and steps its optimiser the same way.
+    """
+    for p in (p for h in heads for p in h.parameters() if p.requires_grad):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+
+def check_ranks_agree(modules: list[nn.Module], world: int) -> None:
+    """Raise if the ranks' parameters differ after training (they must stay identical)."""
+    sums = torch.stack([p.detach().double().sum() for m in modules for p in m.parameters()])
+    gathered = [torch.zeros_like(sums) for _ in range(world)]
+    dist.all_gather(gathered, sums)
+    differ = [r for r in range(1, world) if not torch.equal(gathered[r], gathered[0])]
+    if differ:
+        raise RuntimeError(f"DDP ranks {differ} hold different parameters from rank 0")
+    log.info("parameters identical on all %d ranks", world)
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train per `cfg`; returns the run directory (which holds the exported model/)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -261,7 +285,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         optim.load_state_dict(ck["optim"])
         step, start_epoch = ck["step"], ck["epoch"]
         log.info("resumed from %s at epoch %d step %d", ckpt_path, start_epoch, step)
+    # DDP registers the parameters that need gradients when it is built: rebuilt for stage 2.
+    # It broadcasts rank 0's backbone; the loss heads (seeded per rank) are broadcast here.
     net = nn.parallel.DistributedDataParallel(model) if distributed else model
+    if distributed:
+        for p in (p for h in heads for p in h.parameters()):
+            dist.broadcast(p.data, 0)
     layers = moe_layers(model)
     rng = np.random.default_rng(cfg.run.seed * 1000 + rank)
     t_teacher = torch.from_numpy(teacher).to(device) if teacher is not None else None
@@ -281,6 +310,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             and not cfg.optim.freeze_backbone
         ):
             set_backbone_trainable(True)  # stage 2: full fine-tune
+            if distributed:
+                net = nn.parallel.DistributedDataParallel(model)
         model.train()
         perm = np.random.default_rng(cfg.run.seed + epoch).permutation(len(train_set))
         perm = perm[rank::world]
@@ -336,6 +367,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             optim.zero_grad(set_to_none=True)
             # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (scaler off)
             scaler.scale(loss).backward()
+            if distributed:
+                sync_head_grads(heads, world)
             scaler.unscale_(optim)
             grad_norm = nn.utils.clip_grad_norm_(
                 [p for g in optim.param_groups for p in g["params"] if p.grad is not None],
@@ -391,6 +424,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             break
 
     metrics_file.close()
+    if distributed:
+        check_ranks_agree([model, *heads], world)
     if rank == 0:
         recipe = {
             "config": cfg.model_dump(mode="json"),
