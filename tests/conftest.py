@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 YUNET_FILE = "face_detection_yunet_2026may.onnx"
@@ -120,3 +122,20 @@ def no_gallery_key(monkeypatch: pytest.MonkeyPatch) -> None:
     """Plain (unencrypted) galleries, whatever key the environment holds."""
     monkeypatch.delenv("FACEMOE_GALLERY_KEY", raising=False)
     monkeypatch.delenv("FACEMOE_GALLERY_KEY_FILE", raising=False)
+
+
+@pytest.fixture()
+def tiny_config(tmp_path, real_faces):
+    """A two-step training config for the tiny architecture on `real_faces` (pool in tmp_path)."""
+    pool = tmp_path / "pool.npz"
+    np.savez(pool, **real_faces)
+    cfg = {
+        "model": {"name": "facemoe-edge", "overrides": TINY_ARCH},
+        "data": {"pool": str(pool), "val_identities": 2},
+        "optim": {"epochs": 1, "batch_size": 32, "warmup_steps": 1},
+        "loss": {"w_id": 0.5, "rkd_memory": 48},  # cross-batch relations from step 2 on
+        "run": {"out_dir": str(tmp_path / "run"), "log_every": 1, "threads": 2},
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

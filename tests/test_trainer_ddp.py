@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import yaml
 
-from tests.conftest import TINY_ARCH
 from trainer.artifact import load_model, read_manifest
 
 
@@ -24,19 +23,14 @@ def _torchrun(config: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_torchrun_two_ranks_train_one_model(tmp_path, real_faces):
-    pool = tmp_path / "pool.npz"
-    np.savez(pool, **real_faces)
-    cfg = {
-        "model": {"name": "facemoe-edge", "overrides": TINY_ARCH},
-        "data": {"pool": str(pool), "val_identities": 2},
-        "optim": {"epochs": 2, "batch_size": 16, "warmup_steps": 1},
-        # the identity loss needs labelled faces: each rank's batch holds some, the heads are
-        # averaged over ranks; cross-batch memory is per rank
-        "loss": {"w_id": 0.5, "rkd_memory": 32},
-        "run": {"out_dir": str(tmp_path / "run"), "log_every": 1, "threads": 1},
-    }
-    config = tmp_path / "train.yaml"
+def test_torchrun_two_ranks_train_one_model(tmp_path, tiny_config):
+    config = tiny_config  # the tiny e2e config, changed below for two ranks
+    cfg = yaml.safe_load(config.read_text())
+    # 72 training faces / (16 per rank x 2 ranks) = 2 steps per epoch; each rank's batch holds
+    # labelled faces (their loss heads are averaged over ranks); cross-batch memory is per rank
+    cfg["optim"].update({"epochs": 2, "batch_size": 16})
+    cfg["loss"]["rkd_memory"] = 32
+    cfg["run"]["threads"] = 1
     config.write_text(yaml.safe_dump(cfg))
     proc = _torchrun(config)
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -44,7 +38,7 @@ def test_torchrun_two_ranks_train_one_model(tmp_path, real_faces):
     assert "parameters identical on all 2 ranks" in proc.stderr
     run = tmp_path / "run"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    # 72 training faces / (16 per rank x 2 ranks) = 2 steps per epoch; only rank 0 logs
+    # only rank 0 logs
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert read_manifest(run / "model")["training"]["steps"] == 4

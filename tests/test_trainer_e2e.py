@@ -5,31 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from engine.backends import load_backend
 from engine.export import ensure_onnx
-from tests.conftest import TINY_ARCH
 from trainer.artifact import load_model, read_manifest
 from trainer.config import ConfigError, load_train_config
 from trainer.preprocess import to_input
 from trainer.train import train
-
-
-@pytest.fixture()
-def tiny_config(tmp_path, real_faces):
-    pool = tmp_path / "pool.npz"
-    np.savez(pool, **real_faces)
-    cfg = {
-        "model": {"name": "facemoe-edge", "overrides": TINY_ARCH},
-        "data": {"pool": str(pool), "val_identities": 2},
-        "optim": {"epochs": 1, "batch_size": 32, "warmup_steps": 1},
-        "loss": {"w_id": 0.5, "rkd_memory": 48},  # cross-batch relations from step 2 on
-        "run": {"out_dir": str(tmp_path / "run"), "log_every": 1, "threads": 2},
-    }
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def _rows(run_dir):
