@@ -17,7 +17,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".pgm"}
 
 @dataclass
 class FaceSet:
-    """crops uint8[N,112,112,3] BGR; labels int64[N] (-1: unlabelled); teacher float32[N,Dt]."""
+    """crops uint8[N,112,112,3] BGR; labels int64[N] (-1: unlabelled);
+    teacher float32[N,Dt] or None."""
 
     crops: np.ndarray
     labels: np.ndarray
