@@ -88,25 +88,38 @@ def real_faces(data_dir: Path) -> dict:
     }
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A randomly initialised, tiny facemoe-edge artifact (for fast export/backend tests)."""
+def tiny_artifact(out: Path, seed: int = 0, version: str = "0", **arch) -> Path:
+    """A randomly initialised (seeded), tiny facemoe-edge artifact at `out`; `arch` overrides."""
     import torch
 
     from trainer.artifact import save_artifact
     from trainer.models import create_model, model_config
 
-    torch.manual_seed(0)
-    model = create_model("facemoe-edge", **TINY_ARCH).eval()
+    torch.manual_seed(seed)
+    cfg = {**TINY_ARCH, **arch}
+    model = create_model("facemoe-edge", **cfg).eval()
     with torch.no_grad():  # non-trivial BatchNorm statistics so eval differs from identity
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-    out = tmp_path_factory.mktemp("tiny") / "model"
+                m.num_batches_tracked.fill_(seed + 1)
     return save_artifact(
-        model, model_config("facemoe-edge", **TINY_ARCH), out, name="tiny-edge", version="0"
+        model, model_config("facemoe-edge", **cfg), out, name="tiny-edge", version=version
     )
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """The rows of a training run's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised, tiny facemoe-edge artifact (for fast export/backend tests)."""
+    return tiny_artifact(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="session")

@@ -6,25 +6,15 @@ import pytest
 import torch
 
 from app.cli import main
-from tests.conftest import TINY_ARCH
-from trainer.artifact import load_model, save_artifact
-from trainer.models import create_model
+from tests.conftest import tiny_artifact
+from trainer.artifact import load_model
 from trainer.preprocess import to_input
 from trainer.soup import soup
 
 
 def _artifact(path, seed, **arch):
-    torch.manual_seed(seed)
-    cfg = {**TINY_ARCH, **arch}
-    model = create_model("facemoe-edge", **cfg)
-    for m in model.modules():  # distinct BatchNorm statistics per ingredient
-        if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.num_batches_tracked.fill_(seed + 1)
-    save_artifact(
-        model, {"name": "facemoe-edge", **cfg}, path, name="facemoe-edge", version=str(seed)
-    )
-    return path, model.state_dict()
+    out = tiny_artifact(path, seed, version=str(seed), **arch)
+    return out, load_model(out)[0].state_dict()
 
 
 def test_soup_is_the_mean_of_the_ingredients(tmp_path, real_faces):

@@ -1,6 +1,5 @@
 """Multi-process training through torchrun (DDP over gloo on CPU): two ranks, one model."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ import numpy as np
 import torch
 import yaml
 
+from tests.conftest import metrics_rows
 from trainer.artifact import load_model, read_manifest
 
 
@@ -37,7 +37,7 @@ def test_torchrun_two_ranks_train_one_model(tmp_path, tiny_config):
     # check_ranks_agree ran: the two ranks' backbones and loss heads ended identical
     assert "parameters identical on all 2 ranks" in proc.stderr
     run = tmp_path / "run"
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     # only rank 0 logs
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)

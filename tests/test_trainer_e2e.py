@@ -8,31 +8,28 @@ import torch
 
 from engine.backends import load_backend
 from engine.export import ensure_onnx
+from tests.conftest import metrics_rows
 from trainer.artifact import load_model, read_manifest
 from trainer.config import ConfigError, load_train_config
 from trainer.preprocess import to_input
 from trainer.train import train
 
 
-def _rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_train_resume_export_parity(tiny_config, real_faces):
     # 72 training faces (2 identities held out) / batch 32 = 2 steps per epoch
     run = train(load_train_config(tiny_config))
-    steps = [r for r in _rows(run) if "loss" in r]
+    steps = [r for r in metrics_rows(run) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
         assert np.isfinite(r["loss"]) and {"id", "kd", "rkd", "z", "balance"} <= set(r)
         assert len(r["expert_usage"]) == 3 and sum(r["expert_usage"]) == pytest.approx(1, abs=1e-2)
     assert (run / "config.yaml").is_file() and (run / "checkpoint.pt").is_file()
-    epoch = [r for r in _rows(run) if "val_acc_native" in r]
+    epoch = [r for r in metrics_rows(run) if "val_acc_native" in r]
     assert epoch and 0 <= epoch[0]["val_acc_16"] <= 1
 
     # resume: one more epoch continues the step count from the checkpoint
     run = train(load_train_config(tiny_config, {"optim.epochs": 2}), resume=True)
-    assert [r["step"] for r in _rows(run) if "loss" in r][-1] == 4
+    assert [r["step"] for r in metrics_rows(run) if "loss" in r][-1] == 4
     manifest = read_manifest(run / "model")
     assert manifest["training"]["steps"] == 4 and manifest["input_size"] == 112
 
@@ -122,5 +119,5 @@ def test_two_stage_finetune_with_teacher_onnx_reports_forgetting(tiny_config, tm
         if "running" not in n and "num_batches" not in n and not torch.equal(a, b)
     ]
     assert any(not n.startswith("head.") for n in changed)
-    rows = [r for r in _rows(run) if "loss" in r]
+    rows = [r for r in metrics_rows(run) if "loss" in r]
     assert {"kd", "rkd", "id"} <= set(rows[0])  # teacher targets from the ONNX were used
