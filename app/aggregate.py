@@ -107,7 +107,7 @@ class TrackAggregator:
             track.best_bbox = np.asarray(face.bbox, dtype=np.float32).copy()
             track.best_crop = face.crop
         if len(track.crops) < KEEP_CROPS or quality > track.crops[-1][0]:
-            track.crops.append((quality, face.crop))
+            track.crops.append((quality, face.crop if face.kept is None else face.kept))
             track.crops.sort(key=lambda qc: -qc[0])
             del track.crops[KEEP_CROPS:]
         track.since_last += 1

@@ -223,6 +223,33 @@ def cmd_soup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    if args.source == "dlib":
+        from trainer.importers.dlib import import_dlib
+        from trainer.importers.dlib_format import DlibFormatError
+
+        out = args.out or f"models/{args.architecture}"
+        try:
+            path = import_dlib(out, args.dat, architecture=args.architecture, name=args.name)
+        except (DlibFormatError, KeyError, ValueError) as e:
+            raise UserError(str(e)) from e
+    else:
+        from trainer.importers.onnx_model import OnnxImportError, import_onnx
+
+        if args.dim is None:
+            raise UserError("import onnx needs --dim N (the embedding dimension)")
+        out = args.out or f"models/{Path(args.file).stem}"
+        try:
+            path = import_onnx(
+                args.file, out, template=args.template, dim=args.dim, mean=tuple(args.mean),
+                std=tuple(args.std), colour=args.colour, name=args.name, licence=args.licence,
+            )
+        except (OnnxImportError, ValueError) as e:
+            raise UserError(str(e)) from e
+    _out(args, {"model": str(path)}, f"wrote model artifact {path}")
+    return 0
+
+
 def _yaml_value(v: str):
     import yaml
 
@@ -231,12 +258,18 @@ def _yaml_value(v: str):
 
 def cmd_data(args: argparse.Namespace) -> int:
     from app.dataprep import prepare_folder, prepare_teacher_pool
+    from trainer.preprocess import ARCFACE_112, CropTemplate
 
     if args.teacher:
         data_root = (
             Path(args.data_root) if args.data_root else Path(args.teacher).resolve().parents[1]
         )
-        n = prepare_teacher_pool(Path(args.teacher), data_root, Path(args.out))
+        template = ARCFACE_112
+        if args.model:
+            from trainer.manifest import read_manifest
+
+            template = CropTemplate.from_manifest(read_manifest(args.model))
+        n = prepare_teacher_pool(Path(args.teacher), data_root, Path(args.out), template)
         _out(args, {"out": args.out, "faces": n}, f"wrote {n} aligned faces to {args.out}")
         return 0
     if not args.input:
@@ -485,12 +518,40 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_soup)
 
+    sp = sub.add_parser("import", help="make a model artifact from a pretrained face network")
+    isub = sp.add_subparsers(dest="source", required=True)
+    i = isub.add_parser("dlib", help="dlib's face ResNet v1 (public domain), optionally upcycled")
+    i.add_argument("--dat", help="the .dat file (default: the installed face-recognition-models)")
+    i.add_argument(
+        "--architecture", default="dlib-resnet-v1",
+        help="dlib-resnet-v1 (as is) or facemoe-r29 (FaceMoE blocks added, equal at step 0)",
+    )
+    i.add_argument("--out", help="artifact directory (default models/ARCHITECTURE)")
+    i.add_argument("--name")
+    i.add_argument("--json", action="store_true")
+    i = isub.add_parser("onnx", help="any ONNX face embedder (e.g. SFace, an ArcFace model)")
+    i.add_argument("file", help="MODEL.onnx: one NCHW image input, one embedding output")
+    i.add_argument("--template", default="arcface112", help="crop template: arcface112 | dlib150")
+    i.add_argument("--dim", type=int, help="embedding dimension")
+    i.add_argument("--mean", type=float, nargs=3, default=(0.5, 0.5, 0.5),
+                   help="per channel, on [0,1] pixels: input = (x/255 - mean) / std")
+    i.add_argument("--std", type=float, nargs=3, default=(0.5, 0.5, 0.5))
+    i.add_argument("--colour", default="RGB", choices=("RGB", "BGR"))
+    i.add_argument("--licence", default="", help="the weights' terms, recorded in the manifest")
+    i.add_argument("--out", help="artifact directory (default models/<file stem>)")
+    i.add_argument("--name")
+    i.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_import)
+
     sp = sub.add_parser("data", help="prepare training data")
     dsub = sp.add_subparsers(dest="action", required=True)
     d = dsub.add_parser("prepare", help="detect and align faces into a training set")
     d.add_argument("--input", help="raw photos, one sub-folder per identity")
     d.add_argument("--teacher", help="teacher embeddings .npz (../shared/data/teacher)")
     d.add_argument("--data-root", help="root the teacher paths are relative to")
+    d.add_argument(
+        "--model", help="align to this model artifact's crop template (default: ArcFace 112)"
+    )
     d.add_argument("--out", required=True)
     d.add_argument("--config")
     d.add_argument("--json", action="store_true")

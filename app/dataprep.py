@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from app.align import align_face
+from app.align import ARCFACE_112, CropTemplate, align_face
 from app.detect import FaceDetector
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,12 @@ def _eval_identities(data_root: Path) -> set[str]:
     return set((data_root / "lfw" / "eval_identities.txt").read_text().split())
 
 
-def prepare_teacher_pool(teacher_npz: Path, data_root: Path, out: Path) -> int:
+def prepare_teacher_pool(
+    teacher_npz: Path, data_root: Path, out: Path, template: CropTemplate = ARCFACE_112
+) -> int:
     """Align every teacher-pool image with its stored landmarks into one .npz.
 
-    Keys: crops uint8[N,112,112,3] BGR, teacher float32[N,128] (raw dlib descriptors),
+    Keys: crops uint8[N,S,S,3] BGR on `template`, teacher float32[N,128] (raw dlib descriptors),
     labels int64[N] (identity index, -1 when unlabelled), label_names, paths.
     Refuses any image of an LFW evaluation identity (they must never be trained on).
     """
@@ -77,7 +79,7 @@ def prepare_teacher_pool(teacher_npz: Path, data_root: Path, out: Path) -> int:
         line.split()
         for line in (data_root / "celeba299" / "identities.txt").read_text().splitlines()
     )
-    crops = np.empty((len(paths), 112, 112, 3), np.uint8)
+    crops = np.empty((len(paths), template.size, template.size, 3), np.uint8)
     names: list[str] = []
     for i, rel in enumerate(tqdm(paths, desc="align pool", unit="img")):
         parts = Path(rel).parts
@@ -92,7 +94,7 @@ def prepare_teacher_pool(teacher_npz: Path, data_root: Path, out: Path) -> int:
         image = cv2.imread(str(data_root / rel), cv2.IMREAD_COLOR)
         if image is None:
             raise OSError(f"cannot read {data_root / rel}")
-        crops[i] = align_face(image, lms[i])
+        crops[i] = align_face(image, lms[i], template)
     label_names = sorted({n for n in names if n})
     index = {n: i for i, n in enumerate(label_names)}
     labels = np.array([index.get(n, -1) for n in names], np.int64)

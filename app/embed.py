@@ -6,9 +6,10 @@ import logging
 
 import numpy as np
 
+from app.align import recut
 from engine.backends import Backend, load_backend
 from engine.manifest import model_id
-from trainer.preprocess import to_input
+from trainer.preprocess import CropTemplate, to_input
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +23,11 @@ class Embedder:
         m = backend.manifest
         self.input_size = int(m["input_size"])
         self.mean, self.std = tuple(m["mean"]), tuple(m["std"])
-        if m.get("colour", "RGB") != "RGB":
-            raise ValueError(
-                f"model expects colour order {m['colour']}; only RGB models are supported"
-            )
+        if m.get("colour", "RGB") not in ("RGB", "BGR"):
+            raise ValueError(f"model expects colour order {m['colour']}; RGB or BGR are supported")
+        self.rgb = m.get("colour", "RGB") == "RGB"
         self.dim = int(m["embedding_dim"])
+        self.template = CropTemplate.from_manifest(m)  # where the aligner puts the landmarks
         self.model_name, self.model_version = model_id(m)
         self.crops_embedded = 0
 
@@ -46,13 +47,20 @@ class Embedder:
         t = self.backend.manifest.get("metrics", {}).get("recommended_threshold")
         return None if t is None else float(t)
 
+    def embed_kept(self, crops: list[np.ndarray] | np.ndarray) -> np.ndarray:
+        """Embed kept crops (`app.align.STORE`, or 112 ArcFace crops of older releases),
+        re-cut onto this model's template first."""
+        return self.embed([recut(c, self.template) for c in crops])
+
     def embed(self, crops: list[np.ndarray] | np.ndarray) -> np.ndarray:
+        """Embed crops aligned to `self.template`."""
         if len(crops) == 0:
             return np.zeros((0, self.dim), np.float32)
         out = []
         for i in range(0, len(crops), self.batch_size):
             x = to_input(
-                np.stack(crops[i : i + self.batch_size]), self.input_size, self.mean, self.std
+                np.stack(crops[i : i + self.batch_size]), self.input_size, self.mean, self.std,
+                rgb=self.rgb,
             )
             out.append(self.backend.embed(x))
         self.crops_embedded += len(crops)

@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from app.align import align_face
+from app.align import STORE, align_face
 from app.detect import FaceDetector
 from app.embed import Embedder
 from app.gallery import Gallery, GalleryError
@@ -32,7 +32,7 @@ class EnrollError(Exception):
 
 @dataclass(frozen=True)
 class EnrollFace:
-    crop: np.ndarray  # uint8[112,112,3] BGR
+    crop: np.ndarray  # uint8[192,192,3] BGR in the kept geometry (app.align.STORE)
     quality: float
     source: str
 
@@ -124,7 +124,7 @@ def faces_from_image(
             raise
         log.warning("skipped: %s", e)
         return []
-    crop = align_face(image, det.landmarks)
+    crop = align_face(image, det.landmarks, STORE)
     return [EnrollFace(crop, score_quality(det, crop).score, str(path))]
 
 
@@ -136,7 +136,7 @@ def faces_from_video(path: Path, detector: FaceDetector, max_faces: int) -> list
         for frame in source:
             faces, _ = tracker.update(frame.index, frame.pts, detector.detect(frame.image))
             for f in faces:
-                crop = align_face(frame.image, f.detection.landmarks)
+                crop = align_face(frame.image, f.detection.landmarks, STORE)
                 q = score_quality(f.detection, crop).score
                 per_track.setdefault(f.track_id, []).append(
                     EnrollFace(crop, q, f"{path}#frame={f.frame_index}")
@@ -218,7 +218,7 @@ def enroll(
     if not paths and not events:
         raise EnrollError("nothing to enroll from: give photos, folders, videos or --event ID")
     faces = collect(paths, detector, face) + faces_from_events(gallery, list(events or []))
-    vectors = np.asarray(embedder.embed([f.crop for f in faces]), dtype=np.float32)
+    vectors = np.asarray(embedder.embed_kept([f.crop for f in faces]), dtype=np.float32)
     reject, sims, bound = find_outliers(vectors, margin=outlier_margin,
                                         min_templates=min_templates)
     rejected = [Rejection(f.source, f.quality, float(sims[i]), bound)

@@ -1,8 +1,9 @@
 """`facemoe eval lfw`: the official 10-fold protocol on faces found and aligned by the app.
 
-Cross-resolution probes (`--probe-res N`): the second image's aligned crop is downsampled to
-NxN with INTER_AREA and upsampled back with INTER_CUBIC (the STACK.md baseline protocol).
-Aligned crops are cached next to the pairs file's name in the user cache (by content hash).
+Cross-resolution probes (`--probe-res N`): the second image's face is given the resolution it
+has in an NxN ArcFace-112 crop (downsampled with INTER_AREA, upsampled back with INTER_CUBIC,
+the STACK.md baseline protocol) and then aligned to the model's own template, so N means the
+same face resolution for every model. Landmarks are cached in the user cache (by content hash).
 """
 
 from __future__ import annotations
@@ -10,19 +11,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from app.align import align_face
+from app.align import CROP_SIZE, STORE, TEMPLATE, align_face, degrade_to, recut
 from app.config import AppConfig
 from app.detect import FaceDetector
 from app.embed import Embedder
 from app.runtime import make_detector
-from trainer.augment import downscale
 from trainer.evaluate import Pair, plot_roc, read_lfw_pairs, roc, verification_report
+from trainer.preprocess import CropTemplate
 
 log = logging.getLogger(__name__)
 
@@ -40,48 +42,63 @@ def _central_face(image: np.ndarray, detector: FaceDetector):
     )
 
 
-def align_pairs(
+def find_pair_faces(
     root: Path, pairs: list[Pair], detector: FaceDetector
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Aligned crop per image (the most central face: LFW is centred), and the faceless images."""
+    """Landmarks float32[5, 2] per image (the most central face: LFW is centred), and the
+    faceless images. Cached by content hash in the user cache (detection is the slow part)."""
     names = sorted({p.left for p in pairs} | {p.right for p in pairs})
     key = hashlib.sha256(("\n".join(names) + str(root.resolve())).encode()).hexdigest()[:16]
     cache = (
-        Path(os.environ.get("FACEMOE_CACHE", Path.home() / ".cache" / "facemoe")) / f"lfw-{key}.npz"
+        Path(os.environ.get("FACEMOE_CACHE", Path.home() / ".cache" / "facemoe"))
+        / f"lfw-landmarks-{key}.npz"
     )
     if cache.is_file():
         d = np.load(cache)
-        crops = dict(zip(d["names"].tolist(), d["crops"], strict=True))
-        return crops, d["missing"].tolist()
-    crops, missing = {}, []
-    for name in tqdm(names, desc="detect+align", unit="img"):
+        return dict(zip(d["names"].tolist(), d["landmarks"], strict=True)), d["missing"].tolist()
+    marks, missing = {}, []
+    for name in tqdm(names, desc="detect", unit="img"):
         image = cv2.imread(str(root / name), cv2.IMREAD_COLOR)
         det = None if image is None else _central_face(image, detector)
         if det is None:
             missing.append(name)
-            # centre crop stands in so the pair still counts (the protocol scores all 6,000 pairs)
-            image = image if image is not None else np.zeros((250, 250, 3), np.uint8)
-            h, w = image.shape[:2]
-            crops[name] = cv2.resize(image[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4], (112, 112))
+            # the ArcFace template on the image's central half stands in, so the pair still
+            # counts (the protocol scores all 6,000 pairs)
+            h, w = (250, 250) if image is None else image.shape[:2]
+            marks[name] = (TEMPLATE / CROP_SIZE * np.float32([w / 2, h / 2])
+                           + np.float32([w / 4, h / 4]))
         else:
-            crops[name] = align_face(image, det.landmarks)
+            marks[name] = np.asarray(det.landmarks, np.float32).reshape(5, 2)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        cache.with_suffix(".tmp.npz"),
-        names=np.array(list(crops)),
-        crops=np.stack(list(crops.values())),
-        missing=np.array(missing, dtype=str),
-    )
-    cache.with_suffix(".tmp.npz").replace(cache)
-    return crops, missing
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, names=np.array(list(marks)), landmarks=np.stack(list(marks.values())),
+                 missing=np.array(missing, dtype=str))
+    os.replace(tmp, cache)
+    return marks, missing
+
+
+def _read(root: Path, name: str) -> np.ndarray:
+    image = cv2.imread(str(root / name), cv2.IMREAD_COLOR)
+    return image if image is not None else np.zeros((250, 250, 3), np.uint8)
 
 
 def evaluate_pairs(
-    embedder: Embedder, crops: dict[str, np.ndarray], pairs: list[Pair], probe_res: list[int]
+    embedder: Embedder,
+    root: Path,
+    marks: dict[str, np.ndarray],
+    pairs: list[Pair],
+    probe_res: list[int],
 ) -> tuple[dict[str, dict], dict[str, tuple]]:
-    names = list(crops)
+    """Native: every image aligned straight onto the model's template. Probe N: the right
+    image's face at the resolution of an NxN ArcFace crop (`app.align.degrade_to` on the kept
+    geometry), then re-cut onto the model's template, so N means the same for every model."""
+    names = list(marks)
     index = {n: i for i, n in enumerate(names)}
-    clean = embedder.embed(np.stack([crops[n] for n in names]))
+    template = embedder.template
+    images = {n: _read(root, n) for n in tqdm(names, desc="align", unit="img")}
+    clean = embedder.embed(np.stack([align_face(images[n], marks[n], template) for n in names]))
+    kept = {p.right: align_face(images[p.right], marks[p.right], STORE) for p in pairs}
     left = np.array([index[p.left] for p in pairs])
     right_names = [p.right for p in pairs]
     same = np.array([p.same for p in pairs])
@@ -91,7 +108,9 @@ def evaluate_pairs(
         if res is None:
             right = clean[[index[n] for n in right_names]]
         else:
-            right = embedder.embed(np.stack([downscale(crops[n], res) for n in right_names]))
+            right = embedder.embed(
+                np.stack([recut(degrade_to(kept[n], res), template) for n in right_names])
+            )
         scores = np.sum(clean[left] * right, axis=1)
         label = "native" if res is None else f"{res}px"
         results[label] = verification_report(scores, same, folds)
@@ -116,13 +135,13 @@ def eval_lfw(
     embedder = Embedder.from_config(
         model_cfg.dir, model_cfg.backend, model_cfg.threads, model_cfg.batch_size
     )
-    crops, missing = align_pairs(root, pairs, make_detector(cfg))
-    results, curves = evaluate_pairs(embedder, crops, pairs, probe_res or [])
+    marks, missing = find_pair_faces(root, pairs, make_detector(cfg))
+    results, curves = evaluate_pairs(embedder, root, marks, pairs, probe_res or [])
     report = {
         "benchmark": "lfw",
         "model": embedder.model,
         "backend": embedder.backend.name,
-        "images": len(crops),
+        "images": len(marks),
         "no_face": len(missing),
         "results": results,
     }
@@ -230,7 +249,7 @@ def eval_identification(
             if det is None:
                 no_face.append(name)
                 continue
-            crop = align_face(image, det.landmarks)
+            crop = align_face(image, det.landmarks, STORE)
             if first:
                 gallery.append(crop)
                 gallery_ids.append(ident)
@@ -241,15 +260,15 @@ def eval_identification(
     bar.close()
     if not gallery:
         raise ValueError(f"no face found in any of the {total} images under {root}")
-    g_emb = embedder.embed(np.stack(gallery))
+    g_emb = embedder.embed_kept(np.stack(gallery))
     ids = np.array(gallery_ids)
     p_ids = np.array(probe_ids)
     results: dict[str, dict] = {}
     for res in [None, *(probe_res or [])]:
         if not probes:
             break
-        batch = np.stack(probes) if res is None else np.stack([downscale(c, res) for c in probes])
-        p_emb = embedder.embed(batch)
+        batch = probes if res is None else [degrade_to(c, res) for c in probes]
+        p_emb = embedder.embed_kept(batch)
         label = "native" if res is None else f"{res}px"
         results[label] = rank_n_identification(g_emb, ids, p_emb, p_ids, ranks)
     with_probes = set(probe_ids)
@@ -293,7 +312,7 @@ def explain_image(
     det = _largest_face(image, make_detector(cfg))
     if det is None:
         raise ValueError(f"no face found in {image_path}")
-    crop = align_face(image, det.landmarks)
+    crop = align_face(image, det.landmarks, CropTemplate.from_manifest(manifest))
     rows, resolutions = [], {}
     for res in [None, *(probe_res or [])]:
         x = degrade_crops(crop[None], res)

@@ -83,7 +83,8 @@ _BUSY_TIMEOUT_MS = 10_000
 _PAGE_SIZE = 16384  # a 512-d template (2 KiB) per identity: ~2.6 KB on disk, not ~4.3 KB
 _LOCK_RETRIES = 5  # attempts of a write that still finds the database locked after the timeout
 _JPEG_QUALITY = 90
-_CROP_SIZE = 112
+_CROP_SIZE = 112  # ArcFace crops kept by releases up to 0.2
+_KEPT_SIZE = 192  # app.align.STORE
 _IN_CHUNK = 500  # names per SQL IN (...) list
 MAX_NAME_LENGTH = 256
 KEY_ENV = "FACEMOE_GALLERY_KEY"
@@ -108,7 +109,7 @@ class EmbedderLike(Protocol):
     model_name: str
     model_version: str
 
-    def embed(self, crops: list[np.ndarray]) -> np.ndarray: ...
+    def embed_kept(self, crops: list[np.ndarray]) -> np.ndarray: ...
 
 
 def _utcnow() -> datetime:
@@ -387,12 +388,14 @@ def _encode_crop(crop: np.ndarray) -> bytes:
 
 
 def _decode_crop(jpeg: bytes, what: str) -> np.ndarray:
-    """uint8[112, 112, 3] BGR from stored JPEG bytes."""
+    """uint8[S, S, 3] BGR from stored JPEG bytes: 192 (app.align.STORE) or 112 (ArcFace crops
+    kept by releases up to 0.2)."""
     img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise GalleryError(f"{what}: the stored crop is not a readable JPEG")
-    if img.shape[:2] != (_CROP_SIZE, _CROP_SIZE):
-        img = cv2.resize(img, (_CROP_SIZE, _CROP_SIZE), interpolation=cv2.INTER_AREA)
+    if img.shape[:2] not in ((_CROP_SIZE, _CROP_SIZE), (_KEPT_SIZE, _KEPT_SIZE)):
+        raise GalleryError(f"{what}: the stored crop is {img.shape[1]}x{img.shape[0]}, "
+                           f"not {_KEPT_SIZE}x{_KEPT_SIZE} or {_CROP_SIZE}x{_CROP_SIZE}")
     return img
 
 
@@ -1363,7 +1366,7 @@ class Gallery:
         out = []
         for i in range(0, len(jpegs), batch_size):
             batch = [_decode_crop(jpeg, what) for jpeg, what in jpegs[i:i + batch_size]]
-            vecs = np.asarray(embedder.embed(batch), dtype=np.float32)
+            vecs = np.asarray(embedder.embed_kept(batch), dtype=np.float32)
             if vecs.ndim != 2 or vecs.shape[0] != len(batch):
                 raise GalleryError(f"the embedder returned shape {list(vecs.shape)} "
                                    f"for {len(batch)} crops")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.aggregate import EmbedPolicy, TrackAggregator
-from app.align import align_face
+from app.align import STORE, align_face
 from app.config import AppConfig
 from app.detect import FaceDetector
 from app.embed import Embedder
@@ -141,14 +141,15 @@ class FacePipeline:
             finished = ended + finished
         with self.times("align"):
             for f in faces:
-                crop = align_face(frame.image, f.detection.landmarks)
+                kept = align_face(frame.image, f.detection.landmarks, STORE)
                 aligned = AlignedFace(
                     f.track_id,
                     f.frame_index,
                     f.pts,
                     f.detection.bbox,
-                    crop,
-                    score_quality(f.detection, crop),
+                    align_face(frame.image, f.detection.landmarks, self.embedder.template),
+                    score_quality(f.detection, kept),
+                    kept,
                 )
                 if self.aggregator.observe(aligned):
                     self.batch.add(self, aligned)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from app.align import ARCFACE_112, recut
 from app.records import Detection, Quality
 
 IOD_SATURATION = 40.0  # px of inter-ocular distance at which size stops adding quality
@@ -43,7 +44,8 @@ def pose_frontalness(landmarks: np.ndarray) -> float:
 
 
 def score_quality(det: Detection, crop: np.ndarray) -> Quality:
-    """Quality of one face: `det` in source pixels, `crop` its aligned uint8 112x112 BGR chip.
+    """Quality of one face: `det` in source pixels, `crop` its aligned BGR crop (kept
+    192x192 `STORE` geometry, or the 112x112 ArcFace crop).
 
     size  = inter-ocular distance (IOD) in source pixels;
     blur  = variance of the Laplacian of the grey crop (higher = sharper);
@@ -53,6 +55,7 @@ def score_quality(det: Detection, crop: np.ndarray) -> Quality:
     """
     landmarks = np.asarray(det.landmarks, dtype=np.float64).reshape(5, 2)
     size = float(np.linalg.norm(landmarks[1] - landmarks[0]))
+    crop = recut(crop, ARCFACE_112)  # blur is measured at the ArcFace crop's scale
     grey = crop if crop.ndim == 2 else cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)
     blur = float(cv2.Laplacian(grey, cv2.CV_64F).var())
     pose = pose_frontalness(landmarks)

@@ -58,14 +58,16 @@ class Quality:
 
 @dataclass(frozen=True)
 class AlignedFace:
-    """A face warped to the 112x112 ArcFace template (DESIGN.md)."""
+    """A face warped to the model's crop template, and to the canonical kept geometry."""
 
     track_id: int
     frame_index: int
     pts: float
     bbox: np.ndarray  # float32[4] x, y, w, h in frame pixels
-    crop: np.ndarray = field(repr=False)  # uint8[112, 112, 3], BGR
+    crop: np.ndarray = field(repr=False)  # uint8[S, S, 3] BGR on the model's template
     quality: Quality | None = None
+    # uint8[192, 192, 3] BGR in `app.align.STORE`: what is kept with events for re-embedding
+    kept: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -152,3 +152,29 @@ def tiny_config(tmp_path, real_faces):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture(scope="session")
+def dlib_dat() -> Path:
+    """dlib's face network file as install.sh installs it (train extra)."""
+    from trainer.importers.dlib import default_dat
+
+    try:
+        return default_dat()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def dlib_parity(data_dir: Path) -> dict:
+    """32 dlib chips (RGB) of LFW training identities with dlib's own descriptors."""
+    d = np.load(_need(data_dir / "dlib_parity" / "dlib_v1_chips.npz", "dlib parity chips"))
+    return {"chips": d["chips"], "descriptors": d["descriptors"]}
+
+
+@pytest.fixture(scope="session")
+def dlib_model_dir(tmp_path_factory, dlib_dat: Path) -> Path:
+    """`facemoe import dlib` of the installed file, into a temporary artifact."""
+    from trainer.importers.dlib import import_dlib
+
+    return import_dlib(tmp_path_factory.mktemp("dlib") / "dlib-resnet-v1", dlib_dat)

@@ -37,7 +37,12 @@ def save_artifact(
     data: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the artifact directory; returns it. `arch` is the registry config (model.yaml)."""
+    """Write the artifact directory; returns it. `arch` is the registry config (model.yaml).
+
+    The input contract (mean, std, crop template) is the model's own (`input_mean`, `input_std`,
+    `crop_template` attributes: a network that starts from another keeps that one's); models
+    without them take the ArcFace 112 crop and mean/std 0.5.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -48,9 +53,9 @@ def save_artifact(
         "version": version,
         "architecture": arch["name"],
         "input_size": int(getattr(model, "input_size", arch.get("img_size", 112))),
-        "crop_size": 112,
-        "mean": list(MEAN),
-        "std": list(STD),
+        "crop_size": int(getattr(model, "input_size", 112)),
+        "mean": list(getattr(model, "input_mean", MEAN)),
+        "std": list(getattr(model, "input_std", STD)),
         "colour": "RGB",
         "layout": "NCHW",
         "embedding_dim": int(getattr(model, "embed_dim", 512)),
@@ -63,6 +68,9 @@ def save_artifact(
         "metrics": metrics or {},
         "weights_sha256": sha256_file(out / WEIGHTS),
     }
+    template = getattr(model, "crop_template", None)
+    if template is not None:
+        manifest["crop_template"] = template.to_manifest()
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 

@@ -42,6 +42,10 @@ class LossSection(_Strict):
     w_id: float = 1.0  # margin loss on labelled faces
     w_kd: float = 1.0  # cosine distillation to the (centred) teacher targets
     w_rkd: float = 1.0  # relational distillation (batch similarity matrix)
+    # True: distil through a learned projection to the re-centred teacher targets (a student
+    # trained from scratch); False: the embedding itself to the raw teacher descriptor (a
+    # student that starts as the teacher, e.g. upcycled from it: nothing to re-learn at step 0)
+    kd_projection: bool = True
     rkd_memory: int = 0  # also relate each face to this many faces of recent batches (0: off)
     lambda_z: float = 10.0  # router z-loss weight
     lambda_balance: float = 10.0  # load-balancing loss weight

@@ -48,7 +48,7 @@ from trainer.losses import (
 )
 from trainer.models import create_model, model_config
 from trainer.models.moe import moe_layers
-from trainer.preprocess import to_input
+from trainer.preprocess import MEAN, STD, to_input
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,15 @@ def embed_crops(
     model.eval()
     out = []
     for i in range(0, len(crops), batch):
-        x = torch.from_numpy(to_input(crops[i : i + batch], model.input_size)).to(device)
+        x = torch.from_numpy(model_input(model, crops[i : i + batch])).to(device)
         out.append(F.normalize(model(x).float()).cpu().numpy())
     return np.concatenate(out)
+
+
+def model_input(model: nn.Module, crops: np.ndarray) -> np.ndarray:
+    """Crops -> the model's input tensor, with the model's own mean/std (default 0.5)."""
+    mean, std = getattr(model, "input_mean", MEAN), getattr(model, "input_std", STD)
+    return to_input(crops, model.input_size, mean, std)
 
 
 def verification_accuracy(emb: np.ndarray, labels: np.ndarray) -> float:
@@ -225,7 +231,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if train_set.teacher is not None:
         has_t = ~np.isnan(train_set.teacher).any(1)
         teacher = np.zeros_like(train_set.teacher)
-        teacher[has_t], mean = centred_targets(train_set.teacher[has_t])
+        if cfg.loss.kd_projection:
+            teacher[has_t], mean = centred_targets(train_set.teacher[has_t])
+        else:
+            t = train_set.teacher[has_t]
+            teacher[has_t] = t / np.linalg.norm(t, axis=1, keepdims=True)
     labelled = train_set.labels >= 0
     log.info(
         "training on %d faces (%d labelled, %d with teacher targets), %d held out",
@@ -254,7 +264,24 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     margin = MarginHead(
         model.embed_dim, max(num_classes, 1), cfg.loss.margin, cfg.loss.s, cfg.loss.m
     ).to(device)
-    proj = nn.Linear(model.embed_dim, teacher.shape[1]).to(device) if teacher is not None else None
+    if teacher is not None and not cfg.loss.kd_projection and teacher.shape[1] != model.embed_dim:
+        raise ValueError(
+            f"loss.kd_projection false needs a {teacher.shape[1]}-d student like its teacher; "
+            f"{cfg.model.name} embeds in {model.embed_dim}"
+        )
+    if teacher is not None and not cfg.loss.kd_projection:
+        # The student starts in the teacher's space: start each class centre at the class's mean
+        # teacher descriptor, so the margin loss has nothing random to pull the embedding towards.
+        with torch.no_grad():
+            for c in np.unique(train_set.labels[train_set.labels >= 0]):
+                rows = (train_set.labels == c) & (np.abs(teacher).sum(1) > 0)
+                if rows.any():
+                    margin.weight[int(c)] = torch.from_numpy(teacher[rows].mean(0)).to(device)
+    proj = (
+        nn.Linear(model.embed_dim, teacher.shape[1]).to(device)
+        if teacher is not None and cfg.loss.kd_projection
+        else None
+    )
     heads: list[nn.Module] = [margin] + ([proj] if proj is not None else [])
     memory = (
         RelationMemory(cfg.loss.rkd_memory, model.embed_dim, teacher.shape[1], device)
@@ -262,9 +289,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         else None
     )
 
+    # what stage 1 trains: the model's new parts (an upcycled model's FaceMoE blocks), else heads
+    in_probe = getattr(model, "probe_trainable", lambda name: name.startswith("head."))
+
     def set_backbone_trainable(trainable: bool) -> None:
         for name, p in model.named_parameters():
-            p.requires_grad = trainable or name.startswith("head.")
+            p.requires_grad = trainable or in_probe(name)
 
     set_backbone_trainable(not (cfg.optim.freeze_backbone or cfg.optim.probe_epochs > 0))
     optim = torch.optim.AdamW(
@@ -324,7 +354,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         for i in bar:
             idx = np.sort(perm[i * cfg.optim.batch_size : (i + 1) * cfg.optim.batch_size])
             crops = np.stack([degrade(c, cfg.augment, rng) for c in train_set.crops[idx]])
-            x = torch.from_numpy(to_input(crops, model.input_size)).to(device, non_blocking=True)
+            x = torch.from_numpy(model_input(model, crops)).to(device, non_blocking=True)
             tidx = torch.from_numpy(idx).to(device)
             y = labels_all[tidx]
             for g in optim.param_groups:
@@ -352,7 +382,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 has = tt.abs().sum(1) > 0
                 if has.sum() > 1:
                     if cfg.loss.w_kd:
-                        parts["kd"] = cfg.loss.w_kd * cosine_distill_loss(proj(emb[has]), tt[has])
+                        student = emb[has] if proj is None else proj(emb[has])
+                        parts["kd"] = cfg.loss.w_kd * cosine_distill_loss(student, tt[has])
                     if cfg.loss.w_rkd:
                         parts["rkd"] = cfg.loss.w_rkd * relational_distill_loss(
                             emb[has], tt[has], memory
