@@ -395,7 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="facemoe", description="FaceMoE Edge face recognition")
     p.add_argument("--version", action="version", version=f"facemoe {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log info messages too (-vv: debug); `run`, `train` and `finetune` log info "
+        "by default",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, gallery=True):
@@ -608,6 +615,8 @@ _USER_ERRORS = (
     ("engine.backends", "BackendError"),
     ("engine.build", "EngineBuildError"),
 )
+# Commands whose log is their progress report (the daemon, training) log info by default.
+_INFO_COMMANDS = ("run", "train", "finetune")
 
 
 def _is_user_error(exc: Exception) -> bool:
@@ -620,13 +629,19 @@ def _is_user_error(exc: Exception) -> bool:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _setup_logging(args: argparse.Namespace) -> None:
+    """Warnings and errors by default; -v adds info, -vv debug."""
+    default = logging.INFO if args.command in _INFO_COMMANDS else logging.WARNING
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=max(logging.DEBUG, default - 10 * args.verbose),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
     if args.command == "process" and not args.video and not args.validate_config:
         print("facemoe: error: process needs a VIDEO", file=sys.stderr)
         return 2

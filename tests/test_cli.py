@@ -1,4 +1,5 @@
-"""The command line as a user meets it: gallery commands that do not load the model."""
+"""The command line as a user meets it: quiet by default, gallery commands that do not load the
+model, failures that end with the one-line error."""
 
 from __future__ import annotations
 
@@ -51,6 +52,27 @@ def test_gallery_commands_do_not_load_the_model(gallery_db: Path, tmp_path: Path
     for action in actions:
         done = facemoe("gallery", *action, "--gallery", gallery_db, script=_RUN_AND_REPORT)
         assert done.returncode == 0, done.stderr
-        assert "model runtime loaded" not in done.stderr, f"gallery {action[0]}: {done.stderr}"
+        assert done.stderr == "", f"gallery {action[0]}: {done.stderr}"
         if action == ["list"]:
             assert done.stdout.startswith("Ada\t2\t")
+
+
+def test_failure_ends_with_the_one_line_error(gallery_db: Path) -> None:
+    done = facemoe("gallery", "remove", "Nobody", "--gallery", gallery_db)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == ["facemoe: error: no such identity: 'Nobody'"]
+
+
+def test_commands_are_quiet_unless_verbose(tmp_path: Path, default_model_dir: Path,
+                                           data_dir: Path, no_gallery_key: None) -> None:
+    from app.embed import Embedder
+
+    Embedder.from_config(str(default_model_dir), "onnxruntime")  # any ONNX export happens here
+    photo, db = data_dir / "videos" / "obama-240p.jpg", tmp_path / "g.db"
+    done = facemoe("enroll", "Barack Obama", photo, "--gallery", db)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no OpenCV warning, no info about backends or TensorRT
+    done = facemoe("-v", "enroll", "Barack Obama", photo, "--gallery", db)
+    assert done.returncode == 0, done.stderr
+    assert " INFO app.gallery.identities: enrolled 1 template(s)" in done.stderr
+    assert "TensorRT" not in done.stderr and "WARN" not in done.stderr
