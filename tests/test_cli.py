@@ -1,5 +1,5 @@
 """The command line as a user meets it: quiet by default, gallery commands that do not load the
-model, failures that end with the one-line error."""
+model, failures that end with the one-line error, one version."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import app
 from app.gallery import Gallery
 from engine.manifest import model_id, read_manifest
 from tests.gallery_helpers import event
@@ -76,3 +77,12 @@ def test_commands_are_quiet_unless_verbose(tmp_path: Path, default_model_dir: Pa
     assert done.returncode == 0, done.stderr
     assert " INFO app.gallery.identities: enrolled 1 template(s)" in done.stderr
     assert "TensorRT" not in done.stderr and "WARN" not in done.stderr
+
+
+def test_version_is_the_release_in_one_place() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "app.__version__"}
+    done = facemoe("--version")
+    assert (done.returncode, done.stdout) == (0, f"facemoe {app.__version__}\n")
