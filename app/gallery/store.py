@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import TracebackType
 
 from sqlalchemy.orm import Session
 
@@ -96,3 +97,14 @@ class Store:
     def close(self) -> None:
         """Release the database connections."""
         self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
