@@ -66,22 +66,22 @@ class GallerySink:
     The store is borrowed: `close()` stops this sink but leaves the gallery open.
     """
 
-    def __init__(self, events: EventStore, crops: int = 0) -> None:
-        self._events: EventStore | None = events
+    def __init__(self, store: EventStore, crops: int = 0) -> None:
+        self._store: EventStore | None = store
         self.crops = crops  # best aligned crops kept per event (for enrollment from a track)
 
     def write(self, events: list[Event]) -> None:
         """Store `events` as one batch."""
-        if self._events is None:
+        if self._store is None:
             raise SinkError("gallery sink is closed")
         try:
-            self._events.add(events, crops=self.crops)
+            self._store.add(events, crops=self.crops)
         except GalleryError as exc:
             raise SinkError(str(exc)) from exc
 
     def close(self) -> None:
         """Stop accepting events."""
-        self._events = None
+        self._store = None
 
 
 class RotatingJsonlSink:
