@@ -49,7 +49,7 @@ def gallery_db(tmp_path: Path, default_model_dir: Path, no_gallery_key: None) ->
 def test_gallery_commands_do_not_load_the_model(gallery_db: Path, tmp_path: Path) -> None:
     actions = [["list"], ["events"], ["audit"], ["settings"], ["check"],
                ["export", tmp_path / "g.zip"], ["purge", "--events-older-than", "30"],
-               ["rename", "Ada", "Ada L"], ["remove", "Ada L"]]
+               ["rename", "Ada", "Ada L"], ["remove", "Ada L"], ["import", tmp_path / "g.zip"]]
     for action in actions:
         done = facemoe("gallery", *action, "--gallery", gallery_db, script=_RUN_AND_REPORT)
         assert done.returncode == 0, done.stderr
