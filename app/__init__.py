@@ -1,3 +1,3 @@
 """FaceMoE Edge: pipeline, tracking, gallery, matching, events, CLI."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the release; pyproject.toml reads it from here

@@ -39,6 +39,14 @@ def _embedder(cfg):
     return make_embedder(cfg)
 
 
+def _model_id(cfg) -> tuple[str, str]:
+    """(name, version) of the configured model as galleries record it, from its manifest
+    (milliseconds; loading the model takes seconds)."""
+    from engine.manifest import model_id, read_manifest
+
+    return model_id(read_manifest(cfg.model.dir))
+
+
 def _gallery_path(args: argparse.Namespace, cfg) -> str:
     return (
         str(Path(args.gallery).expanduser()) if getattr(args, "gallery", None) else cfg.gallery.path
@@ -86,12 +94,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
-    from app.gallery_cli import open_gallery_for, run_gallery_action
+    from app.gallery_cli import open_gallery_for, run_gallery_action, uses_embedder
 
     cfg = _config(args)
-    embedder = _embedder(cfg)
+    embedder = _embedder(cfg) if uses_embedder(args) else None
     path = _gallery_path(args, cfg)
-    with open_gallery_for(args, path, embedder) as gallery:
+    with open_gallery_for(args, path, _model_id(cfg)) as gallery:
         if args.action == "list":
             ids = gallery.identities()
             _out(
@@ -420,7 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="facemoe", description="FaceMoE Edge face recognition")
     p.add_argument("--version", action="version", version=f"facemoe {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log info messages too (-vv: debug); `run`, `train` and `finetune` log info "
+        "by default",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, gallery=True):
@@ -650,54 +665,64 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from app.config import ConfigError
-    from app.enroll import EnrollError
-    from app.gallery import GalleryError
-    from app.sinks import SinkError
-    from app.source import SourceError
-    from engine.backends import BackendError
-    from engine.build import EngineBuildError
+# User mistakes: (module, class) so that checking an error imports nothing (an exception of a
+# class whose module was never imported cannot have been raised).
+_USER_ERRORS = (
+    ("trainer.config", "ConfigError"),
+    ("app.enroll", "EnrollError"),
+    ("app.gallery.errors", "GalleryError"),
+    ("app.sinks", "SinkError"),
+    ("app.source", "SourceError"),
+    ("engine.backends", "BackendError"),
+    ("engine.build", "EngineBuildError"),
+)
+# Commands whose log is their progress report (the daemon, training) log info by default.
+_INFO_COMMANDS = ("run", "train", "finetune")
 
-    return (
-        UserError,
-        ConfigError,
-        EnrollError,
-        GalleryError,
-        SinkError,
-        SourceError,
-        BackendError,
-        EngineBuildError,
-        FileNotFoundError,
+
+def _is_user_error(exc: Exception) -> bool:
+    if isinstance(exc, UserError | FileNotFoundError):
+        return True
+    return any(
+        isinstance(exc, getattr(sys.modules[module], name))
+        for module, name in _USER_ERRORS
+        if module in sys.modules
+    )
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    """Warnings and errors by default; -v adds info, -vv debug."""
+    default = logging.INFO if args.command in _INFO_COMMANDS else logging.WARNING
+    logging.basicConfig(
+        level=max(logging.DEBUG, default - 10 * args.verbose),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _setup_logging(args)
     if args.command == "process" and not args.video and not args.validate_config:
         print("facemoe: error: process needs a VIDEO", file=sys.stderr)
         return 2
-    if getattr(args, "model", "unset") is None:
-        from app.config import load_config
-
-        args.model = load_config(getattr(args, "config", None)).model.dir
-    errors = _user_errors()
     try:
+        if getattr(args, "model", "unset") is None:
+            from app.config import load_config
+
+            args.model = load_config(getattr(args, "config", None)).model.dir
         return args.func(args)
-    except errors as e:
+    except KeyboardInterrupt:
+        print("facemoe: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
         print(
             f"facemoe: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
             file=sys.stderr,
         )
         return 1
-    except KeyboardInterrupt:
-        print("facemoe: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -343,7 +343,8 @@ class Daemon:
     def _open_sinks(self) -> dict[str, Sink]:
         d, sinks = self.cfg.daemon, {}
         if self.cfg.output.events_sqlite:
-            sinks["sqlite"] = GallerySink(self.gallery, crops=self.cfg.output.event_crops)
+            sinks["sqlite"] = GallerySink(self.gallery.event_store,
+                                          crops=self.cfg.output.event_crops)
         jsonl = d.jsonl.path or self.cfg.output.events_jsonl
         if jsonl:
             sinks["jsonl"] = RotatingJsonlSink(jsonl, int(d.jsonl.max_mb * 1e6), d.jsonl.backups)

@@ -57,12 +57,18 @@ class FaceDetector:
         self.model_path = path
         self.score_threshold = score_threshold
         self.upscale = float(upscale)
+        # OpenCV's graph engine warns that it ignores the (default CPU) target YuNet sets:
+        # nothing a user can act on, so OpenCV logs only errors while the net is built.
+        opencv_level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
         try:
             self._net = cv2.FaceDetectorYN.create(
                 str(path), "", (320, 320), score_threshold, nms_threshold, top_k
             )
         except cv2.error as exc:
             raise ValueError(f"cannot load face detector {path}: {exc.msg.strip()}") from None
+        finally:
+            cv2.utils.logging.setLogLevel(opencv_level)
         self._input_size = (320, 320)
         log.debug("loaded %s (score>=%.2f, nms %.2f, upscale %.2f)", path, score_threshold,
                   nms_threshold, upscale)

@@ -2,7 +2,9 @@
 
 `add_gallery_actions` adds the sub-commands to `facemoe gallery`; `open_gallery_for` opens
 the gallery the way an action needs it; `run_gallery_action` runs one and prints its result
-(one JSON object with --json). Heavy imports happen inside the handlers.
+(one JSON object with --json). Only actions that embed (`uses_embedder`) load the model; the
+others need only its name@version from the manifest. Heavy imports happen inside the
+handlers.
 """
 
 from __future__ import annotations
@@ -90,28 +92,35 @@ def add_gallery_actions(gsub: argparse._SubParsersAction, common: Callable) -> N
     common(g)
 
 
-def open_gallery_for(args: argparse.Namespace, path: str, embedder: Embedder) -> Gallery:
-    """Open the gallery for `args.action`. Only `import` may create a gallery and it needs
-    the embedder's model; the other actions manage a gallery of any model (after a model
-    upgrade it can still be listed, exported, cleaned or re-embedded)."""
+def uses_embedder(args: argparse.Namespace) -> bool:
+    """Whether the action embeds crops: `reembed`, and `import --reembed`."""
+    return args.action == "reembed" or (args.action == "import" and args.reembed)
+
+
+def open_gallery_for(args: argparse.Namespace, path: str, model: tuple[str, str]) -> Gallery:
+    """Open the gallery for `args.action` with the configured `model` (name, version). Only
+    `import` may create a gallery and it needs that model; the other actions manage a
+    gallery of any model (after a model upgrade it can still be listed, exported, cleaned
+    or re-embedded)."""
     from app.gallery import Gallery, load_key, verify_export
 
     key = load_key(getattr(args, "key_file", None))
     importing = args.action == "import"
     if importing:
         verify_export(args.file)  # before a new gallery file is made for a bad export
-    gallery = Gallery(path, embedder.model_name, embedder.model_version, create=importing,
-                      key=key, adopt_model=not importing)
-    if gallery.model != embedder.model and args.action != "reembed":
+    gallery = Gallery(path, *model, create=importing, key=key, adopt_model=not importing)
+    configured = "@".join(model)
+    if gallery.model != configured and args.action != "reembed":
         log.warning("gallery %s was built with model %s, not the configured %s: recognition "
                     "needs `facemoe gallery reembed`", gallery.location, gallery.model,
-                    embedder.model)
+                    configured)
     return gallery
 
 
 def run_gallery_action(args: argparse.Namespace, gallery: Gallery,
-                       embedder: Embedder) -> dict | None:
-    """Run a lifecycle action and print its result; None when `args.action` is not one."""
+                       embedder: Embedder | None) -> dict | None:
+    """Run a lifecycle action and print its result; None when `args.action` is not one.
+    `embedder` is the loaded model when `uses_embedder(args)`, else None."""
     handler = _HANDLERS.get(args.action)
     if handler is None:
         return None
@@ -120,7 +129,7 @@ def run_gallery_action(args: argparse.Namespace, gallery: Gallery,
     return payload
 
 
-def _export(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
+def _export(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | None
             ) -> tuple[dict, str]:
     r = gallery.export(args.file)
     return ({"gallery": gallery.location, "model": gallery.model, **r.as_json()},
@@ -128,7 +137,7 @@ def _export(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
             f"to {r.path} ({r.bytes} bytes, sha256 {r.sha256})")
 
 
-def _import(args: argparse.Namespace, gallery: Gallery, embedder: Embedder
+def _import(args: argparse.Namespace, gallery: Gallery, embedder: Embedder | None
             ) -> tuple[dict, str]:
     from app.gallery import GalleryError
 
@@ -156,7 +165,7 @@ def _reembed(args: argparse.Namespace, gallery: Gallery, embedder: Embedder
     return {"gallery": gallery.location, **r.as_json()}, "\n".join(lines)
 
 
-def _purge(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
+def _purge(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | None
            ) -> tuple[dict, str]:
     n = gallery.purge_events(args.events_older_than)
     return ({"gallery": gallery.location, "events_deleted": n,
@@ -164,7 +173,7 @@ def _purge(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
             f"deleted {n} events older than {args.events_older_than:g} days")
 
 
-def _events(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
+def _events(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | None
             ) -> tuple[dict, str]:
     rows = gallery.stored_events(args.limit, camera=args.camera, identity=args.identity,
                                  unknown=args.unknown)
@@ -178,7 +187,7 @@ def _events(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
     return {"gallery": gallery.location, "events": [r.as_json() for r in rows]}, text
 
 
-def _audit(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
+def _audit(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | None
            ) -> tuple[dict, str]:
     rows = gallery.audit(args.limit)
     text = "\n".join(f"{r.time:%Y-%m-%d %H:%M:%S}\t{r.user}\t{r.action}\t"
@@ -187,7 +196,7 @@ def _audit(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
     return {"gallery": gallery.location, "audit": [r.as_json() for r in rows]}, text
 
 
-def _settings(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
+def _settings(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | None
               ) -> tuple[dict, str]:
     from app.gallery import GalleryError
 
@@ -202,7 +211,7 @@ def _settings(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
     return info, "\n".join(f"{k}: {v}" for k, v in info.items())
 
 
-def _check(_args: argparse.Namespace, gallery: Gallery, _embedder: Embedder
+def _check(_args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | None
            ) -> tuple[dict, str]:
     from app.gallery import GalleryError
 

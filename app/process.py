@@ -79,7 +79,7 @@ def process_video(
     )
     sinks: list[Sink] = []
     if cfg.output.events_sqlite:
-        sinks.append(GallerySink(gallery, crops=cfg.output.event_crops))
+        sinks.append(GallerySink(gallery.event_store, crops=cfg.output.event_crops))
     if events_jsonl:
         sinks.append(JsonlSink(events_jsonl))
     summary = ProcessSummary(

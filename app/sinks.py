@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
-from app.gallery import Gallery, GalleryError
+from app.gallery import EventStore, GalleryError
 from app.records import Event
 
 log = logging.getLogger(__name__)
@@ -60,27 +60,28 @@ class JsonlSink:
 
 
 class GallerySink:
-    """Stores events in the gallery's `events` table, one transaction per `write`.
+    """Stores events in the gallery's event store (`Gallery.event_store`), one transaction
+    per `write`.
 
-    The gallery is borrowed: `close()` stops this sink but leaves the gallery open.
+    The store is borrowed: `close()` stops this sink but leaves the gallery open.
     """
 
-    def __init__(self, gallery: Gallery, crops: int = 0) -> None:
-        self._gallery: Gallery | None = gallery
+    def __init__(self, store: EventStore, crops: int = 0) -> None:
+        self._store: EventStore | None = store
         self.crops = crops  # best aligned crops kept per event (for enrollment from a track)
 
     def write(self, events: list[Event]) -> None:
         """Store `events` as one batch."""
-        if self._gallery is None:
+        if self._store is None:
             raise SinkError("gallery sink is closed")
         try:
-            self._gallery.add_events(events, crops=self.crops)
+            self._store.add(events, crops=self.crops)
         except GalleryError as exc:
             raise SinkError(str(exc)) from exc
 
     def close(self) -> None:
         """Stop accepting events."""
-        self._gallery = None
+        self._store = None
 
 
 class RotatingJsonlSink:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.gallery import Gallery, GalleryError, IdentityInfo
+from app.gallery import EventStore, Gallery, GalleryError, IdentityInfo, Store
 from app.records import Event
 from tests.gallery_helpers import MODEL, D, crops, event, unit
 
@@ -215,3 +215,17 @@ def test_failed_event_batch_writes_nothing(db: Path) -> None:
             g.add_events([event(1), bad])
         assert "\n" not in str(err.value)
         assert g.events() == []
+
+
+def test_event_store_on_its_own_store(db: Path, rng: np.random.Generator) -> None:
+    """The event store needs only an opened `Store`, not the identity store; its first write
+    claims the gallery's model like an enrollment does."""
+    with Store(db, *MODEL) as store:
+        events = EventStore(store)
+        events.add([event(1), event(2, None)])
+        assert [s.event for s in events.stored(unknown=True)] == [event(2, None)]
+        assert store.audit.entries() == []  # events are not audited
+    with Gallery(db, *MODEL, create=False) as g:
+        assert g.events() == [event(1), event(2, None)]
+    with pytest.raises(GalleryError, match="was built with model facemoe-edge"):
+        Gallery(db, "other", "1", create=False)

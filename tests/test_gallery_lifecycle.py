@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 import pytest
 
-from app import gallery as gallery_module
 from app.gallery import Gallery, GalleryError, load_key, verify_export
+from app.gallery import db as gallery_db
 from app.records import Event
 
 REPO = Path(__file__).resolve().parent.parent
@@ -458,6 +458,7 @@ _CHILD = """
 import sys, time
 from pathlib import Path
 from app.gallery import Gallery
+from app.gallery.db import Database
 db, export, marker, name, version, what = sys.argv[1:]
 
 def stall(session):  # the last step inside the transaction: everything else is written
@@ -465,7 +466,7 @@ def stall(session):  # the last step inside the transaction: everything else is 
     Path(marker).touch()
     time.sleep(60)
 
-Gallery._bump_version = staticmethod(stall)
+Database.bump_version = staticmethod(stall)
 g = Gallery(db, name, version)
 if what == "import":
     g.import_file(export)
@@ -521,7 +522,7 @@ def test_failure_inside_transaction_rolls_back(tmp_path: Path, embedder, faces: 
             session.flush()
             raise RuntimeError("power cut")
 
-        monkeypatch.setattr(Gallery, "_bump_version", staticmethod(boom))
+        monkeypatch.setattr(gallery_db.Database, "bump_version", staticmethod(boom))
         for call in (lambda: g.import_file(export, embedder=embedder, on_conflict="merge"),
                      lambda: g.reembed(embedder),
                      lambda: g.remove(faces["names"][0]),
@@ -566,7 +567,7 @@ def test_concurrent_writers(tmp_path: Path) -> None:
 
 def test_locked_database_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(gallery_module, "_BUSY_TIMEOUT_MS", 200)
+    monkeypatch.setattr(gallery_db, "BUSY_TIMEOUT_MS", 200)
     db = tmp_path / "g.db"
     with Gallery(db, "m", "1") as g:
         g.enroll("first", np.ones((1, 8)), ["a"], [0.5])

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.gallery import Gallery, GalleryError, _Base
+from app.gallery import Gallery, GalleryError
+from app.gallery.db import Base
 from app.match import Matcher
 from tests.gallery_helpers import MODEL, crops, event, unit
 
@@ -34,9 +35,9 @@ def pg_url() -> str:
             pass
     except sqlalchemy.exc.OperationalError as exc:
         pytest.skip(f"cannot connect to FACEMOE_TEST_POSTGRES_URL: {str(exc).splitlines()[0]}")
-    _Base.metadata.drop_all(engine)
+    Base.metadata.drop_all(engine)
     yield url
-    _Base.metadata.drop_all(engine)
+    Base.metadata.drop_all(engine)
     engine.dispose()
 
 

@@ -83,7 +83,7 @@ def test_jsonl_disk_full() -> None:
 def test_gallery_sink(tmp_path: Path) -> None:
     events = [event(1, "alice"), event(2, None), event(3, "bob")]
     with Gallery(tmp_path / "g.db", "facemoe-edge", "0.1.0") as gallery:
-        sink = GallerySink(gallery)
+        sink = GallerySink(gallery.event_store)
         sink.write(events[:2])
         sink.write(events[2:])
         sink.close()
@@ -97,6 +97,6 @@ def test_gallery_sink_error_is_sink_error(tmp_path: Path) -> None:
     bad = Event("door", 1, None, 0.1, 0.0, 1.0, 3, (0.0, 0.0, 1.0, 1.0), None)  # type: ignore[arg-type]
     with Gallery(tmp_path / "g.db", "facemoe-edge", "0.1.0") as gallery:
         with pytest.raises(SinkError) as err:
-            GallerySink(gallery).write([event(1, None), bad])
+            GallerySink(gallery.event_store).write([event(1, None), bad])
         assert "\n" not in str(err.value)
         assert gallery.events() == []

@@ -62,7 +62,7 @@ def load_backend(model_dir: str | Path, name: str = "auto", **options: Any) -> B
         except BackendError as e:
             log.info("backend auto: not TensorRT (%s)", e)
     else:
-        log.info("backend auto: not TensorRT (no engine at %s; see facemoe build-engine)", engine)
+        log.debug("backend auto: no TensorRT engine at %s", engine)
     if backend is None:
         backend = _load("onnxruntime", model_dir, **options)
     log.info("backend auto: chose %s", backend.name)

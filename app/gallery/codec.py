@@ -1,0 +1,75 @@
+"""How values are stored: identity names (NFC), unit float32 vectors, kept face crops (JPEG)."""
+
+from __future__ import annotations
+
+import unicodedata
+
+import cv2
+import numpy as np
+
+from app.gallery.errors import GalleryError
+
+MAX_NAME_LENGTH = 256
+CROP_SIZE = 112  # ArcFace crops kept by releases up to 0.2
+KEPT_SIZE = 192  # app.align.STORE, the kept geometry since 0.3
+_JPEG_QUALITY = 90
+
+
+def normalise_name(name: str) -> str:
+    """The canonical form of an identity name: NFC, surrounding white space removed."""
+    return unicodedata.normalize("NFC", str(name)).strip()
+
+
+def clean_name(name: str) -> str:
+    """`normalise_name`, refusing empty, too long and control-character names."""
+    clean = normalise_name(name)
+    if not clean:
+        raise GalleryError("identity name must not be empty")
+    if len(clean) > MAX_NAME_LENGTH:
+        raise GalleryError(
+            f"identity name is too long ({len(clean)} characters; at most {MAX_NAME_LENGTH})"
+        )
+    if any(unicodedata.category(c) == "Cc" for c in clean):
+        raise GalleryError(f"identity name {clean!r} contains control characters")
+    return clean
+
+
+def unit_vectors(vecs: np.ndarray, what: str) -> np.ndarray:
+    """L2-normalised little-endian float32 rows, or a GalleryError."""
+    norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+    if not np.all(np.isfinite(vecs)) or np.any(norms == 0):
+        raise GalleryError(f"{what} vectors must be finite and non-zero")
+    return (vecs / norms).astype("<f4")
+
+
+def unit_bytes(vector: bytes) -> bytes:
+    """An imported vector as stored: unchanged when already unit length (so that merging an
+    export twice finds its templates identical), else normalised."""
+    vec = np.frombuffer(vector, "<f4")
+    norm = float(np.linalg.norm(vec))
+    if not np.all(np.isfinite(vec)) or norm == 0:
+        raise GalleryError("imported vectors must be finite and non-zero")
+    return vector if abs(norm - 1.0) < 1e-5 else (vec / norm).astype("<f4").tobytes()
+
+
+def encode_crop(crop: np.ndarray) -> bytes:
+    """JPEG bytes of a uint8 HxWx3 BGR crop."""
+    arr = np.asarray(crop)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise GalleryError(f"crop must be uint8[H, W, 3], got {arr.dtype}{list(arr.shape)}")
+    ok, buf = cv2.imencode(".jpg", arr, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
+    if not ok:
+        raise GalleryError("could not JPEG-encode a crop")
+    return buf.tobytes()
+
+
+def decode_crop(jpeg: bytes, what: str) -> np.ndarray:
+    """uint8[S, S, 3] BGR from stored JPEG bytes: 192 (app.align.STORE) or 112 (ArcFace crops
+    kept by releases up to 0.2)."""
+    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise GalleryError(f"{what}: the stored crop is not a readable JPEG")
+    if img.shape[:2] not in ((CROP_SIZE, CROP_SIZE), (KEPT_SIZE, KEPT_SIZE)):
+        raise GalleryError(f"{what}: the stored crop is {img.shape[1]}x{img.shape[0]}, "
+                           f"not {KEPT_SIZE}x{KEPT_SIZE} or {CROP_SIZE}x{CROP_SIZE}")
+    return img

@@ -1,0 +1,161 @@
+"""The event store: one row per finished track, written by the daemon and `process` on their
+hot path, each with up to N of its best aligned crops (so the person can be enrolled from
+the track later: `facemoe enroll NAME --event ID`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.orm import Session
+
+from app.gallery.codec import decode_crop, encode_crop, normalise_name
+from app.gallery.db import EventCropRow, EventRow, as_utc, utcnow
+from app.gallery.errors import GalleryError, plural
+from app.gallery.seal import CROP
+from app.gallery.store import Store
+from app.records import Event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """One stored event with its database id (`EventStore.stored`)."""
+
+    id: int
+    event: Event
+    crops: int  # aligned crops kept with it (enrollable when > 0)
+    created_at: datetime  # UTC
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, **self.event.to_json(), "crops": self.crops,
+                "stored_at": self.created_at.isoformat()}
+
+
+def _event_of(r: EventRow) -> Event:
+    return Event(camera=r.camera, track_id=r.track_id, identity=r.identity, score=r.score,
+                 start=r.start, end=r.end, frames=r.frames,
+                 best_bbox=(r.bbox_x, r.bbox_y, r.bbox_w, r.bbox_h), model=r.model)
+
+
+class EventStore:
+    """The `events` and `event_crops` tables of an opened gallery (`Store`)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def add(self, events: list[Event], *, crops: int = 0) -> None:
+        """Store events in one transaction, each with up to `crops` of its best aligned crops
+        (`Event.crops`; sealed like template crops in an encrypted gallery)."""
+        if not events:
+            return
+        store = self._store
+        jpegs = [[(float(q), encode_crop(c)) for q, c in ev.crops[:max(0, crops)]]
+                 for ev in events]
+
+        def work(session: Session) -> None:
+            store.claim(session)
+            rows = [
+                EventRow(
+                    camera=ev.camera,
+                    track_id=int(ev.track_id),
+                    identity=ev.identity,
+                    score=float(ev.score),
+                    start=float(ev.start),
+                    end=float(ev.end),
+                    frames=int(ev.frames),
+                    bbox_x=float(ev.best_bbox[0]),
+                    bbox_y=float(ev.best_bbox[1]),
+                    bbox_w=float(ev.best_bbox[2]),
+                    bbox_h=float(ev.best_bbox[3]),
+                    model=ev.model,
+                )
+                for ev in events
+            ]
+            session.add_all(rows)
+            if any(jpegs):
+                session.flush()  # assigns the event ids
+                session.execute(insert(EventCropRow), [
+                    {"event_id": row.id, "quality": q, "crop": store.sealer.seal(jpeg, CROP)}
+                    for row, kept in zip(rows, jpegs, strict=True) for q, jpeg in kept])
+
+        store.db.write(f"store {len(events)} event(s)", work)
+
+    def stored(
+        self,
+        limit: int | None = None,
+        *,
+        camera: str | None = None,
+        identity: str | None = None,
+        unknown: bool = False,
+    ) -> list[StoredEvent]:
+        """Stored events with their ids and crop counts, oldest first; with `limit`, only the
+        most recent `limit`; filtered by camera, by the identity named, or to unknown faces."""
+        crops = (select(EventCropRow.event_id, func.count(EventCropRow.id).label("n"))
+                 .group_by(EventCropRow.event_id).subquery())
+        query = (select(EventRow, func.coalesce(crops.c.n, 0))
+                 .outerjoin(crops, crops.c.event_id == EventRow.id)
+                 .order_by(EventRow.id.desc()))
+        if camera is not None:
+            query = query.where(EventRow.camera == camera)
+        if identity is not None:
+            query = query.where(EventRow.identity == normalise_name(identity))
+        if unknown:
+            query = query.where(EventRow.identity.is_(None))
+        if limit is not None:
+            query = query.limit(limit)
+        with self._store.db.read("read events") as session:
+            rows = list(session.execute(query).all())
+        rows.reverse()
+        return [StoredEvent(r.id, _event_of(r), int(n), as_utc(r.created_at)) for r, n in rows]
+
+    def crops(self, event_id: int) -> tuple[StoredEvent, list[tuple[float, np.ndarray]]]:
+        """An event and its kept aligned crops (quality, uint8[S, S, 3] BGR), best first."""
+        with self._store.db.read("read event crops") as session:
+            row = session.get(EventRow, int(event_id))
+            if row is None:
+                raise GalleryError(f"gallery {self._store.location} has no event {event_id}")
+            crops = list(session.execute(
+                select(EventCropRow.quality, EventCropRow.crop)
+                .where(EventCropRow.event_id == row.id)
+                .order_by(EventCropRow.quality.desc(), EventCropRow.id)).all())
+            stored = StoredEvent(row.id, _event_of(row), len(crops), as_utc(row.created_at))
+        what = f"event {event_id}"
+        return stored, [(float(q), decode_crop(self._store.sealer.unseal(c, CROP), what))
+                        for q, c in crops]
+
+    def purge(self, older_than_days: float, *, compact: bool = True) -> int:
+        """Delete events stored more than `older_than_days` days ago, then compact the file;
+        returns how many."""
+        days = float(older_than_days)
+        if not np.isfinite(days) or days < 0:
+            raise GalleryError(f"the retention period must be >= 0 days, got {older_than_days}")
+        cutoff = utcnow() - timedelta(days=days)
+        audit = self._store.audit
+
+        def work(session: Session) -> int:
+            old = select(EventRow.id).where(EventRow.created_at < cutoff)
+            session.execute(delete(EventCropRow).where(EventCropRow.event_id.in_(old)))
+            n = session.execute(delete(EventRow).where(EventRow.created_at < cutoff)).rowcount
+            audit.record(session, "purge", None,
+                         f"{plural(n, 'event')} older than {days:g} days deleted")
+            return n
+
+        n = self._store.db.write("purge events", work)
+        log.info("purged %d event(s) older than %g days from %s", n, days, self._store.location)
+        if compact and n:
+            self._store.db.compact()
+        return n
+
+    @staticmethod
+    def delete_named(session: Session, identity: str) -> int:
+        """In a write transaction: delete the events (and their crops) that name `identity`;
+        returns how many."""
+        named = select(EventRow.id).where(EventRow.identity == identity)
+        session.execute(delete(EventCropRow).where(EventCropRow.event_id.in_(named)))
+        return session.execute(delete(EventRow).where(EventRow.identity == identity)).rowcount

@@ -1,0 +1,466 @@
+"""The identity store: enrolled identities and their templates (per model), and `Gallery`,
+the one handle on an opened gallery that the CLI, the pipeline and the tests use.
+
+`remove` deletes an identity, its templates, crops and events, then compacts the file
+(VACUUM). Every change writes an audit row in the same transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple
+
+import numpy as np
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from app.gallery.audit import AuditEntry
+from app.gallery.codec import clean_name, decode_crop, encode_crop, normalise_name, unit_vectors
+from app.gallery.db import (
+    AuditRow,
+    EventCropRow,
+    EventRow,
+    IdentityRow,
+    TemplateRow,
+    add_identities,
+    as_utc,
+    template_dim,
+    utcnow,
+)
+from app.gallery.errors import GalleryError, names_preview, plural
+from app.gallery.events import EventStore, StoredEvent
+from app.gallery.reembed import EmbedderLike, ReembedReport, reembed
+from app.gallery.seal import CROP, VECTOR
+from app.gallery.store import Store
+from app.gallery.transfer import ExportReport, ImportReport, export, import_file
+from app.records import Event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IdentityInfo:
+    """One enrolled identity as listed by `Gallery.identities()`."""
+
+    name: str
+    templates: int
+    created_at: datetime  # UTC
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """One stored template of an identity (`Gallery.templates(name)`)."""
+
+    source: str
+    quality: float
+    model: str  # name@version
+    created_at: datetime  # UTC
+    vector: np.ndarray  # float32[D]
+    crop: np.ndarray | None  # uint8[S, S, 3] BGR (app.align.STORE), None when not stored
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """Templates for one identity, as `Gallery.enroll` takes them (for `enroll_many`)."""
+
+    name: str
+    vectors: np.ndarray  # float32[M, D]
+    sources: Sequence[str]
+    qualities: Sequence[float]
+    crops: Sequence[np.ndarray] | None = None  # uint8[H, W, 3] BGR each
+
+
+class _Prepared(NamedTuple):
+    """A validated `Enrollment`."""
+
+    name: str
+    vectors: np.ndarray  # little-endian float32[M, D], unit rows
+    sources: list[str]
+    qualities: list[float]
+    jpegs: list[bytes | None]
+
+
+def _prepare(e: Enrollment) -> _Prepared:
+    """Validate one enrollment; vectors normalised, crops JPEG-encoded."""
+    clean = clean_name(e.name)
+    vecs = np.asarray(e.vectors, dtype=np.float32)
+    if vecs.ndim != 2 or vecs.shape[0] == 0 or vecs.shape[1] == 0:
+        raise GalleryError(f"enroll needs vectors of shape [M, D], got {list(vecs.shape)}")
+    count = vecs.shape[0]
+    lengths = {"sources": len(e.sources), "qualities": len(e.qualities)}
+    if e.crops is not None:
+        lengths["crops"] = len(e.crops)
+    wrong = {k: n for k, n in lengths.items() if n != count}
+    if wrong:
+        raise GalleryError(f"enroll got {count} vectors but {wrong}")
+    vecs = unit_vectors(vecs, "enroll")
+    try:
+        quals = [float(q) for q in e.qualities]
+    except (TypeError, ValueError) as exc:
+        raise GalleryError(f"enroll qualities must be numbers: {exc}") from exc
+    jpegs = [encode_crop(c) for c in e.crops] if e.crops is not None else [None] * count
+    return _Prepared(clean, vecs, [str(s) for s in e.sources], quals, jpegs)
+
+
+def _find(session: Session, name: str) -> IdentityRow:
+    identity = session.scalar(select(IdentityRow).where(IdentityRow.name == normalise_name(name)))
+    if identity is None:
+        raise GalleryError(f"no such identity: {normalise_name(name)!r}")
+    return identity
+
+
+class Gallery:
+    """Enrolled identities (templates per model); through it, the gallery's event store
+    (`event_store`), audit log, export/import and re-embedding.
+
+    Opens the gallery as `Store` does: `location` is a file path (SQLite) or a SQLAlchemy
+    URL; with `create=False` it must already exist; `key` (32 bytes) opens or creates an
+    encrypted gallery, None reads it from the environment (`load_key`); `adopt_model=True`
+    opens a gallery built with another model as that model (to export, purge or re-embed it).
+    """
+
+    def __init__(
+        self,
+        location: str | Path,
+        model_name: str,
+        model_version: str,
+        *,
+        create: bool = True,
+        key: bytes | None = None,
+        adopt_model: bool = False,
+    ) -> None:
+        self.store = Store(location, model_name, model_version, create=create, key=key,
+                           adopt_model=adopt_model)
+        self.event_store = EventStore(self.store)
+        log.debug("opened gallery %s for model %s", self.location, self.model)
+
+    @property
+    def location(self) -> str:
+        return self.store.location
+
+    @property
+    def model_name(self) -> str:
+        return self.store.model_name
+
+    @property
+    def model_version(self) -> str:
+        return self.store.model_version
+
+    @property
+    def model(self) -> str:
+        """`name@version` of the model this gallery is opened with."""
+        return self.store.model
+
+    @property
+    def encrypted(self) -> bool:
+        return self.store.sealer.encrypted
+
+    @property
+    def store_crops(self) -> bool:
+        return self.store.store_crops
+
+    # --- enrollment ---------------------------------------------------------------------------
+
+    def enroll(
+        self,
+        name: str,
+        vectors: np.ndarray,
+        sources: list[str],
+        qualities: list[float],
+        crops: list[np.ndarray] | None = None,
+    ) -> int:
+        """Add templates (rows of `vectors` [M, D]) to identity `name`, creating it if new.
+
+        Vectors are L2-normalised before storage; crops are kept as JPEG unless the
+        gallery's `store_crops` is off. Everything is written in one transaction: on any
+        error nothing is stored. Returns the number of templates added.
+        """
+        return self.enroll_many([Enrollment(name, vectors, sources, qualities, crops)])
+
+    def enroll_many(self, enrollments: Sequence[Enrollment]) -> int:
+        """`enroll` for many identities in one transaction; returns the templates added."""
+        prepared = [_prepare(e) for e in enrollments]
+        if not prepared:
+            return 0
+        dims = {p.vectors.shape[1] for p in prepared}
+        if len(dims) > 1:
+            raise GalleryError(f"enroll got vectors of different dims {sorted(dims)}")
+        (dim,) = dims
+        store, seal, keep_crops = self.store, self.store.sealer.seal, self.store.store_crops
+
+        def work(session: Session) -> int:
+            store.claim(session)
+            stored_dim = template_dim(session, store.model_name, store.model_version)
+            if stored_dim is not None and stored_dim != dim:
+                raise GalleryError(
+                    f"cannot enroll {prepared[0].name!r}: vectors have dim {dim}, "
+                    f"gallery templates have dim {stored_dim}"
+                )
+            ids = add_identities(session, {p.name: None for p in prepared})
+            now = utcnow()
+            rows = [
+                {
+                    "identity_id": ids[name],
+                    "vector": seal(vec.tobytes(), VECTOR),
+                    "dim": dim,
+                    "model_name": store.model_name,
+                    "model_version": store.model_version,
+                    "source": source,
+                    "quality": quality,
+                    "crop": seal(jpeg, CROP) if jpeg is not None and keep_crops else None,
+                    "created_at": now,
+                }
+                for name, vecs, sources, quals, jpegs in prepared
+                for vec, source, quality, jpeg in zip(vecs, sources, quals, jpegs, strict=True)
+            ]
+            session.execute(insert(TemplateRow), rows)
+            store.audit.record_many(session, [
+                ("enroll", name, f"{plural(len(vecs), 'template')}, "
+                 f"{plural(sum(j is not None for j in jpegs) if keep_crops else 0, 'crop')}, "
+                 f"model {store.model}")
+                for name, vecs, _, _, jpegs in prepared])
+            store.db.bump_version(session)
+            return len(rows)
+
+        names = names_preview(p.name for p in prepared)
+        count = store.db.write(f"enroll {names}", work)
+        log.info("enrolled %d template(s) for %s in %s", count, names, self.location)
+        return count
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def identities(self) -> list[IdentityInfo]:
+        """All identities, by name, with their template counts for this model."""
+        counts = (
+            select(TemplateRow.identity_id, func.count(TemplateRow.id).label("n"))
+            .where(TemplateRow.model_name == self.model_name)
+            .where(TemplateRow.model_version == self.model_version)
+            .group_by(TemplateRow.identity_id)
+            .subquery()
+        )
+        query = (
+            select(IdentityRow.name, func.coalesce(counts.c.n, 0), IdentityRow.created_at)
+            .outerjoin(counts, counts.c.identity_id == IdentityRow.id)
+            .order_by(IdentityRow.name)
+        )
+        with self.store.db.read("list identities") as session:
+            rows = session.execute(query).all()
+        return [IdentityInfo(name, int(n), as_utc(created)) for name, n, created in rows]
+
+    def templates(self, name: str) -> list[TemplateInfo]:
+        """The stored templates of one identity (all models), oldest first, decrypted."""
+        with self.store.db.read(f"read templates of {normalise_name(name)!r}") as session:
+            identity = _find(session, name)
+            rows = session.execute(
+                select(TemplateRow).where(TemplateRow.identity_id == identity.id)
+                .order_by(TemplateRow.id)
+            ).scalars().all()
+        unseal = self.store.sealer.unseal
+        out = []
+        for t in rows:
+            vec = np.frombuffer(unseal(t.vector, VECTOR), dtype="<f4").astype(np.float32)
+            crop = (decode_crop(unseal(t.crop, CROP), f"{identity.name!r}")
+                    if t.crop is not None else None)
+            out.append(TemplateInfo(t.source, t.quality, f"{t.model_name}@{t.model_version}",
+                                    as_utc(t.created_at), vec, crop))
+        return out
+
+    def matrix(self) -> tuple[list[str], np.ndarray]:
+        """Per-template identity names and their float32 [M, D] L2-normalised vectors.
+
+        Only templates of this gallery's model are returned; an empty gallery gives
+        ([], float32[0, 0]).
+        """
+        query = (
+            select(IdentityRow.name, TemplateRow.vector, TemplateRow.dim)
+            .join(TemplateRow.identity)
+            .where(TemplateRow.model_name == self.model_name)
+            .where(TemplateRow.model_version == self.model_version)
+            .order_by(TemplateRow.id)
+        )
+        with self.store.db.read("read templates") as session:
+            rows = session.execute(query).all()
+        if not rows:
+            return [], np.zeros((0, 0), dtype=np.float32)
+        names = [name for name, _, _ in rows]
+        dims = {dim for _, _, dim in rows}
+        blob = b"".join(self.store.sealer.unseal(vec, VECTOR) for _, vec, _ in rows)
+        if len(dims) != 1 or len(blob) != 4 * len(rows) * next(iter(dims)):
+            raise GalleryError(f"gallery {self.location} is corrupt: template vectors have "
+                               f"inconsistent sizes; restore it from a backup or an export")
+        raw = np.frombuffer(blob, dtype="<f4").reshape(len(rows), -1)
+        norms = np.sqrt(np.einsum("ij,ij->i", raw, raw, dtype=np.float32))[:, None]
+        return names, (raw / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+    def version(self) -> int:
+        """Change counter: differs after every enroll, remove or rename (0 when never written)."""
+        return self.store.db.version()
+
+    def info(self) -> dict[str, Any]:
+        """Model, settings and sizes."""
+        counts = {
+            "identities": select(func.count(IdentityRow.id)),
+            "templates": select(func.count(TemplateRow.id)),
+            "templates_with_crops": select(func.count(TemplateRow.id))
+            .where(TemplateRow.crop.is_not(None)),
+            "events": select(func.count(EventRow.id)),
+            "event_crops": select(func.count(EventCropRow.id)),
+            "audit_rows": select(func.count(AuditRow.id)),
+        }
+        with self.store.db.read("read gallery info") as session:
+            info = {"gallery": self.location, "model": self.model, "encrypted": self.encrypted,
+                    "store_crops": self.store_crops}
+            info.update({k: int(session.scalar(q) or 0) for k, q in counts.items()})
+        info["version"] = self.version()
+        size = self.store.db.file_bytes()
+        if size is not None:  # the database file and its write-ahead log
+            info["bytes"] = size
+        return info
+
+    # --- changes ------------------------------------------------------------------------------
+
+    def remove(self, name: str, *, compact: bool = True) -> int:
+        """Delete an identity with its templates, crops and the events that name it, then
+        compact the file so nothing of it is left behind. Returns the events deleted."""
+        store = self.store
+
+        def work(session: Session) -> tuple[str, int]:
+            identity = _find(session, name)
+            templates = session.execute(
+                delete(TemplateRow).where(TemplateRow.identity_id == identity.id)).rowcount
+            events = EventStore.delete_named(session, identity.name)
+            session.delete(identity)
+            store.audit.record(session, "remove", identity.name,
+                               f"{plural(templates, 'template')}, {plural(events, 'event')} "
+                               f"deleted")
+            store.db.bump_version(session)
+            return identity.name, events
+
+        clean, events = store.db.write(f"remove {normalise_name(name)!r}", work)
+        log.info("removed %r (and %d event(s)) from %s", clean, events, self.location)
+        if compact:
+            self.compact()
+        return events
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename an identity (past events keep the old name)."""
+        clean = clean_name(new)
+        store = self.store
+
+        def work(session: Session) -> None:
+            identity = _find(session, old)
+            if identity.name == clean:
+                return
+            if session.scalar(select(IdentityRow.id).where(IdentityRow.name == clean)) is not None:
+                raise GalleryError(f"identity {clean!r} already exists")
+            store.audit.record(session, "rename", identity.name, f"renamed to {clean!r}")
+            identity.name = clean
+            store.db.bump_version(session)
+
+        store.db.write(f"rename {normalise_name(old)!r}", work)
+        log.info("renamed %r to %r in %s", normalise_name(old), clean, self.location)
+
+    def set_store_crops(self, on: bool, *, delete_existing: bool = False) -> int:
+        """Store aligned crops of new templates (needed by `reembed`) or not; with
+        `delete_existing`, also delete the crops already stored. Returns crops deleted."""
+        store = self.store
+
+        def work(session: Session) -> int:
+            store.db.set_meta(session, "store_crops", "1" if on else "0")
+            deleted = 0
+            if delete_existing:
+                deleted = session.execute(
+                    update(TemplateRow).where(TemplateRow.crop.is_not(None)).values(crop=None)
+                ).rowcount
+            store.audit.record(session, "settings", None,
+                               f"store_crops={'on' if on else 'off'}, "
+                               f"{plural(deleted, 'crop')} deleted")
+            return deleted
+
+        deleted = store.db.write("change settings", work)
+        store.store_crops = on
+        if deleted:
+            self.compact()
+        return deleted
+
+    def compact(self) -> bool:
+        """VACUUM the SQLite file and empty its WAL, so deleted data leaves the disk file;
+        False when it could not run now (another connection is busy: it runs next time)."""
+        return self.store.db.compact()
+
+    def integrity_check(self) -> str:
+        """SQLite's full integrity check: 'ok' or the first problem found. Other databases
+        check their own storage; there, 'ok' when every template vector decodes with one size
+        (the server answered and `matrix()` reads), else the problem."""
+        if self.store.db.is_sqlite:
+            return self.store.db.sqlite_integrity()
+        try:
+            self.matrix()
+        except GalleryError as exc:
+            return str(exc)
+        return "ok"
+
+    # --- the rest of the gallery: events, audit, export/import, model upgrades ----------------
+
+    def add_events(self, events: list[Event], *, crops: int = 0) -> None:
+        """`EventStore.add`."""
+        self.event_store.add(events, crops=crops)
+
+    def stored_events(self, limit: int | None = None, *, camera: str | None = None,
+                      identity: str | None = None, unknown: bool = False) -> list[StoredEvent]:
+        """`EventStore.stored`."""
+        return self.event_store.stored(limit, camera=camera, identity=identity, unknown=unknown)
+
+    def event_crops(self, event_id: int) -> tuple[StoredEvent, list[tuple[float, np.ndarray]]]:
+        """`EventStore.crops`."""
+        return self.event_store.crops(event_id)
+
+    def events(self, limit: int | None = None) -> list[Event]:
+        """Stored events, oldest first; with `limit`, only the most recent `limit`."""
+        return [stored.event for stored in self.event_store.stored(limit)]
+
+    def purge_events(self, older_than_days: float, *, compact: bool = True) -> int:
+        """`EventStore.purge`."""
+        return self.event_store.purge(older_than_days, compact=compact)
+
+    def audit(self, limit: int | None = None) -> list[AuditEntry]:
+        """`AuditLog.entries`."""
+        return self.store.audit.entries(limit)
+
+    def export(self, path: str | Path) -> ExportReport:
+        """`transfer.export`."""
+        return export(self.store, path)
+
+    def import_file(self, path: str | Path, *, on_conflict: str = "fail",
+                    embedder: EmbedderLike | None = None,
+                    drop_missing: bool = False) -> ImportReport:
+        """`transfer.import_file`."""
+        return import_file(self.store, path, on_conflict=on_conflict, embedder=embedder,
+                           drop_missing=drop_missing)
+
+    def reembed(self, embedder: EmbedderLike, *, drop_missing: bool = False,
+                batch_size: int = 64) -> ReembedReport:
+        """`reembed.reembed`."""
+        return reembed(self.store, embedder, drop_missing=drop_missing, batch_size=batch_size)
+
+    # --- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the database connections."""
+        self.store.close()
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

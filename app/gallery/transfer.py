@@ -1,0 +1,402 @@
+"""The export file: identities, templates and crops of one model in one checksummed zip.
+
+`export` writes manifest.json (model, identities, a sha256 per entry) and one entry per
+vector and crop; the zip comment ends with the sha256 of the whole file. Stored blobs are
+copied as they are, so an encrypted gallery gives an encrypted export. `import_file`
+verifies both checksums and the model, then writes everything in one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from app.gallery.codec import clean_name, unit_bytes
+from app.gallery.db import (
+    IN_CHUNK,
+    IdentityRow,
+    MetaRow,
+    TemplateRow,
+    add_identities,
+    as_utc,
+    identity_ids,
+    template_dim,
+    utcnow,
+)
+from app.gallery.errors import GalleryError, names_preview, one_line, plural
+from app.gallery.reembed import EmbedderLike, embed_crops
+from app.gallery.seal import CIPHER, CROP, KEY_ENV, KEY_FILE_ENV, VECTOR, Sealer
+from app.gallery.store import Store
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "facemoe-gallery-export"
+EXPORT_VERSION = 1
+ON_CONFLICT = ("fail", "skip", "merge")
+_TRAILER = b"facemoe-sha256:"  # zip comment: this prefix + hex sha256 of all bytes before the hex
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    path: str
+    identities: int
+    templates: int
+    crops: int
+    bytes: int
+    sha256: str  # of the whole file (also in its zip comment)
+    encrypted: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    path: str
+    model: str  # the export's model
+    identities_added: int
+    identities_merged: int
+    identities_skipped: int
+    templates_added: int
+    templates_duplicate: int  # merge: identical templates already present
+    templates_reembedded: int
+    templates_dropped: list[str] = field(default_factory=list)  # "name: source" without a crop
+    crops_dropped: int = 0  # the gallery does not store crops
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Incoming:
+    """One template read from an export, decrypted."""
+
+    vector: bytes | None  # plaintext float32 bytes; None until re-embedded
+    jpeg: bytes | None
+    source: str
+    quality: float
+    created_at: datetime
+
+
+def _file_sha256(path: Path, length: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        left = length
+        while left > 0:
+            chunk = fh.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def verify_export(path: str | Path) -> str:
+    """Check an export's whole-file checksum (its zip comment); returns the sha256."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise GalleryError(f"no such export file: {path}")
+    size = path.stat().st_size
+    tail = len(_TRAILER) + 64
+    with path.open("rb") as fh:
+        if size >= tail:
+            fh.seek(size - tail)
+        trailer = fh.read(tail)
+    if size < tail or not trailer.startswith(_TRAILER):
+        raise GalleryError(f"{path} is not a FaceMoE gallery export (no checksum) or is truncated")
+    expected = trailer[len(_TRAILER):].decode("ascii", "replace")
+    actual = _file_sha256(path, size - 64)
+    if actual != expected:
+        raise GalleryError(f"export {path} is corrupt or was modified: sha256 checksum mismatch")
+    return actual
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def export(store: Store, path: str | Path) -> ExportReport:
+    """Write every identity with its templates and crops (of the gallery's model) to one zip
+    file (mode 0600), written to a temporary name and renamed when complete."""
+    dest = Path(path).expanduser()
+    if dest.is_dir():
+        raise GalleryError(f"cannot export to {dest}: it is a directory")
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w+b") as fh:
+            counts = _write_export(store, fh)
+            size = fh.seek(0, os.SEEK_END)
+            fh.flush()
+            digest = _file_sha256(tmp, size - 64)
+            fh.seek(size - 64)
+            fh.write(digest.encode("ascii"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise GalleryError(f"cannot write export {dest}: {exc.strerror or exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    report = ExportReport(str(dest), counts[0], counts[1], counts[2], size, digest,
+                          store.sealer.encrypted)
+    store.db.write("audit export", lambda s: store.audit.record(
+        s, "export", None,
+        f"{dest}: {plural(report.identities, 'identity')}, "
+        f"{plural(report.templates, 'template')}, sha256 {digest[:16]}"))
+    log.info("exported %s to %s", store.location, dest)
+    return report
+
+
+def _write_export(store: Store, fh: Any) -> tuple[int, int, int]:
+    entries: dict[str, str] = {}
+    people: dict[int, dict[str, Any]] = {}
+    n_templates = n_crops = 0
+    dim = None
+
+    def put(zf: zipfile.ZipFile, name: str, data: bytes) -> str:
+        zf.writestr(name, data)
+        entries[name] = hashlib.sha256(data).hexdigest()
+        return name
+
+    with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as zf, \
+            store.db.read("read for export") as session:
+        for iid, name, created in session.execute(
+                select(IdentityRow.id, IdentityRow.name, IdentityRow.created_at)
+                .order_by(IdentityRow.name)):
+            people[iid] = {"name": name, "created_at": as_utc(created).isoformat(),
+                           "templates": []}
+        rows = session.execute(
+            select(TemplateRow.identity_id, TemplateRow.vector, TemplateRow.dim,
+                   TemplateRow.source, TemplateRow.quality, TemplateRow.crop,
+                   TemplateRow.created_at)
+            .where(TemplateRow.model_name == store.model_name)
+            .where(TemplateRow.model_version == store.model_version)
+            .order_by(TemplateRow.id)
+            .execution_options(yield_per=500)
+        )
+        for iid, vector, tdim, source, quality, crop, created in rows:
+            dim = tdim
+            stem = f"templates/{n_templates:07d}"
+            people[iid]["templates"].append({
+                "vector": put(zf, stem + ".f32", vector),
+                "crop": put(zf, stem + ".jpg", crop) if crop is not None else None,
+                "source": source, "quality": quality,
+                "created_at": as_utc(created).isoformat(),
+            })
+            n_templates += 1
+            n_crops += crop is not None
+        meta = dict(session.execute(select(MetaRow.key, MetaRow.value)).all())
+        manifest = {
+            "format": EXPORT_FORMAT,
+            "format_version": EXPORT_VERSION,
+            "created_at": utcnow().isoformat(),
+            "model": {"name": store.model_name, "version": store.model_version},
+            "dim": dim,
+            "encryption": ({"algorithm": CIPHER, "key_check": meta["key_check"]}
+                           if store.sealer.encrypted and "key_check" in meta else None),
+            "counts": {"identities": len(people), "templates": n_templates, "crops": n_crops},
+            "identities": list(people.values()),
+            "entries": entries,
+        }
+        zf.writestr("manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1),
+                    compress_type=zipfile.ZIP_DEFLATED)
+        zf.comment = _TRAILER + b"0" * 64
+    return len(people), n_templates, n_crops
+
+
+# --- import ----------------------------------------------------------------------------------
+
+
+def import_file(
+    store: Store,
+    path: str | Path,
+    *,
+    on_conflict: str = "fail",
+    embedder: EmbedderLike | None = None,
+    drop_missing: bool = False,
+) -> ImportReport:
+    """Add the identities of an export (see `export`) in one transaction.
+
+    Checksums (whole file and every entry) and the model are verified first. An export
+    of another model is refused unless an `embedder` of the gallery's model is given:
+    its crops are then re-embedded (templates without a crop are refused unless
+    `drop_missing`). Names already in the gallery: `on_conflict` "fail" refuses the
+    import, "skip" keeps the gallery's identity, "merge" adds the new templates to it
+    (identical templates are not added twice).
+    """
+    if on_conflict not in ON_CONFLICT:
+        raise GalleryError(f"on_conflict must be one of {', '.join(ON_CONFLICT)}")
+    src = Path(path).expanduser()
+    digest = verify_export(src)
+    manifest, people = _read_export(store.sealer, src)
+    m = manifest["model"]
+    export_model = f"{m['name']}@{m['version']}"
+    reembed = (m["name"], m["version"]) != (store.model_name, store.model_version)
+    dropped: list[str] = []
+    if reembed:
+        if embedder is None:
+            raise GalleryError(
+                f"export {src} holds templates of model {export_model}; this gallery uses "
+                f"{store.model}: import with --reembed to re-embed its crops")
+        if f"{embedder.model_name}@{embedder.model_version}" != store.model:
+            raise GalleryError(f"the embedder's model {embedder.model_name}@"
+                               f"{embedder.model_version} is not this gallery's {store.model}")
+        dropped = [f"{n}: {t.source}" for n, _, ts in people for t in ts if t.jpeg is None]
+        if dropped and not drop_missing:
+            raise GalleryError(
+                f"no crop to re-embed for {plural(len(dropped), 'template')} in {src} "
+                f"({names_preview(d.split(': ', 1)[0] for d in dropped)}): "
+                f"import with --drop-missing to leave them out")
+        people = [(n, c, kept) for n, c, ts in people  # leave out who has nothing left
+                  if (kept := [t for t in ts if t.jpeg is not None]) or not ts]
+        todo = [t for _, _, ts in people for t in ts]
+        vecs = embed_crops(embedder, [(t.jpeg, t.source) for t in todo])
+        for t, v in zip(todo, vecs, strict=True):
+            t.vector = v.tobytes()
+    dims = {len(t.vector) // 4 for _, _, ts in people for t in ts}
+    if len(dims) > 1:
+        raise GalleryError(f"export {src} holds vectors of different sizes")
+    keep_crops, seal = store.store_crops, store.sealer.seal
+
+    def work(session: Session) -> ImportReport:
+        store.claim(session)
+        stored_dim = template_dim(session, store.model_name, store.model_version)
+        if dims and stored_dim is not None and stored_dim not in dims:
+            raise GalleryError(f"export {src} has {next(iter(dims))}-d templates; this gallery "
+                               f"has {stored_dim}-d templates")
+        existing = identity_ids(session, [n for n, _, _ in people])
+        if existing and on_conflict == "fail":
+            raise GalleryError(
+                f"{plural(len(existing), 'identity')} of {src} already in the gallery "
+                f"({names_preview(existing)}): import with --on-conflict skip or merge")
+        incoming = [p for p in people if not (on_conflict == "skip" and p[0] in existing)]
+        ids = add_identities(session, {n: c for n, c, _ in incoming})
+        seen = _existing_vectors(store, session,
+                                 [ids[n] for n, _, _ in incoming if n in existing])
+        rows, duplicates, crops_dropped = [], 0, 0
+        for name, _, templates in incoming:
+            for t in templates:
+                if t.vector in seen.get(ids[name], ()):
+                    duplicates += 1
+                    continue
+                seen.setdefault(ids[name], set()).add(t.vector)
+                crops_dropped += t.jpeg is not None and not keep_crops
+                rows.append({
+                    "identity_id": ids[name], "vector": seal(t.vector, VECTOR),
+                    "dim": len(t.vector) // 4, "model_name": store.model_name,
+                    "model_version": store.model_version, "source": t.source,
+                    "quality": t.quality, "created_at": t.created_at,
+                    "crop": seal(t.jpeg, CROP) if t.jpeg and keep_crops else None,
+                })
+        if rows:
+            session.execute(insert(TemplateRow), rows)
+        added = sum(n not in existing for n, _, _ in incoming)
+        report = ImportReport(
+            str(src), export_model, added, sum(n in existing for n, _, _ in incoming),
+            len(people) - len(incoming), len(rows), duplicates,
+            len(rows) if reembed else 0, dropped, crops_dropped)
+        store.audit.record_many(session, [
+            ("import", name, f"{'merged' if name in existing else 'added'} from {src}")
+            for name, _, _ in incoming])
+        store.audit.record(session, "import", None,
+                           f"{src} (model {export_model}, sha256 {digest[:16]}): "
+                           f"{added} added, {report.identities_merged} merged, "
+                           f"{report.identities_skipped} skipped, "
+                           f"{plural(len(rows), 'template')}")
+        store.db.bump_version(session)
+        return report
+
+    report = store.db.write(f"import {src}", work)
+    log.info("imported %s into %s: %d identities added, %d merged, %d skipped, "
+             "%d templates", src, store.location, report.identities_added,
+             report.identities_merged, report.identities_skipped, report.templates_added)
+    return report
+
+
+def _existing_vectors(store: Store, session: Session,
+                      ids: list[int]) -> dict[int, set[bytes]]:
+    """The plaintext template vectors (of the gallery's model) of identities, by id."""
+    out: dict[int, set[bytes]] = {}
+    for i in range(0, len(ids), IN_CHUNK):
+        for iid, blob in session.execute(
+                select(TemplateRow.identity_id, TemplateRow.vector)
+                .where(TemplateRow.identity_id.in_(ids[i:i + IN_CHUNK]))
+                .where(TemplateRow.model_name == store.model_name)
+                .where(TemplateRow.model_version == store.model_version)):
+            out.setdefault(iid, set()).add(store.sealer.unseal(blob, VECTOR))
+    return out
+
+
+def _read_export(sealer: Sealer, src: Path
+                 ) -> tuple[dict, list[tuple[str, datetime, list[_Incoming]]]]:
+    """Manifest and (name, created_at, templates) per identity, checked and decrypted."""
+    bad = f"export {src} is not a valid FaceMoE gallery export"
+    try:
+        with zipfile.ZipFile(src) as zf:
+            manifest = json.loads(zf.read("manifest.json"))
+            if manifest.get("format") != EXPORT_FORMAT:
+                raise GalleryError(f"{bad}: unknown format {manifest.get('format')!r}")
+            if manifest.get("format_version") != EXPORT_VERSION:
+                raise GalleryError(f"{bad}: format version {manifest.get('format_version')} "
+                                   f"(this version reads {EXPORT_VERSION})")
+            encrypted = _check_export_key(sealer, src, manifest.get("encryption"))
+            entries = manifest["entries"]
+
+            def entry(name: str, purpose: bytes) -> bytes:
+                data = zf.read(name)
+                if hashlib.sha256(data).hexdigest() != entries[name]:
+                    raise GalleryError(f"export {src}: entry {name} fails its sha256 checksum "
+                                       f"(the file was modified)")
+                return sealer.unseal(data, purpose) if encrypted else data
+
+            dim = manifest.get("dim")
+            people = []
+            for person in manifest["identities"]:
+                name = clean_name(person["name"])
+                templates = []
+                for t in person["templates"]:
+                    vector = entry(t["vector"], VECTOR)
+                    if dim is None or len(vector) != 4 * int(dim):
+                        raise GalleryError(f"{bad}: {t['vector']} is not a {dim}-d vector")
+                    templates.append(_Incoming(
+                        unit_bytes(vector),
+                        entry(t["crop"], CROP) if t.get("crop") else None,
+                        str(t["source"]), float(t["quality"]),
+                        as_utc(datetime.fromisoformat(t["created_at"]))))
+                people.append((name, as_utc(datetime.fromisoformat(person["created_at"])),
+                               templates))
+    except (KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile,
+            json.JSONDecodeError) as exc:
+        raise GalleryError(f"{bad}: {one_line(exc)}") from exc
+    except OSError as exc:
+        raise GalleryError(f"cannot read export {src}: {exc.strerror or exc}") from exc
+    merged: dict[str, tuple[datetime, list[_Incoming]]] = {}
+    for name, created, templates in people:  # names equal after normalisation
+        if name in merged:
+            merged[name][1].extend(templates)
+        else:
+            merged[name] = (created, templates)
+    return manifest, [(n, c, ts) for n, (c, ts) in merged.items()]
+
+
+def _check_export_key(sealer: Sealer, src: Path, encryption: dict | None) -> bool:
+    """Whether the export is encrypted; refuses one this gallery's key does not open."""
+    if encryption is None:
+        return False
+    if not sealer.encrypted:
+        raise GalleryError(f"export {src} is encrypted: give its key in {KEY_ENV}, "
+                           f"{KEY_FILE_ENV} or --key-file")
+    if not sealer.verifies(encryption.get("key_check", "")):
+        raise GalleryError(f"export {src} was encrypted with another key")
+    return True
