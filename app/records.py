@@ -6,6 +6,7 @@ can never mutate what an earlier stage produced.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,7 @@ class Frame:
     index: int  # 0-based frame number within the source
     pts: float  # media time in seconds, from the GStreamer buffer timestamp
     image: np.ndarray = field(repr=False)  # uint8[H, W, 3], BGR
+    wall: float | None = None  # Unix time the frame arrived (live cameras); None: when processed
 
     @property
     def size(self) -> tuple[int, int]:
@@ -105,25 +107,48 @@ class Match:
     candidate: str | None  # best gallery identity regardless of the threshold
 
 
+EVENT_TYPES = ("recognized", "end")
+
+
+def new_event_id() -> str:
+    """A fresh event id (a random UUID string): unique across cameras, runs and machines."""
+    return str(uuid.uuid4())
+
+
 @dataclass(frozen=True)
 class Event:
-    """One finished track (DESIGN.md event record)."""
+    """One track, as the sinks see it (DESIGN.md event record, extended).
+
+    `type` "end" is the record of a finished track (JSONL, SQLite: one per track);
+    "recognized" is the early alert sent to MQTT and the webhook while the track is still
+    open, as soon as its identity is known (its `end` and `frames` are those seen so far).
+    Both messages of one track carry the same `id`.
+    """
 
     camera: str
     track_id: int
     identity: str | None
     score: float
-    start: float
-    end: float
+    start: float  # media time (s) of the track's first frame
+    end: float  # media time (s) of its last frame (so far, for "recognized")
     frames: int
     best_bbox: tuple[float, float, float, float]
     model: str
+    id: str = field(default_factory=new_event_id)
+    time: str | None = None  # wall-clock time of `start`, ISO 8601 with the UTC offset
+    snapshot: str | None = None  # path of the best-face JPEG when snapshots are on
+    candidate: str | None = None  # nearest enrolled identity, even below the threshold
+    candidate_score: float | None = None  # its cosine similarity
+    zones: tuple[str, ...] = ()  # the camera's named zones the face was seen in
+    type: str = "end"  # one of EVENT_TYPES
     # the track's best aligned crops, best first: (quality, uint8[112,112,3] BGR); kept with
     # the event in the gallery (output.event_crops) so a person can be enrolled from a track.
     # Not part of the JSON record.
     crops: tuple[tuple[float, np.ndarray], ...] = field(default=(), repr=False, compare=False)
 
     def to_json(self) -> dict:
+        """The JSON record (docs/events.md): the DESIGN.md keys, then the extensions."""
+        cs = self.candidate_score
         return {
             "camera": self.camera,
             "track_id": int(self.track_id),
@@ -134,4 +159,11 @@ class Event:
             "frames": int(self.frames),
             "best_bbox": [round(float(v), 2) for v in self.best_bbox],
             "model": self.model,
+            "id": self.id,
+            "type": self.type,
+            "time": self.time,
+            "snapshot": self.snapshot,
+            "candidate": self.candidate,
+            "candidate_score": None if cs is None else round(float(cs), 6),
+            "zones": list(self.zones),
         }

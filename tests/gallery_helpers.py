@@ -8,7 +8,9 @@ from app.records import Event
 
 MODEL = ("facemoe-edge", "0.1.0")
 # the keys of a JSON event record (DESIGN.md), no more and no fewer
-EVENT_KEYS = set("camera track_id identity score start end frames best_bbox model".split())
+DESIGN_KEYS = set("camera track_id identity score start end frames best_bbox model".split())
+# ... and the extensions of docs/events.md
+EVENT_KEYS = DESIGN_KEYS | set("id type time snapshot candidate candidate_score zones".split())
 D = 16
 
 
@@ -32,4 +34,5 @@ def event(track_id: int, identity: str | None = "alice") -> Event:
         frames=30,
         best_bbox=(10.0, 20.0, 48.0, 56.0),
         model="facemoe-edge@0.1.0",
+        id=f"00000000-0000-4000-8000-{track_id:012d}",  # the same event for equal track ids
     )

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from app.gallery import Gallery
+from app.gallery.db import EVENT_COLUMNS_ADDED
 from app.records import Event
 from app.sinks import GallerySink, JsonlSink, SinkError
 from tests.gallery_helpers import EVENT_KEYS
@@ -25,6 +28,11 @@ def event(track_id: int, identity: str | None) -> Event:
         frames=38,
         best_bbox=(1.234, 5.0, 64.0, 72.5),
         model="facemoe-edge@0.1.0",
+        time="2026-12-01T12:00:03.250000+01:00",
+        snapshot="/snaps/door/x.jpg",
+        candidate="Zoë",
+        candidate_score=0.4321987654,
+        zones=("porch",),
     )
 
 
@@ -37,6 +45,7 @@ def test_jsonl_lines_have_exactly_the_design_keys(tmp_path: Path) -> None:
     assert len(lines) == 2
     first, second = (json.loads(line) for line in lines)
     assert set(first) == EVENT_KEYS and set(second) == EVENT_KEYS
+    assert first.pop("id") != second.pop("id")
     assert first == {
         "camera": "door",
         "track_id": 1,
@@ -47,6 +56,12 @@ def test_jsonl_lines_have_exactly_the_design_keys(tmp_path: Path) -> None:
         "frames": 38,
         "best_bbox": [1.23, 5.0, 64.0, 72.5],
         "model": "facemoe-edge@0.1.0",
+        "type": "end",
+        "time": "2026-12-01T12:00:03.250000+01:00",
+        "snapshot": "/snaps/door/x.jpg",
+        "candidate": "Zoë",
+        "candidate_score": 0.432199,
+        "zones": ["porch"],
     }
     assert second["identity"] is None
 
@@ -100,3 +115,42 @@ def test_gallery_sink_error_is_sink_error(tmp_path: Path) -> None:
             GallerySink(gallery.event_store).write([event(1, None), bad])
         assert "\n" not in str(err.value)
         assert gallery.events() == []
+
+
+def test_gallery_keeps_the_extended_event_fields(tmp_path: Path) -> None:
+    events = [event(1, "alice"), replace(event(2, None), candidate=None, candidate_score=None,
+                                         zones=(), snapshot=None, time=None)]
+    with Gallery(tmp_path / "g.db", "facemoe-edge", "0.1.0") as gallery:
+        GallerySink(gallery.event_store).write(events)
+        stored = gallery.event_store.stored()
+    assert [s.event for s in stored] == events
+    assert [s.as_json()["uid"] for s in stored] == [e.id for e in events]
+    assert stored[0].as_json()["id"] == 1  # the row id, for `facemoe enroll --event ID`
+
+
+def test_a_gallery_made_before_the_event_extensions_opens_and_gains_the_columns(
+    tmp_path: Path,
+) -> None:
+    """A gallery whose events table has only the first release's columns: it opens, the new
+    nullable columns are added, old rows read back with a stable id, new rows keep theirs."""
+    path = tmp_path / "old.db"
+    with Gallery(path, "facemoe-edge", "0.1.0") as gallery:
+        GallerySink(gallery.event_store).write([event(1, "alice")])
+    with sqlite3.connect(path) as db:
+        for col in EVENT_COLUMNS_ADDED:
+            db.execute(f"ALTER TABLE events DROP COLUMN {col}")
+    with sqlite3.connect(path) as db:
+        columns = {r[1] for r in db.execute("pragma table_info(events)")}
+    assert not set(EVENT_COLUMNS_ADDED) & columns
+    for _ in range(2):
+        with Gallery(path, "facemoe-edge", "0.1.0") as gallery:
+            old = gallery.event_store.stored()[0].event
+            assert old.identity == "alice" and old.time is None and old.zones == ()
+            ids = {s.event.id for s in gallery.event_store.stored()[:1]}
+        assert ids == {old.id}  # derived from the row: the same on every read
+    with Gallery(path, "facemoe-edge", "0.1.0") as gallery:
+        new = event(2, None)
+        GallerySink(gallery.event_store).write([new])
+        assert gallery.event_store.stored()[-1].event == new
+    with sqlite3.connect(path) as db:
+        assert set(EVENT_COLUMNS_ADDED) <= {r[1] for r in db.execute("pragma table_info(events)")}

@@ -127,6 +127,18 @@ class EventRow(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, index=True
     )
+    # Added after the first release: nullable, and added to older galleries when they are
+    # opened (`_add_event_columns`). `uid` is the event's own id (`Event.id`, a UUID string).
+    uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    time: Mapped[str | None] = mapped_column(String(40), nullable=True)  # ISO 8601, wall clock
+    snapshot: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    candidate: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    candidate_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    zones: Mapped[str | None] = mapped_column(String(1024), nullable=True)  # JSON list of names
+
+
+# Columns of `events` that a gallery made before they existed lacks; added on open.
+EVENT_COLUMNS_ADDED = ("uid", "time", "snapshot", "candidate", "candidate_score", "zones")
 
 
 class EventCropRow(Base):
@@ -371,10 +383,31 @@ class Database:
                 raise GalleryError(f"{self.location} is a database but not a FaceMoE gallery")
         if set(Base.metadata.tables) - tables:
             Base.metadata.create_all(self._engine)
+        self._add_event_columns()
         with Session(self._engine) as session:
             meta = dict(session.execute(select(MetaRow.key, MetaRow.value)).all())
             has_templates = session.scalar(select(TemplateRow.id).limit(1)) is not None
         return meta, has_templates
+
+    def _add_event_columns(self) -> None:
+        """Add the nullable event columns (`EVENT_COLUMNS_ADDED`) that an older gallery lacks.
+
+        The one schema upgrade done in place; a later schema migration tool takes this over.
+        """
+        have = {c["name"] for c in inspect(self._engine).get_columns("events")}
+        missing = [n for n in EVENT_COLUMNS_ADDED if n not in have]
+        if not missing:
+            return
+        table = EventRow.__table__
+        with self._engine.begin() as conn:
+            for name in missing:
+                kind = table.c[name].type.compile(dialect=self._engine.dialect)
+                try:
+                    conn.exec_driver_sql(f'ALTER TABLE events ADD COLUMN "{name}" {kind}')
+                except OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in one_line(exc).lower():
+                        raise
+        log.info("gallery %s: added event column(s) %s", self.location, ", ".join(missing))
 
     # --- transactions -------------------------------------------------------------------------
 

@@ -4,7 +4,9 @@ the track later: `facemoe enroll NAME --event ID`)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,14 +35,20 @@ class StoredEvent:
     created_at: datetime  # UTC
 
     def as_json(self) -> dict[str, Any]:
-        return {"id": self.id, **self.event.to_json(), "crops": self.crops,
-                "stored_at": self.created_at.isoformat()}
+        # "id" stays the row id (`facemoe enroll --event ID`); the event's own id is "uid"
+        return {**self.event.to_json(), "id": self.id, "uid": self.event.id,
+                "crops": self.crops, "stored_at": self.created_at.isoformat()}
 
 
 def _event_of(r: EventRow) -> Event:
+    # rows stored before events had ids get a stable one derived from the row
+    uid = r.uid or str(uuid.uuid5(uuid.NAMESPACE_OID, f"facemoe-event-{r.id}-{r.created_at}"))
     return Event(camera=r.camera, track_id=r.track_id, identity=r.identity, score=r.score,
                  start=r.start, end=r.end, frames=r.frames,
-                 best_bbox=(r.bbox_x, r.bbox_y, r.bbox_w, r.bbox_h), model=r.model)
+                 best_bbox=(r.bbox_x, r.bbox_y, r.bbox_w, r.bbox_h), model=r.model,
+                 id=uid, time=r.time, snapshot=r.snapshot, candidate=r.candidate,
+                 candidate_score=r.candidate_score,
+                 zones=tuple(json.loads(r.zones)) if r.zones else ())
 
 
 class EventStore:
@@ -74,6 +82,13 @@ class EventStore:
                     bbox_w=float(ev.best_bbox[2]),
                     bbox_h=float(ev.best_bbox[3]),
                     model=ev.model,
+                    uid=ev.id,
+                    time=ev.time,
+                    snapshot=ev.snapshot,
+                    candidate=ev.candidate,
+                    candidate_score=(None if ev.candidate_score is None
+                                     else float(ev.candidate_score)),
+                    zones=json.dumps(list(ev.zones), ensure_ascii=False) if ev.zones else None,
                 )
                 for ev in events
             ]
