@@ -144,12 +144,17 @@ class TrackAggregator:
     def finish(self, track_id: int) -> TrackSummary:
         """Close a track; its template is the quality-weighted mean of its L2-normalised
         embeddings (weight = quality score, floored at MIN_WEIGHT), renormalised."""
-        track = self._tracks.pop(track_id, None)
+        summary = self.summary(track_id)
+        del self._tracks[track_id]
+        if summary.template is None and summary.embedded > 0:
+            log.warning("track %d: embeddings cancel out, no template", track_id)
+        return summary
+
+    def summary(self, track_id: int) -> TrackSummary:
+        """What is known so far about an open track (`finish` without closing it)."""
+        track = self._tracks.get(track_id)
         if track is None:
             raise KeyError(f"unknown or finished track {track_id}")
-        template = _normalised(track.weighted_sum)
-        if track.weighted_sum is not None and template is None:
-            log.warning("track %d: embeddings cancel out, no template", track_id)
         return TrackSummary(
             camera=self.camera,
             track_id=track_id,
@@ -157,7 +162,7 @@ class TrackAggregator:
             end=track.end,
             frames=track.frames,
             embedded=track.embedded,
-            template=template,
+            template=_normalised(track.weighted_sum),
             best_bbox=track.best_bbox,
             best_quality=track.best_quality,
             best_crop=track.best_crop,

@@ -6,10 +6,12 @@ configs/app.yaml works from any working directory.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
 
 from trainer.config import ConfigError, read_yaml_config  # noqa: F401  (ConfigError is re-exported)
 
@@ -19,6 +21,30 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "app.yaml"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+_ENV_REF = re.compile(r"\{(FACEMOE_[A-Z0-9_]+)\}")
+
+
+def substitute_env(value: object) -> object:
+    """`{FACEMOE_NAME}` in a string -> the environment variable's value (secrets stay out of
+    the YAML file, as Frigate's `{FRIGATE_*}`); an unset variable is an error."""
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(1) not in os.environ:
+            raise ValueError(f"environment variable {m.group(1)} is not set")
+        return os.environ[m.group(1)]
+
+    return _ENV_REF.sub(sub, value)
+
+
+EnvStr = Annotated[str, BeforeValidator(substitute_env)]
+EnvSecret = Annotated[SecretStr, BeforeValidator(substitute_env)]  # never printed or logged
+# a polygon in frame pixels: at least 3 [x, y] points
+Polygon = Annotated[list[tuple[float, float]], Field(min_length=3)]
+ZoneName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
 class ModelConfig(_Strict):
@@ -62,11 +88,37 @@ class EmbedSection(_Strict):
     every_n: int = 10
     min_gain: float = 0.1
     max_per_track: int = 32
+    max_wait_s: float = Field(
+        0.25,
+        ge=0,
+        le=10,
+        description="longest (media seconds) a crop waits for a full embedder batch; lower: "
+        "a face is recognised sooner, at the cost of smaller, less efficient batches",
+    )
 
 
 class MatchConfig(_Strict):
     threshold: float | Literal["auto"] = "auto"  # auto: the model manifest's recommended threshold
     min_frames: int = Field(2, ge=1, description="tracks seen in fewer frames make no event")
+
+
+class AlertsConfig(_Strict):
+    """`recognized` messages: sent while a track is still open, as soon as it is known."""
+
+    enabled: bool = True
+    unknown_after: int = Field(
+        3, ge=1, le=100,
+        description="good embeddings before an unmatched track is announced as unknown; "
+        "higher: fewer false unknown alerts for people recognised a moment later",
+    )
+    unknown_min_quality: float = Field(
+        0.1, ge=0, le=1, description="quality score of a crop that counts as a good embedding"
+    )
+    cooldown_s: float = Field(
+        60.0, ge=0, le=86400,
+        description="media seconds after a person is announced on a camera during which "
+        "new tracks of the same person there are not announced again (0: every track)",
+    )
 
 
 class GalleryConfig(_Strict):
@@ -86,12 +138,26 @@ class CameraConfig(_Strict):
     """One camera of the daemon."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    uri: str = Field(min_length=1, description="rtsp://, http(s):// MJPEG, /dev/videoN or a file")
+    uri: EnvStr = Field(
+        min_length=1, description="rtsp://, http(s):// MJPEG, /dev/videoN or a file"
+    )
     loop: bool = Field(False, description="restart a file at its end (files only)")
     detect_every_n: int | None = Field(
         None, ge=1, description="detection rate; default detector.every_n_frames"
     )
     enabled: bool = True
+    min_face: float | None = Field(
+        None, ge=0, description="ignore faces narrower than this (px); default detector.min_face"
+    )
+    threshold: float | None = Field(
+        None, gt=-1, le=1, description="open-set threshold here; default matching.threshold"
+    )
+    masks: list[Polygon] = Field(
+        default_factory=list, description="faces whose box centre is inside one are ignored"
+    )
+    zones: dict[ZoneName, Polygon] = Field(
+        default_factory=dict, description="named areas; an event lists those its face was in"
+    )
 
 
 class ReconnectConfig(_Strict):
@@ -110,15 +176,55 @@ class SnapshotConfig(_Strict):
     retention_days: float = Field(7.0, gt=0)
 
 
+class MqttTlsConfig(_Strict):
+    ca_certs: str | None = None  # CA file that signed the broker's certificate; None: system CAs
+    certfile: str | None = None  # client certificate, for brokers that require one
+    keyfile: str | None = None
+    insecure: bool = Field(False, description="skip the broker hostname check (not for production)")
+
+
+class MqttDiscoveryConfig(_Strict):
+    """Home Assistant MQTT discovery: a sensor per enrolled person and per camera."""
+
+    enabled: bool = False
+    prefix: str = Field("homeassistant", min_length=1, pattern=r"^[^#+]+$")
+
+
 class MqttConfig(_Strict):
-    host: str
+    host: EnvStr = Field(min_length=1)
     port: int = Field(1883, ge=1, le=65535)
-    topic: str = "facemoe/events"
+    prefix: str = Field(
+        "facemoe", min_length=1, pattern=r"^[^#+]+$",
+        description="topics: <prefix>/events, /cameras/<camera>, /identities/<name>, "
+        "/availability",
+    )
+    client_id: str = Field("facemoe-edge", min_length=1, max_length=64)
+    username: EnvStr | None = None
+    password: EnvSecret | None = None  # e.g. "{FACEMOE_MQTT_PASSWORD}"
+    tls: MqttTlsConfig | None = None
+    qos: int = Field(1, ge=0, le=2)
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    reconnect_max_s: float = Field(30.0, gt=0, le=600, description="longest wait between tries")
+    buffer: int = Field(
+        10000, ge=1, description="messages kept while the broker is unreachable; oldest dropped"
+    )
+    discovery: MqttDiscoveryConfig = Field(default_factory=MqttDiscoveryConfig)
 
 
 class WebhookConfig(_Strict):
-    url: str = Field(pattern=r"^https?://")
+    url: EnvStr = Field(pattern=r"^https?://")
     timeout_s: float = Field(2.0, gt=0, le=30)
+    secret: EnvSecret | None = Field(
+        None, description="HMAC-SHA256 key: X-FaceMoE-Signature-256: sha256=<hex of the body>"
+    )
+    types: list[Literal["recognized", "end"]] = Field(
+        default_factory=lambda: ["recognized", "end"], min_length=1
+    )
+    retry_initial_s: float = Field(0.5, gt=0, le=60, description="first wait after a failure")
+    retry_max_s: float = Field(30.0, gt=0, le=3600, description="the wait doubles up to this")
+    queue: int = Field(
+        1000, ge=1, description="events waiting for the target; the oldest is dropped when full"
+    )
 
 
 class DaemonConfig(_Strict):
@@ -147,6 +253,7 @@ class AppConfig(_Strict):
     tracker: TrackerSection = Field(default_factory=TrackerSection)
     embed: EmbedSection = Field(default_factory=EmbedSection)
     matching: MatchConfig = Field(default_factory=MatchConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     gallery: GalleryConfig = Field(default_factory=GalleryConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     cameras: list[CameraConfig] = Field(default_factory=list)

@@ -32,7 +32,8 @@ class ProcessSummary:
     media_seconds: float = 0.0
     detections: int = 0
     tracks: int = 0
-    events: list[Event] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)  # one `end` event per track
+    alerts: list[Event] = field(default_factory=list)  # `recognized` messages
     embedded_crops: int = 0
     stages: dict[str, float] = field(default_factory=dict)
     backend: str = ""
@@ -51,6 +52,7 @@ class ProcessSummary:
             "tracks": self.tracks,
             "events": len(self.events),
             "identified": sorted({e.identity for e in self.events if e.identity}),
+            "recognized": len(self.alerts),
             "embedded_crops": self.embedded_crops,
             "stages": self.stages,
             "backend": self.backend,
@@ -111,7 +113,9 @@ def process_video(
                 with times("annotate"):
                     if writer is None:
                         writer = VideoWriter(annotate, source.fps or 25.0, frame.size)
-                    writer.write(draw(frame.image, result.faces, result.labels))
+                    writer.write(
+                        draw(frame.image, result.faces, result.labels, result.predicted)
+                    )
             _emit(sinks, result.events, summary, times)
             bar.update(1)
         _emit(sinks, pipeline.flush(), summary, times)
@@ -138,9 +142,12 @@ def process_video(
 def _emit(
     sinks: list[Sink], events: list[Event], summary: ProcessSummary, times: StageTimes
 ) -> None:
-    if not events:
+    """`end` events go to the sinks (one record per track); `recognized` ones to the summary."""
+    summary.alerts.extend(e for e in events if e.type == "recognized")
+    ended = [e for e in events if e.type == "end"]
+    if not ended:
         return
     with times("sinks"):
         for s in sinks:
-            s.write(events)
-    summary.events.extend(events)
+            s.write(ended)
+    summary.events.extend(ended)
