@@ -7,8 +7,10 @@ Threads:
     reconnects with exponential backoff; other cameras are unaffected;
   - one worker: round-robins the camera queues through one `FacePipeline` per camera (all
     sharing one detector and embedder) and hands events to the sink queue;
-  - one sink thread: SQLite (batched commits), rotating JSONL, snapshots, MQTT, webhook;
-    a slow or failing sink never blocks the video path;
+  - one sink thread: snapshots (written first, so a message's snapshot exists when it
+    arrives), SQLite (batched commits) and rotating JSONL (`end` events: one per track),
+    MQTT and the webhook (`recognized` alerts too; each sends from a thread of its own and
+    buffers while its target is away); a slow or failing sink never blocks the video path;
   - a monitor (stats line, Prometheus gauges) and an HTTP server (/metrics, /healthz).
 SIGTERM/SIGINT: stop the readers, end every open track, write its event, exit 0.
 SIGHUP: reload the gallery matrix.
@@ -19,11 +21,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import queue
 import signal
+import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -34,10 +39,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from app.config import AppConfig, CameraConfig, ConfigError
 from app.gallery import Gallery
+from app.mqtt import MqttSink
 from app.pipeline import EmbedBatch, FacePipeline, StageTimes
 from app.records import Event, Frame
 from app.runtime import GalleryMatcher, make_detector, make_embedder, open_gallery, threshold
-from app.sinks import GallerySink, MqttSink, RotatingJsonlSink, Sink, SinkError, WebhookSink
+from app.sinks import GallerySink, RotatingJsonlSink, Sink, SinkError, WebhookSink
 from app.source import SourceError, _init_gst, open_source
 
 log = logging.getLogger(__name__)
@@ -59,10 +65,19 @@ class Metrics:
                                registry=r)
         self.reconnects = Counter("facemoe_reconnects", "camera reconnects", cam, registry=r)
         self.events = Counter("facemoe_events", "events (finished tracks)", cam, registry=r)
+        self.recognized = Counter("facemoe_recognized", "'recognized' alerts (open tracks)",
+                                  cam, registry=r)
         self.events_dropped = Counter("facemoe_events_dropped", "events dropped (sink queue full)",
                                       registry=r)
         self.sink_errors = Counter("facemoe_sink_errors", "failed sink writes", ["sink"],
                                    registry=r)
+        self.sink_incidents = Counter(
+            "facemoe_sink_incidents",
+            "MQTT/webhook incidents: kind=disconnect (connection lost), retry (failed send, "
+            "retried), dropped (a full buffer dropped its oldest message, or a rejected event)",
+            ["sink", "kind"], registry=r)
+        self.sink_pending = Gauge("facemoe_sink_pending", "messages waiting for delivery",
+                                  ["sink"], registry=r)
         self.fps = Gauge("facemoe_fps", "processed frames per second", cam, registry=r)
         self.queue = Gauge("facemoe_queue_depth", "frames waiting", cam, registry=r)
         self.up = Gauge("facemoe_camera_up", "1 while the camera delivers frames", cam, registry=r)
@@ -131,7 +146,7 @@ class Camera:
                 update={"every_n_frames": cc.detect_every_n})})
         self.times = StageTimes()
         self.pipeline = FacePipeline(cc.name, cfg, daemon.detector, daemon.embedder,
-                                     daemon.matcher, self.times, daemon.embed_batch)
+                                     daemon.matcher, self.times, daemon.embed_batch, settings=cc)
         self.queue = FrameQueue(daemon.cfg.daemon.frame_queue)
         self.state = "starting"
         self.error = ""
@@ -178,7 +193,8 @@ class Camera:
                     last_pts = self._pts_base + frame.pts - first_pts
                     with self._arrivals_lock:
                         self.arrivals.append((last_pts, time.monotonic()))
-                    self._put(dataclasses.replace(frame, index=self._next_index, pts=last_pts))
+                    self._put(dataclasses.replace(frame, index=self._next_index, pts=last_pts,
+                                                  wall=time.time()))
                     self._next_index += 1
                     backoff = cfg.reconnect.initial_s
                 else:
@@ -280,7 +296,8 @@ class Camera:
         return None
 
     def snapshot(self, ev: Event) -> np.ndarray | None:
-        item = self.best.pop(ev.track_id, None)
+        """The best face crop of the event's track so far (kept until the track's end)."""
+        item = self.best.get(ev.track_id) if ev.type != "end" else self.best.pop(ev.track_id, None)
         return None if item is None else item[1]
 
     def percentiles(self, stage: str) -> tuple[float, float]:
@@ -349,19 +366,43 @@ class Daemon:
         if jsonl:
             sinks["jsonl"] = RotatingJsonlSink(jsonl, int(d.jsonl.max_mb * 1e6), d.jsonl.backups)
         if d.mqtt:
-            sinks["mqtt"] = MqttSink(d.mqtt.host, d.mqtt.port, d.mqtt.topic)
+            sinks["mqtt"] = MqttSink(
+                d.mqtt, cameras=[c.name for c in self.cameras],
+                identities=lambda: [i.name for i in self.gallery.identities()],
+                count=self._counter("mqtt"), close_timeout=d.shutdown_timeout_s / 2)
         if d.webhook:
-            sinks["webhook"] = WebhookSink(d.webhook.url, d.webhook.timeout_s)
+            w = d.webhook
+            sinks["webhook"] = WebhookSink(
+                w.url, w.timeout_s, secret=w.secret.get_secret_value() if w.secret else None,
+                queue=w.queue, retry_initial_s=w.retry_initial_s, retry_max_s=w.retry_max_s,
+                count=self._counter("webhook"), close_timeout=d.shutdown_timeout_s / 2)
         return sinks
 
+    def _counter(self, sink: str) -> Callable[[str, int], None]:
+        return lambda kind, n: self.metrics.sink_incidents.labels(sink, kind).inc(n)
+
+    def _wants(self, sink: str, ev: Event) -> bool:
+        """SQLite and JSONL keep one record per track (`end`); MQTT gets every message, the
+        webhook the types it is configured for."""
+        if sink == "webhook":
+            return ev.type in self.cfg.daemon.webhook.types
+        return sink == "mqtt" or ev.type == "end"
+
     def _emit(self, cam: Camera, events: list[Event]) -> None:
+        snaps = self.cfg.daemon.snapshots.dir
         for ev in events:
-            cam.events += 1
-            self.metrics.events.labels(cam.name).inc()
+            if ev.type == "end":
+                cam.events += 1
+                self.metrics.events.labels(cam.name).inc()
+            else:
+                self.metrics.recognized.labels(cam.name).inc()
+            crop = cam.snapshot(ev) if snaps else None
+            if crop is not None:  # both messages of a track name the same file
+                ev = dataclasses.replace(ev, snapshot=str(Path(snaps) / ev.camera / f"{ev.id}.jpg"))
             try:
-                self.events_out.put_nowait((ev, cam.snapshot(ev)))
+                self.events_out.put_nowait((ev, crop))
                 at = cam.arrival(ev.end)
-                if at is not None:
+                if at is not None and ev.type == "end":
                     self.metrics.event_latency.labels(cam.name).observe(time.monotonic() - at)
             except queue.Full:
                 self.metrics.events_dropped.inc()
@@ -384,17 +425,16 @@ class Daemon:
                     item = self.events_out.get_nowait()
             except queue.Empty:
                 pass
-            events = [ev for ev, _ in batch]
+            for ev, crop in batch:
+                if crop is not None and ev.snapshot:
+                    self._snapshot(ev, crop)
             for name, sink in self._sinks.items():
+                events = [ev for ev, _ in batch if self._wants(name, ev)]
                 if name == "sqlite" or not events:
                     continue
                 self._write(name, sink, events)
-            if d.snapshots.dir:
-                for ev, crop in batch:
-                    if crop is not None:
-                        self._snapshot(ev, crop)
             if "sqlite" in self._sinks:
-                pending_db.extend(events)
+                pending_db.extend(ev for ev, _ in batch if ev.type == "end")
                 if pending_db and (done or time.monotonic() - last_commit >= d.sqlite_commit_s):
                     self._write("sqlite", self._sinks["sqlite"], pending_db)
                     pending_db, last_commit = [], time.monotonic()
@@ -412,13 +452,21 @@ class Daemon:
             log.error("%s sink: %s (%d event(s) lost)", name, exc, len(events))
 
     def _snapshot(self, ev: Event, crop: np.ndarray) -> None:
-        folder = Path(self.cfg.daemon.snapshots.dir) / ev.camera
+        """Write the event's best face JPEG to `ev.snapshot`: private (0600) and atomic."""
+        path = Path(ev.snapshot)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            stamp = time.strftime("%Y%m%dT%H%M%S")
+            path.parent.mkdir(parents=True, exist_ok=True)
             ok, data = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
-            if ok:
-                (folder / f"{stamp}-track{ev.track_id}.jpg").write_bytes(data.tobytes())
+            if not ok:
+                raise OSError("JPEG encoding failed")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".snap-", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as fh:  # mkstemp creates it with mode 0600
+                    fh.write(data.tobytes())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
         except OSError as exc:
             self.metrics.sink_errors.labels("snapshots").inc()
             log.error("snapshot for %s/%d: %s", ev.camera, ev.track_id, exc)
@@ -465,6 +513,9 @@ class Daemon:
         next_purge = time.monotonic()
         while not self.stopping.wait(1.0):
             now = time.monotonic()
+            for name, sink in self._sinks.items():
+                if hasattr(sink, "pending"):
+                    self.metrics.sink_pending.labels(name).set(sink.pending())
             for cam in self.cameras:
                 cam.fps_window.append((now, cam.frames))
                 self.metrics.fps.labels(cam.name).set(cam.fps())

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import threading
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -11,6 +16,10 @@ from app.gallery import EventStore, GalleryError
 from app.records import Event
 
 log = logging.getLogger(__name__)
+
+
+# a sink's report of an incident to the daemon's metrics: (kind, count), e.g. ("dropped", 3)
+Count = Callable[[str, int], None]
 
 
 class SinkError(Exception):
@@ -122,53 +131,132 @@ class RotatingJsonlSink:
 
 
 class WebhookSink:
-    """POSTs each event as a JSON object to an http(s) URL with a short timeout."""
+    """POSTs each event as a JSON object to an http(s) URL, from a thread of its own.
 
-    def __init__(self, url: str, timeout: float = 2.0) -> None:
+    A slow or failing target never blocks the caller: events wait in a bounded queue (the
+    oldest is dropped when it is full, counted and logged) and are sent in order; a failed
+    POST (network error, timeout, HTTP 5xx, 408 or 429) is retried after a wait that doubles
+    from `retry_initial_s` to `retry_max_s`; other 4xx answers reject that event (logged,
+    counted as dropped). With a `secret`, each request carries
+    `X-FaceMoE-Signature-256: sha256=<hex HMAC-SHA256 of the body>` (as GitHub's webhooks),
+    so the receiver can check that the event comes from this daemon.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 2.0,
+        *,
+        secret: str | None = None,
+        queue: int = 1000,
+        retry_initial_s: float = 0.5,
+        retry_max_s: float = 30.0,
+        count: Count | None = None,
+        close_timeout: float = 5.0,
+    ) -> None:
         if not url.startswith(("http://", "https://")):
             raise SinkError(f"webhook URL must be http(s): {url}")
-        self.url, self.timeout = url, timeout
+        self.url, self.timeout, self.close_timeout = url, timeout, close_timeout
+        self._secret = secret.encode() if secret else None
+        self.max_queue, self.retry_initial_s, self.retry_max_s = queue, retry_initial_s, retry_max_s
+        self._count = count or (lambda kind, n: None)
+        self._queue: deque[bytes] = deque()
+        self._cond = threading.Condition()
+        self._busy = self._closing = False
+        self.sent = self.dropped = self.retries = 0
+        self._thread = threading.Thread(target=self._run, name="webhook", daemon=True)
+        self._thread.start()
 
     def write(self, events: list[Event]) -> None:
+        """Queue `events` (returns at once)."""
+        with self._cond:
+            if self._closing:
+                raise SinkError("webhook sink is closed")
+            self._queue.extend(json.dumps(ev.to_json(), ensure_ascii=False).encode()
+                               for ev in events)
+            over = len(self._queue) - self.max_queue
+            for _ in range(max(0, over)):
+                self._queue.popleft()
+            self._cond.notify_all()
+        if over > 0:
+            self._drop(over, f"queue full ({self.max_queue} events): {over} oldest dropped")
+
+    def _drop(self, n: int, why: str) -> None:
+        self.dropped += n
+        self._count("dropped", n)
+        log.error("webhook %s: %s (%d dropped in all)", self.url, why, self.dropped)
+
+    def pending(self) -> int:
+        """Events not yet delivered."""
+        with self._cond:
+            return len(self._queue) + int(self._busy)
+
+    def _run(self) -> None:
+        wait = self.retry_initial_s
+        while True:
+            with self._cond:
+                while not self._queue:
+                    if self._closing:
+                        return
+                    self._cond.wait(0.5)
+                body, self._busy = self._queue[0], True
+            error = self._post(body)
+            with self._cond:
+                self._busy = False
+                if error is None or error.startswith("rejected"):
+                    if self._queue and self._queue[0] is body:
+                        self._queue.popleft()
+                    self._cond.notify_all()
+            if error is None:
+                self.sent += 1
+                wait = self.retry_initial_s
+            elif error.startswith("rejected"):
+                self._drop(1, error)
+            else:
+                self.retries += 1
+                self._count("retry", 1)
+                log.warning("webhook %s: %s; retrying in %.1f s (%d waiting)", self.url, error,
+                            wait, self.pending())
+                with self._cond:
+                    if self._cond.wait_for(lambda: self._closing, wait):
+                        return
+                wait = min(wait * 2, self.retry_max_s)
+
+    def _post(self, body: bytes) -> str | None:
+        """POST one event; None when delivered, else why ("rejected ..." when not retried)."""
         import urllib.error
         import urllib.request
 
-        for ev in events:
-            req = urllib.request.Request(self.url, data=json.dumps(ev.to_json()).encode(),
-                                         headers={"Content-Type": "application/json"},
-                                         method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
-                    resp.read()
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                raise SinkError(f"webhook {self.url}: {str(exc).splitlines()[0]}") from exc
-
-    def close(self) -> None:
-        pass
-
-
-class MqttSink:
-    """Publishes each event as JSON to an MQTT topic (needs paho-mqtt: pip install '.[mqtt]')."""
-
-    def __init__(self, host: str, port: int, topic: str) -> None:
+        headers = {"Content-Type": "application/json", "User-Agent": "facemoe-edge"}
+        if self._secret is not None:
+            digest = hmac.new(self._secret, body, hashlib.sha256).hexdigest()
+            headers["X-FaceMoE-Signature-256"] = f"sha256={digest}"
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            import paho.mqtt.client as mqtt
-        except ImportError as exc:
-            raise SinkError("MQTT output needs paho-mqtt "
-                            "(pip install 'facemoe-edge[mqtt]')") from exc
-        args = (mqtt.CallbackAPIVersion.VERSION2,) if hasattr(mqtt, "CallbackAPIVersion") else ()
-        self.topic = topic
-        self._client = mqtt.Client(*args)
-        try:
-            self._client.connect_async(host, port)
-        except (OSError, ValueError) as exc:
-            raise SinkError(f"MQTT {host}:{port}: {exc}") from exc
-        self._client.loop_start()  # paho reconnects by itself; publish queues while offline
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
+                resp.read()
+            return None
+        except urllib.error.HTTPError as exc:
+            if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                return f"rejected with HTTP {exc.code}"
+            return f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return str(reason).splitlines()[0] if str(reason) else type(exc).__name__
 
-    def write(self, events: list[Event]) -> None:
-        for ev in events:
-            self._client.publish(self.topic, json.dumps(ev.to_json()), qos=1)
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued event is delivered; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue, timeout)
 
-    def close(self) -> None:
-        self._client.loop_stop()
-        self._client.disconnect()
+    def close(self, timeout: float | None = None) -> None:
+        """Deliver what is queued (up to `timeout` s, default `close_timeout`), then stop; the
+        rest is logged as lost."""
+        self.flush(self.close_timeout if timeout is None else timeout)
+        with self._cond:
+            self._closing = True
+            left = len(self._queue)
+            self._cond.notify_all()
+        self._thread.join(self.timeout + 1.0)
+        if left:
+            self._drop(left, "not delivered at shutdown")

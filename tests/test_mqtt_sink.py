@@ -1,71 +1,371 @@
-"""The MQTT event sink against a real local broker (Debian's mosquitto on 127.0.0.1)."""
+"""The MQTT sink against real local brokers: each test starts its own mosquitto (Debian's
+package) on a free 127.0.0.1 port, with password authentication, TLS (a self-signed
+certificate made here with `cryptography`) or persistence, and stops it when done."""
 
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import ipaddress
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from app.config import AppConfig
+from app.mqtt import MqttSink
 from app.records import Event
-from app.sinks import MqttSink
 
 mqtt = pytest.importorskip("paho.mqtt.client", reason="paho-mqtt not installed (the mqtt extra)")
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if shutil.which("/usr/sbin/mosquitto") else None)
+PASSWD = shutil.which("mosquitto_passwd")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# the keys Home Assistant documents for an MQTT sensor (integrations/sensor.mqtt) that a
+# discovery config here may use, and those of its `device` map
+HA_SENSOR_KEYS = {
+    "availability", "availability_mode", "availability_template", "availability_topic",
+    "device", "device_class", "enabled_by_default", "encoding", "entity_category",
+    "entity_picture", "expire_after", "force_update", "icon", "json_attributes_template",
+    "json_attributes_topic", "last_reset_value_template", "name", "object_id",
+    "options", "payload_available", "payload_not_available", "platform",
+    "suggested_display_precision", "qos", "state_class", "state_topic", "unique_id",
+    "unit_of_measurement", "value_template", "default_entity_id",
+}
+HA_DEVICE_KEYS = {
+    "configuration_url", "connections", "hw_version", "identifiers", "manufacturer", "model",
+    "model_id", "name", "serial_number", "suggested_area", "sw_version", "via_device",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    """A mosquitto process on 127.0.0.1 with the given extra config lines."""
+
+    def __init__(self, folder: Path, extra: list[str] = ()) -> None:
+        if MOSQUITTO is None:
+            pytest.skip("no mosquitto broker installed (Debian package mosquitto)")
+        self.port, self.folder, self.proc = free_port(), folder, None
+        self.conf = folder / "mosquitto.conf"
+        # run as this user (mosquitto started by root switches to user `mosquitto`, which could
+        # not read the test's files)
+        lines = [f"user {getpass.getuser()}", f"listener {self.port} 127.0.0.1", *extra]
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> Broker:
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=(self.folder / "broker.log").open("a"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"mosquitto did not start: {(self.folder / 'broker.log').read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
 
 
 @pytest.fixture()
-def broker(tmp_path):
-    if MOSQUITTO is None:
-        pytest.skip("no mosquitto broker installed (Debian package mosquitto)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield port
-    proc.terminate()
-    proc.wait(5)
+def brokers():
+    started: list[Broker] = []
+
+    def make(folder: Path, extra: list[str] = ()) -> Broker:
+        broker = Broker(folder, extra)
+        started.append(broker)
+        return broker.start()
+
+    yield make
+    for b in started:
+        b.stop()
 
 
-def test_events_are_published_as_design_json(broker):
-    received: list[dict] = []
-    got = threading.Event()
-    args = (mqtt.CallbackAPIVersion.VERSION2,) if hasattr(mqtt, "CallbackAPIVersion") else ()
-    sub = mqtt.Client(*args)
-    subscribed = threading.Event()
-    sub.on_subscribe = lambda *a, **k: subscribed.set()
+class Watcher:
+    """A subscriber that records (topic, payload, retained) of everything under `topics`."""
 
-    def on_message(_client, _userdata, msg):
-        received.append(json.loads(msg.payload))
-        if len(received) == 2:
-            got.set()
+    def __init__(self, port: int, topics: list[str], *, client_id: str = "", durable: bool = False,
+                 tls_ca: Path | None = None, auth: tuple[str, str] | None = None) -> None:
+        args = (mqtt.CallbackAPIVersion.VERSION2,) if hasattr(mqtt, "CallbackAPIVersion") else ()
+        self.client = mqtt.Client(*args, client_id=client_id, clean_session=not durable)
+        self.messages: list[tuple[str, str, bool]] = []
+        self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        if tls_ca is not None:
+            self.client.tls_set(ca_certs=str(tls_ca))
+        if auth is not None:
+            self.client.username_pw_set(*auth)
+        self.client.reconnect_delay_set(0.1, 0.5)
 
-    sub.on_message = on_message
-    sub.connect("127.0.0.1", broker)
-    sub.subscribe("facemoe/events", qos=1)
-    sub.loop_start()
+        def on_connect(client, userdata, flags, rc, properties=None):
+            client.subscribe([(t, 1) for t in topics])
+
+        def on_message(client, userdata, msg):
+            with self.lock:
+                self.messages.append((msg.topic, msg.payload.decode(), bool(msg.retain)))
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = lambda *a, **k: self.subscribed.set()
+        self.client.on_message = on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self.subscribed.wait(10), "subscription not acknowledged"
+
+    def payloads(self, topic: str) -> list[str]:
+        with self.lock:
+            return [p for t, p, _ in self.messages if t == topic]
+
+    def wait(self, cond, timeout: float = 15.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if cond(list(self.messages)):
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out; received {self.messages}")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def events_of(w: Watcher, prefix: str = "facemoe") -> list[dict]:
+    return [json.loads(p) for p in w.payloads(f"{prefix}/events")]
+
+
+def mqtt_config(port: int, **extra) -> AppConfig:
+    cfg = {"daemon": {"mqtt": {"host": "127.0.0.1", "port": port, "keepalive_s": 5,
+                               "reconnect_max_s": 1, **extra}}}
+    return AppConfig.model_validate(cfg)
+
+
+def event(i: int, name: str | None = "Lin-Manuel Miranda", kind: str = "end") -> Event:
+    return Event("door", i, name, 0.7, 1.0, 2.0, 10, (1.0, 2.0, 30.0, 40.0), "m@1", type=kind,
+                 time="2026-12-01T12:00:00.000+00:00", candidate="Lin-Manuel Miranda",
+                 candidate_score=0.7)
+
+
+def test_password_authentication_topics_state_and_availability(tmp_path, brokers, monkeypatch):
+    if PASSWD is None:
+        pytest.skip("mosquitto_passwd not installed (Debian package mosquitto)")
+    passwords = tmp_path / "passwd"
+    subprocess.run([PASSWD, "-b", "-c", str(passwords), "facemoe", "s3cret pass"], check=True)
+    passwords.chmod(0o600)
+    broker = brokers(tmp_path, ["allow_anonymous false", f"password_file {passwords}"])
+    watcher = Watcher(broker.port, ["facemoe/#"], auth=("facemoe", "s3cret pass"))
+    monkeypatch.setenv("FACEMOE_MQTT_PASSWORD", "s3cret pass")
+    cfg = mqtt_config(broker.port, username="facemoe", password="{FACEMOE_MQTT_PASSWORD}",
+                      client_id="door-box")
+    assert "s3cret" not in repr(cfg)  # the secret is never printed
+    sink = MqttSink(cfg.daemon.mqtt)
     try:
-        assert subscribed.wait(10)
-        sink = MqttSink("127.0.0.1", broker, "facemoe/events")
-        events = [Event("cam", i, name, 0.5 + i / 10, 1.0, 2.0, 10, (1.0, 2.0, 3.0, 4.0), "m@1")
-                  for i, name in ((1, "Ada"), (2, None))]
-        sink.write(events)
-        assert got.wait(10), received
-        sink.close()
+        early = event(7, kind="recognized")
+        sink.write([early])
+        watcher.wait(lambda m: any(t == "facemoe/identities/lin_manuel_miranda" for t, _, _ in m))
+        present = json.loads(watcher.payloads("facemoe/identities/lin_manuel_miranda")[-1])
+        assert present["state"] == "present" and present["event"] == early.id
+        final, stranger = replace(early, type="end", end=4.0), event(8, None)
+        sink.write([final, stranger])
+        watcher.wait(lambda m: len([t for t, _, _ in m if t == "facemoe/events"]) == 3)
+        assert events_of(watcher) == [e.to_json() for e in (early, final, stranger)]
+        away = json.loads(watcher.payloads("facemoe/identities/lin_manuel_miranda")[-1])
+        assert away["state"] == "away" and away["name"] == "Lin-Manuel Miranda"
+        assert dt.datetime.fromisoformat(away["last_seen"]).tzinfo is not None
+        assert watcher.payloads("facemoe/availability")[-1] == "online"
+        assert sink.flush(5) and sink.pending() == 0
     finally:
-        sub.loop_stop()
-        sub.disconnect()
-    assert received == [e.to_json() for e in events]
+        sink.close()
+    watcher.wait(lambda m: m[-1][:2] == ("facemoe/availability", "offline"))
+    watcher.close()
+    # retained for whoever subscribes later: the camera's last message, the person's state
+    late = Watcher(broker.port, ["facemoe/cameras/#", "facemoe/identities/#"],
+                   auth=("facemoe", "s3cret pass"))
+    late.wait(lambda m: len(m) == 2)
+    assert all(retained for _, _, retained in late.messages)
+    assert json.loads(late.payloads("facemoe/cameras/door")[0])["track_id"] == 8
+    late.close()
+
+    # a wrong password: refused, logged, nothing delivered, the messages stay buffered
+    monkeypatch.setenv("FACEMOE_MQTT_PASSWORD", "wrong")
+    bad = MqttSink(mqtt_config(broker.port, username="facemoe",
+                               password="{FACEMOE_MQTT_PASSWORD}").daemon.mqtt)
+    try:
+        bad.write([event(9)])
+        assert not bad.flush(2) and bad.pending() == 3
+    finally:
+        bad.close(timeout=0.1)
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 / localhost and its key (cryptography)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "broker.crt", folder / "broker.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def test_tls_with_a_self_signed_certificate(tmp_path, brokers):
+    cert, key = _self_signed(tmp_path)
+    broker = brokers(tmp_path, [f"cafile {cert}", f"certfile {cert}", f"keyfile {key}",
+                                "allow_anonymous true"])
+    watcher = Watcher(broker.port, ["facemoe/events"], tls_ca=cert)
+    sink = MqttSink(mqtt_config(broker.port, tls={"ca_certs": str(cert)}).daemon.mqtt)
+    try:
+        sink.write([event(1)])
+        watcher.wait(lambda m: len(m) == 1)
+        assert events_of(watcher)[0]["track_id"] == 1
+    finally:
+        sink.close()
+        watcher.close()
+    # the system CAs do not trust this broker: nothing is delivered
+    untrusting = MqttSink(mqtt_config(broker.port, tls={}).daemon.mqtt)
+    try:
+        untrusting.write([event(2)])
+        assert not untrusting.flush(1.5)
+    finally:
+        untrusting.close(timeout=0.1)
+
+
+def test_last_will_marks_a_killed_daemon_offline(tmp_path, brokers):
+    broker = brokers(tmp_path, ["allow_anonymous true"])
+    watcher = Watcher(broker.port, ["facemoe/availability"])
+    code = ("import sys, time; from app.config import MqttConfig; from app.mqtt import MqttSink; "
+            f"MqttSink(MqttConfig(host='127.0.0.1', port={broker.port}, keepalive_s=5)); "
+            "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        watcher.wait(lambda m: ("facemoe/availability", "online", False) in m, 20)
+        os.kill(proc.pid, signal.SIGKILL)  # no clean disconnect: the broker sends the will
+        watcher.wait(lambda m: m[-1][1] == "offline", 15)
+    finally:
+        proc.kill()
+        proc.wait(5)
+        watcher.close()
+
+
+def test_home_assistant_discovery_configs(tmp_path, brokers):
+    broker = brokers(tmp_path, ["allow_anonymous true"])
+    watcher = Watcher(broker.port, ["homeassistant/#"])
+    sink = MqttSink(mqtt_config(broker.port, discovery={"enabled": True}).daemon.mqtt,
+                    cameras=["door"], identities=lambda: ["Lin-Manuel Miranda"])
+    try:
+        sink.write([event(1, "Zoë Ünal")])  # a person enrolled after the start
+        watcher.wait(lambda m: len(m) == 3)
+    finally:
+        sink.close()
+        watcher.close()
+    configs = {t: json.loads(p) for t, p, _ in watcher.messages}
+    assert set(configs) == {
+        "homeassistant/sensor/facemoe_camera_door/config",
+        "homeassistant/sensor/facemoe_lin_manuel_miranda/config",
+        "homeassistant/sensor/facemoe_zoe_unal/config",
+    }
+    for c in configs.values():
+        assert set(c) <= HA_SENSOR_KEYS, set(c) - HA_SENSOR_KEYS
+        assert set(c["device"]) <= HA_DEVICE_KEYS
+        assert {"name", "unique_id", "state_topic", "availability_topic", "device"} <= set(c)
+        assert c["availability_topic"] == "facemoe/availability"
+        assert (c["payload_available"], c["payload_not_available"]) == ("online", "offline")
+        assert isinstance(c["device"]["identifiers"], list) and c["device"]["name"]
+        assert c["state_topic"].startswith("facemoe/") and "{{" in c["value_template"]
+    assert len({c["unique_id"] for c in configs.values()}) == 3
+    lin = configs["homeassistant/sensor/facemoe_lin_manuel_miranda/config"]
+    assert lin["name"] == "Lin-Manuel Miranda"
+    assert lin["default_entity_id"] == "sensor.facemoe_lin_manuel_miranda"
+    assert lin["state_topic"] == lin["json_attributes_topic"] == \
+        "facemoe/identities/lin_manuel_miranda"
+    late = Watcher(broker.port, ["homeassistant/#"])  # retained for Home Assistant restarts
+    late.wait(lambda m: len(m) == 3)
+    assert all(retained for _, _, retained in late.messages)
+    late.close()
+
+
+def test_broker_restart_mid_run_loses_no_event(tmp_path, brokers):
+    """Events written while the broker is down wait in the sink and arrive after it restarts;
+    the subscriber keeps a durable session in the broker's persistence file."""
+    broker = brokers(tmp_path, ["allow_anonymous true", "persistence true",
+                                f"persistence_location {tmp_path}/"])
+    watcher = Watcher(broker.port, ["facemoe/events"], client_id="watcher", durable=True)
+    incidents: list[tuple[str, int]] = []
+    sink = MqttSink(mqtt_config(broker.port).daemon.mqtt,
+                    count=lambda kind, n: incidents.append((kind, n)))
+    try:
+        events = [event(i, None) for i in range(60)]
+        for ev in events[:20]:
+            sink.write([ev])
+        assert sink.flush(10)
+        broker.stop()
+        for ev in events[20:40]:  # the broker is down: buffered
+            sink.write([ev])
+            time.sleep(0.02)
+        time.sleep(1.0)
+        assert sink.pending() > 0
+        broker.start()
+        for ev in events[40:]:
+            sink.write([ev])
+        assert sink.flush(30), f"{sink.pending()} not delivered"
+        want = {e.id for e in events}
+        watcher.wait(lambda m: want <= {json.loads(p)["id"] for t, p, _ in m}, 30)
+    finally:
+        sink.close()
+        watcher.close()
+    assert ("disconnect", 1) in incidents and sink.disconnects >= 1 and sink.dropped == 0
+
+
+def test_a_full_buffer_drops_the_oldest_and_counts_them(tmp_path):
+    port = free_port()  # nothing listens yet
+    incidents: list[tuple[str, int]] = []
+    sink = MqttSink(mqtt_config(port, buffer=6).daemon.mqtt,
+                    count=lambda kind, n: incidents.append((kind, n)))
+    try:
+        sink.write([event(i, None) for i in range(5)])  # 2 messages each: event + camera
+        assert sink.dropped == 4 and incidents == [("dropped", 4)] and sink.pending() == 6
+        broker = Broker(tmp_path, ["allow_anonymous true"])
+        broker.conf.write_text(broker.conf.read_text().replace(str(broker.port), str(port)))
+        broker.port = port
+        broker.start()
+        try:
+            assert sink.flush(15)  # the 6 newest messages
+        finally:
+            broker.stop()
+    finally:
+        sink.close(timeout=0.1)
