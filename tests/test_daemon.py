@@ -12,10 +12,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ import yaml
 
 from app.config import AppConfig
 from app.records import Event
-from app.sinks import RotatingJsonlSink, SinkError, WebhookSink
+from app.sinks import RotatingJsonlSink
 from benchmarks.rtsp_camera import RtspCamera, free_port, rtsp_available
 from tests.gallery_helpers import EVENT_KEYS
 
@@ -195,7 +193,7 @@ def _event(i: int) -> Event:
 
 def test_rotating_jsonl_keeps_backups(tmp_path):
     path = tmp_path / "ev.jsonl"
-    sink = RotatingJsonlSink(path, max_bytes=400, backups=2)
+    sink = RotatingJsonlSink(path, max_bytes=800, backups=2)
     sink.write([_event(i) for i in range(20)])
     sink.close()
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -206,32 +204,7 @@ def test_rotating_jsonl_keeps_backups(tmp_path):
         for line in (tmp_path / name).read_text().splitlines()
     ]
     assert ids == sorted(ids) and ids[-1] == 19  # newest last, oldest rotated away
-    assert all((tmp_path / n).stat().st_size < 600 for n in files)
-
-
-def test_webhook_posts_events_and_fails_in_one_line(tmp_path):
-    received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        WebhookSink(f"http://127.0.0.1:{server.server_address[1]}/hook", timeout=2).write(
-            [_event(1), _event(2)]
-        )
-    finally:
-        server.shutdown()
-    assert [r["track_id"] for r in received] == [1, 2]
-    with pytest.raises(SinkError, match="webhook"):
-        WebhookSink(f"http://127.0.0.1:{free_port()}/hook", timeout=1).write([_event(3)])
+    assert all((tmp_path / n).stat().st_size < 1200 for n in files)
 
 
 def test_frame_queue_drops_oldest_frames_but_keeps_markers():
