@@ -253,3 +253,47 @@ def test_validate_config(tmp_path):
     assert "tracker.max_missed" in _one_line_error(
         facemoe("process", "--validate-config", "--config", bad, check=False)
     )
+
+
+def test_recognized_alert_and_annotation_labels_on_the_close_up(hamilton, data_dir):
+    """In media time: the `recognized` message naming Lin-Manuel Miranda comes within 1 s of
+    the first frame of his close-up; from then on every frame of the close-up draws his box
+    (detected, or predicted where the detector skipped the frame) labelled with his name."""
+    from app.config import load_config
+    from app.pipeline import FacePipeline
+    from app.runtime import GalleryMatcher, make_detector, make_embedder, open_gallery, threshold
+    from app.source import open_source
+
+    _, events, _, gallery_path = hamilton
+    cfg = load_config()
+    detector, embedder = make_detector(cfg), make_embedder(cfg)
+    with open_gallery(gallery_path, embedder, create=False) as gallery:
+        pipeline = FacePipeline("stage", cfg, detector, embedder,
+                                GalleryMatcher(gallery, threshold(cfg, embedder)))
+        alerts, frames, ended = [], [], []
+        with open_source(str(data_dir / "videos" / "short_hamilton_clip.mp4"), "stage") as src:
+            for frame in src:
+                result = pipeline.push(frame)
+                alerts += [(frame.pts, e) for e in result.events if e.type == "recognized"]
+                ended += [e for e in result.events if e.type == "end"]
+                frames.append((frame.pts, result))
+        ended += pipeline.flush()
+    lin = [(at, e) for at, e in alerts if e.identity == LIN]
+    assert lin, alerts
+    at, alert = lin[0]
+    latency = at - alert.start
+    print(f"recognized {LIN}: track starts at {alert.start:.3f} s, message at {at:.3f} s "
+          f"(+{latency:.3f} s), score {alert.score:.3f}")
+    assert 2.5 < alert.start < 3.0 and latency <= 1.0
+    assert len(lin) == 1  # once per track (and the cooldown holds back his later tracks)
+    final = next(e for e in ended if e.id == alert.id)  # the same id on the track's end event
+    assert final.identity == LIN and final.track_id == alert.track_id
+    close_up = [(pts, r) for pts, r in frames if at <= pts < final.end]
+    assert len(close_up) > 50
+    for pts, r in close_up:
+        boxes = {f.track_id for f in [*r.faces, *r.predicted]}
+        assert alert.track_id in boxes, f"no box for his track at {pts:.3f} s"
+        assert r.labels[alert.track_id].identity == LIN, f"no name at {pts:.3f} s"
+    assert any(r.predicted for _, r in close_up) and any(r.faces for _, r in close_up)
+    assert {e.type for e in ended} == {"end"} and all(e.time for e in ended)
+    assert len(ended) == len(events)
