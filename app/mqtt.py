@@ -86,7 +86,7 @@ class MqttSink:
         self._pending: deque[_Message] = deque()
         self._inflight: dict[int, _Message] = {}
         self._acked: set[int] = set()
-        self._connected = self._closing = False
+        self._connected = self._closing = self._rediscover = False
         self._announced: set[str] = set()  # discovery configs sent in this connection
         self._present: dict[str, set[tuple[str, int]]] = {}  # identity -> open (camera, track)
         self.disconnects = self.dropped = 0
@@ -132,7 +132,7 @@ class MqttSink:
         client.publish(self.availability, "online", qos=1, retain=True)
         with self._cond:
             self._connected = True
-            self._announced.clear()
+            self._rediscover = self.cfg.discovery.enabled
             self._cond.notify_all()
 
     def _on_disconnect(self, client, userdata, flags, reason_code=None, properties=None) -> None:
@@ -161,13 +161,17 @@ class MqttSink:
         while True:
             with self._cond:
                 self._settle()
-                while not (self._connected and self._pending
-                           and len(self._inflight) < MAX_INFLIGHT):
+                while not (self._connected and (self._rediscover or (
+                        self._pending and len(self._inflight) < MAX_INFLIGHT))):
                     if self._closing:  # close() has waited for the queue as long as it may
                         return
                     self._cond.wait(0.5)
                     self._settle()
-                msg = self._pending.popleft()
+                rediscover, self._rediscover = self._rediscover, False
+                msg = None if rediscover else self._pending.popleft()
+            if rediscover:
+                self._discover_all()
+                continue
             self._discover_for(msg)
             info = self._client.publish(msg.topic, msg.payload, qos=self.cfg.qos,
                                         retain=msg.retain)
@@ -218,25 +222,29 @@ class MqttSink:
                         json.dumps(state, ensure_ascii=False), True)
 
     # --- Home Assistant discovery -------------------------------------------------------------
+    def _discover_all(self) -> None:
+        """On every connection: the sensors of every camera and enrolled person."""
+        try:
+            names = list(self._identities())
+        except Exception as exc:  # noqa: BLE001  (the gallery may be busy: they come later)
+            log.warning("MQTT discovery: cannot list identities: %s", exc)
+            names = []
+        self._announced.clear()
+        self._publish_configs([self.camera_sensor(c) for c in self._cameras]
+                              + [self.identity_sensor(n) for n in names])
+
     def _discover_for(self, msg: _Message) -> None:
-        """Announce the sensors of a message's camera or person before its first state."""
-        d = self.cfg.discovery
-        if not d.enabled:
+        """Announce the sensor of a message's camera or person (one enrolled or a camera
+        added since the connection) before its first state."""
+        if not self.cfg.discovery.enabled:
             return
-        configs: list[tuple[str, dict]] = []
-        if not self._announced:  # a fresh connection: every known camera and person
-            configs += [self.camera_sensor(c) for c in self._cameras]
-            try:
-                names = list(self._identities())
-            except Exception as exc:  # noqa: BLE001  (the gallery may be busy: next time)
-                log.warning("MQTT discovery: cannot list identities: %s", exc)
-                names = []
-            configs += [self.identity_sensor(n) for n in names]
         parts = msg.topic[len(self.prefix) + 1:].split("/", 1)
         if parts[0] == "cameras":
-            configs.append(self.camera_sensor(parts[1]))
+            self._publish_configs([self.camera_sensor(parts[1])])
         elif parts[0] == "identities":
-            configs.append(self.identity_sensor(json.loads(msg.payload)["name"]))
+            self._publish_configs([self.identity_sensor(json.loads(msg.payload)["name"])])
+
+    def _publish_configs(self, configs: list[tuple[str, dict]]) -> None:
         for topic, config in configs:
             if topic not in self._announced:
                 self._announced.add(topic)

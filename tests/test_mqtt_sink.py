@@ -288,6 +288,7 @@ def test_home_assistant_discovery_configs(tmp_path, brokers):
     sink = MqttSink(mqtt_config(broker.port, discovery={"enabled": True}).daemon.mqtt,
                     cameras=["door"], identities=lambda: ["Lin-Manuel Miranda"])
     try:
+        watcher.wait(lambda m: len(m) == 2)  # on connecting: the camera and the enrolled person
         sink.write([event(1, "Zoë Ünal")])  # a person enrolled after the start
         watcher.wait(lambda m: len(m) == 3)
     finally:

@@ -258,8 +258,9 @@ def test_validate_config(tmp_path):
 
 def test_recognized_alert_and_annotation_labels_on_the_close_up(hamilton, data_dir):
     """In media time: the `recognized` message naming Lin-Manuel Miranda comes within 1 s of
-    the first frame of his close-up (the cut at 2.7 s); from then on every frame of the close-up draws his box
-    (detected, or predicted where the detector skipped the frame) labelled with his name."""
+    the first frame of his close-up (the cut at 2.7 s); from then on every frame of the
+    close-up draws his box (detected, or predicted where the detector skipped the frame)
+    labelled with his name."""
     from app.config import load_config
     from app.pipeline import FacePipeline
     from app.runtime import GalleryMatcher, make_detector, make_embedder, open_gallery, threshold
