@@ -290,6 +290,11 @@ class AppConfig(_Strict):
             v = v.model_copy(
                 update={"jsonl": v.jsonl.model_copy(update={"path": str(resolve(v.jsonl.path))})}
             )
+        if v.mqtt is not None and v.mqtt.tls is not None:
+            tls = v.mqtt.tls.model_copy(update={
+                k: str(resolve(getattr(v.mqtt.tls, k)))
+                for k in ("ca_certs", "certfile", "keyfile") if getattr(v.mqtt.tls, k)})
+            v = v.model_copy(update={"mqtt": v.mqtt.model_copy(update={"tls": tls})})
         if v.snapshots.dir:
             v = v.model_copy(
                 update={

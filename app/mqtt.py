@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import ssl
 import threading
@@ -99,6 +100,10 @@ class MqttSink:
             client.username_pw_set(cfg.username, password)
         if cfg.tls is not None:
             t = cfg.tls
+            for key in ("ca_certs", "certfile", "keyfile"):
+                path = getattr(t, key)
+                if path is not None and not os.path.isfile(path):
+                    raise SinkError(f"MQTT TLS {key} file not found: {path}")
             try:
                 client.tls_set(ca_certs=t.ca_certs, certfile=t.certfile, keyfile=t.keyfile,
                                cert_reqs=ssl.CERT_REQUIRED)
