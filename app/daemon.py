@@ -546,8 +546,9 @@ class Daemon:
         now = time.monotonic()
         cams = {c.name: c.health(now) for c in self.cameras}
         ok = all(c["state"] in ("running", "finished") for c in cams.values())
+        pending = {name: s.pending() for name, s in self._sinks.items() if hasattr(s, "pending")}
         return {"status": "ok" if ok else "degraded", "uptime_s": round(now - self.started, 1),
-                "model": self.embedder.model, "cameras": cams}
+                "model": self.embedder.model, "cameras": cams, "sinks_pending": pending}
 
     def _serve_http(self) -> None:
         d = self.cfg.daemon

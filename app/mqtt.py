@@ -93,8 +93,8 @@ class MqttSink:
         self.disconnects = self.dropped = 0
         self._last_error = ""
 
-        args = (mqtt.CallbackAPIVersion.VERSION2,) if hasattr(mqtt, "CallbackAPIVersion") else ()
-        client = self._client = mqtt.Client(*args, client_id=cfg.client_id)
+        client = self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                            client_id=cfg.client_id)
         if cfg.username is not None:
             password = cfg.password.get_secret_value() if cfg.password is not None else None
             client.username_pw_set(cfg.username, password)
@@ -126,7 +126,7 @@ class MqttSink:
 
     # --- paho callbacks (its network thread): flags only, never a paho call under our lock ---
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
-        if getattr(reason_code, "is_failure", bool(reason_code)):
+        if reason_code.is_failure:
             error = f"MQTT {self.cfg.host}:{self.cfg.port}: connection refused: {reason_code}"
             if error != self._last_error:
                 log.error("%s", error)
