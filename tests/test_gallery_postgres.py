@@ -124,3 +124,26 @@ def test_export_import_round_trip(pg_url: str, tmp_path: Path) -> None:
             g.import_file(back.path)
         r = g.import_file(back.path, on_conflict="merge")
         assert (r.templates_added, r.templates_duplicate) == (0, 3)
+
+
+def test_an_older_gallery_gains_the_event_columns(pg_url: str) -> None:
+    """A gallery made before events had ids and wall-clock times opens: the nullable columns
+    are added in place, old rows read back, new rows keep every field."""
+    import sqlalchemy
+
+    from app.gallery.db import EVENT_COLUMNS_ADDED
+
+    with Gallery(pg_url, *MODEL) as g:
+        g.add_events([event(1)])
+    engine = sqlalchemy.create_engine(pg_url)
+    with engine.begin() as conn:
+        for col in EVENT_COLUMNS_ADDED:
+            conn.exec_driver_sql(f'ALTER TABLE events DROP COLUMN "{col}"')
+    engine.dispose()
+    new = replace(event(2), time="2026-12-01T12:00:00.000+00:00", candidate="alice",
+                  candidate_score=0.61, zones=("porch",), snapshot="/s/2.jpg")
+    with Gallery(pg_url, *MODEL) as g:
+        old = g.events()[0]
+        assert old.track_id == 1 and old.time is None and old.id
+        g.add_events([new])
+        assert g.events()[1] == new
