@@ -115,6 +115,7 @@ class MqttSink:
         client.max_inflight_messages_set(MAX_INFLIGHT)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_publish = self._on_publish
         try:
             client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
@@ -139,6 +140,12 @@ class MqttSink:
             self._connected = True
             self._rediscover = self.cfg.discovery.enabled
             self._cond.notify_all()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        error = f"MQTT {self.cfg.host}:{self.cfg.port}: cannot connect"
+        if error != self._last_error:  # once per outage; paho keeps trying
+            log.error("%s; %d message(s) kept, retrying", error, self.pending())
+            self._last_error = error
 
     def _on_disconnect(self, client, userdata, flags, reason_code=None, properties=None) -> None:
         with self._cond:

@@ -352,7 +352,7 @@ def test_broker_restart_mid_run_loses_no_event(tmp_path, brokers):
     assert ("disconnect", 1) in incidents and sink.disconnects >= 1 and sink.dropped == 0
 
 
-def test_a_full_buffer_drops_the_oldest_and_counts_them(tmp_path):
+def test_a_full_buffer_drops_the_oldest_and_counts_them(tmp_path, caplog):
     port = free_port()  # nothing listens yet
     incidents: list[tuple[str, int]] = []
     sink = MqttSink(mqtt_config(port, buffer=6).daemon.mqtt,
@@ -360,6 +360,11 @@ def test_a_full_buffer_drops_the_oldest_and_counts_them(tmp_path):
     try:
         sink.write([event(i, None) for i in range(5)])  # 2 messages each: event + camera
         assert sink.dropped == 4 and incidents == [("dropped", 4)] and sink.pending() == 6
+        deadline = time.monotonic() + 10
+        while "cannot connect" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert f"MQTT 127.0.0.1:{port}: cannot connect" in caplog.text
+        assert "MQTT buffer full (6 messages): 4 oldest dropped" in caplog.text
         broker = Broker(tmp_path, ["allow_anonymous true"])
         broker.conf.write_text(broker.conf.read_text().replace(str(broker.port), str(port)))
         broker.port = port
