@@ -540,7 +540,9 @@ class Daemon:
                          f"events={cam.events} frame_ms p50/p95={f50 * 1e3:.1f}/{f95 * 1e3:.1f} "
                          f"detect_ms={d50 * 1e3:.1f}/{d95 * 1e3:.1f} "
                          f"embed_ms={e50 * 1e3:.1f}/{e95 * 1e3:.1f}")
-        return "; ".join(parts) + f"; sink_queue={self.events_out.qsize()}"
+        pending = "".join(f" {name}_pending={s.pending()}" for name, s in self._sinks.items()
+                          if hasattr(s, "pending"))
+        return "; ".join(parts) + f"; sink_queue={self.events_out.qsize()}{pending}"
 
     def health(self) -> dict:
         now = time.monotonic()
