@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from app.source import SourceError, VideoWriter, _make, open_source
+from app.source import Gst, SourceError, VideoWriter, _items, _make, open_source
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +177,37 @@ def test_writer_unwritable_path(tmp_path: Path) -> None:
     with pytest.raises(SourceError) as info:
         VideoWriter(path, 10, (64, 48))
     _one_line_naming(info.value, path)
+
+
+class _ResyncOnce:
+    """A GStreamer iterator over `items` whose list changes once: RESYNC after the first item."""
+
+    def __init__(self, items: list[str]) -> None:
+        self.items, self.position, self.resyncs, self.changed = items, 0, 0, False
+
+    def next(self) -> tuple[Gst.IteratorResult, str | None]:
+        if not self.changed and self.position == 1:
+            self.changed = True
+            return Gst.IteratorResult.RESYNC, None
+        if self.position == len(self.items):
+            return Gst.IteratorResult.DONE, None
+        self.position += 1
+        return Gst.IteratorResult.OK, self.items[self.position - 1]
+
+    def resync(self) -> None:
+        self.position, self.resyncs = 0, self.resyncs + 1
+
+
+def test_element_iteration_survives_resync() -> None:
+    """decodebin plugging elements while the source checks them made ~1 in 90 opens raise
+    IteratorError (GST_ITERATOR_RESYNC): the list is read again from the start instead."""
+    iterator = _ResyncOnce(["typefind", "qtdemux", "avdec_h264"])
+    assert _items(iterator) == ["typefind", "qtdemux", "avdec_h264"]
+    assert iterator.resyncs == 1
+    bin_ = Gst.Bin.new("b")
+    for name in ("one", "two"):
+        bin_.add(_make("identity", name))
+    assert sorted(e.get_name() for e in _items(bin_.iterate_recurse())) == ["one", "two"]
 
 
 def test_missing_element_is_named() -> None:
