@@ -409,12 +409,17 @@ class VideoSource:
 
         Some demuxers (avdemux_gif) stamp every frame 0: then the previous frame's time plus
         its duration (from the buffer, else 1/fps) is used, which is index/fps at a
-        constant rate.
+        constant rate. A file's first frame is at 0 s: H.264 with B-frames muxed without an
+        edit list (x264enc's defaults into mp4mux) presents its first frame at the decode
+        delay (2 frames) and MPEG-TS clocks start anywhere, which would make every event time
+        late against frame index / fps.
         """
         step = 1.0 / self._fps if self._fps else 0.0
         if buffer.duration != Gst.CLOCK_TIME_NONE:
             step = buffer.duration / Gst.SECOND
         if buffer.pts != Gst.CLOCK_TIME_NONE:
+            if self._frames_read == 0 and not self._live:
+                self._pts_offset = -buffer.pts / Gst.SECOND
             if self._pass_frames == 0 and self._frames_read > 0:  # first frame after a loop
                 self._pts_offset = self._end_time - buffer.pts / Gst.SECOND
             pts = self._pts_offset + buffer.pts / Gst.SECOND
