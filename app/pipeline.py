@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.aggregate import EmbedPolicy, TrackAggregator
+from app.aggregate import TrackAggregator
 from app.align import align_face
 from app.config import AppConfig
 from app.detect import FaceDetector
@@ -25,7 +25,7 @@ from app.match import Matcher
 from app.quality import score_quality
 from app.records import AlignedFace, Event, FaceEmbedding, Frame, Match, TrackedFace, TrackSummary
 from app.shotcut import ShotCutDetector
-from app.track import Tracker, TrackerConfig
+from app.track import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +102,9 @@ class FacePipeline:
     ) -> None:
         self.camera, self.cfg = camera, cfg
         self.detector, self.embedder, self.matcher = detector, embedder, matcher
-        t = cfg.tracker
-        self.tracker = Tracker(
-            TrackerConfig(
-                high_thresh=t.high_thresh,
-                low_thresh=t.low_thresh,
-                match_iou=t.match_iou,
-                max_missed=t.max_missed,
-                min_hits=t.min_hits,
-            )
-        )
-        self.cuts = ShotCutDetector(t.shot_cut_threshold)
-        e = cfg.embed
-        self.aggregator = TrackAggregator(
-            camera, EmbedPolicy(e.first_n, e.every_n, e.min_gain, e.max_per_track)
-        )
+        self.tracker = Tracker(cfg.tracker)
+        self.cuts = ShotCutDetector(cfg.tracker.shot_cut_threshold)
+        self.aggregator = TrackAggregator(camera, cfg.embed)
         self.times = times or StageTimes()
         self.batch = batch if batch is not None else EmbedBatch(embedder)
         self.labels: dict[int, Match] = {}

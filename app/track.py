@@ -10,59 +10,16 @@ track from jumping to a face elsewhere in the frame, e.g. across a shot cut.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from app.config import TrackerConfig
 from app.records import Detection, TrackedFace
 
 log = logging.getLogger(__name__)
 
 _INVALID = 1e6  # assignment cost of a gated-out pair
-
-
-@dataclass(frozen=True)
-class TrackerConfig:
-    """Tracker thresholds; each docstring says what raising the value trades."""
-
-    high_thresh: float = 0.6
-    """Detections scoring at least this are matched first and may start tracks. Higher:
-    fewer tracks started by false detections; faces seen only weakly start later or never."""
-
-    low_thresh: float = 0.3
-    """Detections in [low_thresh, high_thresh) only extend tracks seen in the previous update
-    (run the detector with score_threshold <= low_thresh to get them). Lower: tracks survive
-    blur and partial occlusion longer; more risk of following a background false positive."""
-
-    match_iou: float = 0.3
-    """Minimum IoU between a track's predicted box and a high-score detection. Higher: fewer
-    identity swaps between nearby faces; fast motion or low frame rates fragment tracks."""
-
-    low_match_iou: float = 0.5
-    """Minimum IoU for low-score detections (stage two); stricter than `match_iou` because
-    those detections are less reliable."""
-
-    max_center_shift: float = 1.0
-    """Largest distance between the predicted and detected box centres, in units of the
-    track's box size (max of width, height). Lower: a track never continues on another face
-    after a cut; higher: tolerates faster motion between frames."""
-
-    max_missed: int = 15
-    """Frames a track may go unmatched before it ends. Higher: bridges longer occlusions and
-    detector misses (fewer split tracks) but finished-track events arrive later and another
-    person appearing at the same place may inherit the id."""
-
-    min_hits: int = 1
-    """Matches before a track is confirmed and reported; an unconfirmed track that misses a
-    frame is dropped. Higher: suppresses one-frame false detections; a face's first
-    `min_hits - 1` frames are not reported."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.low_thresh <= self.high_thresh:
-            raise ValueError("need 0 <= low_thresh <= high_thresh")
-        if self.max_missed < 0 or self.min_hits < 1:
-            raise ValueError("need max_missed >= 0 and min_hits >= 1")
 
 
 class KalmanBoxFilter:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,9 @@ def box(x: float, y: float, w: float = 40, h: float = 50, score: float = 0.9) ->
     return Detection(np.array([x, y, w, h], np.float32), landmarks, score)
 
 
+ONE_HIT = TrackerConfig(min_hits=1)  # every detection is reported, from a track's first frame
+
+
 def run(tracker: Tracker, frames: dict[int, list[Detection]]) -> tuple[dict[int, list[int]],
                                                                         dict[int, list[int]]]:
     """Feed {frame_index: detections}; return ids seen per frame and ids finished per frame."""
@@ -37,7 +39,7 @@ def run(tracker: Tracker, frames: dict[int, list[Detection]]) -> tuple[dict[int,
 def test_steady_motion_keeps_id(vx: float, vy: float, grow: float) -> None:
     frames = {i: [box(300 + vx * i, 200 + vy * i, 40 + grow * i, 50 + grow * i)]
               for i in range(40)}
-    seen, ended = run(Tracker(), frames)
+    seen, ended = run(Tracker(ONE_HIT), frames)
     assert all(ids == [1] for ids in seen.values())
     assert not any(ended.values())
 
@@ -61,14 +63,14 @@ def test_short_miss_keeps_id(gap: int) -> None:
 ])
 def test_jump_starts_new_track(start: tuple[float, float], after: tuple[float, float],
                                config: dict) -> None:
-    cfg = replace(TrackerConfig(), **config)
+    cfg = TrackerConfig(**{"min_hits": 1, **config})
     frames = {i: [box(*start)] for i in range(10)}
     frames.update({i: [box(*after)] for i in range(10, 15)})
     seen, _ = run(Tracker(cfg), frames)
     assert seen[9] == [1] and seen[10] == [2] and seen[14] == [2]
 
 
-@pytest.mark.parametrize("max_missed", [0, 1, 5, 15])
+@pytest.mark.parametrize("max_missed", [1, 5, 15])
 def test_track_ends_after_max_missed(max_missed: int) -> None:
     frames: dict[int, list[Detection]] = {i: [box(100, 100)] for i in range(5)}
     frames.update({i: [] for i in range(5, 5 + max_missed + 3)})
@@ -83,18 +85,18 @@ def test_track_ends_after_max_missed(max_missed: int) -> None:
 def test_gaps_between_detector_runs() -> None:
     """Running the detector every 3rd frame: gaps are predicted through and count as misses."""
     frames = {i: [box(100 + 4 * i, 100), box(400 - 4 * i, 300)] for i in range(0, 60, 3)}
-    seen, ended = run(Tracker(TrackerConfig(max_missed=5)), frames)
+    seen, ended = run(Tracker(TrackerConfig(max_missed=5, min_hits=1)), frames)
     assert all(sorted(ids) == [1, 2] for ids in seen.values())
     assert not any(ended.values())
     # Frames 4-8 unseen (5 = max_missed): same track; frames 10-15 unseen (6): a new one.
     frames = {0: [box(100, 100)], 3: [box(100, 100)], 9: [box(100, 100)], 16: [box(100, 100)]}
-    seen, ended = run(Tracker(TrackerConfig(max_missed=5)), frames)
+    seen, ended = run(Tracker(TrackerConfig(max_missed=5, min_hits=1)), frames)
     assert seen[9] == [1] and ended[9] == []
     assert ended[16] == [1] and seen[16] == [2]
 
 
 def test_two_stage_low_scores() -> None:
-    cfg = TrackerConfig(high_thresh=0.6, low_thresh=0.3)
+    cfg = TrackerConfig(high_thresh=0.6, low_thresh=0.3, min_hits=1)
     frames = {0: [box(100, 100, score=0.9)], 1: [box(102, 100, score=0.4)],
               2: [box(104, 100, score=0.35)], 3: [box(106, 100, score=0.8)],
               4: [box(400, 300, score=0.5)],  # low score, no track nearby: never a track
@@ -114,7 +116,7 @@ def test_min_hits_and_consecutive_ids() -> None:
 
 
 def test_finish_all_and_order_checks() -> None:
-    tracker = Tracker()
+    tracker = Tracker(ONE_HIT)
     faces, _ = tracker.update(0, 0.0, [box(100, 100), box(300, 100)])
     assert [f.track_id for f in faces] == [1, 2] and tracker.active_ids == [1, 2]
     with pytest.raises(ValueError):
@@ -142,7 +144,7 @@ def detector(yunet_path: Path) -> FaceDetector:
 
 def _track_clip(detector: FaceDetector, path: Path, limit: int | None = None
                 ) -> tuple[int, dict[int, list[int]]]:
-    tracker = Tracker()
+    tracker = Tracker(ONE_HIT)
     detections, frames_of = 0, {}
     with open_source(str(path)) as source:
         for frame in source:
@@ -173,3 +175,14 @@ def test_shot_cut_ends_tracks(detector: FaceDetector, data_dir: Path) -> None:
     assert before and after
     assert all(max(frames_of[tid]) <= 19 for tid in before)
     assert all(min(frames_of[tid]) >= 20 for tid in after)
+
+
+def test_enroll_video_uses_the_tracker_config(detector: FaceDetector, data_dir: Path) -> None:
+    """`facemoe enroll` on a video tracks with the user's tracker section, not the defaults:
+    a min_hits longer than the clip (35 frames) confirms no track."""
+    from app.enroll import EnrollError, faces_from_video
+
+    clip = data_dir / "videos" / "intel_face-demographics-walking.mp4"
+    assert len(faces_from_video(clip, detector, 8, TrackerConfig())) == 8
+    with pytest.raises(EnrollError, match="no face found"):
+        faces_from_video(clip, detector, 8, TrackerConfig(min_hits=36))
