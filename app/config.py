@@ -60,8 +60,9 @@ class TrackerConfig(_Strict):
     blur and partial occlusion longer; more risk of following a background false positive."""
 
     match_iou: float = Field(0.3, ge=0, le=1)
-    """Minimum IoU between a track's predicted box and a high-score detection. Higher: fewer
-    identity swaps between nearby faces; fast motion or low detection rates fragment tracks."""
+    """Minimum IoU between a track's predicted box and a high-score detection (as enlarged
+    for `min_match_size`). Higher: fewer identity swaps between nearby faces; fast motion or
+    low detection rates fragment tracks."""
 
     low_match_iou: float = Field(0.5, ge=0, le=1)
     """Minimum IoU for low-score detections (stage two); stricter than `match_iou` because
@@ -69,8 +70,16 @@ class TrackerConfig(_Strict):
 
     max_center_shift: float = Field(1.0, gt=0)
     """Largest distance between the predicted and detected box centres, in units of the
-    track's box size (max of width, height). Lower: a track never continues on another face
-    after a cut; higher: tolerates faster motion between frames."""
+    track's box size (max of width, height; at least `min_match_size`). Lower: a track never
+    continues on another face after a cut; higher: tolerates faster motion between frames."""
+
+    min_match_size: float = Field(40.0, ge=0)
+    """A track narrower than this (px) is matched as if its predicted box and the detections
+    were enlarged about their centres to this width (one factor for both, aspect kept). A
+    16-24 px face moving 5-8 px per frame moves about its own width between two detections
+    at 15 detections per second, which plain IoU cannot follow. Higher: small fast faces
+    keep their track at low detection rates; two small faces closer than this are easier
+    to swap. 0 = plain IoU."""
 
     max_missed: int = Field(15, ge=1)
     """Frames a track may go unmatched before it ends. Higher: bridges longer occlusions and

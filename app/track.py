@@ -4,7 +4,9 @@ Each update predicts every track with a constant-velocity Kalman filter, matches
 detections to all tracks, then low-score detections to the tracks that were seen in the
 previous update, and starts tracks only from unmatched high-score detections. A gate
 (minimum IoU plus a bound on the centre displacement relative to the box size) stops a
-track from jumping to a face elsewhere in the frame, e.g. across a shot cut.
+track from jumping to a face elsewhere in the frame, e.g. across a shot cut. The gate is
+scale-aware: a small face moves about as many pixels between detections as a large one, so
+the boxes of a track narrower than `min_match_size` are compared as if enlarged to that width.
 """
 
 from __future__ import annotations
@@ -82,17 +84,49 @@ class _Track:
         self.last_frame = frame_index
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of xywh boxes along the last axis (broadcast)."""
+    iw = np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
+    ih = np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
 def iou_matrix(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
     """Pairwise IoU of xywh boxes: float64[len(a), len(b)]."""
     a = np.asarray(boxes_a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(boxes_b, dtype=np.float64).reshape(-1, 4)
-    ax2, ay2 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
-    bx2, by2 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
-    iw = np.clip(np.minimum(ax2[:, None], bx2) - np.maximum(a[:, 0, None], b[:, 0]), 0, None)
-    ih = np.clip(np.minimum(ay2[:, None], by2) - np.maximum(a[:, 1, None], b[:, 1]), 0, None)
-    inter = iw * ih
-    union = (a[:, 2] * a[:, 3])[:, None] + b[:, 2] * b[:, 3] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    return _iou(a[:, None, :], b[None, :, :])
+
+
+def _grown(boxes: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """xywh boxes scaled by `factor` about their centres (factor broadcast over the boxes)."""
+    size = boxes[..., 2:] * factor[..., None]
+    return np.concatenate([boxes[..., :2] + (boxes[..., 2:] - size) / 2, size], axis=-1)
+
+
+def gated_iou(tracks: np.ndarray, detections: np.ndarray, min_size: float,
+              max_shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scale-aware overlap of predicted track boxes and detections (xywh).
+
+    Each pair is compared after scaling both boxes about their centres by the factor that
+    makes the track's box `min_size` wide (1 for wider tracks): a 16 px face that moved
+    16 px still overlaps its track, while a detection of a very different size still
+    scores low, because both boxes grow alike. Returns IoU float64[T, D] and the centre
+    gate bool[T, D]: the centre moved at most `max_shift` times the enlarged track size.
+    """
+    t = np.asarray(tracks, dtype=np.float64).reshape(-1, 4)
+    d = np.asarray(detections, dtype=np.float64).reshape(-1, 4)
+    factor = np.maximum(min_size / np.maximum(t[:, 2], 1e-6), 1.0)[:, None]  # [T, 1]
+    grown_t = _grown(t, factor[:, 0])
+    grown_d = _grown(d[None, :, :], factor)  # [T, D, 4]: each row grown by its track's factor
+    iou = _iou(grown_t[:, None, :], grown_d)
+    centre_t = t[:, :2] + t[:, 2:] / 2
+    centre_d = d[:, :2] + d[:, 2:] / 2
+    shift = np.linalg.norm(centre_t[:, None, :] - centre_d[None, :, :], axis=2)
+    limit = max_shift * grown_t[:, 2:].max(axis=1)
+    return iou, shift <= limit[:, None]
 
 
 class Tracker:
@@ -110,13 +144,10 @@ class Tracker:
         if not tracks or not detections:
             return [], list(range(len(tracks))), list(range(len(detections)))
         predicted = np.stack([t.filter.bbox for t in tracks])
-        boxes = np.stack([d.bbox for d in detections]).astype(np.float64)
-        iou = iou_matrix(predicted, boxes)
-        centre_t = predicted[:, :2] + predicted[:, 2:] / 2
-        centre_d = boxes[:, :2] + boxes[:, 2:] / 2
-        shift = np.linalg.norm(centre_t[:, None, :] - centre_d[None, :, :], axis=2)
-        limit = self.config.max_center_shift * predicted[:, 2:].max(axis=1)
-        valid = (iou >= min_iou) & (shift <= limit[:, None])
+        boxes = np.stack([d.bbox for d in detections])
+        iou, near = gated_iou(predicted, boxes, self.config.min_match_size,
+                              self.config.max_center_shift)
+        valid = (iou >= min_iou) & near
         cost = np.where(valid, 1.0 - iou, _INVALID)
         rows, cols = linear_sum_assignment(cost)
         pairs = [(int(i), int(j)) for i, j in zip(rows, cols, strict=True) if valid[i, j]]

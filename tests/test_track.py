@@ -10,7 +10,7 @@ import pytest
 from app.detect import FaceDetector
 from app.records import Detection
 from app.source import open_source
-from app.track import KalmanBoxFilter, Tracker, TrackerConfig, iou_matrix
+from app.track import KalmanBoxFilter, Tracker, TrackerConfig, gated_iou, iou_matrix
 
 
 def box(x: float, y: float, w: float = 40, h: float = 50, score: float = 0.9) -> Detection:
@@ -68,6 +68,46 @@ def test_jump_starts_new_track(start: tuple[float, float], after: tuple[float, f
     frames.update({i: [box(*after)] for i in range(10, 15)})
     seen, _ = run(Tracker(cfg), frames)
     assert seen[9] == [1] and seen[10] == [2] and seen[14] == [2]
+
+
+@pytest.mark.parametrize("size", [16, 20, 24, 32])
+@pytest.mark.parametrize("vx, vy", [(8, 0), (-7, 2), (5, -5), (0, 6)])
+def test_small_fast_face_detected_every_2nd_frame_keeps_one_track(size: float, vx: float,
+                                                                    vy: float) -> None:
+    """15 detections/s on 30 fps video: a face moving 5-8 px per frame moves 10-16 px between
+    detections, about its own width at 16-24 px (plain IoU 0-0.3). Default config: one track
+    from the 2nd detection (min_hits 2) to the end, with up to 2 px of box jitter."""
+    rng = np.random.default_rng(size)
+    frames = {i: [box(200 + vx * i + rng.uniform(-2, 2), 150 + vy * i + rng.uniform(-2, 2),
+                      size, size * 1.2)] for i in range(0, 40, 2)}
+    seen, ended = run(Tracker(), frames)
+    assert seen[0] == [] and all(seen[i] == [1] for i in range(2, 40, 2))
+    assert not any(ended.values())
+    if size <= 20 and abs(vx) >= 7:  # plain IoU (the tracker before) never confirms a track
+        seen, _ = run(Tracker(TrackerConfig(min_match_size=0)), frames)
+        assert not any(seen.values())
+
+
+@pytest.mark.parametrize("start, after", [((50, 50), (500, 300)), ((50, 50), (100, 50)),
+                                          ((300, 200), (300, 250))])
+def test_small_face_jump_still_starts_new_track(start: tuple[float, float],
+                                                after: tuple[float, float]) -> None:
+    """The enlarged gate follows a 16 px face for ~20 px between detections, not further."""
+    frames = {i: [box(*start, 16, 20)] for i in range(0, 20, 2)}
+    frames.update({i: [box(*after, 16, 20)] for i in range(20, 30, 2)})
+    seen, _ = run(Tracker(ONE_HIT), frames)
+    assert seen[18] == [1] and seen[20] == [2] and seen[28] == [2]
+
+
+@pytest.mark.parametrize("track, detection, iou, near", [
+    ((100, 100, 16, 16), (116, 100, 16, 16), 24 / 56, True),  # enlarged to 40: 24x40 overlap
+    ((100, 100, 16, 16), (100, 100, 40, 40), 0.16, True),  # size jump x2.5: 40 vs 100 wide
+    ((100, 100, 16, 16), (160, 100, 16, 16), 0.0, False),  # 60 px > 1 enlarged width
+    ((100, 100, 80, 80), (120, 100, 80, 80), 60 / 100, True),  # wide boxes: plain IoU
+])
+def test_gated_iou_table(track: tuple, detection: tuple, iou: float, near: bool) -> None:
+    got, gate = gated_iou(np.array([track]), np.array([detection]), 40.0, 1.0)
+    assert got[0, 0] == pytest.approx(iou) and gate[0, 0] == near
 
 
 @pytest.mark.parametrize("max_missed", [1, 5, 15])
