@@ -55,9 +55,10 @@ class TrackerConfig(_Strict):
     fewer tracks started by false detections; faces seen only weakly start later or never."""
 
     low_thresh: float = Field(0.3, ge=0, le=1)
-    """Detections in [low_thresh, high_thresh) only extend tracks seen in the previous update
-    (run the detector with score_threshold <= low_thresh to get them). Lower: tracks survive
-    blur and partial occlusion longer; more risk of following a background false positive."""
+    """Detections in [low_thresh, high_thresh) only extend open tracks, never start one (they
+    come from the detector's second look at small faces, or from a detector run with
+    score_threshold <= low_thresh). Lower: tracks survive blur and partial occlusion longer;
+    more risk of following a background false positive."""
 
     match_iou: float = Field(0.3, ge=0, le=1)
     """Minimum IoU between a track's predicted box and a high-score detection (as enlarged

@@ -1,8 +1,10 @@
 """ByteTrack-style multi-face tracker: Kalman prediction, IoU matching in two score stages.
 
 Each update predicts every track with a constant-velocity Kalman filter, matches high-score
-detections to all tracks, then low-score detections to the tracks that were seen in the
-previous update, and starts tracks only from unmatched high-score detections. A gate
+detections to all tracks, then low-score detections to the tracks still unmatched, and
+starts tracks only from unmatched high-score detections. Low-score detections come from the
+detector's second look at small faces (`app.detect`), or from a detector run with
+`score_threshold <= low_thresh`. A gate
 (minimum IoU plus a bound on the centre displacement relative to the box size) stops a
 track from jumping to a face elsewhere in the frame, e.g. across a shot cut. The gate is
 scale-aware: a small face moves about as many pixels between detections as a large one, so
@@ -33,12 +35,20 @@ class KalmanBoxFilter:
 
     _POS_STD = 1.0 / 20.0
     _VEL_STD = 1.0 / 160.0
+    # A new track's motion is unknown: up to about a quarter of its size per frame (a small
+    # face crossing the frame). ByteTrack's 10 * _VEL_STD took 3-4 detections to learn that
+    # a 16 px face moves 8 px per frame, and the predictions lagged half a face behind. Its
+    # size changes slowly, so the size velocity keeps ByteTrack's prior (one bad box must
+    # not make the track grow).
+    _INIT_MOTION_STD = 1.0 / 4.0
 
     def __init__(self, bbox_xywh: np.ndarray) -> None:
         x, y, w, h = (float(v) for v in bbox_xywh)
         self.mean = np.array([x + w / 2, y + h / 2, w, h, 0, 0, 0, 0], dtype=np.float64)
         size = np.array([w, h, w, h])
-        std = np.concatenate([2 * self._POS_STD * size, 10 * self._VEL_STD * size])
+        velocity = np.array([self._INIT_MOTION_STD, self._INIT_MOTION_STD,
+                             10 * self._VEL_STD, 10 * self._VEL_STD]) * size
+        std = np.concatenate([2 * self._POS_STD * size, velocity])
         self.cov = np.diag(std**2)
         self._motion = np.eye(8)
         self._motion[:4, 4:] = np.eye(4)
@@ -69,8 +79,12 @@ class KalmanBoxFilter:
     @property
     def bbox(self) -> np.ndarray:
         """Current box as float64[4] x, y, w, h (sides at least 1 px)."""
-        cx, cy = self.mean[:2]
-        w, h = max(self.mean[2], 1.0), max(self.mean[3], 1.0)
+        return self.bbox_ahead(0)
+
+    def bbox_ahead(self, steps: int) -> np.ndarray:
+        """The box `steps` frames ahead at constant velocity, leaving the state unchanged."""
+        cx, cy, w, h = self.mean[:4] + steps * self.mean[4:]
+        w, h = max(w, 1.0), max(h, 1.0)
         return np.array([cx - w / 2, cy - h / 2, w, h])
 
 
@@ -182,9 +196,9 @@ class Tracker:
 
         pairs, rest, new_high = self._match(self._tracks, high, cfg.match_iou)
         matched = [(self._tracks[i], high[j]) for i, j in pairs]
-        recent = [self._tracks[i] for i in rest if self._tracks[i].last_frame == previous]
-        pairs_low, _, _ = self._match(recent, low, cfg.low_match_iou)
-        matched += [(recent[i], low[j]) for i, j in pairs_low]
+        unmatched = [self._tracks[i] for i in rest]
+        pairs_low, _, _ = self._match(unmatched, low, cfg.low_match_iou)
+        matched += [(unmatched[i], low[j]) for i, j in pairs_low]
 
         for track, detection in matched:
             track.filter.update(detection.bbox)
@@ -227,6 +241,13 @@ class Tracker:
         self._tracks = []
         self._last_frame = None
         return finished
+
+    def expected(self, frame_index: int) -> list[np.ndarray]:
+        """Where every open track (confirmed or not) expects its face in frame `frame_index`:
+        predicted xywh boxes, for the detector's second look at small faces."""
+        if self._last_frame is None or frame_index <= self._last_frame:
+            return []
+        return [t.filter.bbox_ahead(frame_index - self._last_frame) for t in self._tracks]
 
     @property
     def active_ids(self) -> list[int]:

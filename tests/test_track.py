@@ -177,6 +177,36 @@ def test_iou_and_kalman() -> None:
     assert kf.bbox[0] == pytest.approx(50, abs=2)  # learned 5 px/frame
 
 
+def test_kalman_learns_a_small_fast_face_from_one_update() -> None:
+    """A 16 px face moving 8 px/frame, measured every 2nd frame: after the track's second
+    detection the prediction is within 3 px (ByteTrack's prior lagged 9.6 px, then 5 px)."""
+    kf = KalmanBoxFilter(np.array([0, 0, 16, 16]))
+    kf.predict(), kf.predict()
+    kf.update(np.array([16, 0, 16, 16]))
+    assert kf.bbox_ahead(2)[0] == pytest.approx(32, abs=3)
+
+
+def test_expected_boxes_look_ahead_without_changing_tracks() -> None:
+    tracker = Tracker()
+    assert tracker.expected(0) == []
+    for i in range(0, 8, 2):
+        tracker.update(i, i / 25, [box(100 + 6 * i, 100, 16, 20)])
+    ahead = tracker.expected(10)
+    assert len(ahead) == 1 and ahead[0][0] == pytest.approx(160, abs=3)
+    assert tracker.expected(10)[0] == pytest.approx(ahead[0])
+    assert tracker.expected(6) == []  # not ahead of the last update
+
+
+def test_low_score_detection_resumes_a_track_that_missed() -> None:
+    """Weak detections (a second look where the track expects its face) extend a confirmed
+    track even after it missed an update; they never start one."""
+    frames = {0: [box(100, 100, score=0.9)], 2: [box(104, 100, score=0.9)], 4: [],
+              6: [box(112, 100, score=0.4)], 8: [box(116, 100, score=0.45)],
+              10: [box(400, 300, score=0.5)]}
+    seen, _ = run(Tracker(), frames)
+    assert [seen[i] for i in range(0, 12, 2)] == [[], [1], [], [1], [1], []]
+
+
 @pytest.fixture(scope="module")
 def detector(yunet_path: Path) -> FaceDetector:
     return FaceDetector(yunet_path)
