@@ -37,6 +37,18 @@ class DetectorConfig(_Strict):
     upscale: float = Field(
         1.0, ge=1.0, le=4.0, description="enlarge frames before detection to find tiny faces"
     )
+    small_face: float = Field(32.0, ge=0)
+    """Faces narrower than this (px) get a second, enlarged look (a 160x160 detector input
+    around the face, ~11% of a 640x360 frame) where a track expects one that the frame's
+    pass missed, or where the pass found a weak one. Higher: more small faces found and
+    kept; more second looks to pay for. 0 = off (then only `upscale` finds tiny faces)."""
+    weak_score: float = Field(0.3, ge=0, le=1)
+    """Full-frame detections of small faces scoring at least this (below `score_threshold`)
+    get a second look; the face is kept only if the enlarged look scores it at least
+    `score_threshold`. Lower: faces that the frame's pass sees only faintly are found
+    sooner; more looks spent on background. 1 = only where tracks expect a face."""
+    max_looks: int = Field(4, ge=1)
+    """Most second looks per detection call: bounds the cost in a crowd of small faces."""
     min_face: float = Field(8.0, ge=0, description="ignore boxes narrower than this (px)")
     every_n_frames: int = Field(
         1, ge=1, description="detection rate: run the detector on every n-th frame"

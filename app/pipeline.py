@@ -118,7 +118,7 @@ class FacePipeline:
         with self.times("detect"):
             dets = [
                 d
-                for d in self.detector.detect(frame.image)
+                for d in self.detector.detect(frame.image, self.tracker.expected(frame.index))
                 if d.bbox[2] >= self.cfg.detector.min_face
             ]
         self.detections += len(dets)
