@@ -4,11 +4,11 @@ Each update predicts every track with a constant-velocity Kalman filter, matches
 detections to all tracks, then low-score detections to the tracks still unmatched, and
 starts tracks only from unmatched high-score detections. Low-score detections come from the
 detector's second look at small faces (`app.detect`), or from a detector run with
-`score_threshold <= low_thresh`. A gate
-(minimum IoU plus a bound on the centre displacement relative to the box size) stops a
-track from jumping to a face elsewhere in the frame, e.g. across a shot cut. The gate is
-scale-aware: a small face moves about as many pixels between detections as a large one, so
-the boxes of a track narrower than `min_match_size` are compared as if enlarged to that width.
+`score_threshold <= low_thresh`. A gate (minimum IoU plus a bound on the centre displacement
+relative to the box size) stops a track from jumping to a face elsewhere in the frame, e.g.
+across a shot cut. The gate is scale-aware: a small face moves about as many pixels between
+detections as a large one, so the boxes of a track narrower than `min_match_size` are
+compared as if enlarged to that width.
 """
 
 from __future__ import annotations
@@ -247,7 +247,8 @@ class Tracker:
         predicted xywh boxes, for the detector's second look at small faces."""
         if self._last_frame is None or frame_index <= self._last_frame:
             return []
-        return [t.filter.bbox_ahead(frame_index - self._last_frame) for t in self._tracks]
+        return [t.filter.bbox_ahead(frame_index - self._last_frame) for t in self._tracks
+                if frame_index - t.last_frame - 1 <= self.config.max_missed]
 
     @property
     def active_ids(self) -> list[int]:
