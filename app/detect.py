@@ -1,8 +1,8 @@
 """Face detection with YuNet through `cv2.FaceDetectorYN` (boxes, 5 landmarks, score).
 
 Small faces (16-20 px) are often missed at the frame's own scale, and enlarging the whole
-frame costs upscale^2 detector time. `FaceDetector.detect` therefore takes a second,
-enlarged look only where a small face is expected: around the predicted boxes of small
+frame costs upscale^2 detector time. `FaceDetector.detect_frame` (video) therefore takes a
+second, enlarged look only where a small face is expected: around the predicted boxes of small
 tracks that the full-frame pass did not find, and around weak full-frame detections of
 small faces (a face that is there scores higher once enlarged; a false one does not).
 Each look costs about a LOOK_INPUT x LOOK_INPUT image (~11% of a 640x360 frame).
@@ -91,15 +91,29 @@ class FaceDetector:
         log.debug("loaded %s (score>=%.2f, nms %.2f, upscale %.2f)", path, score_threshold,
                   nms_threshold, upscale)
 
-    def detect(self, image_bgr: np.ndarray,
-               expected: Sequence[np.ndarray] = ()) -> list[Detection]:
-        """Faces in a uint8[H, W, 3] BGR image scoring at least `score_threshold`, highest
-        score first.
+    def detect(self, image_bgr: np.ndarray) -> list[Detection]:
+        """Faces in a uint8[H, W, 3] BGR image (a still) scoring at least `score_threshold`,
+        highest score first."""
+        return [d for d in self._frame_pass(image_bgr) if d.score >= self.score_threshold]
 
-        `expected`: xywh boxes where a face is expected (the tracker's predicted boxes). The
-        small ones that the full-frame pass did not find get a second look, whose faces are
-        returned from `weak_score` on: weaker ones can only extend a track, never start one.
+    def detect_frame(self, image_bgr: np.ndarray,
+                     expected: Sequence[np.ndarray] = ()) -> list[Detection]:
+        """Faces in a video frame: `detect`, plus what second looks find at small faces.
+
+        `expected`: xywh boxes where the tracker expects a face. The small ones that the
+        full-frame pass did not find get a second look, whose faces are returned from
+        `weak_score` on (weaker ones can only extend a track, never start one); small weak
+        detections of the full-frame pass get one too, kept from `score_threshold` on.
         """
+        found = self._frame_pass(image_bgr)
+        strong = [d for d in found if d.score >= self.score_threshold]
+        if self._look_net is None:
+            return strong
+        weak = [d for d in found if d.score < self.score_threshold]
+        return self._second_looks(image_bgr, strong, weak, expected)
+
+    def _frame_pass(self, image_bgr: np.ndarray) -> list[Detection]:
+        """YuNet on the whole image (enlarged by `upscale`), from `weak_score` on."""
         if image_bgr.ndim != 3 or image_bgr.shape[2] != 3 or image_bgr.dtype != np.uint8:
             raise ValueError(f"expected uint8[H, W, 3] BGR image, got {image_bgr.dtype}"
                              f"{list(image_bgr.shape)}")
@@ -113,12 +127,7 @@ class FaceDetector:
             self._input_size = (width, height)
         # Actual scale per axis (resize rounds the output size).
         scale = np.array([image_bgr.shape[1] / width, image_bgr.shape[0] / height], np.float32)
-        found = _detections(self._net.detect(image)[1], scale, np.zeros(2, np.float32))
-        strong = [d for d in found if d.score >= self.score_threshold]
-        if self._look_net is None:
-            return strong
-        weak = [d for d in found if d.score < self.score_threshold]
-        return self._second_looks(image_bgr, strong, weak, expected)
+        return _detections(self._net.detect(image)[1], scale, np.zeros(2, np.float32))
 
     def _second_looks(self, image: np.ndarray, strong: list[Detection], weak: list[Detection],
                       expected: Sequence[np.ndarray]) -> list[Detection]:

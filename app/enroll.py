@@ -138,7 +138,8 @@ def faces_from_video(
     per_track: dict[int, list[EnrollFace]] = {}
     with open_source(str(path), "enroll") as source:
         for frame in source:
-            faces, _ = tracker.update(frame.index, frame.pts, detector.detect(frame.image))
+            found = detector.detect_frame(frame.image, tracker.expected(frame.index))
+            faces, _ = tracker.update(frame.index, frame.pts, found)
             for f in faces:
                 crop = align_face(frame.image, f.detection.landmarks)
                 q = score_quality(f.detection, crop).score

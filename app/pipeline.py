@@ -118,7 +118,9 @@ class FacePipeline:
         with self.times("detect"):
             dets = [
                 d
-                for d in self.detector.detect(frame.image, self.tracker.expected(frame.index))
+                for d in self.detector.detect_frame(
+                    frame.image, self.tracker.expected(frame.index)
+                )
                 if d.bbox[2] >= self.cfg.detector.min_face
             ]
         self.detections += len(dets)
