@@ -44,9 +44,11 @@ class DetectorConfig(_Strict):
     kept; more second looks to pay for. 0 = off (then only `upscale` finds tiny faces)."""
     weak_score: float = Field(0.3, ge=0, le=1)
     """Full-frame detections of small faces scoring at least this (below `score_threshold`)
-    get a second look; the face is kept only if the enlarged look scores it at least
-    `score_threshold`. Lower: faces that the frame's pass sees only faintly are found
-    sooner; more looks spent on background. 1 = only where tracks expect a face."""
+    get a second look, which keeps the face only if it scores at least `score_threshold`;
+    a look where a track expects a face keeps it from this score on, for the tracker's
+    low-score stage (so keep it >= tracker.low_thresh). Lower: faces that the frame's pass
+    sees only faintly are found sooner and tracks survive blur; more looks spent on
+    background. 1 = looks only where tracks expect a face, keeping strong faces only."""
     max_looks: int = Field(4, ge=1)
     """Most second looks per detection call: bounds the cost in a crowd of small faces."""
     min_face: float = Field(8.0, ge=0, description="ignore boxes narrower than this (px)")
