@@ -39,9 +39,9 @@ class DetectorConfig(_Strict):
     )
     small_face: float = Field(32.0, ge=0)
     """Faces narrower than this (px) get a second, enlarged look (a 160x160 detector input
-    around the face, ~11% of a 640x360 frame) where a track expects one that the frame's
-    pass missed, or where the pass found a weak one. Higher: more small faces found and
-    kept; more second looks to pay for. 0 = off (then only `upscale` finds tiny faces)."""
+    around the face, ~16% of the time of a 640x360 frame) where a track expects one that
+    the frame's pass missed, or where the pass found a weak one. Higher: more small faces
+    found and kept; more second looks to pay for. 0 = off (only `upscale` finds tiny faces)."""
     weak_score: float = Field(0.3, ge=0, le=1)
     """Full-frame detections of small faces scoring at least this (below `score_threshold`)
     get a second look, which keeps the face only if it scores at least `score_threshold`;

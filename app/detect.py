@@ -5,7 +5,8 @@ frame costs upscale^2 detector time. `FaceDetector.detect_frame` (video) therefo
 second, enlarged look only where a small face is expected: around the predicted boxes of small
 tracks that the full-frame pass did not find, and around weak full-frame detections of
 small faces (a face that is there scores higher once enlarged; a false one does not).
-Each look costs about a LOOK_INPUT x LOOK_INPUT image (~11% of a 640x360 frame).
+Each look runs YuNet on a LOOK_INPUT x LOOK_INPUT image: about 16% of the time of a 640x360
+frame (4.2 vs 26 ms measured on a loaded 2-core CPU).
 """
 
 from __future__ import annotations
