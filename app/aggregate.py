@@ -1,51 +1,19 @@
-"""Per-track aggregation: which crops to embed, and one quality-weighted template per track."""
+"""Per-track aggregation: which crops to embed (`EmbedPolicy`, the config's `embed` section),
+and one quality-weighted template per track."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 
+from app.config import EmbedPolicy
 from app.records import AlignedFace, FaceEmbedding, TrackSummary
 
 log = logging.getLogger(__name__)
 
 MIN_WEIGHT = 0.05  # floor on a crop's weight, so a low-quality track still gets a template
 KEEP_CROPS = 5  # best aligned crops kept per track (stored with its event for enrollment)
-
-
-@dataclass(frozen=True)
-class EmbedPolicy:
-    """Selective embedding: spend embedder time on the crops that improve a track's template.
-
-    A crop is embedded when the track has fewer than `first_n` embedded crops, when its
-    quality beats the best embedded quality of the track by at least `min_gain`, or when
-    `every_n` observed frames of the track have passed since the last embedded crop; never
-    beyond `max_per_track` crops. Larger `first_n`/smaller `every_n` give steadier templates
-    and quicker first decisions at more embedder cost; smaller `min_gain` chases quality
-    more eagerly; `max_per_track` bounds the cost of a person who stands still for minutes.
-    """
-
-    first_n: int = 3  # always embed the first crops: a decision is possible early
-    every_n: int = 10  # refresh periodically: appearance drifts (pose, light) over a track
-    min_gain: float = 0.1  # quality margin that makes a crop worth embedding out of turn
-    max_per_track: int = 32  # hard cap on embedder work per track
-
-    def __post_init__(self) -> None:
-        if self.first_n < 0 or self.every_n < 1 or self.max_per_track < 1 or self.min_gain < 0:
-            raise ValueError(f"invalid embed policy {self}")
-
-    def should_embed(
-        self, embedded: int, best_quality: float, since_last: int, quality: float
-    ) -> bool:
-        """Whether to embed a crop of `quality`, given the track's `embedded` crop count,
-        their best quality and the observed frames `since_last` embedded crop."""
-        if embedded >= self.max_per_track:
-            return False
-        if embedded < self.first_n:
-            return True
-        return quality >= best_quality + self.min_gain or since_last >= self.every_n
 
 
 def _quality(face: AlignedFace) -> float:

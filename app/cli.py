@@ -72,6 +72,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             face=args.face,
             outlier_margin=None if args.keep_outliers else args.outlier_margin,
             events=args.event,
+            tracking=cfg.tracker,
         )
     faces = report.faces
     text = f"enrolled {report.name!r}: {len(faces)} template(s)"

@@ -11,7 +11,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from trainer.config import ConfigError, read_yaml_config  # noqa: F401  (ConfigError is re-exported)
 
@@ -20,7 +28,9 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "app.yaml"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, protected_namespaces=(), use_attribute_docstrings=True
+    )
 
 
 _ENV_REF = re.compile(r"\{(FACEMOE_[A-Z0-9_]+)\}")
@@ -61,6 +71,20 @@ class DetectorConfig(_Strict):
     upscale: float = Field(
         1.0, ge=1.0, le=4.0, description="enlarge frames before detection to find tiny faces"
     )
+    small_face: float = Field(32.0, ge=0)
+    """Faces narrower than this (px) get a second, enlarged look (a 160x160 detector input
+    around the face, ~16% of the time of a 640x360 frame) where a track expects one that
+    the frame's pass missed, or where the pass found a weak one. Higher: more small faces
+    found and kept; more second looks to pay for. 0 = off (only `upscale` finds tiny faces)."""
+    weak_score: float = Field(0.3, ge=0, le=1)
+    """Full-frame detections of small faces scoring at least this (below `score_threshold`)
+    get a second look, which keeps the face only if it scores at least `score_threshold`;
+    a look where a track expects a face keeps it from this score on, for the tracker's
+    low-score stage (so keep it >= tracker.low_thresh). Lower: faces that the frame's pass
+    sees only faintly are found sooner and tracks survive blur; more looks spent on
+    background. 1 = looks only where tracks expect a face, keeping strong faces only."""
+    max_looks: int = Field(4, ge=1)
+    """Most second looks per detection call: bounds the cost in a crowd of small faces."""
     min_face: float = Field(8.0, ge=0, description="ignore boxes narrower than this (px)")
     every_n_frames: int = Field(
         1, ge=1, description="detection rate: run the detector on every n-th frame"
@@ -70,31 +94,105 @@ class DetectorConfig(_Strict):
     )
 
 
-class TrackerSection(_Strict):
-    high_thresh: float = 0.6
-    low_thresh: float = 0.3
-    match_iou: float = 0.3
+class TrackerConfig(_Strict):
+    """The tracker's thresholds (the object `app.track.Tracker` takes); each docstring says
+    what raising the value trades."""
+
+    high_thresh: float = Field(0.6, ge=0, le=1)
+    """Detections scoring at least this are matched first and may start tracks. Higher:
+    fewer tracks started by false detections; faces seen only weakly start later or never."""
+
+    low_thresh: float = Field(0.3, ge=0, le=1)
+    """Detections in [low_thresh, high_thresh) only extend open tracks, never start one (they
+    come from the detector's second look at small faces, or from a detector run with
+    score_threshold <= low_thresh). Lower: tracks survive blur and partial occlusion longer;
+    more risk of following a background false positive."""
+
+    match_iou: float = Field(0.3, ge=0, le=1)
+    """Minimum IoU between a track's predicted box and a high-score detection (as enlarged
+    for `min_match_size`). Higher: fewer identity swaps between nearby faces; fast motion or
+    low detection rates fragment tracks."""
+
+    low_match_iou: float = Field(0.5, ge=0, le=1)
+    """Minimum IoU for low-score detections (stage two); stricter than `match_iou` because
+    those detections are less reliable."""
+
+    max_center_shift: float = Field(1.0, gt=0)
+    """Largest distance between the predicted and detected box centres, in units of the
+    track's box size (max of width, height; at least `min_match_size`). Lower: a track never
+    continues on another face after a cut; higher: tolerates faster motion between frames."""
+
+    min_match_size: float = Field(40.0, ge=0)
+    """A track narrower than this (px) is matched as if its predicted box and the detections
+    were enlarged about their centres to this width (one factor for both, aspect kept). A
+    16-24 px face moving 5-8 px per frame moves about its own width between two detections
+    at 15 detections per second, which plain IoU cannot follow. Higher: small fast faces
+    keep their track at low detection rates; two small faces closer than this are easier
+    to swap. 0 = plain IoU."""
+
     max_missed: int = Field(15, ge=1)
-    min_hits: int = Field(
-        2, ge=1, description="detections before a track gets an id (drops one-frame blips)"
-    )
-    shot_cut_threshold: float = Field(
-        0.15, ge=0, description="end every track at a cut above this; 0 = off"
-    )
+    """Frames a track may go unmatched before it ends. Higher: bridges longer occlusions and
+    detector misses (fewer split tracks) but finished-track events arrive later and another
+    person appearing at the same place may inherit the id."""
+
+    min_hits: int = Field(2, ge=1)
+    """Detections before a track is confirmed and gets an id; an unconfirmed track that
+    misses a detection is dropped. Higher: suppresses one-frame false detections (blips); a
+    face's first `min_hits - 1` detections are not reported."""
+
+    shot_cut_threshold: float = Field(0.15, ge=0, le=2)
+    """End every track at a shot cut scoring above this (`app.shotcut`; 1 - histogram
+    correlation of consecutive frames); 0 = off. Lower: no identity is carried across a cut;
+    a fast pan or a flash may split a track."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TrackerConfig:
+        if self.low_thresh > self.high_thresh:
+            raise ValueError(
+                f"low_thresh ({self.low_thresh}) must not exceed high_thresh ({self.high_thresh})"
+            )
+        return self
 
 
-class EmbedSection(_Strict):
-    first_n: int = 3
-    every_n: int = 10
-    min_gain: float = 0.1
-    max_per_track: int = 32
-    max_wait_s: float = Field(
-        0.25,
-        ge=0,
-        le=10,
-        description="longest (media seconds) a crop waits for a full embedder batch; lower: "
-        "a face is recognised sooner, at the cost of smaller, less efficient batches",
-    )
+class EmbedPolicy(_Strict):
+    """Selective embedding: spend embedder time on the crops that improve a track's template.
+
+    A crop is embedded when the track has fewer than `first_n` embedded crops, when its
+    quality beats the best embedded quality of the track by at least `min_gain`, or when
+    `every_n` observed frames of the track have passed since the last embedded crop; never
+    beyond `max_per_track` crops (`app.aggregate.TrackAggregator` takes this object).
+    """
+
+    first_n: int = Field(3, ge=0)
+    """Always embed a track's first crops. Higher: a decision is possible early and the first
+    template is steadier; more embedder work on tracks that turn out short."""
+
+    every_n: int = Field(10, ge=1)
+    """Refresh periodically, as appearance drifts (pose, light) over a track. Lower: steadier
+    templates at more embedder cost."""
+
+    min_gain: float = Field(0.1, ge=0)
+    """Quality margin that makes a crop worth embedding out of turn. Lower: chases quality
+    more eagerly at more embedder cost."""
+
+    max_per_track: int = Field(32, ge=1)
+    """Hard cap on embedder work per track. Lower: bounds the cost of a person who stands
+    still for minutes; long tracks stop improving their template sooner."""
+
+    max_wait_s: float = Field(0.25, ge=0, le=10)
+    """Longest (media seconds) a crop waits for a full embedder batch. Lower: a face is
+    recognised sooner, at the cost of smaller, less efficient batches."""
+
+    def should_embed(
+        self, embedded: int, best_quality: float, since_last: int, quality: float
+    ) -> bool:
+        """Whether to embed a crop of `quality`, given the track's `embedded` crop count,
+        their best quality and the observed frames `since_last` embedded crop."""
+        if embedded >= self.max_per_track:
+            return False
+        if embedded < self.first_n:
+            return True
+        return quality >= best_quality + self.min_gain or since_last >= self.every_n
 
 
 class MatchConfig(_Strict):
@@ -250,8 +348,8 @@ class DaemonConfig(_Strict):
 class AppConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
-    tracker: TrackerSection = Field(default_factory=TrackerSection)
-    embed: EmbedSection = Field(default_factory=EmbedSection)
+    tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+    embed: EmbedPolicy = Field(default_factory=EmbedPolicy)
     matching: MatchConfig = Field(default_factory=MatchConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     gallery: GalleryConfig = Field(default_factory=GalleryConfig)

@@ -11,13 +11,14 @@ import cv2
 import numpy as np
 
 from app.align import STORE, align_face
+from app.config import TrackerConfig
 from app.detect import FaceDetector
 from app.embed import Embedder
 from app.gallery import Gallery, GalleryError
 from app.quality import score_quality
 from app.records import Detection
 from app.source import open_source
-from app.track import Tracker, TrackerConfig
+from app.track import Tracker
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff"}
@@ -128,13 +129,17 @@ def faces_from_image(
     return [EnrollFace(crop, score_quality(det, crop).score, str(path))]
 
 
-def faces_from_video(path: Path, detector: FaceDetector, max_faces: int) -> list[EnrollFace]:
-    """The best-quality crops of the video's longest track (the person the clip is about)."""
-    tracker = Tracker(TrackerConfig())
+def faces_from_video(
+    path: Path, detector: FaceDetector, max_faces: int, tracking: TrackerConfig | None = None
+) -> list[EnrollFace]:
+    """The best-quality crops of the video's longest track (the person the clip is about),
+    tracked with `tracking` (the app config's `tracker` section; default: its defaults)."""
+    tracker = Tracker(tracking)
     per_track: dict[int, list[EnrollFace]] = {}
     with open_source(str(path), "enroll") as source:
         for frame in source:
-            faces, _ = tracker.update(frame.index, frame.pts, detector.detect(frame.image))
+            found = detector.detect_frame(frame.image, tracker.expected(frame.index))
+            faces, _ = tracker.update(frame.index, frame.pts, found)
             for f in faces:
                 crop = align_face(frame.image, f.detection.landmarks, STORE)
                 q = score_quality(f.detection, crop).score
@@ -156,7 +161,11 @@ def faces_from_video(path: Path, detector: FaceDetector, max_faces: int) -> list
 
 
 def collect(
-    paths: list[str], detector: FaceDetector, face: int | None = None, max_video_faces: int = 8
+    paths: list[str],
+    detector: FaceDetector,
+    face: int | None = None,
+    max_video_faces: int = 8,
+    tracking: TrackerConfig | None = None,
 ) -> list[EnrollFace]:
     out: list[EnrollFace] = []
     for p in map(Path, paths):
@@ -171,7 +180,7 @@ def collect(
         elif not p.exists():
             raise EnrollError(f"no such file: {p}")
         elif p.suffix.lower() in VIDEO_SUFFIXES:
-            out += faces_from_video(p, detector, max_video_faces)
+            out += faces_from_video(p, detector, max_video_faces, tracking)
         elif p.suffix.lower() in IMAGE_SUFFIXES:
             out += faces_from_image(p, detector, face)
         else:
@@ -209,15 +218,18 @@ def enroll(
     outlier_margin: float | None = OUTLIER_MARGIN,
     min_templates: int = OUTLIER_MIN_TEMPLATES,
     events: list[int] | None = None,
+    tracking: TrackerConfig | None = None,
 ) -> EnrollReport:
     """Embed every face found in `paths` and in the kept crops of stored `events`, leave out
     outliers (`find_outliers`: a face of someone else, a bad detection) and store the rest
-    as templates of `name` in one transaction. `outlier_margin=None` keeps every face."""
+    as templates of `name` in one transaction. `outlier_margin=None` keeps every face;
+    `tracking` is the tracker config for videos (the app config's `tracker` section)."""
     if not name.strip():
         raise EnrollError("the identity name is empty")
     if not paths and not events:
         raise EnrollError("nothing to enroll from: give photos, folders, videos or --event ID")
-    faces = collect(paths, detector, face) + faces_from_events(gallery, list(events or []))
+    faces = collect(paths, detector, face, tracking=tracking)
+    faces += faces_from_events(gallery, list(events or []))
     vectors = np.asarray(embedder.embed_kept([f.crop for f in faces]), dtype=np.float32)
     reject, sims, bound = find_outliers(vectors, margin=outlier_margin,
                                         min_templates=min_templates)

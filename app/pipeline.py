@@ -19,7 +19,7 @@ from datetime import datetime
 import cv2
 import numpy as np
 
-from app.aggregate import EmbedPolicy, TrackAggregator
+from app.aggregate import TrackAggregator
 from app.alerts import Announcer
 from app.align import STORE, align_face
 from app.config import AppConfig, CameraConfig
@@ -39,7 +39,7 @@ from app.records import (
     new_event_id,
 )
 from app.shotcut import ShotCutDetector
-from app.track import Tracker, TrackerConfig
+from app.track import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -155,21 +155,9 @@ class FacePipeline:
         """`settings`: the camera's own min_face, threshold, masks and zones, if any."""
         self.camera, self.cfg = camera, cfg
         self.detector, self.embedder, self.matcher = detector, embedder, matcher
-        t = cfg.tracker
-        self.tracker = Tracker(
-            TrackerConfig(
-                high_thresh=t.high_thresh,
-                low_thresh=t.low_thresh,
-                match_iou=t.match_iou,
-                max_missed=t.max_missed,
-                min_hits=t.min_hits,
-            )
-        )
-        self.cuts = ShotCutDetector(t.shot_cut_threshold)
-        e = cfg.embed
-        self.aggregator = TrackAggregator(
-            camera, EmbedPolicy(e.first_n, e.every_n, e.min_gain, e.max_per_track)
-        )
+        self.tracker = Tracker(cfg.tracker)
+        self.cuts = ShotCutDetector(cfg.tracker.shot_cut_threshold)
+        self.aggregator = TrackAggregator(camera, cfg.embed)
         self.times = times or StageTimes()
         self.batch = batch if batch is not None else EmbedBatch(embedder)
         self.labels: dict[int, Match] = {}
@@ -198,7 +186,11 @@ class FacePipeline:
             return FrameResult([], self._labels(predicted), self._take_alerts(), predicted)
         wall = frame.wall if frame.wall is not None else time.time()
         with self.times("detect"):
-            dets = [d for d in self.detector.detect(frame.image) if self._wanted(d)]
+            dets = [
+                d
+                for d in self.detector.detect_frame(frame.image, self.tracker.expected(frame.index))
+                if self._wanted(d)
+            ]
         self.detections += len(dets)
         with self.times("track"):
             cut = self.cuts.is_cut(frame.image)

@@ -20,6 +20,9 @@ def make_detector(cfg: AppConfig) -> FaceDetector:
         score_threshold=d.score_threshold,
         nms_threshold=d.nms_threshold,
         upscale=d.upscale,
+        small_face=d.small_face,
+        weak_score=d.weak_score,
+        max_looks=d.max_looks,
     )
 
 

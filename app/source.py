@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 _POLL_NS = 250_000_000  # how long one appsink pull waits before the bus is checked again
 _MAX_BUFFERS = 8  # frames queued in the appsink before decoding blocks (files) or drops (live)
 _GIF_STALL_S = 0.5  # see VideoSource._stalled_at_end
+_MAX_RESYNC = 100  # restarts of one element/pad iteration before giving up (see _items)
 
 
 class SourceError(Exception):
@@ -114,6 +115,30 @@ def _resolve(uri: str) -> tuple[str, str, bool]:
     if not os.access(path, os.R_OK):
         raise SourceError(f"cannot read {name}: permission denied")
     return path.resolve().as_uri(), name, True
+
+
+def _items(iterator: Gst.Iterator) -> list:
+    """Every item of a GStreamer iterator (elements of a bin, pads of an element).
+
+    A bin whose children change while it is iterated (uridecodebin plugging the demuxer and
+    decoder during preroll) answers RESYNC: the items seen so far are stale, so the iterator
+    is resynced and read again from the start. Iterating with Python's `for` would raise
+    `IteratorError` instead.
+    """
+    for _ in range(_MAX_RESYNC):
+        items = []
+        while True:
+            result, value = iterator.next()
+            if result == Gst.IteratorResult.OK:
+                items.append(value)
+            elif result == Gst.IteratorResult.DONE:
+                return items
+            elif result == Gst.IteratorResult.RESYNC:
+                iterator.resync()
+                break
+            else:
+                raise SourceError(f"cannot list GStreamer elements ({result.value_nick})")
+    raise SourceError(f"GStreamer element list kept changing ({_MAX_RESYNC} resyncs)")
 
 
 def _error_text(message: Gst.Message) -> tuple[str, bool]:
@@ -204,11 +229,11 @@ class VideoSource:
         pipeline would wait forever; a paused task before preroll reveals that failure.
         typefind pauses its task by design once the type is known and is ignored.
         """
-        for element in self._decode.iterate_recurse():
+        for element in _items(self._decode.iterate_recurse()):
             factory = element.get_factory()
             if factory is None or factory.get_name() == "typefind":
                 continue
-            for pad in element.iterate_sink_pads():
+            for pad in _items(element.iterate_sink_pads()):
                 if pad.get_task_state() == Gst.TaskState.PAUSED:
                     return factory.get_name()
         return None
@@ -240,7 +265,7 @@ class VideoSource:
         self._gif_workaround = any(
             element.get_factory() is not None
             and element.get_factory().get_name() == "avdemux_gif"
-            for element in self._decode.iterate_recurse()
+            for element in _items(self._decode.iterate_recurse())
         )
         ok, duration = self._pipeline.query_duration(Gst.Format.TIME)
         if ok and duration > 0 and not self._live:
@@ -384,12 +409,17 @@ class VideoSource:
 
         Some demuxers (avdemux_gif) stamp every frame 0: then the previous frame's time plus
         its duration (from the buffer, else 1/fps) is used, which is index/fps at a
-        constant rate.
+        constant rate. A file's first frame is at 0 s: H.264 with B-frames muxed without an
+        edit list (x264enc's defaults into mp4mux) presents its first frame at the decode
+        delay (2 frames) and MPEG-TS clocks start anywhere, which would make every event time
+        late against frame index / fps.
         """
         step = 1.0 / self._fps if self._fps else 0.0
         if buffer.duration != Gst.CLOCK_TIME_NONE:
             step = buffer.duration / Gst.SECOND
         if buffer.pts != Gst.CLOCK_TIME_NONE:
+            if self._frames_read == 0 and not self._live:
+                self._pts_offset = -buffer.pts / Gst.SECOND
             if self._pass_frames == 0 and self._frames_read > 0:  # first frame after a loop
                 self._pts_offset = self._end_time - buffer.pts / Gst.SECOND
             pts = self._pts_offset + buffer.pts / Gst.SECOND

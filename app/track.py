@@ -1,68 +1,29 @@
 """ByteTrack-style multi-face tracker: Kalman prediction, IoU matching in two score stages.
 
 Each update predicts every track with a constant-velocity Kalman filter, matches high-score
-detections to all tracks, then low-score detections to the tracks that were seen in the
-previous update, and starts tracks only from unmatched high-score detections. A gate
-(minimum IoU plus a bound on the centre displacement relative to the box size) stops a
-track from jumping to a face elsewhere in the frame, e.g. across a shot cut.
+detections to all tracks, then low-score detections to the tracks still unmatched, and
+starts tracks only from unmatched high-score detections. Low-score detections come from the
+detector's second look at small faces (`app.detect`), or from a detector run with
+`score_threshold <= low_thresh`. A gate (minimum IoU plus a bound on the centre displacement
+relative to the box size) stops a track from jumping to a face elsewhere in the frame, e.g.
+across a shot cut. The gate is scale-aware: a small face moves about as many pixels between
+detections as a large one, so the boxes of a track narrower than `min_match_size` are
+compared as if enlarged to that width.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from app.config import TrackerConfig
 from app.records import Detection, TrackedFace
 
 log = logging.getLogger(__name__)
 
 _INVALID = 1e6  # assignment cost of a gated-out pair
-
-
-@dataclass(frozen=True)
-class TrackerConfig:
-    """Tracker thresholds; each docstring says what raising the value trades."""
-
-    high_thresh: float = 0.6
-    """Detections scoring at least this are matched first and may start tracks. Higher:
-    fewer tracks started by false detections; faces seen only weakly start later or never."""
-
-    low_thresh: float = 0.3
-    """Detections in [low_thresh, high_thresh) only extend tracks seen in the previous update
-    (run the detector with score_threshold <= low_thresh to get them). Lower: tracks survive
-    blur and partial occlusion longer; more risk of following a background false positive."""
-
-    match_iou: float = 0.3
-    """Minimum IoU between a track's predicted box and a high-score detection. Higher: fewer
-    identity swaps between nearby faces; fast motion or low frame rates fragment tracks."""
-
-    low_match_iou: float = 0.5
-    """Minimum IoU for low-score detections (stage two); stricter than `match_iou` because
-    those detections are less reliable."""
-
-    max_center_shift: float = 1.0
-    """Largest distance between the predicted and detected box centres, in units of the
-    track's box size (max of width, height). Lower: a track never continues on another face
-    after a cut; higher: tolerates faster motion between frames."""
-
-    max_missed: int = 15
-    """Frames a track may go unmatched before it ends. Higher: bridges longer occlusions and
-    detector misses (fewer split tracks) but finished-track events arrive later and another
-    person appearing at the same place may inherit the id."""
-
-    min_hits: int = 1
-    """Matches before a track is confirmed and reported; an unconfirmed track that misses a
-    frame is dropped. Higher: suppresses one-frame false detections; a face's first
-    `min_hits - 1` frames are not reported."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.low_thresh <= self.high_thresh:
-            raise ValueError("need 0 <= low_thresh <= high_thresh")
-        if self.max_missed < 0 or self.min_hits < 1:
-            raise ValueError("need max_missed >= 0 and min_hits >= 1")
 
 
 class KalmanBoxFilter:
@@ -74,12 +35,20 @@ class KalmanBoxFilter:
 
     _POS_STD = 1.0 / 20.0
     _VEL_STD = 1.0 / 160.0
+    # A new track's motion is unknown: up to about a quarter of its size per frame (a small
+    # face crossing the frame). ByteTrack's 10 * _VEL_STD took 3-4 detections to learn that
+    # a 16 px face moves 8 px per frame, and the predictions lagged half a face behind. Its
+    # size changes slowly, so the size velocity keeps ByteTrack's prior (one bad box must
+    # not make the track grow).
+    _INIT_MOTION_STD = 1.0 / 4.0
 
     def __init__(self, bbox_xywh: np.ndarray) -> None:
         x, y, w, h = (float(v) for v in bbox_xywh)
         self.mean = np.array([x + w / 2, y + h / 2, w, h, 0, 0, 0, 0], dtype=np.float64)
         size = np.array([w, h, w, h])
-        std = np.concatenate([2 * self._POS_STD * size, 10 * self._VEL_STD * size])
+        velocity = np.array([self._INIT_MOTION_STD, self._INIT_MOTION_STD,
+                             10 * self._VEL_STD, 10 * self._VEL_STD]) * size
+        std = np.concatenate([2 * self._POS_STD * size, velocity])
         self.cov = np.diag(std**2)
         self._motion = np.eye(8)
         self._motion[:4, 4:] = np.eye(4)
@@ -110,8 +79,12 @@ class KalmanBoxFilter:
     @property
     def bbox(self) -> np.ndarray:
         """Current box as float64[4] x, y, w, h (sides at least 1 px)."""
-        cx, cy = self.mean[:2]
-        w, h = max(self.mean[2], 1.0), max(self.mean[3], 1.0)
+        return self.bbox_ahead(0)
+
+    def bbox_ahead(self, steps: int) -> np.ndarray:
+        """The box `steps` frames ahead at constant velocity, leaving the state unchanged."""
+        cx, cy, w, h = self.mean[:4] + steps * self.mean[4:]
+        w, h = max(w, 1.0), max(h, 1.0)
         return np.array([cx - w / 2, cy - h / 2, w, h])
 
 
@@ -125,17 +98,49 @@ class _Track:
         self.last_frame = frame_index
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of xywh boxes along the last axis (broadcast)."""
+    iw = np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
+    ih = np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
 def iou_matrix(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
     """Pairwise IoU of xywh boxes: float64[len(a), len(b)]."""
     a = np.asarray(boxes_a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(boxes_b, dtype=np.float64).reshape(-1, 4)
-    ax2, ay2 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
-    bx2, by2 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
-    iw = np.clip(np.minimum(ax2[:, None], bx2) - np.maximum(a[:, 0, None], b[:, 0]), 0, None)
-    ih = np.clip(np.minimum(ay2[:, None], by2) - np.maximum(a[:, 1, None], b[:, 1]), 0, None)
-    inter = iw * ih
-    union = (a[:, 2] * a[:, 3])[:, None] + b[:, 2] * b[:, 3] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    return _iou(a[:, None, :], b[None, :, :])
+
+
+def _grown(boxes: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """xywh boxes scaled by `factor` about their centres (factor broadcast over the boxes)."""
+    size = boxes[..., 2:] * factor[..., None]
+    return np.concatenate([boxes[..., :2] + (boxes[..., 2:] - size) / 2, size], axis=-1)
+
+
+def gated_iou(tracks: np.ndarray, detections: np.ndarray, min_size: float,
+              max_shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scale-aware overlap of predicted track boxes and detections (xywh).
+
+    Each pair is compared after scaling both boxes about their centres by the factor that
+    makes the track's box `min_size` wide (1 for wider tracks): a 16 px face that moved
+    16 px still overlaps its track, while a detection of a very different size still
+    scores low, because both boxes grow alike. Returns IoU float64[T, D] and the centre
+    gate bool[T, D]: the centre moved at most `max_shift` times the enlarged track size.
+    """
+    t = np.asarray(tracks, dtype=np.float64).reshape(-1, 4)
+    d = np.asarray(detections, dtype=np.float64).reshape(-1, 4)
+    factor = np.maximum(min_size / np.maximum(t[:, 2], 1e-6), 1.0)[:, None]  # [T, 1]
+    grown_t = _grown(t, factor[:, 0])
+    grown_d = _grown(d[None, :, :], factor)  # [T, D, 4]: each row grown by its track's factor
+    iou = _iou(grown_t[:, None, :], grown_d)
+    centre_t = t[:, :2] + t[:, 2:] / 2
+    centre_d = d[:, :2] + d[:, 2:] / 2
+    shift = np.linalg.norm(centre_t[:, None, :] - centre_d[None, :, :], axis=2)
+    limit = max_shift * grown_t[:, 2:].max(axis=1)
+    return iou, shift <= limit[:, None]
 
 
 class Tracker:
@@ -153,13 +158,10 @@ class Tracker:
         if not tracks or not detections:
             return [], list(range(len(tracks))), list(range(len(detections)))
         predicted = np.stack([t.filter.bbox for t in tracks])
-        boxes = np.stack([d.bbox for d in detections]).astype(np.float64)
-        iou = iou_matrix(predicted, boxes)
-        centre_t = predicted[:, :2] + predicted[:, 2:] / 2
-        centre_d = boxes[:, :2] + boxes[:, 2:] / 2
-        shift = np.linalg.norm(centre_t[:, None, :] - centre_d[None, :, :], axis=2)
-        limit = self.config.max_center_shift * predicted[:, 2:].max(axis=1)
-        valid = (iou >= min_iou) & (shift <= limit[:, None])
+        boxes = np.stack([d.bbox for d in detections])
+        iou, near = gated_iou(predicted, boxes, self.config.min_match_size,
+                              self.config.max_center_shift)
+        valid = (iou >= min_iou) & near
         cost = np.where(valid, 1.0 - iou, _INVALID)
         rows, cols = linear_sum_assignment(cost)
         pairs = [(int(i), int(j)) for i, j in zip(rows, cols, strict=True) if valid[i, j]]
@@ -194,9 +196,9 @@ class Tracker:
 
         pairs, rest, new_high = self._match(self._tracks, high, cfg.match_iou)
         matched = [(self._tracks[i], high[j]) for i, j in pairs]
-        recent = [self._tracks[i] for i in rest if self._tracks[i].last_frame == previous]
-        pairs_low, _, _ = self._match(recent, low, cfg.low_match_iou)
-        matched += [(recent[i], low[j]) for i, j in pairs_low]
+        unmatched = [self._tracks[i] for i in rest]
+        pairs_low, _, _ = self._match(unmatched, low, cfg.low_match_iou)
+        matched += [(unmatched[i], low[j]) for i, j in pairs_low]
 
         for track, detection in matched:
             track.filter.update(detection.bbox)
@@ -239,6 +241,14 @@ class Tracker:
         self._tracks = []
         self._last_frame = None
         return finished
+
+    def expected(self, frame_index: int) -> list[np.ndarray]:
+        """Where every open track (confirmed or not) expects its face in frame `frame_index`:
+        predicted xywh boxes, for the detector's second look at small faces."""
+        if self._last_frame is None or frame_index <= self._last_frame:
+            return []
+        return [t.filter.bbox_ahead(frame_index - self._last_frame) for t in self._tracks
+                if frame_index - t.last_frame - 1 <= self.config.max_missed]
 
     @property
     def active_ids(self) -> list[int]:

@@ -60,7 +60,7 @@ def test_policy_is_per_track() -> None:
     [{"first_n": -1}, {"every_n": 0}, {"max_per_track": 0}, {"min_gain": -0.1}],
 )
 def test_policy_validation(bad: dict) -> None:
-    with pytest.raises(ValueError, match="invalid embed policy"):
+    with pytest.raises(ValueError, match="greater than or equal"):
         EmbedPolicy(**bad)
 
 

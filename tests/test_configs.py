@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from app.config import load_config
+from app.config import ConfigError, load_config
 from trainer.config import load_train_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -36,3 +36,42 @@ def test_recipe_script_soups_the_runs_its_configs_write():
     # the restarts start from run 1's artifact
     for c in trained[1:]:
         assert load_train_config(CONFIGS.parent / c).model.init_from == f"{out_dirs[0]}/model"
+
+
+@pytest.mark.parametrize(
+    "section, bad, where",
+    [
+        ("tracker", "match_iou: 1.5", "tracker.match_iou"),
+        ("tracker", "low_match_iou: -0.1", "tracker.low_match_iou"),
+        ("tracker", "min_hits: 0", "tracker.min_hits"),
+        ("tracker", "max_missed: 0", "tracker.max_missed"),
+        ("tracker", "max_center_shift: 0", "tracker.max_center_shift"),
+        ("tracker", "low_thresh: 0.7, high_thresh: 0.6", "tracker: Value error, low_thresh"),
+        ("embed", "every_n: 0", "embed.every_n"),
+        ("embed", "max_per_track: 0", "embed.max_per_track"),
+    ],
+)
+def test_bad_tracker_and_embed_values_are_refused(tmp_path, section, bad, where):
+    path = tmp_path / "app.yaml"
+    path.write_text(f"{section}: {{{bad}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "\n" not in str(info.value) and f"{where}" in str(info.value)
+
+
+def test_every_tracker_value_is_settable_and_is_what_the_stages_take(tmp_path):
+    """One type per section: the YAML section is the object Tracker and TrackAggregator take."""
+    from app.aggregate import TrackAggregator
+    from app.track import Tracker
+
+    path = tmp_path / "app.yaml"
+    path.write_text(
+        "tracker: {low_match_iou: 0.7, max_center_shift: 0.5, min_hits: 3}\n"
+        "embed: {first_n: 1}\n"
+    )
+    cfg = load_config(path)
+    tracker = Tracker(cfg.tracker)
+    assert tracker.config is cfg.tracker
+    assert (tracker.config.low_match_iou, tracker.config.max_center_shift) == (0.7, 0.5)
+    assert TrackAggregator("cam", cfg.embed).policy.first_n == 1
+    assert Tracker().config.min_hits == load_config(CONFIGS / "app.yaml").tracker.min_hits == 2

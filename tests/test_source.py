@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from app.source import SourceError, VideoWriter, _make, open_source
+from app.source import Gst, SourceError, VideoWriter, _init_gst, _items, _make, open_source
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +161,26 @@ def test_writer_round_trip(tmp_path: Path, size: tuple[int, int]) -> None:
         assert np.abs(got.image.astype(int) - want).mean() < 6
 
 
+def test_b_frame_h264_starts_at_zero(tmp_path: Path) -> None:
+    """x264enc's defaults (B-frames) into mp4mux present the first frame at 2 frames (0.08 s
+    at 25 fps); frame times must still be index / fps, or every event is 0.08 s late."""
+    path = tmp_path / "bframes.mp4"
+    _init_gst()
+    pipeline = Gst.parse_launch(
+        "videotestsrc num-buffers=12 ! video/x-raw,width=160,height=120,framerate=25/1 "
+        f"! x264enc ! mp4mux ! filesink location={path}"
+    )
+    pipeline.set_state(Gst.State.PLAYING)
+    message = pipeline.get_bus().timed_pop_filtered(
+        30 * Gst.SECOND, Gst.MessageType.EOS | Gst.MessageType.ERROR
+    )
+    pipeline.set_state(Gst.State.NULL)
+    assert message is not None and message.type == Gst.MessageType.EOS
+    with open_source(str(path)) as source:
+        pts = [f.pts for f in source]
+    assert pts == pytest.approx([i / 25 for i in range(12)], abs=1e-6)
+
+
 def test_writer_discards_on_error(tmp_path: Path) -> None:
     path = tmp_path / "out.mp4"
     with pytest.raises(RuntimeError), VideoWriter(path, 10, (64, 48)) as writer:
@@ -177,6 +197,38 @@ def test_writer_unwritable_path(tmp_path: Path) -> None:
     with pytest.raises(SourceError) as info:
         VideoWriter(path, 10, (64, 48))
     _one_line_naming(info.value, path)
+
+
+class _ResyncOnce:
+    """A GStreamer iterator over `items` whose list changes once: RESYNC after the first item."""
+
+    def __init__(self, items: list[str]) -> None:
+        self.items, self.position, self.resyncs, self.changed = items, 0, 0, False
+
+    def next(self) -> tuple[Gst.IteratorResult, str | None]:
+        if not self.changed and self.position == 1:
+            self.changed = True
+            return Gst.IteratorResult.RESYNC, None
+        if self.position == len(self.items):
+            return Gst.IteratorResult.DONE, None
+        self.position += 1
+        return Gst.IteratorResult.OK, self.items[self.position - 1]
+
+    def resync(self) -> None:
+        self.position, self.resyncs = 0, self.resyncs + 1
+
+
+def test_element_iteration_survives_resync() -> None:
+    """decodebin plugging elements while the source checks them made ~1 in 90 opens raise
+    IteratorError (GST_ITERATOR_RESYNC): the list is read again from the start instead."""
+    _init_gst()
+    iterator = _ResyncOnce(["typefind", "qtdemux", "avdec_h264"])
+    assert _items(iterator) == ["typefind", "qtdemux", "avdec_h264"]
+    assert iterator.resyncs == 1
+    bin_ = Gst.Bin.new("b")
+    for name in ("one", "two"):
+        bin_.add(_make("identity", name))
+    assert sorted(e.get_name() for e in _items(bin_.iterate_recurse())) == ["one", "two"]
 
 
 def test_missing_element_is_named() -> None:
