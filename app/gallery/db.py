@@ -140,6 +140,36 @@ class EventCropRow(Base):
     crop: Mapped[bytes] = mapped_column(LargeBinary)  # JPEG, kept geometry (sealed when encrypted)
 
 
+class EventEmbeddingRow(Base):
+    """An event's embedding (quality-weighted mean of its kept crops' embeddings) with the
+    model that made it, cached for the review UI: nearest names and face clusters."""
+
+    __tablename__ = "event_embeddings"
+
+    event_id: Mapped[int] = mapped_column(
+        ForeignKey("events.id", ondelete="CASCADE"), primary_key=True
+    )
+    model: Mapped[str] = mapped_column(String(256))  # name@version
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32[D] (sealed when encrypted)
+    cluster_id: Mapped[int | None] = mapped_column(
+        ForeignKey("face_clusters.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+
+
+class FaceClusterRow(Base):
+    """A group of unknown events of one face, with a stable id (the review UI's state)."""
+
+    __tablename__ = "face_clusters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(256))  # name@version of the member embeddings
+    state: Mapped[str] = mapped_column(String(16), default="open")  # open | ignored
+    centroid: Mapped[bytes] = mapped_column(LargeBinary)  # float32[D] unit (sealed)
+    members: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class MetaRow(Base):
     __tablename__ = "meta"
 
