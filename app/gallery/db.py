@@ -401,6 +401,9 @@ class Database:
                 raise GalleryError(f"{self.location} is a database but not a FaceMoE gallery")
         if set(Base.metadata.tables) - tables:
             Base.metadata.create_all(self._engine)
+        from app.gallery.schema import ensure_current
+
+        ensure_current(self._engine, self.location)  # versioned: Alembic migrations
         with Session(self._engine) as session:
             meta = dict(session.execute(select(MetaRow.key, MetaRow.value)).all())
             has_templates = session.scalar(select(TemplateRow.id).limit(1)) is not None
