@@ -378,3 +378,43 @@ def test_cli_recognize_and_compare(built: Path, data_dir: Path) -> None:
     done = facemoe("compare", videos / "obama.jpg", videos / "nope.jpg", check=False)
     assert done.returncode == 1 and done.stderr.strip().startswith("facemoe: error: cannot read")
     assert "Traceback" not in done.stderr
+
+
+def test_cli_serve(built: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from benchmarks.rtsp_camera import free_port
+    from tests.web_helpers import REPO
+
+    done = facemoe("serve", "--host", "0.0.0.0", "--gallery", built, check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("facemoe: error: serving on 0.0.0.0 needs authentication")
+    hashed = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--hash-password"],
+                            cwd=REPO, input="s3cret-pass\n", capture_output=True, text=True,
+                            timeout=60)
+    assert verify_password("s3cret-pass", hashed.stdout.strip())
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
+                               "--gallery", str(built)], cwd=REPO, stdout=log,
+                              stderr=subprocess.STDOUT,
+                              env={**os.environ, "FACEMOE_WEB_TOKEN": TOKEN})
+    try:
+        deadline, body = time.monotonic() + 60, None
+        while time.monotonic() < deadline and body is None:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/identities",
+                                         headers={"Authorization": f"Bearer {TOKEN}"})
+            try:
+                with urllib.request.urlopen(req, timeout=3) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                time.sleep(0.3)
+        assert body is not None and body["identities"][0]["name"] == ALEX
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()
