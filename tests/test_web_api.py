@@ -198,6 +198,11 @@ def test_ignore_and_merge_clusters(db: Path, models) -> None:
     # a cross-site form post is refused even without authentication
     evil = c.post(f"/api/clusters/{a['id']}/ignore", headers={"Origin": "http://evil.example"})
     assert evil.status_code == 403
+    # events purged (or erased) leave their clusters: none is left
+    with Gallery(db, models[1].model_name, models[1].model_version) as g:
+        g.purge_events(0)
+    assert c.get("/api/clusters").json()["total"] == 0
+    assert c.get(f"/api/clusters/{a['id']}").json()["members"] == 0
 
 
 # --- gallery ----------------------------------------------------------------------------------

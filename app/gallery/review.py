@@ -70,7 +70,7 @@ class TemplateRef:
 class ClusterInfo:
     id: int
     state: str
-    members: int
+    members: int  # unknown events in it now
     model: str
     created_at: datetime
     updated_at: datetime
@@ -295,28 +295,38 @@ class Review:
 
     def clusters(self, model: str, *, state: str = "open", offset: int = 0,
                  limit: int = 50) -> tuple[list[ClusterInfo], int]:
-        """Clusters of `model` in `state`, largest first, and how many there are."""
-        where = ((FaceClusterRow.model == model) & (FaceClusterRow.state == state)
-                 & (FaceClusterRow.members > 0))
+        """Clusters of `model` in `state` that still have unknown events (counted now: events
+        named, purged or erased since leave their cluster), largest first, and how many."""
+        live = (select(EventEmbeddingRow.cluster_id.label("cid"),
+                       func.count(EventEmbeddingRow.event_id).label("n"))
+                .join(EventRow, EventRow.id == EventEmbeddingRow.event_id)
+                .where(EventRow.identity.is_(None))
+                .where(EventEmbeddingRow.cluster_id.is_not(None))
+                .group_by(EventEmbeddingRow.cluster_id).subquery())
+        q = (select(FaceClusterRow, live.c.n).join(live, live.c.cid == FaceClusterRow.id)
+             .where(FaceClusterRow.model == model).where(FaceClusterRow.state == state))
         with self._store.db.read("list clusters") as session:
-            rows = session.scalars(select(FaceClusterRow).where(where)
-                                   .order_by(FaceClusterRow.members.desc(),
-                                             FaceClusterRow.id.desc())
+            rows = session.execute(q.order_by(live.c.n.desc(), FaceClusterRow.id.desc())
                                    .offset(offset).limit(limit)).all()
-            total = int(session.scalar(select(func.count(FaceClusterRow.id)).where(where)) or 0)
-        return [self._cluster_info(r) for r in rows], total
+            total = int(session.scalar(select(func.count()).select_from(q.subquery())) or 0)
+        return [self._cluster_info(r, n) for r, n in rows], total
 
     @staticmethod
-    def _cluster_info(r: FaceClusterRow) -> ClusterInfo:
-        return ClusterInfo(r.id, r.state, r.members, r.model, as_utc(r.created_at),
+    def _cluster_info(r: FaceClusterRow, members: int) -> ClusterInfo:
+        return ClusterInfo(r.id, r.state, int(members), r.model, as_utc(r.created_at),
                            as_utc(r.updated_at))
 
     def cluster(self, cluster_id: int) -> ClusterInfo:
+        """One cluster, with the number of its events that are still unknown."""
         with self._store.db.read("read a cluster") as session:
             row = session.get(FaceClusterRow, int(cluster_id))
             if row is None:
                 raise GalleryError(f"no face cluster {cluster_id}")
-            return self._cluster_info(row)
+            n = session.scalar(select(func.count(EventEmbeddingRow.event_id))
+                               .join(EventRow, EventRow.id == EventEmbeddingRow.event_id)
+                               .where(EventEmbeddingRow.cluster_id == row.id)
+                               .where(EventRow.identity.is_(None)))
+            return self._cluster_info(row, int(n or 0))
 
     def cluster_events(self, cluster_id: int) -> list[int]:
         """The unknown events of a cluster, newest first."""
