@@ -25,7 +25,7 @@ from app.recognize import Candidate, Recognizer
 
 log = logging.getLogger(__name__)
 
-EMBED_BATCH_EVENTS = 256  # events embedded per refresh step (bounds one page load)
+EMBED_BATCH_EVENTS = 96  # new events embedded per refresh (bounds one page load to ~2-5 s)
 CLUSTER_BATCH = 4000  # unclustered events grouped per step (linkage is O(n^2) memory)
 
 
@@ -150,9 +150,7 @@ class FaceReview:
 
     def best_events(self, cluster_id: int, limit: int = 5) -> list[int]:
         """The cluster's unknown events with the best kept crops, best first."""
-        events = self.gallery.review.cluster_events(cluster_id)
-        quality = self.gallery.review.best_crop_events(events)
-        return sorted((e for e in events if e in quality), key=lambda e: -quality[e])[:limit]
+        return self.gallery.review.best_cluster_events([cluster_id], limit)[int(cluster_id)]
 
     def name(self, cluster_id: int, name: str, *, max_events: int = 5,
              outlier_margin: float | None = OUTLIER_MARGIN) -> NamingReport:

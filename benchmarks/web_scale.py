@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--db", help="gallery file to build (default: a temporary one)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --db: measure the gallery already there instead of building it")
     args = ap.parse_args()
     cfg = load_config(None)
     detector, embedder = make_detector(cfg), make_embedder(cfg)
@@ -118,7 +120,10 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     db = Path(args.db) if args.db else Path(tmp.name) / "bench.db"
     t = time.perf_counter()
-    gallery = build(db, embedder, crop, args.identities, args.events)
+    if args.reuse and db.exists():
+        gallery = Gallery(db, embedder.model_name, embedder.model_version, create=False)
+    else:
+        gallery = build(db, embedder, crop, args.identities, args.events)
     built = time.perf_counter() - t
     ctx = WebContext(cfg, gallery, detector, embedder, threshold(cfg, embedder),
                      Authenticator(cfg.web, "127.0.0.1", env={}))

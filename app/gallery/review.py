@@ -157,17 +157,6 @@ class Review:
             raise GalleryError(f"event {event_id} has no crop {index}")
         return self._store.sealer.unseal(blob, CROP)
 
-    def best_crop_events(self, event_ids: Sequence[int]) -> dict[int, float]:
-        """The best kept crop quality of each event that has crops."""
-        out: dict[int, float] = {}
-        with self._store.db.read("read crop qualities") as session:
-            for chunk in _chunks(event_ids):
-                out.update(session.execute(
-                    select(EventCropRow.event_id, func.max(EventCropRow.quality))
-                    .where(EventCropRow.event_id.in_(chunk))
-                    .group_by(EventCropRow.event_id)).all())
-        return {int(k): float(v) for k, v in out.items()}
-
     def relabel(self, event_ids: Sequence[int], identity: str | None) -> int:
         """Name the events `identity` (None: unknown again); returns how many changed."""
         name = clean_name(identity) if identity is not None else None
@@ -189,10 +178,12 @@ class Review:
 
     def events_without_embedding(self, model: str, *, limit: int) -> list[int]:
         """Unknown events with kept crops and no cached embedding of `model`, newest first."""
-        have = select(EventEmbeddingRow.event_id).where(EventEmbeddingRow.model == model)
-        crops = select(EventCropRow.event_id)
+        have = (select(EventEmbeddingRow.event_id)
+                .where(EventEmbeddingRow.event_id == EventRow.id)
+                .where(EventEmbeddingRow.model == model))
+        crops = select(EventCropRow.id).where(EventCropRow.event_id == EventRow.id)
         q = (select(EventRow.id).where(EventRow.identity.is_(None))
-             .where(EventRow.id.in_(crops)).where(EventRow.id.not_in(have))
+             .where(crops.exists()).where(~have.exists())
              .order_by(EventRow.id.desc()).limit(limit))
         with self._store.db.read("find events to embed") as session:
             return list(session.scalars(q).all())
@@ -328,6 +319,24 @@ class Review:
                                .where(EventRow.identity.is_(None)))
             return self._cluster_info(row, int(n or 0))
 
+    def best_cluster_events(self, cluster_ids: Sequence[int], per_cluster: int
+                            ) -> dict[int, list[int]]:
+        """Each cluster's unknown events with the best kept crops, best first (one query)."""
+        out: dict[int, list[tuple[float, int]]] = {int(c): [] for c in cluster_ids}
+        with self._store.db.read("read cluster events") as session:
+            for chunk in _chunks(list(out)):
+                rows = session.execute(
+                    select(EventEmbeddingRow.cluster_id, EventEmbeddingRow.event_id,
+                           func.max(EventCropRow.quality))
+                    .join(EventRow, EventRow.id == EventEmbeddingRow.event_id)
+                    .join(EventCropRow, EventCropRow.event_id == EventEmbeddingRow.event_id)
+                    .where(EventEmbeddingRow.cluster_id.in_(chunk))
+                    .where(EventRow.identity.is_(None))
+                    .group_by(EventEmbeddingRow.event_id)).all()
+                for cid, eid, q in rows:
+                    out[cid].append((-float(q), int(eid)))
+        return {c: [e for _, e in sorted(v)[:per_cluster]] for c, v in out.items()}
+
     def cluster_events(self, cluster_id: int) -> list[int]:
         """The unknown events of a cluster, newest first."""
         q = (select(EventEmbeddingRow.event_id)
@@ -387,19 +396,33 @@ class Review:
                    ) -> tuple[list[IdentityRowInfo], int]:
         """A page of identities by name (with this model's template counts), and the total."""
         s = self._store
-        counts = (select(TemplateRow.identity_id, func.count(TemplateRow.id).label("n"))
-                  .where(TemplateRow.model_name == s.model_name)
-                  .where(TemplateRow.model_version == s.model_version)
-                  .group_by(TemplateRow.identity_id).subquery())
         where = IdentityRow.name.contains(search.strip()) if search.strip() else True
-        q = (select(IdentityRow.id, IdentityRow.name, func.coalesce(counts.c.n, 0),
-                    IdentityRow.created_at)
-             .outerjoin(counts, counts.c.identity_id == IdentityRow.id).where(where)
+        q = (select(IdentityRow.id, IdentityRow.name, IdentityRow.created_at).where(where)
              .order_by(IdentityRow.name).offset(offset).limit(limit))
         with s.db.read("list identities") as session:
             rows = session.execute(q).all()
+            ids = [r[0] for r in rows]
+            counts = dict(session.execute(
+                select(TemplateRow.identity_id, func.count(TemplateRow.id))
+                .where(TemplateRow.identity_id.in_(ids))
+                .where(TemplateRow.model_name == s.model_name)
+                .where(TemplateRow.model_version == s.model_version)
+                .group_by(TemplateRow.identity_id)).all()) if ids else {}
             total = int(session.scalar(select(func.count(IdentityRow.id)).where(where)) or 0)
-        return [IdentityRowInfo(i, n, int(c), as_utc(t)) for i, n, c, t in rows], total
+        return [IdentityRowInfo(i, n, int(counts.get(i, 0)), as_utc(t))
+                for i, n, t in rows], total
+
+    def photo_templates(self, identity_ids: Sequence[int]) -> dict[int, int]:
+        """The first template with a stored photo of each identity (for thumbnails)."""
+        out: dict[int, int] = {}
+        with self._store.db.read("find template photos") as session:
+            for chunk in _chunks(identity_ids):
+                out.update(session.execute(
+                    select(TemplateRow.identity_id, func.min(TemplateRow.id))
+                    .where(TemplateRow.identity_id.in_(chunk))
+                    .where(TemplateRow.crop.is_not(None))
+                    .group_by(TemplateRow.identity_id)).all())
+        return out
 
     def identity(self, identity_id: int) -> IdentityRowInfo:
         """One identity by id, with this model's template count."""

@@ -27,8 +27,8 @@ router = APIRouter(prefix="/api/clusters", tags=["clusters"])
 THUMBS = 6
 
 
-def cluster_out(ctx: WebContext, c: ClusterInfo) -> ClusterOut:
-    best = ctx.review.best_events(c.id, THUMBS)
+def cluster_out(ctx: WebContext, c: ClusterInfo, best: list[int] | None = None) -> ClusterOut:
+    best = ctx.review.best_events(c.id, THUMBS) if best is None else best
     return ClusterOut(id=c.id, state=c.state, members=c.members, created_at=c.created_at,
                       updated_at=c.updated_at, events=best,
                       crop_urls=[f"/api/events/{e}/crops/0" for e in best])
@@ -39,8 +39,9 @@ def list_clusters(ctx: WebContext, state: str, offset: int, limit: int) -> Clust
     report = ctx.refresh_clusters()
     clusters, total = ctx.gallery.review.clusters(ctx.review.model, state=state, offset=offset,
                                                   limit=limit)
-    return ClusterPage(clusters=[cluster_out(ctx, c) for c in clusters], total=total,
-                       pending=report.pending)
+    best = ctx.gallery.review.best_cluster_events([c.id for c in clusters], THUMBS)
+    return ClusterPage(clusters=[cluster_out(ctx, c, best[c.id]) for c in clusters],
+                       total=total, pending=report.pending)
 
 
 def naming_out(r: NamingReport) -> NamedCluster:

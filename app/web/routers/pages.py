@@ -195,10 +195,7 @@ def gallery_page(request: Request, search: str = "", offset: int = Query(0, ge=0
                  ctx: WebContext = Depends(get_ctx)) -> HTMLResponse:
     size = ctx.cfg.web.page_size
     rows, total = ctx.gallery.review.identities(search=search, offset=offset, limit=size)
-    thumbs = {}
-    for i in rows:
-        refs = [t for t in ctx.gallery.review.template_refs(i.name) if t.has_crop]
-        thumbs[i.id] = refs[0].id if refs else None
+    thumbs = ctx.gallery.review.photo_templates([i.id for i in rows])
     return page(request, "gallery.html", user, identities=rows, total=total, search=search,
                 offset=offset, size=size, thumbs=thumbs)
 
