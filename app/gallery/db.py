@@ -397,7 +397,7 @@ class Database:
         if "meta" not in tables:
             if not create:
                 raise GalleryError(f"no such gallery: {self.location}")
-            if tables - set(Base.metadata.tables):
+            if tables - set(Base.metadata.tables) - {"alembic_version"}:
                 raise GalleryError(f"{self.location} is a database but not a FaceMoE gallery")
         if set(Base.metadata.tables) - tables:
             Base.metadata.create_all(self._engine)

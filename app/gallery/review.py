@@ -332,7 +332,7 @@ class Review:
                     .join(EventCropRow, EventCropRow.event_id == EventEmbeddingRow.event_id)
                     .where(EventEmbeddingRow.cluster_id.in_(chunk))
                     .where(EventRow.identity.is_(None))
-                    .group_by(EventEmbeddingRow.event_id)).all()
+                    .group_by(EventEmbeddingRow.cluster_id, EventEmbeddingRow.event_id)).all()
                 for cid, eid, q in rows:
                     out[cid].append((-float(q), int(eid)))
         return {c: [e for _, e in sorted(v)[:per_cluster]] for c, v in out.items()}
