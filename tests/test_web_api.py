@@ -134,6 +134,9 @@ def test_events_newest_first_with_filters_pages_and_crops(db: Path, models) -> N
     html = c.get("/events", params={"unknown": "true"}).text
     assert "looks like <i>Alex Lacamoire</i>" in html
     assert f'href="/events/{e["id"]}"' in c.get("/events").text
+    docs = c.get("/docs").text  # the API reference, without a CDN
+    assert "<code>/api/recognize</code>" in docs and "cdn" not in docs.lower()
+    assert "/api/verify" in c.get("/openapi.json").json()["paths"]
     assert c.get(f"/events/{e['id']}").status_code == 200
 
 
@@ -342,6 +345,11 @@ def test_authentication_sessions_csrf_and_tokens(db: Path, models) -> None:
     # a forged cookie is no session
     c.cookies.set(COOKIE, "eyJ1IjoiYWRtaW4ifQ==.0000")
     assert c.get("/api/events").status_code == 401
+    # guessing is throttled: after 5 failures (1 above) even the right password waits
+    for _ in range(4):
+        assert c.post("/login", data={"username": "ops", "password": "guess"}).status_code == 401
+    r = c.post("/login", data={"username": "ops", "password": PASSWORD}, follow_redirects=False)
+    assert r.status_code == 429 and "too many failed logins" in r.text
 
 
 def test_an_encrypted_gallery(tmp_path: Path, models, data_dir: Path,

@@ -156,6 +156,10 @@ def test_review_ui_in_chromium(browser, server, shots: Path, data_dir: Path,
     assert len(left) == len(templates) - 1
     assert first not in [t.get_attribute("data-template") for t in left]
 
+    browser.get(f"{base}/docs")
+    assert "/api/clusters/{cluster_id}/name" in browser.page_source
+    browser.save_screenshot(str(shots / "api.png"))
+
     # an event page, and the pages on a phone-sized screen
     browser.get(f"{base}/events/{target['id']}")
     assert len(browser.find_elements(By.CSS_SELECTOR, "figure.tile img")) == 3
@@ -168,5 +172,5 @@ def test_review_ui_in_chromium(browser, server, shots: Path, data_dir: Path,
         assert width <= 390, f"/{page} scrolls sideways on a phone ({width} px)"
         browser.save_screenshot(str(shots / f"phone-{page}.png"))
     browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
-    assert len(list(shots.glob("*.png"))) >= 10
+    assert len(list(shots.glob("*.png"))) >= 11
     shutil.copy(shots / "clusters.png", tmp_path / "clusters.png")

@@ -73,7 +73,9 @@ async def _plain(send: Send, status: int, text: str) -> None:
 def create_app(ctx: WebContext) -> FastAPI:
     """The review UI (HTML pages) and the REST API (`/api/...`, OpenAPI at /docs) over the
     services of `ctx`."""
-    app = FastAPI(title="FaceMoE Edge", version=__version__,
+    # /docs is rendered here from the OpenAPI schema: FastAPI's Swagger UI and ReDoc pages load
+    # their scripts from a CDN, which an edge box may not reach (and the CSP forbids)
+    app = FastAPI(title="FaceMoE Edge", version=__version__, docs_url=None, redoc_url=None,
                   description="Review events and unknown faces, manage the gallery, recognise "
                               "and verify faces. Pages use a session cookie (with CSRF "
                               "tokens); the API takes `Authorization: Bearer TOKEN`.")

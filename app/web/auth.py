@@ -22,7 +22,9 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from app.config import WebConfig
@@ -35,6 +37,7 @@ CSRF_FIELD = "csrf_token"
 PASSWORD_ENV, USER_ENV, TOKEN_ENV = "FACEMOE_WEB_PASSWORD", "FACEMOE_WEB_USER", "FACEMOE_WEB_TOKEN"
 _SCRYPT = (2**14, 8, 1)
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+MAX_FAILURES, FAILURE_WINDOW_S = 5, 300.0  # failed logins per client address, then a wait
 
 
 class AuthConfigError(Exception):
@@ -97,6 +100,8 @@ class Authenticator:
                 f"serving on {host} needs authentication: set {PASSWORD_ENV} or {TOKEN_ENV}, "
                 f"or web.users / web.token_hashes in the config (or bind 127.0.0.1)")
         self.session_s = cfg.session_hours * 3600
+        self._failures: dict[str, deque[float]] = {}
+        self._failures_lock = threading.Lock()
         self._key = secrets.token_bytes(32)
         try:
             self.local_user = getpass.getuser()
@@ -111,6 +116,25 @@ class Authenticator:
             verify_password(password, hash_password("x"))  # same time for unknown users
             return False
         return verify_password(password, stored)
+
+    def login_wait(self, client: str) -> float:
+        """Seconds `client` must wait before its next login attempt (0: none): after
+        `MAX_FAILURES` failures within `FAILURE_WINDOW_S`, until the oldest one expires."""
+        now = time.monotonic()
+        with self._failures_lock:
+            times = self._failures.get(client)
+            while times and now - times[0] > FAILURE_WINDOW_S:
+                times.popleft()
+            if not times or len(times) < MAX_FAILURES:
+                return 0.0
+            return FAILURE_WINDOW_S - (now - times[0])
+
+    def login_failed(self, client: str) -> None:
+        with self._failures_lock:
+            if len(self._failures) > 10_000:  # bounded memory under a spray of addresses
+                self._failures.clear()
+            self._failures.setdefault(client, deque(maxlen=MAX_FAILURES)).append(
+                time.monotonic())
 
     def check_token(self, token: str) -> bool:
         got = hash_token(token)

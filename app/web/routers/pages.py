@@ -58,9 +58,16 @@ def login_page(request: Request, next: str = "/events") -> HTMLResponse:
 def login(request: Request, username: str = Form(""), password: str = Form(""),
           next: str = Form("/events")) -> Response:
     ctx = get_ctx(request)
+    client = request.client.host if request.client else "?"
+    wait = ctx.auth.login_wait(client)
+    if wait > 0:
+        response = page(request, "login.html", None, next=next,
+                        error=f"too many failed logins: try again in {wait / 60:.0f} min")
+        response.status_code = 429
+        return response
     if not ctx.auth.check_password(username, password):
-        log.warning("failed web login for %r from %s", username,
-                    request.client.host if request.client else "?")
+        ctx.auth.login_failed(client)
+        log.warning("failed web login for %r from %s", username, client)
         response = page(request, "login.html", None, next=next,
                         error="wrong user name or password")
         response.status_code = 401
@@ -303,6 +310,42 @@ def delete_template_page(template_id: int, identity: int = Form(...),
     except user_errors() as exc:
         return back(here, error=_one_line(exc))
     return back(here, msg=f"template {template_id} deleted")
+
+
+# --- API reference ----------------------------------------------------------------------------
+
+
+@router.get("/docs", response_class=HTMLResponse)
+def api_docs(request: Request, user: User = Depends(current_user)) -> HTMLResponse:
+    """The REST API's routes from its OpenAPI schema (/openapi.json), as a page."""
+    spec = request.app.openapi()
+    routes = [
+        {"method": method.upper(), "path": path, "summary": op.get("summary", ""),
+         "tag": (op.get("tags") or [""])[0],
+         "params": [(x["name"], x["in"], x.get("required", False),
+                     x.get("description") or x.get("schema", {}).get("description", ""))
+                    for x in op.get("parameters", [])],
+         "body": _body_of(op), "response": _response_of(op)}
+        for path, ops in spec["paths"].items() for method, op in ops.items()]
+    return page(request, "docs.html", user, routes=routes, spec=spec)
+
+
+def _ref_name(schema: dict) -> str:
+    ref = schema.get("$ref") or schema.get("items", {}).get("$ref", "")
+    name = ref.rsplit("/", 1)[-1]
+    return f"list[{name}]" if name and "items" in schema else name or schema.get("type", "")
+
+
+def _body_of(op: dict) -> str:
+    content = op.get("requestBody", {}).get("content", {})
+    return ", ".join(f"{kind}: {_ref_name(c.get('schema', {}))}" for kind, c in content.items())
+
+
+def _response_of(op: dict) -> str:
+    ok = next((v for k, v in op.get("responses", {}).items() if k.startswith("2")), {})
+    content = ok.get("content", {})
+    return ", ".join(f"{kind}: {_ref_name(c.get('schema', {}))}".rstrip(": ")
+                     for kind, c in content.items()) or ok.get("description", "")
 
 
 # --- cameras ----------------------------------------------------------------------------------
