@@ -345,6 +345,10 @@ def test_authentication_sessions_csrf_and_tokens(db: Path, models) -> None:
     # a forged cookie is no session
     c.cookies.set(COOKIE, "eyJ1IjoiYWRtaW4ifQ==.0000")
     assert c.get("/api/events").status_code == 401
+    # a login posted from another site is refused (login CSRF)
+    r = c.post("/login", data={"username": "ops", "password": PASSWORD},
+               headers={"Origin": "http://evil.example"}, follow_redirects=False)
+    assert r.status_code == 403 and COOKIE not in r.cookies
     # guessing is throttled: after 5 failures (1 above) even the right password waits
     for _ in range(4):
         assert c.post("/login", data={"username": "ops", "password": "guess"}).status_code == 401
@@ -431,3 +435,21 @@ def test_cli_serve(built: Path, tmp_path: Path) -> None:
         server.terminate()
         server.wait(10)
         log.close()
+
+
+def test_cli_gallery_templates_merge_and_delete_template(db: Path, data_dir: Path) -> None:
+    """The same gallery services from the command line."""
+    facemoe("enroll", "Obama", data_dir / "videos" / "obama.jpg", "--gallery", db)
+    listed = json.loads(facemoe("gallery", "templates", ALEX, "--gallery", db, "--json").stdout)
+    (alex,) = listed["templates"]
+    assert alex["photo"] and alex["source"].endswith("alex-lacamoire.png")
+    out = facemoe("gallery", "merge", ALEX, "Obama", "--gallery", db).stdout
+    assert out.strip() == f"merged {ALEX!r} into 'Obama' (1 template(s) moved)"
+    out = facemoe("gallery", "delete-template", alex["id"], "--gallery", db, "--json").stdout
+    assert json.loads(out) == {"gallery": str(db), "deleted_template": alex["id"],
+                               "identity": "Obama"}
+    done = facemoe("gallery", "delete-template", alex["id"], "--gallery", db, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"facemoe: error: no template {alex['id']}"
+    names = json.loads(facemoe("gallery", "list", "--gallery", db, "--json").stdout)
+    assert [(i["name"], i["templates"]) for i in names["identities"]] == [("Obama", 1)]

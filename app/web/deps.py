@@ -40,7 +40,7 @@ def current_user(request: Request) -> User:
     raise NotAuthenticated()
 
 
-def _same_site(request: Request) -> bool:
+def same_site(request: Request) -> bool:
     """False when a browser says the request comes from another site."""
     if request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
         return False
@@ -59,7 +59,7 @@ async def writer(request: Request) -> User:
             token = (await request.form()).get(CSRF_FIELD)
         if not get_ctx(request).auth.csrf_ok(user, token if isinstance(token, str) else None):
             raise HTTPException(403, "missing or wrong CSRF token (reload the page)")
-    elif user.via == "local" and not _same_site(request):
+    elif user.via == "local" and not same_site(request):
         raise HTTPException(403, "cross-site request refused")
     return user
 

@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
@@ -18,7 +18,7 @@ from app.gallery.audit import acting_as
 from app.gallery.review import EventFilter
 from app.web.auth import COOKIE, User
 from app.web.context import WebContext
-from app.web.deps import current_user, get_ctx, user_errors, writer
+from app.web.deps import current_user, get_ctx, same_site, user_errors, writer
 from app.web.routers.clusters import list_clusters
 from app.web.routers.events import event_out, list_events
 from app.web.routers.identities import enroll_uploads, identity_detail
@@ -58,6 +58,8 @@ def login_page(request: Request, next: str = "/events") -> HTMLResponse:
 def login(request: Request, username: str = Form(""), password: str = Form(""),
           next: str = Form("/events")) -> Response:
     ctx = get_ctx(request)
+    if not same_site(request):
+        raise HTTPException(403, "cross-site login refused")
     client = request.client.host if request.client else "?"
     wait = ctx.auth.login_wait(client)
     if wait > 0:
