@@ -67,7 +67,7 @@ class FaceReview:
             _, crops = self.gallery.event_crops(eid)
             if not crops:
                 continue
-            with self.recognizer._lock:
+            with self.recognizer.model_lock:
                 vecs = np.asarray(self.embedder.embed_kept([c for _, c in crops]), np.float32)
             weights = np.asarray([max(q, 1e-3) for q, _ in crops], np.float32)
             vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)

@@ -145,7 +145,7 @@ class Recognizer:
                  threshold: float) -> None:
         self.detector, self.embedder, self.gallery = detector, embedder, gallery
         self.threshold = float(threshold)
-        self._lock = threading.Lock()
+        self.model_lock = threading.Lock()  # the detector is not thread-safe
         self._snapshot: tuple[int, list[str], np.ndarray] | None = None
 
     def _templates(self) -> tuple[list[str], np.ndarray]:
@@ -180,7 +180,7 @@ class Recognizer:
 
     def faces(self, image: np.ndarray) -> tuple[list, np.ndarray]:
         """Detections (largest first) and their unit embeddings float32[N, D]."""
-        with self._lock:
+        with self.model_lock:
             dets = sorted(self.detector.detect(image), key=lambda d: -float(d.bbox[2] * d.bbox[3]))
             crops = [align_face(image, d.landmarks, STORE) for d in dets]
             vecs = self.embedder.embed_kept(crops) if crops else np.zeros((0, self.embedder.dim))

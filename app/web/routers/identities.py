@@ -64,7 +64,7 @@ async def enroll_uploads(ctx: WebContext, user: User, name: str,
               for k, p in enumerate(photos)]
 
     def work() -> EnrollReport:
-        with ctx.recognizer._lock:
+        with ctx.recognizer.model_lock:
             faces = [f for fname, img in images
                      for f in faces_from_array(img, f"upload {fname}", ctx.detector, 0)]
         with acting_as(user.audit_name):
