@@ -345,6 +345,11 @@ def test_authentication_sessions_csrf_and_tokens(db: Path, models) -> None:
     # a forged cookie is no session
     c.cookies.set(COOKIE, "eyJ1IjoiYWRtaW4ifQ==.0000")
     assert c.get("/api/events").status_code == 401
+    # after a login, only paths on this server are followed
+    for target in ("//evil.example/x", "/\\evil.example", "https://evil.example"):
+        r = c.post("/login", data={"username": "ops", "password": PASSWORD, "next": target},
+                   follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/events", target
     # a login posted from another site is refused (login CSRF)
     r = c.post("/login", data={"username": "ops", "password": PASSWORD},
                headers={"Origin": "http://evil.example"}, follow_redirects=False)

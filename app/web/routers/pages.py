@@ -49,9 +49,16 @@ def _one_line(exc: Exception) -> str:
 # --- login ------------------------------------------------------------------------------------
 
 
+def _local(target: str) -> str:
+    """`target` when it is a path on this server, else /events (no open redirect: browsers
+    read `//host` and `/\\host` as another site)."""
+    ok = target.startswith("/") and target[1:2] not in ("/", "\\") and "\n" not in target
+    return target if ok else "/events"
+
+
 @router.get("/login", response_class=HTMLResponse)
 def login_page(request: Request, next: str = "/events") -> HTMLResponse:
-    return page(request, "login.html", None, next=next if next.startswith("/") else "/events")
+    return page(request, "login.html", None, next=_local(next))
 
 
 @router.post("/login")
@@ -74,8 +81,7 @@ def login(request: Request, username: str = Form(""), password: str = Form(""),
                         error="wrong user name or password")
         response.status_code = 401
         return response
-    target = next if next.startswith("/") and not next.startswith("//") else "/events"
-    response = RedirectResponse(target, status_code=303)
+    response = RedirectResponse(_local(next), status_code=303)
     response.set_cookie(COOKIE, ctx.auth.new_session(username), httponly=True, samesite="strict",
                         max_age=int(ctx.auth.session_s), secure=request.url.scheme == "https")
     return response
