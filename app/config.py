@@ -172,6 +172,11 @@ class WebConfig(_Strict):
         "higher splits one person into more clusters, lower merges different people",
     )
     page_size: int = Field(48, ge=1, le=500)
+    refresh_s: float = Field(
+        30.0, ge=0,
+        description="group new unknown events in the background this often (0: only when the "
+        "unknown-faces page loads); faster pages, a little CPU while cameras run",
+    )
 
 
 class AppConfig(_Strict):

@@ -541,6 +541,7 @@ class Daemon:
         ctx = WebContext(self.cfg, self.gallery, make_detector(self.cfg), self.embedder,
                          self.threshold, self.web_auth, cameras=self.camera_status)
         app = create_app(ctx)
+        ctx.start_refresher(self.stopping)
 
         @app.get("/metrics", include_in_schema=False)
         def metrics() -> Response:

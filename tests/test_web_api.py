@@ -458,3 +458,23 @@ def test_cli_gallery_templates_merge_and_delete_template(db: Path, data_dir: Pat
     assert done.stderr.strip() == f"facemoe: error: no template {alex['id']}"
     names = json.loads(facemoe("gallery", "list", "--gallery", db, "--json").stdout)
     assert [(i["name"], i["templates"]) for i in names["identities"]] == [("Obama", 1)]
+
+
+def test_unknown_faces_are_grouped_in_the_background(db: Path, models) -> None:
+    import threading
+    import time
+
+    c = make_client(db, models, refresh_s=0.2)
+    ctx = c.app.state.ctx
+    assert ctx.gallery.review.clusters(ctx.review.model)[1] == 0
+    stop = threading.Event()
+    ctx.start_refresher(stop)
+    try:
+        deadline = time.monotonic() + 60
+        while ctx.gallery.review.clusters(ctx.review.model)[1] == 0:
+            assert time.monotonic() < deadline, "no clusters after 60 s"
+            time.sleep(0.2)
+    finally:
+        stop.set()
+    page = c.get("/api/clusters").json()
+    assert page["pending"] == 0 and page["total"] >= 3

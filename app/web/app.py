@@ -4,6 +4,7 @@ builds it from the app config the way the CLI builds its services."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,9 +128,12 @@ def serve(cfg: AppConfig, gallery_path: str | None = None, host: str | None = No
                     "http://%s:%d/", host, port)
     log.info("serving the review UI on http://%s:%d/ (API docs at /docs), gallery %s",
              host, port, ctx.gallery.location)
+    stop = threading.Event()
+    ctx.start_refresher(stop)
     try:
         uvicorn.run(create_app(ctx), host=host, port=port, log_level="warning",
                     access_log=False)
     finally:
+        stop.set()
         ctx.gallery.close()
     return 0

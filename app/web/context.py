@@ -12,7 +12,7 @@ from app.clusters import FaceReview, RefreshReport
 from app.config import AppConfig
 from app.detect import FaceDetector
 from app.embed import Embedder
-from app.gallery import Gallery
+from app.gallery import Gallery, GalleryError
 from app.recognize import Recognizer
 from app.web.auth import Authenticator
 
@@ -47,3 +47,22 @@ class WebContext:
         """One refresh at a time (two would cluster the same new events twice)."""
         with self._refresh_lock:
             return self.review.refresh()
+
+    def start_refresher(self, stop: threading.Event) -> None:
+        """Group new unknown events every `web.refresh_s` seconds until `stop` is set, so the
+        unknown-faces page rarely has to embed while it loads."""
+        interval = self.cfg.web.refresh_s
+        if not interval:
+            return
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                try:
+                    while self.refresh_clusters().pending and not stop.is_set():
+                        pass
+                except GalleryError as exc:
+                    log.warning("grouping unknown faces: %s", exc)
+                except Exception:  # a bug must not end the server's background work silently
+                    log.exception("grouping unknown faces failed")
+
+        threading.Thread(target=loop, name="face-clusters", daemon=True).start()
