@@ -149,6 +149,7 @@ def test_clusters_are_stable_and_naming_one_enrolls_and_names_him(db: Path, mode
     token = login(c)
     first = c.get("/api/clusters").json()
     assert first["pending"] == 0 and first["total"] >= 3
+    assert f'<option value="{ALEX}">' in c.get("/clusters").text  # offered while typing
     again = c.get("/api/clusters").json()
     assert [(k["id"], k["members"]) for k in again["clusters"]] == [
         (k["id"], k["members"]) for k in first["clusters"]]

@@ -25,6 +25,7 @@ from app.web.routers.identities import enroll_uploads, identity_detail
 
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
+NAME_CHOICES = 500  # galleries up to this size offer their names in the "this is" field
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent.parent / "templates"))
 
 
@@ -150,8 +151,10 @@ def clusters_page(request: Request, state: str = Query("open", pattern="^(open|i
                   ctx: WebContext = Depends(get_ctx)) -> HTMLResponse:
     size = ctx.cfg.web.page_size
     data = list_clusters(ctx, state, offset, size)
+    known, total = ctx.gallery.review.identities(limit=NAME_CHOICES)
+    names = [i.name for i in known] if total <= NAME_CHOICES else []  # offered while typing
     return page(request, "clusters.html", user, data=data, state=state, offset=offset,
-                size=size)
+                size=size, names=names)
 
 
 @router.post("/clusters/{cluster_id}/name")
