@@ -169,6 +169,14 @@ class FaceReview:
         review.delete_cluster(cluster_id)
         return NamingReport(cluster_id, report, named)
 
+    def name_event(self, event_id: int, name: str, *,
+                   outlier_margin: float | None = OUTLIER_MARGIN) -> EnrollReport:
+        """`facemoe enroll NAME --event ID` for one event, which is then named `name`."""
+        report = enroll(name, [], self.recognizer.detector, self.embedder, self.gallery,
+                        outlier_margin=outlier_margin, events=[int(event_id)])
+        self.gallery.review.relabel([int(event_id)], report.name)
+        return report
+
     def ignore(self, cluster_id: int) -> None:
         self.gallery.review.set_cluster_state(cluster_id, "ignored")
 

@@ -186,6 +186,18 @@ def test_clusters_are_stable_and_naming_one_enrolls_and_names_him(db: Path, mode
     assert close_up([{**e, "camera": "short_hamilton_clip"} for e in again])["identity"] == LIN
 
 
+def test_name_one_event(db: Path, models) -> None:
+    c = make_client(db, models)
+    unknown = c.get("/api/events", params={"unknown": True, "limit": 500}).json()["events"]
+    e = close_up(unknown)
+    r = c.post(f"/api/events/{e['id']}/name", json={"name": LIN})
+    assert r.status_code == 200 and r.json()["templates"] == 3
+    assert all(s.startswith(f"event {e['id']}: ") for s in r.json()["sources"])
+    assert c.get(f"/api/events/{e['id']}").json()["identity"] == LIN
+    r = c.post("/events/999999/name", data={"name": LIN}, follow_redirects=False)
+    assert r.status_code == 303 and "no+event+999999" in r.headers["location"]
+
+
 def test_ignore_and_merge_clusters(db: Path, models) -> None:
     c = make_client(db, models)
     clusters = c.get("/api/clusters").json()["clusters"]

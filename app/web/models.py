@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from app.enroll import EnrollReport
 
 
 class _Body(BaseModel):
@@ -90,6 +94,12 @@ class Enrolled(BaseModel):
     templates: int
     sources: list[str]
     rejected: list[Rejected]
+
+    @classmethod
+    def of(cls, r: EnrollReport) -> Enrolled:
+        return cls(name=r.name, templates=len(r.faces), sources=[f.source for f in r.faces],
+                   rejected=[Rejected(source=x.source, similarity=x.similarity, bound=x.bound)
+                             for x in r.rejected])
 
 
 class NamedCluster(BaseModel):

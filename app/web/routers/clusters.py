@@ -19,7 +19,6 @@ from app.web.models import (
     MergeClusterRequest,
     NamedCluster,
     NameRequest,
-    Rejected,
 )
 
 log = logging.getLogger(__name__)
@@ -45,11 +44,8 @@ def list_clusters(ctx: WebContext, state: str, offset: int, limit: int) -> Clust
 
 
 def naming_out(r: NamingReport) -> NamedCluster:
-    e = r.enrollment
-    return NamedCluster(cluster=r.cluster, events_named=r.events_named, enrolled=Enrolled(
-        name=e.name, templates=len(e.faces), sources=[f.source for f in e.faces],
-        rejected=[Rejected(source=x.source, similarity=x.similarity, bound=x.bound)
-                  for x in e.rejected]))
+    return NamedCluster(cluster=r.cluster, events_named=r.events_named,
+                        enrolled=Enrolled.of(r.enrollment))
 
 
 @router.get("", response_model=ClusterPage, summary="Face clusters of unknown events")

@@ -8,12 +8,13 @@ from datetime import datetime
 from fastapi import APIRouter, Depends, Query, Response
 
 from app.gallery import StoredEvent
+from app.gallery.audit import acting_as
 from app.gallery.review import EventFilter
 from app.recognize import Candidate
 from app.web.auth import User
 from app.web.context import WebContext
-from app.web.deps import current_user, get_ctx, http_error, user_errors
-from app.web.models import EventOut, EventPage, Nearest
+from app.web.deps import current_user, get_ctx, http_error, user_errors, writer
+from app.web.models import Enrolled, EventOut, EventPage, NameRequest, Nearest
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/events", tags=["events"])
@@ -80,3 +81,15 @@ def get_event_crop(event_id: int, index: int, ctx: WebContext = Depends(get_ctx)
     except user_errors() as exc:
         raise http_error(exc) from exc
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": CROP_CACHE})
+
+
+@router.post("/{event_id}/name", response_model=Enrolled,
+             summary="This is NAME: enroll the event's kept crops and name the event")
+def name_event(event_id: int, body: NameRequest, ctx: WebContext = Depends(get_ctx),
+               user: User = Depends(writer)) -> Enrolled:
+    try:
+        with acting_as(user.audit_name):
+            r = ctx.review.name_event(event_id, body.name)
+    except user_errors() as exc:
+        raise http_error(exc) from exc
+    return Enrolled.of(r)

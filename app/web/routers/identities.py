@@ -20,7 +20,6 @@ from app.web.models import (
     IdentityOut,
     IdentityPage,
     MergeIdentityRequest,
-    Rejected,
     Removed,
     RenameRequest,
     TemplateOut,
@@ -45,12 +44,6 @@ def identity_detail(ctx: WebContext, identity_id: int) -> IdentityDetail:
                                    created_at=t.created_at,
                                    crop_url=f"/api/templates/{t.id}/crop" if t.has_crop else None)
                        for t in refs])
-
-
-def enrolled_out(r: EnrollReport) -> Enrolled:
-    return Enrolled(name=r.name, templates=len(r.faces), sources=[f.source for f in r.faces],
-                    rejected=[Rejected(source=x.source, similarity=x.similarity, bound=x.bound)
-                              for x in r.rejected])
 
 
 async def enroll_uploads(ctx: WebContext, user: User, name: str,
@@ -87,7 +80,7 @@ async def create_identity(name: str = Form(...), photos: list[UploadFile] = File
                           ctx: WebContext = Depends(get_ctx),
                           user: User = Depends(writer)) -> Enrolled:
     try:
-        return enrolled_out(await enroll_uploads(ctx, user, name, photos))
+        return Enrolled.of(await enroll_uploads(ctx, user, name, photos))
     except user_errors() as exc:
         raise http_error(exc) from exc
 
@@ -149,7 +142,7 @@ async def add_templates(identity_id: int, photos: list[UploadFile] = File(...),
                         user: User = Depends(writer)) -> Enrolled:
     try:
         name = ctx.gallery.review.identity(identity_id).name
-        return enrolled_out(await enroll_uploads(ctx, user, name, photos))
+        return Enrolled.of(await enroll_uploads(ctx, user, name, photos))
     except user_errors() as exc:
         raise http_error(exc) from exc
 

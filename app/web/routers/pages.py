@@ -142,6 +142,19 @@ def event_page(request: Request, event_id: int, user: User = Depends(current_use
     return page(request, "event.html", user, e=out, threshold=ctx.threshold)
 
 
+@router.post("/events/{event_id}/name")
+def name_event_page(event_id: int, name: str = Form(...), user: User = Depends(writer),
+                    ctx: WebContext = Depends(get_ctx)) -> Response:
+    here = f"/events/{event_id}"
+    try:
+        with acting_as(user.audit_name):
+            r = ctx.review.name_event(event_id, name)
+    except user_errors() as exc:
+        return back(here, error=_one_line(exc))
+    return back(here, msg=f"enrolled {r.name}: {len(r.faces)} template(s), "
+                f"{len(r.rejected)} rejected as outlier(s)")
+
+
 # --- clusters ---------------------------------------------------------------------------------
 
 
