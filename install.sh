@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One command to a working FaceMoE Edge install on a fresh Debian/Ubuntu machine.
-#   ./install.sh            # CPU install (torch CPU wheel), app + trainer + dev tools
+#   ./install.sh            # CPU install (torch CPU wheel), app + review UI + trainer + dev tools
 #   FACEMOE_VENV=/opt/fm ./install.sh   # venv somewhere else (default: ./.venv)
 #   FACEMOE_TORCH=cuda ./install.sh     # take the default (CUDA) torch wheel on a GPU machine
 #   FACEMOE_EXTRAS=dev,train,engine ./install.sh  # which pyproject extras to install
+#     (web, the review UI and REST API of `facemoe serve`, is always added)
 #     (gpu: triton for the fused MoE op on CUDA; ~200 MB wheel; on CPU its tests use the
 #      Triton interpreter. It installs after the CPU torch of step 3, which needs no triton.)
 # Idempotent: re-running it only installs what is missing.
@@ -12,6 +13,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="${FACEMOE_VENV:-$here/.venv}"
 extras="${FACEMOE_EXTRAS:-dev,train}"
+[[ ",$extras," == *",web,"* ]] || extras="web,$extras"  # the review UI is part of the product
 torch_spec="${FACEMOE_TORCH_SPEC:-torch==2.13.*}"
 
 say() { printf '[install] %s\n' "$*" >&2; }

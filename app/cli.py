@@ -195,6 +195,81 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(_config(args))
 
 
+def _recognizer(args: argparse.Namespace):
+    from app.recognize import Recognizer
+    from app.runtime import make_detector, open_gallery, threshold
+
+    cfg = _config(args)
+    detector, embedder = make_detector(cfg), _embedder(cfg)
+    gallery = open_gallery(_gallery_path(args, cfg), embedder, create=False)
+    return Recognizer(detector, embedder, gallery, threshold(cfg, embedder)), gallery
+
+
+def cmd_recognize(args: argparse.Namespace) -> int:
+    from app.recognize import read_image
+
+    images = [(path, read_image(path)) for path in args.images]  # bad files fail first
+    recognizer, gallery = _recognizer(args)
+    with gallery:
+        results = [(path, recognizer.recognize(img, args.top)) for path, img in images]
+    lines = []
+    for path, faces in results:
+        lines.append(f"{path}: {len(faces)} face(s)")
+        for k, f in enumerate(faces):
+            x, y, w, h = f.box
+            near = ", ".join(f"{c.name} {c.score:.3f}" for c in f.candidates) or "empty gallery"
+            lines.append(f"  face {k} at {x:.0f},{y:.0f} {w:.0f}x{h:.0f}: "
+                         f"{f.identity or 'unknown'} (nearest: {near})")
+    _out(args, {"threshold": recognizer.threshold, "model": recognizer.embedder.model,
+                "images": [{"image": path, "faces": [f.as_json() for f in faces]}
+                           for path, faces in results]},
+         "\n".join(lines))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from app.recognize import Recognizer, read_image
+    from app.runtime import make_detector, threshold
+
+    a, b = read_image(args.a), read_image(args.b)
+    cfg = _config(args)
+    embedder = _embedder(cfg)
+    recognizer = Recognizer(make_detector(cfg), embedder, None, threshold(cfg, embedder))
+    v = recognizer.verify(a, b)
+    verdict = "same person" if v.same else "different people"
+    _out(args, {"a": args.a, "b": args.b, **v.as_json()},
+         f"{verdict}: cosine {v.score:.3f} (threshold {v.threshold:.3f})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.hash_password or args.hash_token:
+        import getpass
+        import secrets
+
+        from app.web.auth import hash_password, hash_token
+
+        if args.hash_token:
+            token = secrets.token_urlsafe(32)
+            _out(args, {"token": token, "token_hash": hash_token(token)},
+                 f"token (give it to API clients): {token}\n"
+                 f"web.token_hashes entry (config): {hash_token(token)}")
+            return 0
+        password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline()
+        password = password.rstrip("\n")
+        if len(password) < 8:
+            raise UserError("the password must have at least 8 characters")
+        _out(args, {"password_hash": hash_password(password)}, hash_password(password))
+        return 0
+    from app.web.app import serve
+    from app.web.auth import AuthConfigError
+
+    try:
+        return serve(_config(args), _gallery_path(args, _config(args)), args.host, args.port)
+    except AuthConfigError as e:
+        raise UserError(str(e)) from e
+
+
 # --- trainer ---------------------------------------------------------------------------------
 
 
@@ -506,6 +581,34 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=cmd_process)
 
+    sp = sub.add_parser("recognize", help="name every face in photos (nearest identities)")
+    sp.add_argument("images", nargs="+", help="photos (JPEG, PNG, WebP, BMP)")
+    sp.add_argument("--top", type=int, default=3, help="nearest identities per face (default 3)")
+    common(sp)
+    sp.set_defaults(func=cmd_recognize)
+
+    sp = sub.add_parser("compare", help="two photos: the same person or not (largest faces)")
+    sp.add_argument("a")
+    sp.add_argument("b")
+    common(sp, gallery=False)
+    sp.set_defaults(func=cmd_compare)
+
+    sp = sub.add_parser(
+        "serve", help="the review web UI and REST API (events, unknown faces, gallery)"
+    )
+    sp.add_argument("--host", help="address to bind (default web.host: 127.0.0.1)")
+    sp.add_argument("--port", type=int, help="port (default web.port: 8080)")
+    sp.add_argument(
+        "--hash-password", action="store_true",
+        help="read a password on stdin and print its hash for web.users[].password_hash",
+    )
+    sp.add_argument(
+        "--hash-token", action="store_true",
+        help="make an API token and print it with its hash for web.token_hashes",
+    )
+    common(sp)
+    sp.set_defaults(func=cmd_serve)
+
     sp = sub.add_parser("run", help="the daemon: recognise faces on the configured cameras")
     sp.add_argument(
         "--config", help="app config YAML with a `cameras:` list (default: configs/app.yaml)"
@@ -671,6 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
 _USER_ERRORS = (
     ("trainer.config", "ConfigError"),
     ("app.enroll", "EnrollError"),
+    ("app.recognize", "ImageError"),
     ("app.gallery.errors", "GalleryError"),
     ("app.sinks", "SinkError"),
     ("app.source", "SourceError"),

@@ -343,6 +343,44 @@ class DaemonConfig(_Strict):
     mqtt: MqttConfig | None = None
     webhook: WebhookConfig | None = None
     shutdown_timeout_s: float = Field(5.0, gt=0)
+    web: bool = Field(
+        False, description="serve the review UI and API (`web:` section) on metrics_port too"
+    )
+
+
+class WebUser(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    password_hash: str = Field(
+        pattern=r"^scrypt\$", description="`facemoe serve --hash-password` prints one"
+    )
+
+
+class WebConfig(_Strict):
+    """`facemoe serve` (and the daemon with `daemon.web: true`): the review UI and REST API.
+
+    Any bind other than loopback needs a user or a token. Passwords and tokens are kept as
+    hashes only; $FACEMOE_WEB_PASSWORD (user $FACEMOE_WEB_USER, default admin) and
+    $FACEMOE_WEB_TOKEN add one from the environment."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    users: list[WebUser] = Field(default_factory=list)
+    token_hashes: list[str] = Field(
+        default_factory=list, description="bearer tokens, as `facemoe serve --hash-token` prints"
+    )
+    session_hours: float = Field(12.0, gt=0, description="a login lasts this long")
+    max_upload_mb: float = Field(10.0, gt=0, le=100, description="largest accepted image")
+    cluster_threshold: float | None = Field(
+        None, gt=0, lt=1,
+        description="cosine at which unknown faces are grouped; default the match threshold; "
+        "higher splits one person into more clusters, lower merges different people",
+    )
+    page_size: int = Field(48, ge=1, le=500)
+    refresh_s: float = Field(
+        30.0, ge=0,
+        description="group new unknown events in the background this often (0: only when the "
+        "unknown-faces page loads); faster pages, a little CPU while cameras run",
+    )
 
 
 class AppConfig(_Strict):
@@ -356,6 +394,7 @@ class AppConfig(_Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     cameras: list[CameraConfig] = Field(default_factory=list)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
 
     @field_validator("model")
     @classmethod

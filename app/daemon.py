@@ -29,6 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -151,6 +152,7 @@ class Camera:
         self.state = "starting"
         self.error = ""
         self.frames = self.dropped = self.reconnects = self.events = 0
+        self.last_event: float | None = None  # wall-clock time of the last event
         self.last_frame = 0.0  # monotonic time of the last frame read
         self.latencies: dict[str, deque[float]] = {}
         self.fps_window: deque[tuple[float, int]] = deque(maxlen=16)
@@ -351,7 +353,18 @@ class Daemon:
         self.events_out: queue.Queue = queue.Queue(maxsize=cfg.daemon.event_queue)
         self.started = time.monotonic()
         self.http: ThreadingHTTPServer | None = None
+        self.web = None  # uvicorn.Server of the review UI (daemon.web)
         self._sinks = self._open_sinks()
+        self.web_auth = self._web_auth() if cfg.daemon.web else None
+
+    def _web_auth(self):
+        """The review UI's users (checked before any camera starts)."""
+        from app.web.auth import AuthConfigError, Authenticator
+
+        try:
+            return Authenticator(self.cfg.web, self.cfg.daemon.metrics_host)
+        except AuthConfigError as exc:
+            raise ConfigError(str(exc)) from exc
 
     def matcher(self):
         return self._matcher()
@@ -393,6 +406,7 @@ class Daemon:
         for ev in events:
             if ev.type == "end":
                 cam.events += 1
+                cam.last_event = time.time()
                 self.metrics.events.labels(cam.name).inc()
             else:
                 self.metrics.recognized.labels(cam.name).inc()
@@ -552,8 +566,57 @@ class Daemon:
         return {"status": "ok" if ok else "degraded", "uptime_s": round(now - self.started, 1),
                 "model": self.embedder.model, "cameras": cams, "sinks_pending": pending}
 
+    def camera_status(self) -> list[dict]:
+        """Each camera's state and counters, for the review UI's cameras page."""
+        now = time.monotonic()
+        out = []
+        for c in self.cameras:
+            h = c.health(now)
+            last = c.last_event
+            out.append({"name": c.name, "state": h["state"], "fps": h["fps"],
+                        "frames": h["frames"], "dropped": h["dropped"],
+                        "reconnects": h["reconnects"], "events": h["events"],
+                        "last_frame_age_s": h["last_frame_age_s"], "error": h["error"],
+                        "last_event": datetime.fromtimestamp(last, timezone.utc)
+                        if last else None})
+        return out
+
+    def _serve_web(self) -> None:
+        """The review UI and API (`daemon.web`) on the metrics port, with /metrics and
+        /healthz, under uvicorn in a thread. The web app gets a detector of its own (the
+        worker's is not shared between threads) and the daemon's embedder and gallery."""
+        import uvicorn
+        from fastapi.responses import JSONResponse, Response
+
+        from app.web.app import create_app
+        from app.web.context import WebContext
+
+        d = self.cfg.daemon
+        ctx = WebContext(self.cfg, self.gallery, make_detector(self.cfg), self.embedder,
+                         self.threshold, self.web_auth, cameras=self.camera_status)
+        app = create_app(ctx)
+        ctx.start_refresher(self.stopping)
+
+        @app.get("/metrics", include_in_schema=False)
+        def metrics() -> Response:
+            return Response(generate_latest(self.metrics.registry),
+                            media_type=CONTENT_TYPE_LATEST)
+
+        @app.get("/healthz", include_in_schema=False)
+        def healthz() -> JSONResponse:
+            return JSONResponse(self.health())
+
+        self.web = uvicorn.Server(uvicorn.Config(app, host=d.metrics_host, port=d.metrics_port,
+                                                 log_level="warning", access_log=False))
+        threading.Thread(target=self.web.run, name="web", daemon=True).start()
+        log.info("review UI on http://%s:%d/, metrics on /metrics, health on /healthz",
+                 d.metrics_host, d.metrics_port)
+
     def _serve_http(self) -> None:
         d = self.cfg.daemon
+        if d.web:
+            self._serve_web()
+            return
         daemon = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -628,6 +691,8 @@ class Daemon:
         log.info("stats %s", self.stats_line())
         if self.http is not None:
             self.http.shutdown()
+        if self.web is not None:
+            self.web.should_exit = True
         self.gallery.close()
         log.info("stopped")
         return 0

@@ -118,15 +118,23 @@ def faces_from_image(
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise EnrollError(f"cannot read image {path}")
+    return faces_from_array(image, str(path), detector, face, strict=strict)
+
+
+def faces_from_array(
+    image: np.ndarray, source: str, detector: FaceDetector, face: int | None, *,
+    strict: bool = True,
+) -> list[EnrollFace]:
+    """The face to enroll from a decoded BGR image (an upload); `source` names it."""
     try:
-        det = _pick(detector.detect(image), str(path), face)
+        det = _pick(detector.detect(image), source, face)
     except EnrollError as e:
         if strict:
             raise
         log.warning("skipped: %s", e)
         return []
     crop = align_face(image, det.landmarks, STORE)
-    return [EnrollFace(crop, score_quality(det, crop).score, str(path))]
+    return [EnrollFace(crop, score_quality(det, crop).score, source)]
 
 
 def faces_from_video(
@@ -219,17 +227,19 @@ def enroll(
     min_templates: int = OUTLIER_MIN_TEMPLATES,
     events: list[int] | None = None,
     tracking: TrackerConfig | None = None,
+    faces: list[EnrollFace] | None = None,
 ) -> EnrollReport:
     """Embed every face found in `paths` and in the kept crops of stored `events`, leave out
     outliers (`find_outliers`: a face of someone else, a bad detection) and store the rest
     as templates of `name` in one transaction. `outlier_margin=None` keeps every face;
-    `tracking` is the tracker config for videos (the app config's `tracker` section)."""
+    `tracking` is the tracker config for videos (the app config's `tracker` section);
+    `faces` adds faces found by the caller (`faces_from_array` on uploaded images)."""
     if not name.strip():
         raise EnrollError("the identity name is empty")
-    if not paths and not events:
+    if not paths and not events and not faces:
         raise EnrollError("nothing to enroll from: give photos, folders, videos or --event ID")
-    faces = collect(paths, detector, face, tracking=tracking)
-    faces += faces_from_events(gallery, list(events or []))
+    faces = (list(faces or []) + collect(paths, detector, face, tracking=tracking)
+             + faces_from_events(gallery, list(events or [])))
     vectors = np.asarray(embedder.embed_kept([f.crop for f in faces]), dtype=np.float32)
     reject, sims, bound = find_outliers(vectors, margin=outlier_margin,
                                         min_templates=min_templates)

@@ -1,4 +1,5 @@
-"""`facemoe gallery export|import|reembed|purge|events|audit|settings|check`: gallery lifecycle.
+"""`facemoe gallery export|import|reembed|purge|events|audit|settings|check|templates|
+delete-template|merge`: gallery lifecycle.
 
 `add_gallery_actions` adds the sub-commands to `facemoe gallery`; `open_gallery_for` opens
 the gallery the way an action needs it; `run_gallery_action` runs one and prints its result
@@ -89,6 +90,17 @@ def add_gallery_actions(gsub: argparse._SubParsersAction, common: Callable) -> N
                    help="with --store-crops off: also delete the crops already stored")
     common(g)
     g = action("check", "run SQLite's integrity check on the gallery")
+    common(g)
+    g = action("templates", "list an identity's templates with their ids")
+    g.add_argument("name")
+    common(g)
+    g = action("delete-template", "delete one template (an id from `facemoe gallery templates`)")
+    g.add_argument("id", type=int)
+    common(g)
+    g = action("merge", "move the templates and events of one identity to another, "
+                        "then delete the first")
+    g.add_argument("name", help="the identity merged away")
+    g.add_argument("into", help="the identity that keeps everything")
     common(g)
 
 
@@ -221,7 +233,33 @@ def _check(_args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | No
     return {"gallery": gallery.location, "integrity": result}, f"{gallery.location}: ok"
 
 
+def _templates(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | None
+               ) -> tuple[dict, str]:
+    refs = gallery.review.template_refs(args.name)
+    text = "\n".join(f"{t.id}\t{t.quality:.3f}\t{t.model}\t{'photo' if t.has_crop else '-'}\t"
+                     f"{t.source}" for t in refs) or "(no templates)"
+    return {"gallery": gallery.location, "name": args.name, "templates": [
+        {"id": t.id, "source": t.source, "quality": round(t.quality, 4), "model": t.model,
+         "created_at": t.created_at.isoformat(), "photo": t.has_crop} for t in refs]}, text
+
+
+def _delete_template(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | None
+                     ) -> tuple[dict, str]:
+    name = gallery.review.delete_template(args.id)
+    return ({"gallery": gallery.location, "deleted_template": args.id, "identity": name},
+            f"deleted template {args.id} of {name!r}")
+
+
+def _merge(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | None
+           ) -> tuple[dict, str]:
+    moved = gallery.review.merge_identities(args.name, args.into)
+    return ({"gallery": gallery.location, "merged": args.name, "into": args.into,
+             "templates_moved": moved},
+            f"merged {args.name!r} into {args.into!r} ({moved} template(s) moved)")
+
+
 _HANDLERS: dict[str, Callable[..., tuple[dict, str]]] = {
     "export": _export, "import": _import, "reembed": _reembed, "purge": _purge, "events": _events,
-    "audit": _audit, "settings": _settings, "check": _check,
+    "audit": _audit, "settings": _settings, "check": _check, "templates": _templates,
+    "delete-template": _delete_template, "merge": _merge,
 }

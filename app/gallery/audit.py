@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import getpass
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -28,6 +31,20 @@ class AuditEntry:
     def as_json(self) -> dict[str, Any]:
         return {"time": self.time.isoformat(), "action": self.action,
                 "identity": self.identity, "detail": self.detail, "user": self.user}
+
+
+_ACTOR: ContextVar[str | None] = ContextVar("facemoe_audit_actor", default=None)
+
+
+@contextmanager
+def acting_as(user: str) -> Iterator[None]:
+    """Audit rows written inside this block name `user` (e.g. `alice (web)`), not the OS
+    user: a server acting for an authenticated user."""
+    token = _ACTOR.set(user)
+    try:
+        yield
+    finally:
+        _ACTOR.reset(token)
 
 
 def _os_user() -> str:
@@ -55,7 +72,7 @@ class AuditLog:
         now = utcnow()
         session.execute(insert(AuditRow), [
             {"time": now, "action": action, "identity": identity, "detail": detail[:2048],
-             "os_user": self.user} for action, identity, detail in rows])
+             "os_user": _ACTOR.get() or self.user} for action, identity, detail in rows])
 
     def entries(self, limit: int | None = None) -> list[AuditEntry]:
         """Audit rows, oldest first; with `limit`, only the most recent `limit`."""

@@ -128,7 +128,7 @@ class EventRow(Base):
         DateTime(timezone=True), default=utcnow, index=True
     )
     # Added after the first release: nullable, and added to older galleries when they are
-    # opened (`_add_event_columns`). `uid` is the event's own id (`Event.id`, a UUID string).
+    # opened (migration 0002). `uid` is the event's own id (`Event.id`, a UUID string).
     uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     time: Mapped[str | None] = mapped_column(String(40), nullable=True)  # ISO 8601, wall clock
     snapshot: Mapped[str | None] = mapped_column(String(1024), nullable=True)
@@ -137,7 +137,7 @@ class EventRow(Base):
     zones: Mapped[str | None] = mapped_column(String(1024), nullable=True)  # JSON list of names
 
 
-# Columns of `events` that a gallery made before they existed lacks; added on open.
+# Columns of `events` that galleries of release 0.2 lack (migration 0002 adds them on open).
 EVENT_COLUMNS_ADDED = ("uid", "time", "snapshot", "candidate", "candidate_score", "zones")
 
 
@@ -150,6 +150,36 @@ class EventCropRow(Base):
     event_id: Mapped[int] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"), index=True)
     quality: Mapped[float] = mapped_column(Float)
     crop: Mapped[bytes] = mapped_column(LargeBinary)  # JPEG, kept geometry (sealed when encrypted)
+
+
+class EventEmbeddingRow(Base):
+    """An event's embedding (quality-weighted mean of its kept crops' embeddings) with the
+    model that made it, cached for the review UI: nearest names and face clusters."""
+
+    __tablename__ = "event_embeddings"
+
+    event_id: Mapped[int] = mapped_column(
+        ForeignKey("events.id", ondelete="CASCADE"), primary_key=True
+    )
+    model: Mapped[str] = mapped_column(String(256))  # name@version
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32[D] (sealed when encrypted)
+    cluster_id: Mapped[int | None] = mapped_column(
+        ForeignKey("face_clusters.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+
+
+class FaceClusterRow(Base):
+    """A group of unknown events of one face, with a stable id (the review UI's state)."""
+
+    __tablename__ = "face_clusters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(256))  # name@version of the member embeddings
+    state: Mapped[str] = mapped_column(String(16), default="open")  # open | ignored
+    centroid: Mapped[bytes] = mapped_column(LargeBinary)  # float32[D] unit (sealed)
+    members: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class MetaRow(Base):
@@ -379,35 +409,17 @@ class Database:
         if "meta" not in tables:
             if not create:
                 raise GalleryError(f"no such gallery: {self.location}")
-            if tables - set(Base.metadata.tables):
+            if tables - set(Base.metadata.tables) - {"alembic_version"}:
                 raise GalleryError(f"{self.location} is a database but not a FaceMoE gallery")
         if set(Base.metadata.tables) - tables:
             Base.metadata.create_all(self._engine)
-        self._add_event_columns()
+        from app.gallery.schema import ensure_current
+
+        ensure_current(self._engine, self.location)  # versioned: Alembic migrations
         with Session(self._engine) as session:
             meta = dict(session.execute(select(MetaRow.key, MetaRow.value)).all())
             has_templates = session.scalar(select(TemplateRow.id).limit(1)) is not None
         return meta, has_templates
-
-    def _add_event_columns(self) -> None:
-        """Add the nullable event columns (`EVENT_COLUMNS_ADDED`) that an older gallery lacks.
-
-        The one schema upgrade done in place; a later schema migration tool takes this over.
-        """
-        have = {c["name"] for c in inspect(self._engine).get_columns("events")}
-        missing = [n for n in EVENT_COLUMNS_ADDED if n not in have]
-        if not missing:
-            return
-        table = EventRow.__table__
-        with self._engine.begin() as conn:
-            for name in missing:
-                kind = table.c[name].type.compile(dialect=self._engine.dialect)
-                try:
-                    conn.exec_driver_sql(f'ALTER TABLE events ADD COLUMN "{name}" {kind}')
-                except OperationalError as exc:  # another process added it first
-                    if "duplicate column" not in one_line(exc).lower():
-                        raise
-        log.info("gallery %s: added event column(s) %s", self.location, ", ".join(missing))
 
     # --- transactions -------------------------------------------------------------------------
 

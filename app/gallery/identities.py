@@ -35,6 +35,7 @@ from app.gallery.db import (
 from app.gallery.errors import GalleryError, names_preview, plural
 from app.gallery.events import EventStore, StoredEvent
 from app.gallery.reembed import EmbedderLike, ReembedReport, reembed
+from app.gallery.review import Review
 from app.gallery.seal import CROP, VECTOR
 from app.gallery.store import Store
 from app.gallery.transfer import ExportReport, ImportReport, export, import_file
@@ -137,6 +138,7 @@ class Gallery:
         self.store = Store(location, model_name, model_version, create=create, key=key,
                            adopt_model=adopt_model)
         self.event_store = EventStore(self.store)
+        self.review = Review(self.store)  # pages, clusters and edits of the review UI
         log.debug("opened gallery %s for model %s", self.location, self.model)
 
     @property

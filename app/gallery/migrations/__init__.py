@@ -1,0 +1,1 @@
+"""Alembic migrations of the gallery schema (`app.gallery.schema` runs them)."""

@@ -1,0 +1,68 @@
+"""What the web layer works with: the services the CLI uses, built once per server."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.clusters import FaceReview, RefreshReport
+from app.config import AppConfig
+from app.detect import FaceDetector
+from app.embed import Embedder
+from app.gallery import Gallery, GalleryError
+from app.recognize import Recognizer
+from app.web.auth import Authenticator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WebContext:
+    """The gallery, the models and the review service of one server; `cameras` reports the
+    daemon's cameras when the daemon serves the app (None under `facemoe serve`)."""
+
+    cfg: AppConfig
+    gallery: Gallery
+    detector: FaceDetector
+    embedder: Embedder
+    threshold: float
+    auth: Authenticator
+    cameras: Callable[[], list[dict[str, Any]]] | None = None
+    recognizer: Recognizer = field(init=False)
+    review: FaceReview = field(init=False)
+    _refresh_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        self.recognizer = Recognizer(self.detector, self.embedder, self.gallery, self.threshold)
+        self.review = FaceReview(self.gallery, self.recognizer, self.cfg.web.cluster_threshold)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.cfg.web.max_upload_mb * 1024 * 1024)
+
+    def refresh_clusters(self) -> RefreshReport:
+        """One refresh at a time (two would cluster the same new events twice)."""
+        with self._refresh_lock:
+            return self.review.refresh()
+
+    def start_refresher(self, stop: threading.Event) -> None:
+        """Group new unknown events every `web.refresh_s` seconds until `stop` is set, so the
+        unknown-faces page rarely has to embed while it loads."""
+        interval = self.cfg.web.refresh_s
+        if not interval:
+            return
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                try:
+                    while self.refresh_clusters().pending and not stop.is_set():
+                        pass
+                except GalleryError as exc:
+                    log.warning("grouping unknown faces: %s", exc)
+                except Exception:  # a bug must not end the server's background work silently
+                    log.exception("grouping unknown faces failed")
+
+        threading.Thread(target=loop, name="face-clusters", daemon=True).start()

@@ -1,0 +1,95 @@
+"""`/api/events`: stored events, newest first, with their kept crops and nearest names."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from fastapi import APIRouter, Depends, Query, Response
+
+from app.gallery import StoredEvent
+from app.gallery.audit import acting_as
+from app.gallery.review import EventFilter
+from app.recognize import Candidate
+from app.web.auth import User
+from app.web.context import WebContext
+from app.web.deps import current_user, get_ctx, http_error, user_errors, writer
+from app.web.models import Enrolled, EventOut, EventPage, NameRequest, Nearest
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/events", tags=["events"])
+CROP_CACHE = "private, max-age=86400"
+
+
+def event_out(e: StoredEvent, nearest: Candidate | None = None) -> EventOut:
+    ev = e.event
+    return EventOut(
+        id=e.id, camera=ev.camera, track_id=ev.track_id, identity=ev.identity, score=ev.score,
+        start=ev.start, end=ev.end, frames=ev.frames, best_bbox=list(ev.best_bbox),
+        model=ev.model, crops=e.crops, stored_at=e.created_at,
+        nearest=Nearest(name=nearest.name, score=nearest.score) if nearest else None,
+        crop_urls=[f"/api/events/{e.id}/crops/{i}" for i in range(e.crops)],
+    )
+
+
+def list_events(ctx: WebContext, f: EventFilter, before: int | None, limit: int,
+                ) -> tuple[list[StoredEvent], int | None, dict[int, Candidate]]:
+    """A page of events and the nearest identity of its unknown ones."""
+    events, total = ctx.gallery.review.events(f, before=before, limit=limit)
+    return events, total, ctx.review.nearest(events)
+
+
+@router.get("", response_model=EventPage, summary="List events, newest first")
+def get_events(
+    camera: str | None = None,
+    identity: str | None = None,
+    unknown: bool = False,
+    since: datetime | None = Query(None, description="stored at or after (ISO 8601)"),
+    until: datetime | None = Query(None, description="stored before (ISO 8601)"),
+    cluster: int | None = Query(None, description="only the events of this face cluster"),
+    before: int | None = Query(None, description="only events with a smaller id (next page)"),
+    limit: int = Query(50, ge=1, le=500),
+    ctx: WebContext = Depends(get_ctx),
+    _user: User = Depends(current_user),
+) -> EventPage:
+    f = EventFilter(camera, identity, unknown, since, until, cluster)
+    try:
+        events, total, nearest = list_events(ctx, f, before, limit)
+    except user_errors() as exc:
+        raise http_error(exc) from exc
+    nxt = events[-1].id if len(events) == limit else None
+    return EventPage(events=[event_out(e, nearest.get(e.id)) for e in events], total=total,
+                     next_before=nxt)
+
+
+@router.get("/{event_id}", response_model=EventOut, summary="One event")
+def get_event(event_id: int, ctx: WebContext = Depends(get_ctx),
+              _user: User = Depends(current_user)) -> EventOut:
+    try:
+        e = ctx.gallery.review.event(event_id)
+        return event_out(e, ctx.review.nearest([e]).get(e.id))
+    except user_errors() as exc:
+        raise http_error(exc) from exc
+
+
+@router.get("/{event_id}/crops/{index}", summary="A kept crop of an event (JPEG), best first",
+            response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+def get_event_crop(event_id: int, index: int, ctx: WebContext = Depends(get_ctx),
+                   _user: User = Depends(current_user)) -> Response:
+    try:
+        data = ctx.gallery.review.event_crop_jpeg(event_id, index)
+    except user_errors() as exc:
+        raise http_error(exc) from exc
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": CROP_CACHE})
+
+
+@router.post("/{event_id}/name", response_model=Enrolled,
+             summary="This is NAME: enroll the event's kept crops and name the event")
+def name_event(event_id: int, body: NameRequest, ctx: WebContext = Depends(get_ctx),
+               user: User = Depends(writer)) -> Enrolled:
+    try:
+        with acting_as(user.audit_name):
+            r = ctx.review.name_event(event_id, body.name)
+    except user_errors() as exc:
+        raise http_error(exc) from exc
+    return Enrolled.of(r)

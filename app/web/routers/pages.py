@@ -1,0 +1,382 @@
+"""The HTML pages (server-rendered, no JavaScript needed): events, unknown-face clusters,
+gallery, cameras, login. Their forms post here; each handler calls the same service as the
+API route and the CLI, then redirects (post/redirect/get) with a message or an error."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from app import __version__
+from app.gallery.audit import acting_as
+from app.gallery.review import EventFilter
+from app.web.auth import COOKIE, User
+from app.web.context import WebContext
+from app.web.deps import current_user, get_ctx, same_site, user_errors, writer
+from app.web.routers.clusters import list_clusters
+from app.web.routers.events import event_out, list_events
+from app.web.routers.identities import enroll_uploads, identity_detail
+
+log = logging.getLogger(__name__)
+router = APIRouter(include_in_schema=False)
+NAME_CHOICES = 500  # galleries up to this size offer their names in the "this is" field
+templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent.parent / "templates"))
+
+
+def page(request: Request, name: str, user: User | None, **values) -> HTMLResponse:
+    ctx = get_ctx(request)
+    return templates.TemplateResponse(request, name, {
+        "user": user, "csrf": user.csrf if user else "", "version": __version__,
+        "auth_required": ctx.auth.required, "has_cameras": ctx.cameras is not None,
+        "msg": request.query_params.get("msg"), "error": request.query_params.get("error"),
+        **values})
+
+
+def back(path: str, **query: object) -> RedirectResponse:
+    q = urlencode({k: v for k, v in query.items() if v is not None})
+    return RedirectResponse(f"{path}?{q}" if q else path, status_code=303)
+
+
+def _one_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+# --- login ------------------------------------------------------------------------------------
+
+
+def _local(target: str) -> str:
+    """`target` when it is a path on this server, else /events (no open redirect: browsers
+    read `//host` and `/\\host` as another site)."""
+    ok = target.startswith("/") and target[1:2] not in ("/", "\\") and "\n" not in target
+    return target if ok else "/events"
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, next: str = "/events") -> HTMLResponse:
+    return page(request, "login.html", None, next=_local(next))
+
+
+@router.post("/login")
+def login(request: Request, username: str = Form(""), password: str = Form(""),
+          next: str = Form("/events")) -> Response:
+    ctx = get_ctx(request)
+    if not same_site(request):
+        raise HTTPException(403, "cross-site login refused")
+    client = request.client.host if request.client else "?"
+    wait = ctx.auth.login_wait(client)
+    if wait > 0:
+        response = page(request, "login.html", None, next=next,
+                        error=f"too many failed logins: try again in {wait / 60:.0f} min")
+        response.status_code = 429
+        return response
+    if not ctx.auth.check_password(username, password):
+        ctx.auth.login_failed(client)
+        log.warning("failed web login for %r from %s", username, client)
+        response = page(request, "login.html", None, next=next,
+                        error="wrong user name or password")
+        response.status_code = 401
+        return response
+    response = RedirectResponse(_local(next), status_code=303)
+    response.set_cookie(COOKIE, ctx.auth.new_session(username), httponly=True, samesite="strict",
+                        max_age=int(ctx.auth.session_s), secure=request.url.scheme == "https")
+    return response
+
+
+@router.post("/logout")
+def logout(_user: User = Depends(writer)) -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE)
+    return response
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+def _time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+@router.get("/", include_in_schema=False)
+def home() -> RedirectResponse:
+    return RedirectResponse("/events", status_code=303)
+
+
+@router.get("/events", response_class=HTMLResponse)
+def events_page(request: Request, camera: str = "", identity: str = "", unknown: bool = False,
+                since: str = "", until: str = "", cluster: int | None = None,
+                before: int | None = None, user: User = Depends(current_user),
+                ctx: WebContext = Depends(get_ctx)) -> HTMLResponse:
+    error = None
+    try:
+        f = EventFilter(camera or None, identity or None, unknown, _time(since), _time(until),
+                        cluster)
+        events, total, nearest = list_events(ctx, f, before, ctx.cfg.web.page_size)
+    except (ValueError, *user_errors()) as exc:
+        events, total, nearest, error = [], 0, {}, _one_line(exc)
+    rows = [event_out(e, nearest.get(e.id)) for e in events]
+    query = {k: v for k, v in {"camera": camera, "identity": identity,
+                               "unknown": "true" if unknown else "", "since": since,
+                               "until": until, "cluster": cluster}.items() if v}
+    more = (urlencode({**query, "before": rows[-1].id})
+            if len(rows) == ctx.cfg.web.page_size else None)
+    return page(request, "events.html", user, events=rows, total=total,
+                cameras=ctx.gallery.review.cameras(), filters=query, camera=camera,
+                identity=identity, unknown=unknown, since=since, until=until, more=more,
+                page_error=error, threshold=ctx.threshold)
+
+
+@router.get("/events/{event_id}", response_class=HTMLResponse)
+def event_page(request: Request, event_id: int, user: User = Depends(current_user),
+               ctx: WebContext = Depends(get_ctx)) -> Response:
+    try:
+        e = ctx.gallery.review.event(event_id)
+        out = event_out(e, ctx.review.nearest([e]).get(e.id))
+    except user_errors() as exc:
+        return back("/events", error=_one_line(exc))
+    return page(request, "event.html", user, e=out, threshold=ctx.threshold)
+
+
+@router.post("/events/{event_id}/name")
+def name_event_page(event_id: int, name: str = Form(...), user: User = Depends(writer),
+                    ctx: WebContext = Depends(get_ctx)) -> Response:
+    here = f"/events/{event_id}"
+    try:
+        with acting_as(user.audit_name):
+            r = ctx.review.name_event(event_id, name)
+    except user_errors() as exc:
+        return back(here, error=_one_line(exc))
+    return back(here, msg=f"enrolled {r.name}: {len(r.faces)} template(s), "
+                f"{len(r.rejected)} rejected as outlier(s)")
+
+
+# --- clusters ---------------------------------------------------------------------------------
+
+
+@router.get("/clusters", response_class=HTMLResponse)
+def clusters_page(request: Request, state: str = Query("open", pattern="^(open|ignored)$"),
+                  offset: int = Query(0, ge=0), user: User = Depends(current_user),
+                  ctx: WebContext = Depends(get_ctx)) -> HTMLResponse:
+    size = ctx.cfg.web.page_size
+    data = list_clusters(ctx, state, offset, size)
+    known, total = ctx.gallery.review.identities(limit=NAME_CHOICES)
+    names = [i.name for i in known] if total <= NAME_CHOICES else []  # offered while typing
+    return page(request, "clusters.html", user, data=data, state=state, offset=offset,
+                size=size, names=names)
+
+
+@router.post("/clusters/{cluster_id}/name")
+def name_cluster(cluster_id: int, name: str = Form(...), user: User = Depends(writer),
+                 ctx: WebContext = Depends(get_ctx)) -> Response:
+    try:
+        with acting_as(user.audit_name):
+            r = ctx.review.name(cluster_id, name)
+    except user_errors() as exc:
+        return back("/clusters", error=_one_line(exc))
+    e = r.enrollment
+    msg = (f"cluster {cluster_id} is {e.name}: {len(e.faces)} template(s) enrolled, "
+           f"{len(e.rejected)} rejected as outlier(s), {r.events_named} event(s) named")
+    return back("/clusters", msg=msg)
+
+
+@router.post("/clusters/{cluster_id}/ignore")
+def ignore_cluster(cluster_id: int, user: User = Depends(writer),
+                   ctx: WebContext = Depends(get_ctx)) -> Response:
+    try:
+        with acting_as(user.audit_name):
+            ctx.review.ignore(cluster_id)
+    except user_errors() as exc:
+        return back("/clusters", error=_one_line(exc))
+    return back("/clusters", msg=f"cluster {cluster_id} ignored")
+
+
+@router.post("/clusters/{cluster_id}/restore")
+def restore_cluster(cluster_id: int, user: User = Depends(writer),
+                    ctx: WebContext = Depends(get_ctx)) -> Response:
+    try:
+        with acting_as(user.audit_name):
+            ctx.review.restore(cluster_id)
+    except user_errors() as exc:
+        return back("/clusters", state="ignored", error=_one_line(exc))
+    return back("/clusters", msg=f"cluster {cluster_id} restored")
+
+
+@router.post("/clusters/{cluster_id}/merge")
+def merge_cluster(cluster_id: int, other: int = Form(...), user: User = Depends(writer),
+                  ctx: WebContext = Depends(get_ctx)) -> Response:
+    try:
+        with acting_as(user.audit_name):
+            ctx.review.merge(cluster_id, other)
+    except user_errors() as exc:
+        return back("/clusters", error=_one_line(exc))
+    return back("/clusters", msg=f"cluster {other} merged into {cluster_id}")
+
+
+# --- gallery ----------------------------------------------------------------------------------
+
+
+@router.get("/gallery", response_class=HTMLResponse)
+def gallery_page(request: Request, search: str = "", offset: int = Query(0, ge=0),
+                 user: User = Depends(current_user),
+                 ctx: WebContext = Depends(get_ctx)) -> HTMLResponse:
+    size = ctx.cfg.web.page_size
+    rows, total = ctx.gallery.review.identities(search=search, offset=offset, limit=size)
+    thumbs = ctx.gallery.review.photo_templates([i.id for i in rows])
+    return page(request, "gallery.html", user, identities=rows, total=total, search=search,
+                offset=offset, size=size, thumbs=thumbs)
+
+
+@router.post("/gallery/enroll")
+async def enroll_page(name: str = Form(...), photos: list[UploadFile] = File(...),
+                      user: User = Depends(writer), ctx: WebContext = Depends(get_ctx)
+                      ) -> Response:
+    try:
+        r = await enroll_uploads(ctx, user, name, photos)
+    except user_errors() as exc:
+        return back("/gallery", error=_one_line(exc))
+    return back("/gallery", search=r.name,
+                msg=f"enrolled {r.name}: {len(r.faces)} template(s), "
+                    f"{len(r.rejected)} rejected as outlier(s)")
+
+
+@router.get("/gallery/{identity_id}", response_class=HTMLResponse)
+def identity_page(request: Request, identity_id: int, user: User = Depends(current_user),
+                  ctx: WebContext = Depends(get_ctx)) -> Response:
+    try:
+        detail = identity_detail(ctx, identity_id)
+    except user_errors() as exc:
+        return back("/gallery", error=_one_line(exc))
+    events, _ = ctx.gallery.review.events(EventFilter(identity=detail.name), limit=12,
+                                          count=False)
+    return page(request, "identity.html", user, i=detail,
+                events=[event_out(e) for e in events])
+
+
+@router.post("/gallery/{identity_id}/photos")
+async def add_photos_page(identity_id: int, photos: list[UploadFile] = File(...),
+                          user: User = Depends(writer), ctx: WebContext = Depends(get_ctx)
+                          ) -> Response:
+    here = f"/gallery/{identity_id}"
+    try:
+        name = ctx.gallery.review.identity(identity_id).name
+        r = await enroll_uploads(ctx, user, name, photos)
+    except user_errors() as exc:
+        return back(here, error=_one_line(exc))
+    return back(here, msg=f"{len(r.faces)} template(s) added, {len(r.rejected)} rejected")
+
+
+@router.post("/gallery/{identity_id}/rename")
+def rename_page(identity_id: int, name: str = Form(...), user: User = Depends(writer),
+                ctx: WebContext = Depends(get_ctx)) -> Response:
+    here = f"/gallery/{identity_id}"
+    try:
+        old = ctx.gallery.review.identity(identity_id).name
+        with acting_as(user.audit_name):
+            ctx.gallery.rename(old, name)
+    except user_errors() as exc:
+        return back(here, error=_one_line(exc))
+    return back(here, msg=f"renamed {old} to {name.strip()}")
+
+
+@router.post("/gallery/{identity_id}/merge")
+def merge_page(identity_id: int, into: str = Form(...), user: User = Depends(writer),
+               ctx: WebContext = Depends(get_ctx)) -> Response:
+    here = f"/gallery/{identity_id}"
+    try:
+        src = ctx.gallery.review.identity(identity_id).name
+        with acting_as(user.audit_name):
+            n = ctx.gallery.review.merge_identities(src, into)
+    except user_errors() as exc:
+        return back(here, error=_one_line(exc))
+    return back("/gallery", search=into.strip(), msg=f"merged {src} into {into.strip()} "
+                f"({n} template(s) moved)")
+
+
+@router.get("/gallery/{identity_id}/delete", response_class=HTMLResponse)
+def delete_confirm_page(request: Request, identity_id: int, user: User = Depends(current_user),
+                        ctx: WebContext = Depends(get_ctx)) -> Response:
+    try:
+        i = ctx.gallery.review.identity(identity_id)
+    except user_errors() as exc:
+        return back("/gallery", error=_one_line(exc))
+    return page(request, "delete.html", user, i=i)
+
+
+@router.post("/gallery/{identity_id}/delete")
+def delete_page(identity_id: int, confirm: str = Form(""), user: User = Depends(writer),
+                ctx: WebContext = Depends(get_ctx)) -> Response:
+    try:
+        name = ctx.gallery.review.identity(identity_id).name
+        if confirm.strip() != name:
+            return back(f"/gallery/{identity_id}/delete",
+                        error="type the name exactly to confirm the deletion")
+        with acting_as(user.audit_name):
+            events = ctx.gallery.remove(name)
+    except user_errors() as exc:
+        return back("/gallery", error=_one_line(exc))
+    return back("/gallery", msg=f"deleted {name} with its templates, crops and "
+                f"{events} event(s)")
+
+
+@router.post("/templates/{template_id}/delete")
+def delete_template_page(template_id: int, identity: int = Form(...),
+                         user: User = Depends(writer), ctx: WebContext = Depends(get_ctx)
+                         ) -> Response:
+    here = f"/gallery/{identity}"
+    try:
+        with acting_as(user.audit_name):
+            ctx.gallery.review.delete_template(template_id)
+    except user_errors() as exc:
+        return back(here, error=_one_line(exc))
+    return back(here, msg=f"template {template_id} deleted")
+
+
+# --- API reference ----------------------------------------------------------------------------
+
+
+@router.get("/docs", response_class=HTMLResponse)
+def api_docs(request: Request, user: User = Depends(current_user)) -> HTMLResponse:
+    """The REST API's routes from its OpenAPI schema (/openapi.json), as a page."""
+    spec = request.app.openapi()
+    routes = [
+        {"method": method.upper(), "path": path, "summary": op.get("summary", ""),
+         "tag": (op.get("tags") or [""])[0],
+         "params": [(x["name"], x["in"], x.get("required", False),
+                     x.get("description") or x.get("schema", {}).get("description", ""))
+                    for x in op.get("parameters", [])],
+         "body": _body_of(op), "response": _response_of(op)}
+        for path, ops in spec["paths"].items() for method, op in ops.items()]
+    return page(request, "docs.html", user, routes=routes, spec=spec)
+
+
+def _ref_name(schema: dict) -> str:
+    ref = schema.get("$ref") or schema.get("items", {}).get("$ref", "")
+    name = ref.rsplit("/", 1)[-1]
+    return f"list[{name}]" if name and "items" in schema else name or schema.get("type", "")
+
+
+def _body_of(op: dict) -> str:
+    content = op.get("requestBody", {}).get("content", {})
+    return ", ".join(f"{kind}: {_ref_name(c.get('schema', {}))}" for kind, c in content.items())
+
+
+def _response_of(op: dict) -> str:
+    ok = next((v for k, v in op.get("responses", {}).items() if k.startswith("2")), {})
+    content = ok.get("content", {})
+    return ", ".join(f"{kind}: {_ref_name(c.get('schema', {}))}".rstrip(": ")
+                     for kind, c in content.items()) or ok.get("description", "")
+
+
+# --- cameras ----------------------------------------------------------------------------------
+
+
+@router.get("/cameras", response_class=HTMLResponse)
+def cameras_page(request: Request, user: User = Depends(current_user),
+                 ctx: WebContext = Depends(get_ctx)) -> HTMLResponse:
+    cams = ctx.cameras() if ctx.cameras is not None else None
+    return page(request, "cameras.html", user, cameras=cams)

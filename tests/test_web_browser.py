@@ -1,0 +1,176 @@
+"""The review UI in a real headless Chromium (Debian's chromium and chromium-driver, driven by
+selenium; nothing is downloaded): a wrong password is refused, the operator logs in, sees the
+unknown faces of the Hamilton clip, names the close-up's cluster "Lin-Manuel Miranda" (and
+the next run of the clip names him), and deletes a template. Screenshots of the main pages,
+desktop and phone sized, go to out/screenshots/ (or $FACEMOE_SCREENSHOTS)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the web extra is not installed (pip install -e .[web])")
+pytest.importorskip("uvicorn", reason="the web extra is not installed (pip install -e .[web])")
+webdriver = pytest.importorskip(
+    "selenium.webdriver", reason="selenium is not installed (the dev extra)")
+
+from app.config import WebConfig, load_config  # noqa: E402
+from app.runtime import make_detector, make_embedder, open_gallery, threshold  # noqa: E402
+from app.web.app import create_app  # noqa: E402
+from app.web.auth import Authenticator  # noqa: E402
+from app.web.context import WebContext  # noqa: E402
+from tests.web_helpers import HAMILTON, LIN, REPO, build_gallery, close_up, facemoe  # noqa: E402
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("no_gallery_key")]
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+PASSWORD = "hamilton-2016"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
+        pytest.skip("Debian's chromium and chromium-driver are not installed "
+                    "(apt-get install chromium chromium-driver; .ci/run does)")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"  # never let Selenium Manager download a browser
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.implicitly_wait(5)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def shots() -> Path:
+    out = Path(os.environ.get("FACEMOE_SCREENSHOTS") or REPO / "out" / "screenshots")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, data_dir: Path) -> Iterator[tuple[str, WebContext]]:
+    """`facemoe serve`'s app under uvicorn on a free loopback port, with a password."""
+    import uvicorn
+
+    os.environ.pop("FACEMOE_GALLERY_KEY", None)
+    os.environ.pop("FACEMOE_GALLERY_KEY_FILE", None)
+    db = build_gallery(tmp_path_factory.mktemp("browser") / "gallery.db", data_dir / "videos")
+    cfg = load_config(None)
+    cfg = cfg.model_copy(update={"web": WebConfig()})
+    embedder = make_embedder(cfg)
+    ctx = WebContext(cfg, open_gallery(db, embedder), make_detector(cfg), embedder,
+                     threshold(cfg, embedder),
+                     Authenticator(cfg.web, "127.0.0.1", env={"FACEMOE_WEB_PASSWORD": PASSWORD}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(ctx), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", ctx
+    srv.should_exit = True
+    thread.join(5)
+    ctx.gallery.close()
+
+
+def _login(driver, base: str, password: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{base}/clusters")
+    assert "/login" in driver.current_url
+    driver.find_element(By.ID, "username").send_keys("admin")
+    driver.find_element(By.ID, "password").send_keys(password)
+    driver.find_element(By.ID, "login-button").click()
+
+
+def test_review_ui_in_chromium(browser, server, shots: Path, data_dir: Path,
+                               tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    base, ctx = server
+    # a wrong password is refused
+    _login(browser, base, "not-the-password")
+    assert "/login" in browser.current_url
+    assert "wrong user name or password" in browser.find_element(By.ID, "error").text
+    browser.save_screenshot(str(shots / "login-refused.png"))
+
+    _login(browser, base, PASSWORD)
+    assert browser.current_url.endswith("/clusters")
+    # the unknown faces of the Hamilton clip, grouped; find the close-up's group
+    events = [e.as_json() for e in ctx.gallery.stored_events()]
+    target = close_up([e for e in events if e["identity"] is None])
+    cluster = ctx.gallery.review.embeddings([target["id"]], ctx.review.model)[target["id"]][1]
+    assert cluster is not None
+    cards = browser.find_elements(By.CSS_SELECTOR, "section.cluster")
+    assert len(cards) >= 3
+    card = browser.find_element(By.ID, f"cluster-{cluster}")
+    assert card.find_elements(By.CSS_SELECTOR, ".strip img")
+    browser.save_screenshot(str(shots / "clusters.png"))
+
+    card.find_element(By.CSS_SELECTOR, "input[name=name]").send_keys(LIN)
+    card.find_element(By.CSS_SELECTOR, ".name-form button").click()
+    msg = browser.find_element(By.ID, "msg").text
+    assert f"cluster {cluster} is {LIN}" in msg, msg
+    assert not browser.find_elements(By.ID, f"cluster-{cluster}")
+
+    # processing the clip again names him
+    out = facemoe("process", data_dir / "videos" / HAMILTON, "--gallery", ctx.gallery.location,
+                  "--json", "--camera", "second-run", "--no-progress")
+    assert LIN in json.loads(out.stdout)["identified"]
+    browser.get(f"{base}/events?camera=second-run")
+    assert LIN in browser.find_element(By.CSS_SELECTOR, ".grid").text
+    browser.save_screenshot(str(shots / "events.png"))
+    browser.get(f"{base}/events?unknown=true")
+    browser.save_screenshot(str(shots / "events-unknown.png"))
+
+    # the gallery: his templates, then delete one
+    browser.get(f"{base}/gallery")
+    browser.save_screenshot(str(shots / "gallery.png"))
+    browser.find_element(By.CSS_SELECTOR, f'a[data-identity="{LIN}"]').click()
+    templates = browser.find_elements(By.CSS_SELECTOR, "figure.template")
+    assert len(templates) >= 3
+    browser.save_screenshot(str(shots / "identity.png"))
+    first = templates[0].get_attribute("data-template")
+    browser.find_element(By.ID, f"delete-template-{first}").click()
+    assert f"template {first} deleted" in browser.find_element(By.ID, "msg").text
+    left = browser.find_elements(By.CSS_SELECTOR, "figure.template")
+    assert len(left) == len(templates) - 1
+    assert first not in [t.get_attribute("data-template") for t in left]
+
+    browser.get(f"{base}/docs")
+    assert "/api/clusters/{cluster_id}/name" in browser.page_source
+    browser.save_screenshot(str(shots / "api.png"))
+
+    # an event page, and the pages on a phone-sized screen
+    browser.get(f"{base}/events/{target['id']}")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "figure.tile img")) == 3
+    browser.save_screenshot(str(shots / "event.png"))
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
+    for page in ("clusters", "events", "gallery"):
+        browser.get(f"{base}/{page}")
+        width = browser.execute_script("return document.documentElement.scrollWidth")
+        assert width <= 390, f"/{page} scrolls sideways on a phone ({width} px)"
+        browser.save_screenshot(str(shots / f"phone-{page}.png"))
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    assert len(list(shots.glob("*.png"))) >= 11
+    shutil.copy(shots / "clusters.png", tmp_path / "clusters.png")

@@ -1,0 +1,37 @@
+"""A real gallery for the web tests: Alex Lacamoire enrolled from his photo, then the Hamilton
+clip and an Intel clip processed by the CLI (events with their kept crops)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LIN, ALEX = "Lin-Manuel Miranda", "Alex Lacamoire"
+HAMILTON = "short_hamilton_clip.mp4"
+INTEL = "intel_face-demographics-walking.mp4"
+
+
+def facemoe(*args: object, env: dict[str, str] | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], cwd=REPO,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"facemoe {args} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return done
+
+
+def build_gallery(db: Path, videos: Path, env: dict[str, str] | None = None) -> Path:
+    facemoe("enroll", ALEX, videos / "alex-lacamoire.png", "--gallery", db, env=env)
+    for clip in (HAMILTON, INTEL):
+        facemoe("process", videos / clip, "--gallery", db, "--no-progress", env=env)
+    return db
+
+
+def close_up(events: list[dict]) -> dict:
+    """Lin-Manuel Miranda's close-up: the longest track between the cuts at 2.7 s and 7.0 s."""
+    return max((e for e in events if e["camera"] == "short_hamilton_clip"
+                and e["start"] > 2.5 and e["end"] < 7.1), key=lambda e: e["frames"])
