@@ -128,7 +128,7 @@ def test_export_import_round_trip(pg_url: str, tmp_path: Path) -> None:
 
 def test_an_older_gallery_gains_the_event_columns(pg_url: str) -> None:
     """A gallery made before events had ids and wall-clock times opens: the nullable columns
-    are added in place, old rows read back, new rows keep every field."""
+    are added by migration 0002, old rows read back, new rows keep every field."""
     import sqlalchemy
 
     from app.gallery.db import EVENT_COLUMNS_ADDED
@@ -139,6 +139,7 @@ def test_an_older_gallery_gains_the_event_columns(pg_url: str) -> None:
     with engine.begin() as conn:
         for col in EVENT_COLUMNS_ADDED:
             conn.exec_driver_sql(f'ALTER TABLE events DROP COLUMN "{col}"')
+        conn.exec_driver_sql("DROP TABLE alembic_version")  # release 0.2 had no version
     engine.dispose()
     new = replace(event(2), time="2026-12-01T12:00:00.000+00:00", candidate="alice",
                   candidate_score=0.61, zones=("porch",), snapshot="/s/2.jpg")

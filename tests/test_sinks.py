@@ -139,6 +139,7 @@ def test_a_gallery_made_before_the_event_extensions_opens_and_gains_the_columns(
     with sqlite3.connect(path) as db:
         for col in EVENT_COLUMNS_ADDED:
             db.execute(f"ALTER TABLE events DROP COLUMN {col}")
+        db.execute("DROP TABLE alembic_version")  # release 0.2 had no schema version
     with sqlite3.connect(path) as db:
         columns = {r[1] for r in db.execute("pragma table_info(events)")}
     assert not set(EVENT_COLUMNS_ADDED) & columns
