@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from app import __version__
+from app.logs import install_repeat_filter
 
 log = logging.getLogger("facemoe")
 
@@ -698,6 +699,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    install_repeat_filter()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import logging
 import os
 import stat
 import time
+import weakref
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -123,6 +124,21 @@ def _error_text(message: Gst.Message) -> tuple[str, bool]:
     return text.rstrip("."), err.domain == "gst-resource-error-quark"
 
 
+def _on_pad_added_weak(element: Gst.Element, pad: Gst.Pad,
+                       ref: weakref.ReferenceType[VideoSource]) -> None:
+    source = ref()
+    if source is not None:
+        source._on_pad_added(element, pad)
+
+
+def _release_pipeline(pipeline: Gst.Pipeline) -> None:
+    """Drop what a stopped pipeline keeps: queued bus messages hold element references."""
+    bus = pipeline.get_bus()
+    if bus is not None:
+        bus.set_flushing(True)
+        bus.set_flushing(False)
+
+
 class VideoSource:
     """Decoded BGR frames from one source; iterate it, then `close()` (or use `with`)."""
 
@@ -155,8 +171,13 @@ class VideoSource:
         for element in (self._decode, self._convert, caps, self._sink):
             self._pipeline.add(element)
         if not (self._convert.link(caps) and caps.link(self._sink)):
+            self._pipeline.set_state(Gst.State.NULL)
             raise SourceError("cannot link videoconvert to appsink")
-        self._decode.connect("pad-added", self._on_pad_added)
+        # A bound method would keep `self` alive from C (a cycle Python's GC cannot see),
+        # leaking the pipeline and its bus's socket pair on every open: connect through a
+        # weak reference and disconnect in close().
+        self._pad_handler = self._decode.connect("pad-added", _on_pad_added_weak,
+                                                 weakref.ref(self))
         self._bus = self._pipeline.get_bus()
         try:
             self._preroll()
@@ -406,7 +427,12 @@ class VideoSource:
         if self._closed:
             return
         self._closed = True
+        handler = getattr(self, "_pad_handler", None)
+        if handler is not None:
+            self._decode.disconnect(handler)
+            self._pad_handler = None
         self._pipeline.set_state(Gst.State.NULL)
+        _release_pipeline(self._pipeline)
 
     def __enter__(self) -> VideoSource:
         return self
