@@ -152,6 +152,10 @@ def cmd_process(args: argparse.Namespace) -> int:
         return 0
     if not Path(args.video).exists() and "://" not in args.video:
         raise UserError(f"no such file: {args.video}")
+    for what, target in (("--annotate", args.annotate),
+                         ("--events", args.events or cfg.output.events_jsonl)):
+        if target and Path(target).expanduser().is_dir():
+            raise UserError(f"{what} {target} is a directory; give a file name")
     detector, embedder = make_detector(cfg), _embedder(cfg)
     path = _gallery_path(args, cfg)
     with open_gallery(path, embedder, create=args.allow_empty_gallery) as gallery:

@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 
+from app.fsutil import temp_beside
 from app.records import Frame
 
 try:
@@ -460,8 +461,9 @@ def open_source(uri: str, camera: str = "file", *, loop: bool = False,
 class VideoWriter:
     """H.264 MP4 writer: `write()` BGR frames, then `close()` (or use `with`).
 
-    Writes to `path + ".part"` and renames to `path` only after the muxer finished; on
-    any failure the partial file is removed and `SourceError` is raised.
+    Writes to a private temporary beside `path` (mkstemp: O_EXCL, mode 0600, random name,
+    handed to GStreamer as a descriptor) and renames it to `path` only after the muxer
+    finished; on any failure the partial file is removed and `SourceError` is raised.
     """
 
     def __init__(self, path: str | Path, fps: float, size: tuple[int, int]) -> None:
@@ -472,7 +474,8 @@ class VideoWriter:
         if not fps > 0:
             raise ValueError(f"fps must be positive, got {fps}")
         self.path = Path(path)
-        self._part = self.path.with_name(self.path.name + ".part")
+        if self.path.is_dir():
+            raise SourceError(f"cannot write {self.path}: it is a directory")
         self._size = (width, height)
         self._rate = Fraction(fps).limit_denominator(1001)
         # H.264 4:2:0 needs even sides: odd frames get a black last column/row.
@@ -480,6 +483,10 @@ class VideoWriter:
         self._stride = (self._encoded[0] * 3 + 3) & ~3  # GStreamer pads BGR rows to 4 bytes
         self._count = 0
         self._closed = False
+        try:
+            self._fd, self._part = temp_beside(self.path, ".part")
+        except OSError as exc:
+            raise SourceError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
         self._pipeline = Gst.Pipeline.new("writer")
         caps = Gst.Caps.from_string(
@@ -495,16 +502,14 @@ class VideoWriter:
             _make("x264enc", speed_preset="veryfast", tune="zerolatency"),
             _make("h264parse"),
             _make("mp4mux"),
-            _make("filesink", location=str(self._part)),
+            _make("fdsink", fd=self._fd),  # mp4mux seeks back to write the index: a file
         ]
         for element in elements:
             self._pipeline.add(element)
         for upstream, downstream in zip(elements, elements[1:], strict=False):
             if not upstream.link(downstream):
-                raise SourceError(
-                    f"cannot link {upstream.get_factory().get_name()} to "
-                    f"{downstream.get_factory().get_name()}"
-                )
+                self._abort(f"cannot link {upstream.get_factory().get_name()} to "
+                            f"{downstream.get_factory().get_name()}")
         self._bus = self._pipeline.get_bus()
         if self._pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
             self._abort(self._bus_error() or "cannot start the encoder")
@@ -514,10 +519,17 @@ class VideoWriter:
         message = self._bus.pop_filtered(Gst.MessageType.ERROR)
         return _error_text(message)[0] if message is not None else None
 
-    def _abort(self, reason: str) -> None:
-        """Tear down, delete the partial file and raise SourceError."""
+    def _release(self) -> None:
         self._closed = True
         self._pipeline.set_state(Gst.State.NULL)
+        _release_pipeline(self._pipeline)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _abort(self, reason: str) -> None:
+        """Tear down, delete the partial file and raise SourceError."""
+        self._release()
         self._part.unlink(missing_ok=True)
         raise SourceError(f"cannot write {self.path}: {reason}")
 
@@ -569,16 +581,15 @@ class VideoWriter:
             self._abort(f"encoder did not finish within {timeout:g} s")
         if message.type == Gst.MessageType.ERROR:
             self._abort(_error_text(message)[0])
-        self._closed = True
-        self._pipeline.set_state(Gst.State.NULL)
+        os.fsync(self._fd)
+        self._release()
         os.replace(self._part, self.path)
         log.info("wrote %s: %d frames", self.path, self._count)
 
     def discard(self) -> None:
         """Stop without finishing the file; the partial output is deleted."""
         if not self._closed:
-            self._closed = True
-            self._pipeline.set_state(Gst.State.NULL)
+            self._release()
             self._part.unlink(missing_ok=True)
 
     def __enter__(self) -> VideoWriter:

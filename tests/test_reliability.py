@@ -103,3 +103,82 @@ def test_repeated_log_lines_are_collapsed() -> None:
 def test_systemd_unit_bounds_descriptors() -> None:
     unit = (Path(__file__).resolve().parent.parent / "deploy" / "facemoe.service").read_text()
     assert "\nLimitNOFILE=" in unit
+
+
+# --- temporaries ---------------------------------------------------------------------------
+
+
+def _plant(directory: Path, names: list[str], victim: Path) -> None:
+    for name in names:
+        (directory / name).symlink_to(victim)
+
+
+def test_export_does_not_follow_a_planted_temporary(tmp_path: Path, no_gallery_key) -> None:
+    import numpy as np
+
+    from app.gallery import Gallery
+    from tests.gallery_helpers import crops, unit
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    # every name the old code could pick (it used the pid) and the VideoWriter's ".part"
+    _plant(out, [f".g.zip.{pid}.tmp" for pid in range(os.getpid() - 5, os.getpid() + 5)],
+           victim)
+    rng = np.random.default_rng(0)
+    with Gallery(tmp_path / "a.db", "facemoe-edge", "0.1.0") as g:
+        g.enroll("alice", unit(rng, 2), ["a", "b"], [0.5, 0.5], crops(rng, 2))
+        with pytest.raises(Exception, match="is a directory"):
+            g.export(out)
+        g.export(out / "g.zip")
+    assert victim.read_text() == "precious\n"
+    assert os.stat(out / "g.zip").st_mode & 0o777 == 0o600
+
+
+def test_annotated_video_does_not_follow_a_planted_part_file(tmp_path: Path) -> None:
+    import numpy as np
+
+    from app.source import VideoWriter
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    target = tmp_path / "out.mp4"
+    _plant(tmp_path, ["out.mp4.part"], victim)
+    with VideoWriter(target, 25.0, (64, 48)) as writer:
+        for i in range(10):
+            writer.write(np.full((48, 64, 3), i * 20, np.uint8))
+    assert victim.read_text() == "precious\n"
+    assert os.stat(target).st_mode & 0o777 == 0o600
+    with open_source(str(target)) as src:
+        assert len(list(src)) == 10
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(SourceError, match="is a directory"):
+        VideoWriter(tmp_path, 25.0, (64, 48))
+
+
+def test_manifest_write_does_not_follow_a_planted_temporary(tmp_path: Path) -> None:
+    from engine.manifest import write_json_atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    _plant(tmp_path, ["manifest.json.tmp"], victim)
+    write_json_atomic(tmp_path / "manifest.json", {"a": 1})
+    assert victim.read_text() == "precious\n"
+    assert (tmp_path / "manifest.json").read_text() == '{\n  "a": 1\n}\n'
+
+
+def test_process_refuses_directory_targets_before_work(tmp_path: Path, data_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    clip = data_dir / "videos" / "short_hamilton_clip.mp4"
+    for flag in ("--annotate", "--events"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "app.cli", "process", str(clip), flag, str(tmp_path),
+             "--gallery", str(tmp_path / "none.db")],
+            capture_output=True, text=True, timeout=120,
+            cwd=Path(__file__).resolve().parent.parent)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"facemoe: error: {flag} {tmp_path} is a directory; give a file name"]

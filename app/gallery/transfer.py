@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from app.fsutil import temp_beside
 from app.gallery.codec import clean_name, unit_bytes
 from app.gallery.db import (
     IN_CHUNK,
@@ -130,10 +131,10 @@ def export(store: Store, path: str | Path) -> ExportReport:
     dest = Path(path).expanduser()
     if dest.is_dir():
         raise GalleryError(f"cannot export to {dest}: it is a directory")
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    tmp: Path | None = None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd, tmp = temp_beside(dest)  # O_EXCL, 0600, unpredictable name
         with os.fdopen(fd, "w+b") as fh:
             counts = _write_export(store, fh)
             size = fh.seek(0, os.SEEK_END)
@@ -147,7 +148,8 @@ def export(store: Store, path: str | Path) -> ExportReport:
     except OSError as exc:
         raise GalleryError(f"cannot write export {dest}: {exc.strerror or exc}") from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     report = ExportReport(str(dest), counts[0], counts[1], counts[2], size, digest,
                           store.sealer.encrypted)
     store.db.write("audit export", lambda s: store.audit.record(
