@@ -196,7 +196,11 @@ def cmd_process(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from app.daemon import run_daemon
 
-    return run_daemon(_config(args))
+    cfg = _config(args)
+    if args.validate_config:
+        _out(args, {"config": "ok"}, "config ok")
+        return 0
+    return run_daemon(cfg)
 
 
 # --- trainer ---------------------------------------------------------------------------------
@@ -514,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--config", help="app config YAML with a `cameras:` list (default: configs/app.yaml)"
     )
+    sp.add_argument("--validate-config", action="store_true", help="check the config and exit")
     sp.set_defaults(func=cmd_run)
 
     for name in ("train", "finetune"):

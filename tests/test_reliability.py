@@ -182,3 +182,83 @@ def test_process_refuses_directory_targets_before_work(tmp_path: Path, data_dir:
         assert proc.returncode == 1, proc.stderr
         assert proc.stderr.strip().splitlines() == [
             f"facemoe: error: {flag} {tmp_path} is a directory; give a file name"]
+
+
+# --- config ranges -------------------------------------------------------------------------
+
+
+def _cli(*argv: str, timeout: float = 120):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "app.cli", *argv], capture_output=True,
+                          text=True, timeout=timeout,
+                          cwd=Path(__file__).resolve().parent.parent)
+
+
+@pytest.mark.parametrize("threshold", ["-1", "2.5", ".nan", "1"])
+@pytest.mark.parametrize("command", ["process", "run"])
+def test_validate_config_refuses_thresholds_out_of_range(tmp_path: Path, command: str,
+                                                         threshold: str) -> None:
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text(f"matching:\n  min_frames: 2\n  threshold: {threshold}\n")
+    proc = _cli(command, "--config", str(cfg), "--validate-config")
+    assert proc.returncode == 1, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "matching.threshold (line 3)" in lines[0], proc.stderr
+    assert "(-1, 1)" in lines[0]
+
+
+def test_validate_config_warns_outside_sane_band_and_accepts(tmp_path: Path) -> None:
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text("matching:\n  threshold: -0.5\n")
+    proc = _cli("run", "--config", str(cfg), "--validate-config")
+    assert proc.returncode == 0 and proc.stdout.strip() == "config ok", proc.stderr
+    assert "almost everyone will be named" in proc.stderr
+
+
+def test_config_reports_every_error_with_lines(tmp_path: Path) -> None:
+    from app.config import ConfigError, load_config
+
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text(
+        "embed:\n"
+        "  every_n: 0\n"            # line 2: would raise ValueError in process
+        "  min_gain: -1\n"          # line 3
+        "daemon:\n"
+        "  metrics_port: 70000\n"   # line 5
+        "  reconnect:\n"
+        "    initial_s: 10\n"
+        "    max_s: 1\n"            # line 8 area: max_s < initial_s
+        "  mqtt:\n"
+        "    host: localhost\n"
+        "    port: 0\n"             # line 11
+        "cameras:\n"
+        "  - name: a\n"
+        "    uri: rtsp://127.0.0.1/x\n"
+        "    threshold: 3\n")       # line 15
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    text = str(info.value)
+    assert "\n" not in text and "6 errors" in text, text
+    for part in ("embed.every_n (line 2)", "embed.min_gain (line 3)",
+                 "daemon.metrics_port (line 5)", "daemon.reconnect (line 7)",
+                 "daemon.mqtt.port (line 11)", "cameras.0.threshold (line 15)"):
+        assert part in text, (part, text)
+
+
+def test_non_utf8_config_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "app.yaml"
+    cfg.write_bytes(b"gallery:\n  path: caf\xe9.db\n")
+    proc = _cli("process", "--config", str(cfg), "--validate-config")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"facemoe: error: {cfg}: not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"]
+
+
+def test_shipped_configs_still_validate() -> None:
+    from app.config import load_config
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for path in sorted(root.glob("app*.yaml")):
+        load_config(path)
