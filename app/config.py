@@ -284,6 +284,15 @@ class WebhookConfig(_Strict):
         return self
 
 
+class HealthConfig(_Strict):
+    """When /healthz answers 503 "degraded" instead of 200 "ok"."""
+
+    window_s: float = Field(60.0, gt=0, le=3600, description="the recent past health looks at")
+    max_drop_rate: float = Field(
+        0.2, ge=0, le=1, description="share of a camera's frames dropped in the window above "
+        "which it is degraded; lower: overload is reported sooner")
+
+
 class DaemonConfig(_Strict):
     metrics_port: int = Field(0, ge=0, le=65535, description="/metrics and /healthz; 0 = off")
     metrics_host: str = Field("127.0.0.1", min_length=1)
@@ -303,6 +312,7 @@ class DaemonConfig(_Strict):
     mqtt: MqttConfig | None = None
     webhook: WebhookConfig | None = None
     shutdown_timeout_s: float = Field(5.0, gt=0, le=3600)
+    health: HealthConfig = Field(default_factory=HealthConfig)
 
 
 class AppConfig(_Strict):

@@ -154,6 +154,9 @@ class Camera:
         self.last_frame = 0.0  # monotonic time of the last frame read
         self.latencies: dict[str, deque[float]] = {}
         self.fps_window: deque[tuple[float, int]] = deque(maxlen=16)
+        # (monotonic, frames, dropped) once a second, for the drop rate over health.window_s
+        self.drop_window: deque[tuple[float, int, int]] = deque(
+            maxlen=int(daemon.cfg.daemon.health.window_s) + 2)
         self.arrivals: deque[tuple[float, float]] = deque(maxlen=4096)  # (pts, monotonic)
         self._arrivals_lock = threading.Lock()
         self.best: dict[int, tuple[float, np.ndarray]] = {}  # track id -> (score, face crop)
@@ -307,8 +310,29 @@ class Camera:
         p50, p95 = np.percentile(values, [50, 95])
         return float(p50), float(p95)
 
+    def drop_rate(self, now: float, window_s: float) -> float:
+        """Share of this camera's frames dropped (queue full or upstream) in the window."""
+        samples = [s for s in self.drop_window if now - s[0] <= window_s + 1.0]
+        samples.append((now, self.frames, self.dropped))
+        _, frames0, dropped0 = samples[0]
+        dropped = self.dropped - dropped0
+        total = dropped + self.frames - frames0 + self.depth()
+        return dropped / total if total > 0 else 0.0
+
+    def problem(self, now: float) -> str | None:
+        """Why this camera makes the daemon degraded, or None."""
+        h = self.d.cfg.daemon.health
+        if self.state in ("reconnecting", "starting", "stopped"):
+            return f"{self.state}" + (f": {self.error}" if self.error else "")
+        rate = self.drop_rate(now, h.window_s)
+        if rate > h.max_drop_rate:
+            return (f"dropped {rate:.0%} of frames in the last {h.window_s:g} s "
+                    f"(bound {h.max_drop_rate:.0%})")
+        return None
+
     def health(self, now: float) -> dict:
-        return {"state": self.state, "uri": _redact(self.cc.uri), "frames": self.frames,
+        return {"state": self.state, "problem": self.problem(now), "uri": _redact(self.cc.uri),
+                "frames": self.frames,
                 "dropped": self.dropped, "reconnects": self.reconnects, "events": self.events,
                 "queue": self.depth(), "fps": round(self.fps(), 2),
                 "last_frame_age_s": round(now - self.last_frame, 3) if self.last_frame else None,
@@ -352,6 +376,8 @@ class Daemon:
         self.started = time.monotonic()
         self.http: ThreadingHTTPServer | None = None
         self._sinks = self._open_sinks()
+        self._sink_failures: dict[str, tuple[float, str]] = {}  # sink -> (monotonic, reason)
+        self._failures_lock = threading.Lock()
 
     def matcher(self):
         return self._matcher()
@@ -379,7 +405,17 @@ class Daemon:
         return sinks
 
     def _counter(self, sink: str) -> Callable[[str, int], None]:
-        return lambda kind, n: self.metrics.sink_incidents.labels(sink, kind).inc(n)
+        def count(kind: str, n: int) -> None:
+            self.metrics.sink_incidents.labels(sink, kind).inc(n)
+            if kind == "dropped":
+                self._sink_failed(sink, f"{n} message(s) dropped")
+
+        return count
+
+    def _sink_failed(self, sink: str, reason: str) -> None:
+        self.metrics.sink_errors.labels(sink).inc()
+        with self._failures_lock:
+            self._sink_failures[sink] = (time.monotonic(), reason)
 
     def _wants(self, sink: str, ev: Event) -> bool:
         """SQLite and JSONL keep one record per track (`end`); MQTT gets every message, the
@@ -448,7 +484,7 @@ class Daemon:
         try:
             sink.write(events)
         except SinkError as exc:
-            self.metrics.sink_errors.labels(name).inc()
+            self._sink_failed(name, str(exc))
             log.error("%s sink: %s (%d event(s) lost)", name, exc, len(events))
 
     def _snapshot(self, ev: Event, crop: np.ndarray) -> None:
@@ -468,7 +504,7 @@ class Daemon:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         except OSError as exc:
-            self.metrics.sink_errors.labels("snapshots").inc()
+            self._sink_failed("snapshots", f"{ev.id}: {exc.strerror or exc}")
             log.error("snapshot for %s/%d: %s", ev.camera, ev.track_id, exc)
 
     def _purge_snapshots(self) -> None:
@@ -518,6 +554,7 @@ class Daemon:
                     self.metrics.sink_pending.labels(name).set(sink.pending())
             for cam in self.cameras:
                 cam.fps_window.append((now, cam.frames))
+                cam.drop_window.append((now, cam.frames, cam.dropped))
                 self.metrics.fps.labels(cam.name).set(cam.fps())
                 self.metrics.queue.labels(cam.name).set(cam.depth())
                 self.metrics.up.labels(cam.name).set(
@@ -545,12 +582,25 @@ class Daemon:
         return "; ".join(parts) + f"; sink_queue={self.events_out.qsize()}{pending}"
 
     def health(self) -> dict:
+        """"degraded" with a reason per camera and sink when a camera is not delivering
+        (reconnecting) or drops more than `health.max_drop_rate` of its frames, or a sink
+        failed within `health.window_s`; else "ok"."""
         now = time.monotonic()
+        window = self.cfg.daemon.health.window_s
         cams = {c.name: c.health(now) for c in self.cameras}
-        ok = all(c["state"] in ("running", "finished") for c in cams.values())
+        reasons = [f"camera {name}: {c['problem']}" for name, c in cams.items() if c["problem"]]
+        with self._failures_lock:
+            failures = dict(self._sink_failures)
+        sinks = {}
+        for name, (at, reason) in sorted(failures.items()):
+            age = now - at
+            sinks[name] = {"last_failure_age_s": round(age, 1), "last_failure": reason}
+            if age <= window:
+                reasons.append(f"sink {name}: failed {age:.0f} s ago ({reason})")
         pending = {name: s.pending() for name, s in self._sinks.items() if hasattr(s, "pending")}
-        return {"status": "ok" if ok else "degraded", "uptime_s": round(now - self.started, 1),
-                "model": self.embedder.model, "cameras": cams, "sinks_pending": pending}
+        return {"status": "degraded" if reasons else "ok", "reasons": reasons,
+                "uptime_s": round(now - self.started, 1), "model": self.embedder.model,
+                "cameras": cams, "sinks": sinks, "sinks_pending": pending}
 
     def _serve_http(self) -> None:
         d = self.cfg.daemon
@@ -563,8 +613,9 @@ class Daemon:
                     body = generate_latest(daemon.metrics.registry)
                     ctype, code = CONTENT_TYPE_LATEST, 200
                 elif path == "/healthz":
-                    body, ctype, code = (json.dumps(daemon.health()).encode(),
-                                         "application/json", 200)
+                    health = daemon.health()
+                    body, ctype = json.dumps(health).encode(), "application/json"
+                    code = 200 if health["status"] == "ok" else 503
                 else:
                     body, ctype, code = b"not found\n", "text/plain", 404
                 self.send_response(code)

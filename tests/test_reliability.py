@@ -262,3 +262,115 @@ def test_shipped_configs_still_validate() -> None:
     root = Path(__file__).resolve().parent.parent / "configs"
     for path in sorted(root.glob("app*.yaml")):
         load_config(path)
+
+
+# --- health and sinks ----------------------------------------------------------------------
+
+
+def test_jsonl_never_keeps_a_partial_line(tmp_path: Path) -> None:
+    """A write that hits the file size limit (as a full disk would) is undone to the last
+    complete line; the file is private."""
+    import json
+    import resource
+
+    from app.sinks import JsonlSink, SinkError
+    from tests.gallery_helpers import event
+
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(path)
+    sink.write([event(1)])
+    size = path.stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + size // 2, hard))
+    try:
+        with pytest.raises(SinkError, match="cannot write events file"):
+            sink.write([event(2), event(3)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    sink.write([event(4)])
+    sink.close()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["track_id"] for line in lines] == [1, 4]
+    assert path.read_text().endswith("\n")
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def _healthz(port: int) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _until(what: str, cond, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_healthz_degraded_on_drops_sink_failure_and_reconnect(
+        tmp_path: Path, data_dir: Path, tiny_model_dir: Path, yunet_path: Path,
+        no_gallery_key) -> None:
+    import threading
+
+    from app.config import AppConfig
+    from app.daemon import Daemon
+    from tests.gallery_helpers import event
+
+    port = free_port()
+    cfg = AppConfig.model_validate({
+        "model": {"dir": str(tiny_model_dir), "threads": 1},
+        "detector": {"model": str(yunet_path)},
+        "gallery": {"path": str(tmp_path / "gallery.db")},
+        "cameras": [{"name": "door", "loop": True,
+                     "uri": str(data_dir / "videos" / "short_hamilton_clip.mp4")},
+                    {"name": "dead", "uri": f"rtsp://127.0.0.1:{free_port()}/cam",
+                     "enabled": True}],
+        "daemon": {"metrics_port": port, "frame_queue": 1, "frame_timeout_s": 2,
+                   "reconnect": {"initial_s": 0.2, "max_s": 0.2},
+                   "jsonl": {"path": "/dev/full"},  # every write fails: ENOSPC
+                   "health": {"window_s": 3, "max_drop_rate": 0.5}},
+    })
+    daemon = Daemon(cfg)
+    door, dead = daemon.cameras
+    daemon._serve_http()
+    threading.Thread(target=daemon._monitor, daemon=True).start()
+    door.thread.start()
+    dead.thread.start()
+    try:
+        # no worker yet: the queue of one frame overflows, nearly every frame is dropped
+        def dropping() -> tuple[int, dict] | None:
+            code, h = _healthz(port)
+            problems = [h["cameras"][c]["problem"] or "" for c in ("door", "dead")]
+            ok = problems[0].startswith("dropped") and problems[1].startswith("reconnecting")
+            return (code, h) if ok else None
+
+        code, h = _until("drops to show", dropping, 20)
+        assert code == 503 and h["status"] == "degraded"
+        assert "camera door: dropped" in " ".join(h["reasons"])
+        assert any(r.startswith("camera dead: reconnecting") for r in h["reasons"])
+        # a worker that keeps up: the drops leave the window
+        threading.Thread(target=daemon._work, daemon=True).start()
+        _until("drops to clear", lambda: _healthz(port)[1]["cameras"]["door"]["problem"] is None,
+               30)
+        daemon._write("jsonl", daemon._sinks["jsonl"], [event(1)])
+        code, h = _healthz(port)
+        assert code == 503
+        assert any(r.startswith("sink jsonl: failed") and "No space left" in r
+                   for r in h["reasons"]), h["reasons"]
+        assert "camera door" not in " ".join(h["reasons"])
+    finally:
+        daemon.stopping.set()
+        for cam in daemon.cameras:
+            cam.thread.join(10)
+        daemon.http.shutdown()
+        daemon.gallery.close()
