@@ -121,12 +121,29 @@ def cmd_gallery(args: argparse.Namespace) -> int:
                 or "(empty gallery)",
             )
         elif args.action == "remove":
+            from app.erasure import erase_outputs
+
+            stored = gallery.stored_events(identity=args.name)
             events = gallery.remove(args.name)
+            d = cfg.daemon
+            erased = erase_outputs(
+                args.name, event_ids={s.event.id for s in stored if s.event.id},
+                snapshot_paths={s.event.snapshot for s in stored if s.event.snapshot},
+                jsonl_paths=[p for p in (d.jsonl.path, cfg.output.events_jsonl,
+                                         *(args.events_jsonl or [])) if p],
+                snapshot_dir=d.snapshots.dir)
             _out(
                 args,
-                {"removed": args.name, "events_deleted": events},
-                f"removed {args.name!r} with its templates, crops and {events} event(s)",
+                {"removed": args.name, "events_deleted": events, **erased.as_json()},
+                f"removed {args.name!r} with its templates, crops and {events} event(s); "
+                f"{erased.jsonl_lines_removed} JSONL line(s) removed and "
+                f"{erased.jsonl_candidates_cleared} candidate mention(s) cleared in "
+                f"{len(erased.jsonl_files_rewritten)} file(s); "
+                f"{len(erased.snapshots_deleted)} snapshot(s) deleted"
+                + "".join(f"\nnot erased: {e}" for e in erased.errors),
             )
+            if erased.errors:
+                return 1
         elif args.action == "rename":
             gallery.rename(args.name, args.new_name)
             _out(
@@ -489,8 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     gsub = sp.add_subparsers(dest="action", required=True)
     g = gsub.add_parser("list")
     common(g)
-    g = gsub.add_parser("remove")
+    g = gsub.add_parser("remove", help="delete a person: templates, crops, stored events, and "
+                        "their lines in the configured JSONL files and their snapshots")
     g.add_argument("name")
+    g.add_argument("--events-jsonl", action="append", metavar="FILE",
+                   help="another events JSONL file to erase the person from (e.g. one written "
+                        "by `process --events`); repeatable")
     common(g)
     g = gsub.add_parser("rename")
     g.add_argument("name")

@@ -224,6 +224,9 @@ class JsonlConfig(_Strict):
 class SnapshotConfig(_Strict):
     dir: str | None = None  # best face JPEG per event under dir/camera/; None = off
     retention_days: float = Field(7.0, gt=0, le=36500)
+    allow_unencrypted: bool = Field(
+        False, description="write plain JPEG snapshots even though the gallery is encrypted "
+        "(refused by default: a snapshot is as identifying as the templates)")
 
 
 class MqttTlsConfig(_Strict):

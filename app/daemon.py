@@ -365,6 +365,13 @@ class Daemon:
         if not self.gallery.identities():
             log.warning("the gallery %s is empty: every face will be reported as unknown",
                         cfg.gallery.path)
+        snaps = cfg.daemon.snapshots
+        if snaps.dir and self.gallery.store.sealer.encrypted and not snaps.allow_unencrypted:
+            self.gallery.close()
+            raise ConfigError(
+                f"daemon.snapshots.dir: the gallery {cfg.gallery.path} is encrypted but "
+                "snapshots are plain JPEG files; remove snapshots.dir or set "
+                "snapshots.allow_unencrypted: true")
         self.threshold = threshold(cfg, self.embedder)
         self._matcher = GalleryMatcher(self.gallery, self.threshold)
         self.metrics = Metrics()
@@ -491,7 +498,8 @@ class Daemon:
         """Write the event's best face JPEG to `ev.snapshot`: private (0600) and atomic."""
         path = Path(ev.snapshot)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # private
+            path.parent.mkdir(mode=0o700, exist_ok=True)
             ok, data = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
             if not ok:
                 raise OSError("JPEG encoding failed")

@@ -374,3 +374,127 @@ def test_healthz_degraded_on_drops_sink_failure_and_reconnect(
             cam.thread.join(10)
         daemon.http.shutdown()
         daemon.gallery.close()
+
+
+# --- privacy -------------------------------------------------------------------------------
+
+
+def test_gallery_remove_erases_jsonl_lines_and_snapshots(tmp_path: Path,
+                                                          default_model_dir: Path,
+                                                          no_gallery_key) -> None:
+    import dataclasses
+    import json
+
+    import numpy as np
+    import yaml
+
+    from app.gallery import Gallery
+    from app.sinks import JsonlSink
+    from engine.manifest import model_id, read_manifest
+    from tests.gallery_helpers import event
+
+    snaps, jsonl, extra = tmp_path / "snaps", tmp_path / "ev" / "events.jsonl", tmp_path / "p.jsonl"
+    jsonl.parent.mkdir()
+    ada = [dataclasses.replace(event(i, "Ada"), snapshot=str(snaps / "cam0" / f"{event(i).id}.jpg"))
+           for i in (1, 2, 3)]
+    bob = dataclasses.replace(event(4, "Bob"), candidate="Ada", candidate_score=0.3)
+    unknown = dataclasses.replace(event(5, None), candidate="Ada", candidate_score=0.2)
+    (snaps / "cam0").mkdir(parents=True)
+    for ev in [*ada, bob]:
+        (snaps / "cam0" / f"{ev.id}.jpg").write_bytes(b"\xff\xd8jpeg")
+    for path, events in ((jsonl.with_name("events.jsonl.1"), [ada[0], bob]),
+                         (jsonl, [ada[1], unknown]), (extra, [ada[2]])):
+        sink = JsonlSink(path)
+        sink.write(events)
+        sink.close()
+    dim = int(read_manifest(default_model_dir)["embedding_dim"])
+    db = tmp_path / "g.db"
+    with Gallery(db, *model_id(read_manifest(default_model_dir))) as g:
+        g.enroll("Ada", np.random.default_rng(0).normal(size=(1, dim)), ["a.jpg"], [0.9])
+        g.add_events([ada[0], ada[1], bob])
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text(yaml.safe_dump({"daemon": {"jsonl": {"path": str(jsonl)},
+                                              "snapshots": {"dir": str(snaps)}}}))
+    proc = _cli("gallery", "remove", "Ada", "--gallery", str(db), "--config", str(cfg),
+                "--events-jsonl", str(extra), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["events_deleted"] == 2
+    assert report["jsonl_lines_removed"] == 3 and report["jsonl_candidates_cleared"] == 2
+    assert len(report["jsonl_files_rewritten"]) == 3 and report["errors"] == []
+    assert sorted(report["snapshots_deleted"]) == sorted(ev.snapshot for ev in ada)
+    assert [p.name for p in (snaps / "cam0").iterdir()] == [f"{bob.id}.jpg"]
+    everything = "".join(p.read_text() for p in (jsonl, jsonl.with_name("events.jsonl.1"), extra))
+    assert "Ada" not in everything
+    assert [json.loads(x)["track_id"] for x in everything.splitlines()] == [5, 4]
+    assert os.stat(jsonl).st_mode & 0o777 == 0o600
+    with Gallery(db, *model_id(read_manifest(default_model_dir))) as g:
+        assert [s.event.candidate for s in g.stored_events()] == [None]
+
+
+@pytest.mark.parametrize("name", ["Ada\u200bLovelace", "Ada\u202eecalevoL", "\u2066Ada\u2069",
+                                  "Ada\ufeff"])
+def test_names_with_invisible_characters_are_refused(tmp_path: Path, name: str,
+                                                     no_gallery_key) -> None:
+    import numpy as np
+
+    from app.gallery import Gallery, GalleryError
+    from tests.gallery_helpers import unit
+
+    with Gallery(tmp_path / "g.db", "facemoe-edge", "0.1.0") as g:
+        with pytest.raises(GalleryError, match="invisible format characters"):
+            g.enroll(name, unit(np.random.default_rng(0), 1), ["a"], [0.5])
+        g.enroll("Ada Lovelace", unit(np.random.default_rng(0), 1), ["a"], [0.5])
+        with pytest.raises(GalleryError, match="invisible"):
+            g.rename("Ada Lovelace", name)
+
+
+def test_audit_names_the_real_user_not_logname(tmp_path: Path, monkeypatch,
+                                               no_gallery_key) -> None:
+    import pwd
+
+    import numpy as np
+
+    from app.gallery import Gallery
+    from tests.gallery_helpers import unit
+
+    for var in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.setenv(var, "mallory")
+    with Gallery(tmp_path / "g.db", "facemoe-edge", "0.1.0") as g:
+        g.enroll("Ada", unit(np.random.default_rng(0), 1), ["a"], [0.5])
+        users = {row.user for row in g.audit()}
+    assert users == {pwd.getpwuid(os.getuid()).pw_name}
+
+
+def test_daemon_refuses_plain_snapshots_of_an_encrypted_gallery(
+        tmp_path: Path, tiny_model_dir: Path, yunet_path: Path, monkeypatch) -> None:
+    import base64
+
+    from app.config import AppConfig, ConfigError
+    from app.daemon import Daemon
+
+    monkeypatch.delenv("FACEMOE_GALLERY_KEY_FILE", raising=False)
+    monkeypatch.setenv("FACEMOE_GALLERY_KEY", base64.b64encode(os.urandom(32)).decode())
+    raw = {"model": {"dir": str(tiny_model_dir), "threads": 1},
+           "detector": {"model": str(yunet_path)},
+           "gallery": {"path": str(tmp_path / "gallery.db")},
+           "cameras": [{"name": "a", "uri": f"rtsp://127.0.0.1:{free_port()}/x"}],
+           "daemon": {"snapshots": {"dir": str(tmp_path / "snaps")}}}
+    with pytest.raises(ConfigError, match="encrypted"):
+        Daemon(AppConfig.model_validate(raw))
+    raw["daemon"]["snapshots"]["allow_unencrypted"] = True
+    daemon = Daemon(AppConfig.model_validate(raw))
+    try:
+        import dataclasses
+
+        import numpy as np
+
+        from tests.gallery_helpers import event
+
+        ev = dataclasses.replace(event(1), snapshot=str(tmp_path / "snaps" / "a" / "x.jpg"))
+        daemon._snapshot(ev, np.zeros((32, 32, 3), np.uint8))
+    finally:
+        daemon.gallery.close()
+    assert os.stat(tmp_path / "snaps").st_mode & 0o777 == 0o700
+    assert os.stat(tmp_path / "snaps" / "a").st_mode & 0o777 == 0o700
+    assert os.stat(ev.snapshot).st_mode & 0o777 == 0o600

@@ -20,6 +20,13 @@ def normalise_name(name: str) -> str:
     return unicodedata.normalize("NFC", str(name)).strip()
 
 
+def _joiner_in_script(name: str, i: int) -> bool:
+    """A zero-width (non-)joiner that shapes the non-ASCII characters on both sides (emoji
+    sequences such as U+1F469 U+200D U+1F680, Persian ZWNJ) is part of the spelling."""
+    return (name[i] in "\u200c\u200d" and 0 < i < len(name) - 1
+            and not name[i - 1].isascii() and not name[i + 1].isascii())
+
+
 def clean_name(name: str) -> str:
     """`normalise_name`, refusing empty, too long and control-character names."""
     clean = normalise_name(name)
@@ -31,6 +38,13 @@ def clean_name(name: str) -> str:
         )
     if any(unicodedata.category(c) == "Cc" for c in clean):
         raise GalleryError(f"identity name {clean!r} contains control characters")
+    # zero-width, bidi override/isolate and other format characters (Cf) make two names
+    # look alike or reorder a line of output
+    hidden = sorted({f"U+{ord(c):04X}" for i, c in enumerate(clean)
+                     if unicodedata.category(c) == "Cf" and not _joiner_in_script(clean, i)})
+    if hidden:
+        raise GalleryError(f"identity name {clean.encode('ascii', 'backslashreplace').decode()!r} "
+                           f"contains invisible format characters ({', '.join(hidden)})")
     return clean
 
 
