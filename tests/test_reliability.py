@@ -498,3 +498,48 @@ def test_daemon_refuses_plain_snapshots_of_an_encrypted_gallery(
     assert os.stat(tmp_path / "snaps").st_mode & 0o777 == 0o700
     assert os.stat(tmp_path / "snaps" / "a").st_mode & 0o777 == 0o700
     assert os.stat(ev.snapshot).st_mode & 0o777 == 0o600
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A 512 KiB tmpfs (needs root; skipped elsewhere), unmounted afterwards."""
+    import subprocess
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_gallery_reads_work_on_a_full_disk(full_disk: Path, default_model_dir: Path,
+                                           no_gallery_key) -> None:
+    import numpy as np
+
+    from app.gallery import Gallery
+    from engine.manifest import model_id, read_manifest
+    from tests.gallery_helpers import event
+
+    db = full_disk / "g.db"
+    manifest = read_manifest(default_model_dir)
+    with Gallery(db, *model_id(manifest)) as g:  # its last checkpoint runs out of space
+        g.enroll("Ada", np.random.default_rng(0).normal(size=(2, manifest["embedding_dim"])),
+                 ["a.jpg", "b.jpg"], [0.9, 0.8])
+        g.add_events([event(1, "Ada")])
+    fd = os.open(full_disk / "fill", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+    for action, expected in (("check", f"{db}: ok"), ("list", "Ada\t2\t"),
+                             ("events", "    id  camera")):
+        proc = _cli("gallery", action, "--gallery", str(db))
+        assert proc.returncode == 0, (action, proc.stderr)
+        assert proc.stdout.startswith(expected), (action, proc.stdout)

@@ -253,6 +253,11 @@ def _check_sqlite_file(path: Path, display: str) -> None:
     pages = int.from_bytes(header[28:32], "big")
     header_valid = header[24:28] == header[92:96]
     expected = pages * page_size if pages and header_valid else size
+    wal = path.with_name(path.name + "-wal")
+    if wal.is_file() and wal.stat().st_size > 0:
+        # a checkpoint that could not grow the file (disk full): the pages are still in the
+        # write-ahead log, which SQLite reads; not a truncation
+        return
     if size % page_size or size < expected:
         raise GalleryError(
             f"gallery {display} is corrupt: the file is truncated "
