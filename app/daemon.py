@@ -76,6 +76,10 @@ class Metrics:
             "MQTT/webhook incidents: kind=disconnect (connection lost), retry (failed send, "
             "retried), dropped (a full buffer dropped its oldest message, or a rejected event)",
             ["sink", "kind"], registry=r)
+        self.corrupt_templates = Gauge(
+            "facemoe_gallery_corrupt_templates",
+            "templates left out of matching because they are corrupt (see `gallery check`)",
+            registry=r)
         self.sink_pending = Gauge("facemoe_sink_pending", "messages waiting for delivery",
                                   ["sink"], registry=r)
         self.fps = Gauge("facemoe_fps", "processed frames per second", cam, registry=r)
@@ -557,6 +561,7 @@ class Daemon:
         next_purge = time.monotonic()
         while not self.stopping.wait(1.0):
             now = time.monotonic()
+            self.metrics.corrupt_templates.set(len(self.gallery.corrupt_templates))
             for name, sink in self._sinks.items():
                 if hasattr(sink, "pending"):
                     self.metrics.sink_pending.labels(name).set(sink.pending())

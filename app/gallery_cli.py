@@ -218,6 +218,12 @@ def _check(_args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | No
     result = gallery.integrity_check()
     if result != "ok":
         raise GalleryError(f"gallery {gallery.location} is corrupt: {result}")
+    corrupt = gallery.verify()
+    if corrupt:
+        raise GalleryError(
+            f"gallery {gallery.location} has {len(corrupt)} corrupt template(s) (re-enroll "
+            f"them or restore from a backup or an export): "
+            + "; ".join(str(c) for c in corrupt[:20]) + ("; ..." if len(corrupt) > 20 else ""))
     return {"gallery": gallery.location, "integrity": result}, f"{gallery.location}: ok"
 
 

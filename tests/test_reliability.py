@@ -543,3 +543,76 @@ def test_gallery_reads_work_on_a_full_disk(full_disk: Path, default_model_dir: P
         proc = _cli("gallery", action, "--gallery", str(db))
         assert proc.returncode == 0, (action, proc.stderr)
         assert proc.stdout.startswith(expected), (action, proc.stdout)
+
+
+# --- corruption ----------------------------------------------------------------------------
+
+
+def _flip_bit(db: Path, template_id: int, byte: int, bit: int) -> None:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    (blob,) = con.execute("SELECT vector FROM templates WHERE id = ?", (template_id,)).fetchone()
+    data = bytearray(blob)
+    data[byte] ^= 1 << bit
+    con.execute("UPDATE templates SET vector = ? WHERE id = ?", (bytes(data), template_id))
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_one_flipped_bit_is_found_and_only_that_template_is_left_out(
+        tmp_path: Path, data_dir: Path, default_model_dir: Path, monkeypatch,
+        encrypted: bool) -> None:
+    import base64
+
+    from app.gallery import Gallery
+    from engine.manifest import model_id, read_manifest
+
+    monkeypatch.delenv("FACEMOE_GALLERY_KEY_FILE", raising=False)
+    monkeypatch.delenv("FACEMOE_GALLERY_KEY", raising=False)
+    if encrypted:
+        monkeypatch.setenv("FACEMOE_GALLERY_KEY", base64.b64encode(os.urandom(32)).decode())
+    db = tmp_path / "g.db"
+    videos = data_dir / "videos"
+    for name, photo in (("Barack Obama", "obama-240p.jpg"), ("Joe Biden", "biden.jpg")):
+        proc = _cli("enroll", name, str(videos / photo), "--gallery", str(db), timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    assert _cli("gallery", "check", "--gallery", str(db)).returncode == 0
+    # a low mantissa bit of one float: the vector stays finite and (nearly) unit length
+    _flip_bit(db, 1, byte=(40 if encrypted else 4 * 17), bit=0)
+    proc = _cli("gallery", "check", "--gallery", str(db))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"facemoe: error: gallery {db} has 1 corrupt template(s) (re-enroll them or restore "
+        "from a backup or an export): 'Barack Obama' template 1: checksum mismatch"]
+    with Gallery(db, *model_id(read_manifest(default_model_dir)), create=False) as g:
+        names, matrix = g.matrix()
+        assert names == ["Joe Biden"] and matrix.shape[0] == 1
+        assert [str(c) for c in g.corrupt_templates] == [
+            "'Barack Obama' template 1: checksum mismatch"]
+
+
+def test_template_without_checksum_is_still_checked(tmp_path: Path, no_gallery_key) -> None:
+    """Rows of older releases have no checksum: a vector that is no longer unit length, or
+    not finite, is still found."""
+    import sqlite3
+
+    import numpy as np
+
+    from app.gallery import Gallery
+    from tests.gallery_helpers import unit
+
+    db = tmp_path / "g.db"
+    with Gallery(db, "facemoe-edge", "0.1.0") as g:
+        g.enroll("Ada", unit(np.random.default_rng(0), 2), ["a", "b"], [0.5, 0.5])
+    con = sqlite3.connect(db)
+    con.execute("UPDATE templates SET checksum = NULL")
+    con.commit()
+    con.close()
+    _flip_bit(db, 2, byte=3, bit=6)  # an exponent bit of the first float
+    with Gallery(db, "facemoe-edge", "0.1.0") as g:
+        problems = g.verify()
+        assert len(problems) == 1 and problems[0].template_id == 2
+        assert "not unit length" in problems[0].problem or "non-finite" in problems[0].problem
+        assert g.matrix()[1].shape[0] == 1

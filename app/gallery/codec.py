@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
 
 import cv2
@@ -46,6 +47,27 @@ def clean_name(name: str) -> str:
         raise GalleryError(f"identity name {clean.encode('ascii', 'backslashreplace').decode()!r} "
                            f"contains invisible format characters ({', '.join(hidden)})")
     return clean
+
+
+def vector_checksum(stored: bytes) -> str:
+    """The `templates.checksum` of a vector blob as stored (sealed when encrypted)."""
+    return hashlib.sha256(stored).hexdigest()
+
+
+UNIT_TOLERANCE = 1e-3  # |norm - 1| of a stored vector beyond this means it was altered
+
+
+def vector_problem(vector: bytes, dim: int) -> str | None:
+    """Why an unsealed stored vector is unusable (size, non-finite, not unit length), or None."""
+    if dim <= 0 or len(vector) != 4 * dim:
+        return f"{len(vector)} bytes for a {dim}-d vector"
+    vec = np.frombuffer(vector, "<f4")
+    if not np.all(np.isfinite(vec)):
+        return "non-finite values"
+    norm = float(np.linalg.norm(vec.astype(np.float64)))
+    if abs(norm - 1.0) > UNIT_TOLERANCE:
+        return f"not unit length (norm {norm:.6g})"
+    return None
 
 
 def unit_vectors(vecs: np.ndarray, what: str) -> np.ndarray:

@@ -106,6 +106,9 @@ class TemplateRow(Base):
     crop: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # JPEG, kept geometry
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     identity: Mapped[IdentityRow] = relationship(back_populates="templates")
+    # sha256 hex of `vector` as stored (`codec.vector_checksum`): a flipped bit is found by
+    # `gallery check` and the template is left out at load; NULL in rows of older releases
+    checksum: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class EventRow(Base):
@@ -139,6 +142,7 @@ class EventRow(Base):
 
 # Columns of `events` that a gallery made before they existed lacks; added on open.
 EVENT_COLUMNS_ADDED = ("uid", "time", "snapshot", "candidate", "candidate_score", "zones")
+TEMPLATE_COLUMNS_ADDED = ("checksum",)
 
 
 class EventCropRow(Base):
@@ -388,31 +392,39 @@ class Database:
                 raise GalleryError(f"{self.location} is a database but not a FaceMoE gallery")
         if set(Base.metadata.tables) - tables:
             Base.metadata.create_all(self._engine)
-        self._add_event_columns()
+        self._add_columns("events", EVENT_COLUMNS_ADDED)
+        self._add_columns("templates", TEMPLATE_COLUMNS_ADDED)
         with Session(self._engine) as session:
             meta = dict(session.execute(select(MetaRow.key, MetaRow.value)).all())
             has_templates = session.scalar(select(TemplateRow.id).limit(1)) is not None
         return meta, has_templates
 
-    def _add_event_columns(self) -> None:
-        """Add the nullable event columns (`EVENT_COLUMNS_ADDED`) that an older gallery lacks.
+    def _add_columns(self, table_name: str, added: tuple[str, ...]) -> None:
+        """Add the nullable columns (`EVENT_COLUMNS_ADDED`, `TEMPLATE_COLUMNS_ADDED`) that an
+        older gallery lacks.
 
         The one schema upgrade done in place; a later schema migration tool takes this over.
         """
-        have = {c["name"] for c in inspect(self._engine).get_columns("events")}
-        missing = [n for n in EVENT_COLUMNS_ADDED if n not in have]
+        have = {c["name"] for c in inspect(self._engine).get_columns(table_name)}
+        missing = [n for n in added if n not in have]
         if not missing:
             return
-        table = EventRow.__table__
-        with self._engine.begin() as conn:
-            for name in missing:
-                kind = table.c[name].type.compile(dialect=self._engine.dialect)
-                try:
-                    conn.exec_driver_sql(f'ALTER TABLE events ADD COLUMN "{name}" {kind}')
-                except OperationalError as exc:  # another process added it first
-                    if "duplicate column" not in one_line(exc).lower():
-                        raise
-        log.info("gallery %s: added event column(s) %s", self.location, ", ".join(missing))
+        table = Base.metadata.tables[table_name]
+        try:
+            with self._engine.begin() as conn:
+                for name in missing:
+                    kind = table.c[name].type.compile(dialect=self._engine.dialect)
+                    try:
+                        conn.exec_driver_sql(
+                            f'ALTER TABLE {table_name} ADD COLUMN "{name}" {kind}')
+                    except OperationalError as exc:  # another process added it first
+                        if "duplicate column" not in one_line(exc).lower():
+                            raise
+        except OperationalError as exc:
+            raise GalleryError(f"cannot upgrade gallery {self.location} (add {table_name} "
+                               f"column(s) {', '.join(missing)}): {one_line(exc)}") from exc
+        log.info("gallery %s: added %s column(s) %s", self.location, table_name,
+                 ", ".join(missing))
 
     # --- transactions -------------------------------------------------------------------------
 

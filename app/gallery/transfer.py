@@ -22,7 +22,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from app.fsutil import temp_beside
-from app.gallery.codec import clean_name, unit_bytes
+from app.gallery.codec import clean_name, unit_bytes, vector_checksum
 from app.gallery.db import (
     IN_CHUNK,
     IdentityRow,
@@ -294,8 +294,9 @@ def import_file(
                     continue
                 seen.setdefault(ids[name], set()).add(t.vector)
                 crops_dropped += t.jpeg is not None and not keep_crops
+                blob = seal(t.vector, VECTOR)
                 rows.append({
-                    "identity_id": ids[name], "vector": seal(t.vector, VECTOR),
+                    "identity_id": ids[name], "vector": blob, "checksum": vector_checksum(blob),
                     "dim": len(t.vector) // 4, "model_name": store.model_name,
                     "model_version": store.model_version, "source": t.source,
                     "quality": t.quality, "created_at": t.created_at,
