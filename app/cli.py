@@ -58,10 +58,14 @@ def _gallery_path(args: argparse.Namespace, cfg) -> str:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from app.enroll import enroll
+    from app.enroll import ImageLimits, enroll
     from app.runtime import make_detector, open_gallery
 
     cfg = _config(args)
+    e = cfg.enroll
+    limits = ImageLimits(e.max_side, e.max_pixels,
+                         e.min_quality if args.min_quality is None else args.min_quality,
+                         e.warn_quality)
     detector, embedder = make_detector(cfg), _embedder(cfg)
     with open_gallery(_gallery_path(args, cfg), embedder) as gallery:
         report = enroll(
@@ -73,6 +77,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             face=args.face,
             outlier_margin=None if args.keep_outliers else args.outlier_margin,
             events=args.event,
+            track=args.track,
+            limits=limits,
         )
     faces = report.faces
     text = f"enrolled {report.name!r}: {len(faces)} template(s)"
@@ -88,8 +94,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             "sources": [f.source for f in faces],
             "qualities": [round(f.quality, 3) for f in faces],
             "rejected": [r.as_json() for r in report.rejected],
+            "skipped": report.skipped,
         },
-        text,
+        text + "".join(f"\n  skipped {s}" for s in report.skipped),
     )
     return 0
 
@@ -487,8 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--face",
         type=int,
-        help="in images with several faces, enroll the N-th largest (0 = largest)",
+        help="in images with several faces, enroll the N-th largest (0 = largest); in "
+        "videos with several people, the N-th longest track",
     )
+    sp.add_argument("--track", type=int, metavar="ID",
+                    help="in a video with several people, enroll this track (ids are listed "
+                         "when enrollment is refused)")
+    sp.add_argument("--min-quality", type=float, metavar="Q",
+                    help="leave out faces below this quality (default: enroll.min_quality)")
     sp.add_argument(
         "--outlier-margin",
         type=float,

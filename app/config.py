@@ -160,6 +160,21 @@ class AlertsConfig(_Strict):
     )
 
 
+class EnrollConfig(_Strict):
+    """What `facemoe enroll` accepts from photos and videos."""
+
+    max_side: int = Field(
+        1920, ge=320, le=16384, description="detection runs on a copy of a photo at most this "
+        "long (alignment uses the original pixels); larger finds smaller faces, costs more")
+    max_pixels: int = Field(
+        100_000_000, ge=1, le=1_000_000_000, description="a decoded photo above this is refused")
+    min_quality: float = Field(
+        0.01, ge=0, le=1, description="faces of lower quality are not enrolled; higher keeps "
+        "only sharp, large, frontal faces")
+    warn_quality: float = Field(
+        0.1, ge=0, le=1, description="faces of lower quality are enrolled with a warning")
+
+
 class GalleryConfig(_Strict):
     path: str = "gallery.db"
 
@@ -326,6 +341,7 @@ class AppConfig(_Strict):
     matching: MatchConfig = Field(default_factory=MatchConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     gallery: GalleryConfig = Field(default_factory=GalleryConfig)
+    enroll: EnrollConfig = Field(default_factory=EnrollConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     cameras: list[CameraConfig] = Field(default_factory=list)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
