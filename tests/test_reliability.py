@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import time
 from pathlib import Path
 
@@ -729,3 +730,158 @@ def test_video_with_several_people_needs_a_choice(data_dir: Path, detector) -> N
         faces_from_video(walking, detector, 8, track=99)
     assert len(faces_from_video(videos / "intel_head-pose-face-detection-female.mp4",
                                 detector, 8)) == 8
+
+
+# --- import limits -------------------------------------------------------------------------
+
+
+def _real_export(tmp_path: Path, data_dir: Path) -> Path:
+    """An export of two LFW people, with their photos as 192x192 kept crops."""
+    import cv2
+    import numpy as np
+
+    from app.gallery import Gallery
+    from tests.gallery_helpers import unit
+
+    lfw = data_dir / "lfw" / "lfw-deepfunneled"
+    rng = np.random.default_rng(0)
+    with Gallery(tmp_path / "src.db", "facemoe-edge", "0.1.0") as g:
+        for name in ("Zydrunas_Ilgauskas", "Joan_Collins"):
+            photo = cv2.imread(str(lfw / name / f"{name}_0001.jpg"))
+            crop = cv2.resize(photo[29:221, 29:221], (192, 192))
+            g.enroll(name.replace("_", " "), unit(rng, 1), [f"{name}_0001.jpg"], [0.7], [crop])
+        return Path(g.export(tmp_path / "g.zip").path)
+
+
+def _tampered(src: Path, dest: Path, *, replace: dict[str, bytes | int] | None = None,
+              manifest_edit=None) -> Path:
+    """A copy of an export with members replaced (bytes, or an int: that many zero bytes,
+    deflated) and the manifest edited, re-checksummed so only the content is at fault."""
+    import hashlib
+    import json
+    import zipfile
+
+    from app.gallery.transfer import _TRAILER
+
+    replace = replace or {}
+    with zipfile.ZipFile(src) as zin:
+        manifest = json.loads(zin.read("manifest.json"))
+        with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zout:
+            for info in zin.infolist():
+                name = info.filename
+                if name == "manifest.json":
+                    continue
+                new = replace.get(name)
+                if isinstance(new, int):  # a bomb: written in chunks, hashed on the way
+                    digest = hashlib.sha256()
+                    with zout.open(name, "w", force_zip64=True) as fh:
+                        for _ in range(new >> 20):
+                            fh.write(b"\0" * (1 << 20))
+                            digest.update(b"\0" * (1 << 20))
+                    manifest["entries"][name] = digest.hexdigest()
+                    continue
+                data = zin.read(name) if new is None else new
+                manifest["entries"][name] = hashlib.sha256(data).hexdigest()
+                zout.writestr(name, data)
+            if manifest_edit is not None:
+                manifest_edit(manifest)
+            zout.writestr("manifest.json", json.dumps(manifest))
+            zout.comment = _TRAILER + b"0" * 64
+    data = bytearray(dest.read_bytes())
+    data[-64:] = hashlib.sha256(bytes(data[:-64])).hexdigest().encode()
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+def _import_in_child(export: Path, db: Path) -> tuple[str, float, float]:
+    """(error or 'ok', seconds, peak RSS in MB) of an import in a fresh process."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, sys, time\n"
+        "from app.gallery import Gallery, GalleryError\n"
+        "t = time.monotonic(); result = 'ok'\n"
+        "with Gallery(sys.argv[2], 'facemoe-edge', '0.1.0') as g:\n"
+        "    try:\n"
+        "        g.import_file(sys.argv[1])\n"
+        "    except GalleryError as e:\n"
+        "        result = str(e)\n"
+        "print(result); print(time.monotonic() - t)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(export), str(db)],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent,
+                          env={**os.environ, "FACEMOE_GALLERY_KEY": ""})
+    assert proc.returncode == 0, proc.stderr
+    result, seconds, rss = proc.stdout.strip().splitlines()
+    return result, float(seconds), float(rss)
+
+
+def test_import_refuses_a_zip_bomb_from_the_directory(tmp_path: Path, data_dir: Path,
+                                                      no_gallery_key) -> None:
+    import zipfile
+
+    good = _real_export(tmp_path, data_dir)
+    with zipfile.ZipFile(good) as zf:
+        crop = next(n for n in zf.namelist() if n.endswith(".jpg"))
+    bomb = _tampered(good, tmp_path / "bomb.zip", replace={crop: 1 << 30})
+    assert bomb.stat().st_size < 4 << 20
+    result, seconds, rss = _import_in_child(bomb, tmp_path / "dst.db")
+    assert result == (f"export {bomb} is not a valid FaceMoE gallery export: member {crop} "
+                      f"would unpack to {1 << 30} bytes (at most {4 << 20})")
+    assert seconds < 5 and rss < 400, (seconds, rss)
+    assert _import_in_child(good, tmp_path / "ok.db")[0] == "ok"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("crop_not_jpeg", "the stored crop is not a readable JPEG"),
+    ("crop_too_big", "the stored crop is 500x500, not 192x192 or 112x112"),
+    ("long_source", "source must be a string of at most 1024 characters"),
+    ("nan_quality", "quality nan is not in [0, 1]"),
+    ("bad_date", "date 9999-01-01T00:00:00+00:00 is out of range"),
+    ("long_name", "identity name is too long"),
+    ("inf_vector", "imported vectors must be finite"),
+])
+def test_import_validates_crops_and_fields(tmp_path: Path, data_dir: Path, no_gallery_key,
+                                           case: str, message: str) -> None:
+    import json
+    import zipfile
+
+    import cv2
+    import numpy as np
+
+    from app.gallery import Gallery, GalleryError
+
+    good = _real_export(tmp_path, data_dir)
+    with zipfile.ZipFile(good) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+    template = manifest["identities"][0]["templates"][0]
+    replace: dict[str, bytes | int] = {}
+    edit = None
+    if case == "crop_not_jpeg":
+        replace[template["crop"]] = b"\xff\xd8 not really a jpeg"
+    elif case == "crop_too_big":
+        replace[template["crop"]] = cv2.imencode(".jpg", np.zeros((500, 500, 3), np.uint8))[1]
+        replace[template["crop"]] = replace[template["crop"]].tobytes()
+    elif case == "inf_vector":
+        vec = np.zeros(manifest["dim"], "<f4")
+        vec[0] = np.inf
+        replace[template["vector"]] = vec.tobytes()
+    else:
+        def edit(m: dict) -> None:
+            t = m["identities"][0]["templates"][0]
+            if case == "long_source":
+                t["source"] = "x" * 5000
+            elif case == "nan_quality":
+                t["quality"] = float("nan")
+            elif case == "bad_date":
+                t["created_at"] = "9999-01-01T00:00:00+00:00"
+            elif case == "long_name":
+                m["identities"][0]["name"] = "y" * 300
+    bad = _tampered(good, tmp_path / "bad.zip", replace=replace, manifest_edit=edit)
+    with Gallery(tmp_path / "dst.db", "facemoe-edge", "0.1.0") as g:
+        with pytest.raises(GalleryError, match=re.escape(message)) as err:
+            g.import_file(bad)
+        assert "\n" not in str(err.value)
+        assert g.identities() == []
