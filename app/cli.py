@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from app import __version__
+from app.gallery_cli import KEY_HELP
 from app.logs import install_repeat_filter
 
 log = logging.getLogger("facemoe")
@@ -26,6 +27,13 @@ def _out(args: argparse.Namespace, payload: dict, text: str) -> None:
         print(json.dumps(payload))
     else:
         print(text)
+
+
+def _key(args: argparse.Namespace) -> bytes | None:
+    """The key from --key-file; None lets the gallery read $FACEMOE_GALLERY_KEY(_FILE)."""
+    from app.gallery import load_key
+
+    return load_key(args.key_file) if getattr(args, "key_file", None) else None
 
 
 def _config(args: argparse.Namespace):
@@ -67,7 +75,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
                          e.min_quality if args.min_quality is None else args.min_quality,
                          e.warn_quality)
     detector, embedder = make_detector(cfg), _embedder(cfg)
-    with open_gallery(_gallery_path(args, cfg), embedder) as gallery:
+    with open_gallery(_gallery_path(args, cfg), embedder, key=_key(args)) as gallery:
         report = enroll(
             args.name,
             args.paths,
@@ -182,7 +190,8 @@ def cmd_process(args: argparse.Namespace) -> int:
             raise UserError(f"{what} {target} is a directory; give a file name")
     detector, embedder = make_detector(cfg), _embedder(cfg)
     path = _gallery_path(args, cfg)
-    with open_gallery(path, embedder, create=args.allow_empty_gallery) as gallery:
+    with open_gallery(path, embedder, create=args.allow_empty_gallery,
+                      key=_key(args)) as gallery:
         if not gallery.identities():
             if not args.allow_empty_gallery:
                 raise UserError(
@@ -224,7 +233,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.validate_config:
         _out(args, {"config": "ok"}, "config ok")
         return 0
-    return run_daemon(cfg)
+    return run_daemon(cfg, key=_key(args))
 
 
 # --- trainer ---------------------------------------------------------------------------------
@@ -476,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         if gallery:
             sp.add_argument("--gallery", help="gallery database (path or SQLAlchemy URL)")
+            sp.add_argument("--key-file", help=KEY_HELP)
 
     sp = sub.add_parser(
         "enroll",
@@ -553,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="app config YAML with a `cameras:` list (default: configs/app.yaml)"
     )
     sp.add_argument("--validate-config", action="store_true", help="check the config and exit")
+    sp.add_argument("--key-file", help=KEY_HELP)
     sp.set_defaults(func=cmd_run)
 
     for name in ("train", "finetune"):

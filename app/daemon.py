@@ -24,6 +24,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -52,6 +53,42 @@ _RECONNECT = object()  # queue marker: the camera's stream broke; end its open t
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # frame to event: a track ends `tracker.max_missed` detections after its last frame
 _EVENT_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
+
+
+_HTTP_TIMEOUT_S = 10.0  # per socket operation of a /metrics or /healthz client
+_HTTP_MAX_CLIENTS = 16  # connections served at once; more are closed at once
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most `_HTTP_MAX_CLIENTS` at once; a client error
+    (timeout, reset) is one debug line, never a traceback in the log."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(_HTTP_MAX_CLIENTS)
+
+    def process_request(self, request, client_address) -> None:  # noqa: ANN001
+        if not self._slots.acquire(blocking=False):
+            log.warning("HTTP: %d clients already connected; closing a new connection from %s",
+                        _HTTP_MAX_CLIENTS, client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:  # noqa: ANN001
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:  # noqa: ANN001
+        log.debug("HTTP client %s: %s", client_address[0], sys.exc_info()[1])
 
 
 class Metrics:
@@ -356,7 +393,7 @@ def _redact(uri: str) -> str:
 
 
 class Daemon:
-    def __init__(self, cfg: AppConfig) -> None:
+    def __init__(self, cfg: AppConfig, key: bytes | None = None) -> None:
         self.cfg = cfg
         cams = [c for c in cfg.cameras if c.enabled]
         if not cams:
@@ -365,7 +402,8 @@ class Daemon:
         self.detector, self.embedder = make_detector(cfg), make_embedder(cfg)
         # one embedding batch for every camera: crops from all of them fill each embedder call
         self.embed_batch = EmbedBatch(self.embedder)
-        self.gallery: Gallery = open_gallery(cfg.gallery.path, self.embedder, create=True)
+        self.gallery: Gallery = open_gallery(cfg.gallery.path, self.embedder, create=True,
+                                             key=key)
         if not self.gallery.identities():
             log.warning("the gallery %s is empty: every face will be reported as unknown",
                         cfg.gallery.path)
@@ -620,6 +658,8 @@ class Daemon:
         daemon = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = _HTTP_TIMEOUT_S  # a client that stalls is dropped, its thread freed
+
             def do_GET(self) -> None:  # noqa: N802
                 path = self.path.split("?")[0]
                 if path == "/metrics":
@@ -640,8 +680,7 @@ class Daemon:
             def log_message(self, *args) -> None:
                 pass
 
-        self.http = ThreadingHTTPServer((d.metrics_host, d.metrics_port), Handler)
-        self.http.daemon_threads = True
+        self.http = _BoundedHTTPServer((d.metrics_host, d.metrics_port), Handler)
         threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
         log.info("metrics on http://%s:%d/metrics, health on /healthz", d.metrics_host,
                  self.http.server_address[1])
@@ -697,5 +736,5 @@ class Daemon:
         return 0
 
 
-def run_daemon(cfg: AppConfig) -> int:
-    return Daemon(cfg).run()
+def run_daemon(cfg: AppConfig, key: bytes | None = None) -> int:
+    return Daemon(cfg, key=key).run()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import time
 import weakref
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -82,15 +83,29 @@ def _make(factory: str, name: str | None = None, **props: object) -> Gst.Element
     return element
 
 
+# query parameters that carry credentials (rtsp://cam/stream?token=..., ?apikey=...)
+_SECRET_PARAMS = re.compile(
+    r"(?i)^(.*[-_])?(token|access[-_]?token|auth|authorization|key|api[-_]?key|password|passwd|"
+    r"pass|pwd|secret|sig|signature|credential|credentials|session|sid)$")
+
+
 def _redact(uri: str) -> str:
-    """Hide a password embedded in a URI (rtsp://user:pass@host) for messages and logs."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    """Hide a password embedded in a URI (rtsp://user:pass@host) and credential query
+    parameters (?token=...) for messages and logs."""
+    try:
+        parts = urlsplit(uri)
+        if parts.password is not None:
+            host = parts.hostname or ""
+            if parts.port is not None:
+                host = f"{host}:{parts.port}"
+            parts = parts._replace(netloc=f"{parts.username}:***@{host}")
+    except ValueError:  # e.g. a bad port: hide everything after the scheme
+        return uri.split("://", 1)[0] + "://***" if "://" in uri else uri
+    fields = parse_qsl(parts.query, keep_blank_values=True)
+    if any(_SECRET_PARAMS.match(k) for k, _ in fields):
+        parts = parts._replace(query=urlencode(
+            [(k, "***" if _SECRET_PARAMS.match(k) else v) for k, v in fields], safe="*"))
+    return urlunsplit(parts)
 
 
 def _resolve(uri: str) -> tuple[str, str, bool]:

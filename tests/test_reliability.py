@@ -885,3 +885,90 @@ def test_import_validates_crops_and_fields(tmp_path: Path, data_dir: Path, no_ga
             g.import_file(bad)
         assert "\n" not in str(err.value)
         assert g.identities() == []
+
+
+# --- small ones ----------------------------------------------------------------------------
+
+
+def test_token_in_camera_url_is_redacted() -> None:
+    from app.source import _redact
+
+    assert _redact("rtsp://admin:pw@10.0.0.1:554/live?token=s3cr3t&channel=1") == (
+        "rtsp://admin:***@10.0.0.1:554/live?token=***&channel=1")
+    assert _redact("http://cam/mjpg?api_key=abc") == "http://cam/mjpg?api_key=***"
+    assert _redact("rtsp://cam/live?channel=1&subtype=0") == "rtsp://cam/live?channel=1&subtype=0"
+    with pytest.raises(SourceError) as err:
+        open_source(f"rtsp://127.0.0.1:{free_port()}/live?token=s3cr3t", timeout=2)
+    assert "s3cr3t" not in str(err.value) and "token=***" in str(err.value)
+
+
+def test_events_limit_must_be_positive(tmp_path: Path, no_gallery_key) -> None:
+    proc = _cli("gallery", "events", "--limit", "-5", "--gallery", str(tmp_path / "g.db"))
+    assert proc.returncode == 2
+    assert "--limit: must be at least 1, got -5" in proc.stderr
+
+
+def test_key_file_is_accepted_where_the_key_is_needed(tmp_path: Path, data_dir: Path,
+                                                      monkeypatch) -> None:
+    import base64
+
+    monkeypatch.delenv("FACEMOE_GALLERY_KEY", raising=False)
+    monkeypatch.delenv("FACEMOE_GALLERY_KEY_FILE", raising=False)
+    key = tmp_path / "key"
+    key.write_text(base64.b64encode(os.urandom(32)).decode())
+    db = str(tmp_path / "g.db")
+    videos = data_dir / "videos"
+    done = _cli("enroll", "Barack Obama", str(videos / "obama.jpg"), "--gallery", db,
+                "--key-file", str(key), timeout=300)
+    assert done.returncode == 0, done.stderr
+    for argv in (["gallery", "list"], ["gallery", "events"], ["gallery", "check"],
+                 ["gallery", "rename", "Barack Obama", "Obama"]):
+        done = _cli(*argv, "--gallery", db, "--key-file", str(key))
+        assert done.returncode == 0, (argv, done.stderr)
+    done = _cli("gallery", "list", "--gallery", db)
+    assert done.returncode == 1 and "encrypted" in done.stderr
+    done = _cli("process", str(videos / "intel_head-pose-face-detection-female.mp4"),
+                "--gallery", db, "--key-file", str(key), "--no-progress", timeout=300)
+    assert done.returncode == 0, done.stderr
+    done = _cli("run", "--validate-config", "--key-file", str(key))
+    assert done.returncode == 0, done.stderr
+
+
+def test_stalled_http_clients_are_dropped_without_tracebacks(
+        tmp_path: Path, tiny_model_dir: Path, yunet_path: Path, monkeypatch, caplog,
+        no_gallery_key) -> None:
+    import logging
+    import socket
+    import threading
+
+    import app.daemon as daemon_module
+    from app.config import AppConfig
+    from app.daemon import Daemon
+
+    monkeypatch.setattr(daemon_module, "_HTTP_TIMEOUT_S", 1.0)
+    port = free_port()
+    daemon = Daemon(AppConfig.model_validate({
+        "model": {"dir": str(tiny_model_dir), "threads": 1},
+        "detector": {"model": str(yunet_path)},
+        "gallery": {"path": str(tmp_path / "gallery.db")},
+        "cameras": [{"name": "a", "uri": f"rtsp://127.0.0.1:{free_port()}/x"}],
+        "daemon": {"metrics_port": port}}))
+    daemon._serve_http()
+    try:
+        baseline = threading.active_count()
+        stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+        for s in stalled[:5]:
+            s.sendall(b"GET /healthz HTTP/1.1\r\n")  # a request that never ends
+        time.sleep(0.3)
+        assert threading.active_count() <= baseline + 16
+        time.sleep(1.5)  # past the timeout: every stalled connection is closed
+        code, health = _healthz(port)
+        assert code == 503 and health["cameras"]["a"]["state"] == "starting"
+        _until("threads to be released", lambda: threading.active_count() <= baseline + 1, 10)
+        for s in stalled:
+            s.close()
+    finally:
+        daemon.http.shutdown()
+        daemon.gallery.close()
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
