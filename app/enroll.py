@@ -49,13 +49,14 @@ def _scaled(det: Detection, factor: float) -> Detection:
                      score=det.score)
 
 
-def _inside(det: Detection, other: Detection) -> bool:
-    """Whether most of `det`'s box lies within `other`'s (an eye inside a face)."""
+def _overlap(det: Detection, other: Detection) -> tuple[float, float]:
+    """(IoU of the two boxes, share of `det`'s box inside `other`'s)."""
     x, y, w, h = (float(v) for v in det.bbox)
     ox, oy, ow, oh = (float(v) for v in other.bbox)
     iw = max(0.0, min(x + w, ox + ow) - max(x, ox))
     ih = max(0.0, min(y + h, oy + oh) - max(y, oy))
-    return iw * ih > 0.5 * max(w * h, 1e-6)
+    inter = iw * ih
+    return inter / max(w * h + ow * oh - inter, 1e-6), inter / max(w * h, 1e-6)
 
 
 def detect_bounded(detector: FaceDetector, image: np.ndarray, max_side: int) -> list[Detection]:
@@ -63,8 +64,9 @@ def detect_bounded(detector: FaceDetector, image: np.ndarray, max_side: int) -> 
 
     Copies whose longest side is 640, 1280 and `max_side` (never larger than the photo) are
     searched from the smallest: a face found on a smaller copy wins over the boxes a larger
-    copy finds inside it (YuNet sees parts of a face that fills a large photo as faces) and a
-    huge photo never reaches the detector at full size.
+    copy finds inside it (YuNet sees parts of a face that fills a large photo as faces), the
+    same face found again on a larger copy (IoU > 0.7) replaces it with its more precise
+    landmarks, and a huge photo never reaches the detector at full size.
     """
     height, width = image.shape[:2]
     longest = max(height, width)
@@ -75,9 +77,15 @@ def detect_bounded(detector: FaceDetector, image: np.ndarray, max_side: int) -> 
         copy = image if factor == 1 else cv2.resize(
             image, (max(1, round(width * factor)), max(1, round(height * factor))),
             interpolation=cv2.INTER_AREA)
+        coarse = list(found)
         for det in detector.detect(copy):
             det = _scaled(det, 1 / factor)
-            if not any(_inside(det, f) or _inside(f, det) for f in found):
+            overlaps = [(i, *_overlap(det, f)) for i, f in enumerate(coarse)]
+            same = [i for i, iou, _ in overlaps if iou > 0.7]
+            if same:
+                found[same[0]] = det
+            elif not any(inside > 0.5 or _overlap(coarse[i], det)[1] > 0.5
+                         for i, _, inside in overlaps):
                 found.append(det)
     return sorted(found, key=lambda d: -d.score)
 
