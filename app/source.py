@@ -68,6 +68,31 @@ def _init_gst() -> None:
         )
     if not Gst.is_initialized():
         Gst.init(None)
+    if not _GLIB_ROUTED:
+        _route_glib_log()
+
+
+_GLIB_DOMAINS = ("GStreamer", "GLib", "GLib-GObject")
+_GLIB_ROUTED = False
+
+
+def _route_glib_log() -> None:
+    """Send GStreamer's and GLib's CRITICAL/WARNING messages (printed straight to stderr by
+    default) through Python logging, where repeated lines are collapsed (app.logs)."""
+    from gi.repository import GLib
+
+    glib_log = logging.getLogger(f"{__name__}.glib")
+    levels = GLib.LogLevelFlags.LEVEL_CRITICAL | GLib.LogLevelFlags.LEVEL_WARNING
+
+    def handler(domain: str, level: GLib.LogLevelFlags, message: str, _data: object) -> None:
+        severe = bool(level & GLib.LogLevelFlags.LEVEL_CRITICAL)
+        glib_log.log(logging.ERROR if severe else logging.WARNING, "%s-%s: %s", domain,
+                     "CRITICAL" if severe else "WARNING", message)
+
+    global _GLIB_ROUTED
+    for domain in _GLIB_DOMAINS:
+        GLib.log_set_handler(domain, levels, handler, None)
+    _GLIB_ROUTED = True
 
 
 def _make(factory: str, name: str | None = None, **props: object) -> Gst.Element:

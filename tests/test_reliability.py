@@ -972,3 +972,18 @@ def test_stalled_http_clients_are_dropped_without_tracebacks(
         daemon.gallery.close()
     assert "Traceback" not in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_gstreamer_criticals_go_through_python_logging(caplog, capfd) -> None:
+    import logging
+
+    from app.source import Gst, _init_gst
+
+    _init_gst()
+    with caplog.at_level(logging.WARNING, logger="app.source.glib"):
+        for _ in range(3):
+            Gst.Caps.new_empty().get_structure(0)  # a GStreamer-CRITICAL assertion
+    assert "GStreamer-CRITICAL" not in capfd.readouterr().err
+    messages = [r.getMessage() for r in caplog.records if r.name == "app.source.glib"]
+    assert len(messages) == 3 and messages[0].startswith(
+        "GStreamer-CRITICAL: gst_caps_get_structure: assertion")
