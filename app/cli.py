@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from app import __version__
+from app.gallery_cli import KEY_HELP
+from app.logs import install_repeat_filter
 
 log = logging.getLogger("facemoe")
 
@@ -25,6 +27,13 @@ def _out(args: argparse.Namespace, payload: dict, text: str) -> None:
         print(json.dumps(payload))
     else:
         print(text)
+
+
+def _key(args: argparse.Namespace) -> bytes | None:
+    """The key from --key-file; None lets the gallery read $FACEMOE_GALLERY_KEY(_FILE)."""
+    from app.gallery import load_key
+
+    return load_key(args.key_file) if getattr(args, "key_file", None) else None
 
 
 def _config(args: argparse.Namespace):
@@ -57,12 +66,16 @@ def _gallery_path(args: argparse.Namespace, cfg) -> str:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from app.enroll import enroll
+    from app.enroll import ImageLimits, enroll
     from app.runtime import make_detector, open_gallery
 
     cfg = _config(args)
+    e = cfg.enroll
+    limits = ImageLimits(e.max_side, e.max_pixels,
+                         e.min_quality if args.min_quality is None else args.min_quality,
+                         e.warn_quality)
     detector, embedder = make_detector(cfg), _embedder(cfg)
-    with open_gallery(_gallery_path(args, cfg), embedder) as gallery:
+    with open_gallery(_gallery_path(args, cfg), embedder, key=_key(args)) as gallery:
         report = enroll(
             args.name,
             args.paths,
@@ -73,6 +86,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             outlier_margin=None if args.keep_outliers else args.outlier_margin,
             events=args.event,
             tracking=cfg.tracker,
+            track=args.track,
+            limits=limits,
         )
     faces = report.faces
     text = f"enrolled {report.name!r}: {len(faces)} template(s)"
@@ -88,8 +103,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             "sources": [f.source for f in faces],
             "qualities": [round(f.quality, 3) for f in faces],
             "rejected": [r.as_json() for r in report.rejected],
+            "skipped": report.skipped,
         },
-        text,
+        text + "".join(f"\n  skipped {s}" for s in report.skipped),
     )
     return 0
 
@@ -121,12 +137,29 @@ def cmd_gallery(args: argparse.Namespace) -> int:
                 or "(empty gallery)",
             )
         elif args.action == "remove":
+            from app.erasure import erase_outputs
+
+            stored = gallery.stored_events(identity=args.name)
             events = gallery.remove(args.name)
+            d = cfg.daemon
+            erased = erase_outputs(
+                args.name, event_ids={s.event.id for s in stored if s.event.id},
+                snapshot_paths={s.event.snapshot for s in stored if s.event.snapshot},
+                jsonl_paths=[p for p in (d.jsonl.path, cfg.output.events_jsonl,
+                                         *(args.events_jsonl or [])) if p],
+                snapshot_dir=d.snapshots.dir)
             _out(
                 args,
-                {"removed": args.name, "events_deleted": events},
-                f"removed {args.name!r} with its templates, crops and {events} event(s)",
+                {"removed": args.name, "events_deleted": events, **erased.as_json()},
+                f"removed {args.name!r} with its templates, crops and {events} event(s); "
+                f"{erased.jsonl_lines_removed} JSONL line(s) removed and "
+                f"{erased.jsonl_candidates_cleared} candidate mention(s) cleared in "
+                f"{len(erased.jsonl_files_rewritten)} file(s); "
+                f"{len(erased.snapshots_deleted)} snapshot(s) deleted"
+                + "".join(f"\nnot erased: {e}" for e in erased.errors),
             )
+            if erased.errors:
+                return 1
         elif args.action == "rename":
             gallery.rename(args.name, args.new_name)
             _out(
@@ -152,9 +185,14 @@ def cmd_process(args: argparse.Namespace) -> int:
         return 0
     if not Path(args.video).exists() and "://" not in args.video:
         raise UserError(f"no such file: {args.video}")
+    for what, target in (("--annotate", args.annotate),
+                         ("--events", args.events or cfg.output.events_jsonl)):
+        if target and Path(target).expanduser().is_dir():
+            raise UserError(f"{what} {target} is a directory; give a file name")
     detector, embedder = make_detector(cfg), _embedder(cfg)
     path = _gallery_path(args, cfg)
-    with open_gallery(path, embedder, create=args.allow_empty_gallery) as gallery:
+    with open_gallery(path, embedder, create=args.allow_empty_gallery,
+                      key=_key(args)) as gallery:
         if not gallery.identities():
             if not args.allow_empty_gallery:
                 raise UserError(
@@ -192,7 +230,11 @@ def cmd_process(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from app.daemon import run_daemon
 
-    return run_daemon(_config(args))
+    cfg = _config(args)
+    if args.validate_config:
+        _out(args, {"config": "ok"}, "config ok")
+        return 0
+    return run_daemon(cfg, key=_key(args))
 
 
 def _recognizer(args: argparse.Namespace):
@@ -519,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         if gallery:
             sp.add_argument("--gallery", help="gallery database (path or SQLAlchemy URL)")
+            sp.add_argument("--key-file", help=KEY_HELP)
 
     sp = sub.add_parser(
         "enroll",
@@ -537,8 +580,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--face",
         type=int,
-        help="in images with several faces, enroll the N-th largest (0 = largest)",
+        help="in images with several faces, enroll the N-th largest (0 = largest); in "
+        "videos with several people, the N-th longest track",
     )
+    sp.add_argument("--track", type=int, metavar="ID",
+                    help="in a video with several people, enroll this track (ids are listed "
+                         "when enrollment is refused)")
+    sp.add_argument("--min-quality", type=float, metavar="Q",
+                    help="leave out faces below this quality (default: enroll.min_quality)")
     sp.add_argument(
         "--outlier-margin",
         type=float,
@@ -556,8 +605,12 @@ def build_parser() -> argparse.ArgumentParser:
     gsub = sp.add_subparsers(dest="action", required=True)
     g = gsub.add_parser("list")
     common(g)
-    g = gsub.add_parser("remove")
+    g = gsub.add_parser("remove", help="delete a person: templates, crops, stored events, and "
+                        "their lines in the configured JSONL files and their snapshots")
     g.add_argument("name")
+    g.add_argument("--events-jsonl", action="append", metavar="FILE",
+                   help="another events JSONL file to erase the person from (e.g. one written "
+                        "by `process --events`); repeatable")
     common(g)
     g = gsub.add_parser("rename")
     g.add_argument("name")
@@ -613,6 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--config", help="app config YAML with a `cameras:` list (default: configs/app.yaml)"
     )
+    sp.add_argument("--validate-config", action="store_true", help="check the config and exit")
+    sp.add_argument("--key-file", help=KEY_HELP)
     sp.set_defaults(func=cmd_run)
 
     for name in ("train", "finetune"):
@@ -803,6 +858,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    install_repeat_filter()
 
 
 def main(argv: list[str] | None = None) -> int:

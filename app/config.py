@@ -6,22 +6,28 @@ configs/app.yaml works from any working directory.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
+    ValidationError,
     field_validator,
     model_validator,
 )
 
-from trainer.config import ConfigError, read_yaml_config  # noqa: F401  (ConfigError is re-exported)
+from trainer.config import ConfigError  # re-exported
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "app.yaml"
@@ -163,7 +169,7 @@ class EmbedPolicy(_Strict):
     beyond `max_per_track` crops (`app.aggregate.TrackAggregator` takes this object).
     """
 
-    first_n: int = Field(3, ge=0)
+    first_n: int = Field(3, ge=0, le=1000)
     """Always embed a track's first crops. Higher: a decision is possible early and the first
     template is steadier; more embedder work on tracks that turn out short."""
 
@@ -171,11 +177,11 @@ class EmbedPolicy(_Strict):
     """Refresh periodically, as appearance drifts (pose, light) over a track. Lower: steadier
     templates at more embedder cost."""
 
-    min_gain: float = Field(0.1, ge=0)
+    min_gain: float = Field(0.1, ge=0, le=1)
     """Quality margin that makes a crop worth embedding out of turn. Lower: chases quality
     more eagerly at more embedder cost."""
 
-    max_per_track: int = Field(32, ge=1)
+    max_per_track: int = Field(32, ge=1, le=10000)
     """Hard cap on embedder work per track. Lower: bounds the cost of a person who stands
     still for minutes; long tracks stop improving their template sooner."""
 
@@ -195,9 +201,32 @@ class EmbedPolicy(_Strict):
         return quality >= best_quality + self.min_gain or since_last >= self.every_n
 
 
+# Cosine thresholds outside this band are legal but almost certainly a mistake: below it
+# nearly everyone is named, above it nearly no one.
+SANE_THRESHOLD = (0.0, 0.9)
+
+
+def _threshold_sanity(value: float | str | None, where: str) -> None:
+    if isinstance(value, float) and not SANE_THRESHOLD[0] <= value <= SANE_THRESHOLD[1]:
+        log.warning("%s %.3f is outside the usual range [%g, %g]: %s", where, value,
+                    *SANE_THRESHOLD,
+                    "almost everyone will be named" if value < SANE_THRESHOLD[0]
+                    else "almost no one will be named")
+
+
 class MatchConfig(_Strict):
-    threshold: float | Literal["auto"] = "auto"  # auto: the model manifest's recommended threshold
+    threshold: float | Literal["auto"] = Field(
+        "auto", description="cosine similarity a match needs, in (-1, 1); auto: the model "
+        "manifest's recommended threshold; lower names more people (and more wrongly)")
     min_frames: int = Field(2, ge=1, description="tracks seen in fewer frames make no event")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_range(cls, v: float | str) -> float | str:
+        if isinstance(v, float | int) and not (-1.0 < v < 1.0 and math.isfinite(v)):
+            raise ValueError(f"must be 'auto' or a cosine similarity in (-1, 1), got {v}")
+        _threshold_sanity(v, "matching.threshold")
+        return v
 
 
 class AlertsConfig(_Strict):
@@ -217,6 +246,21 @@ class AlertsConfig(_Strict):
         description="media seconds after a person is announced on a camera during which "
         "new tracks of the same person there are not announced again (0: every track)",
     )
+
+
+class EnrollConfig(_Strict):
+    """What `facemoe enroll` accepts from photos and videos."""
+
+    max_side: int = Field(
+        1920, ge=320, le=16384, description="detection runs on a copy of a photo at most this "
+        "long (alignment uses the original pixels); larger finds smaller faces, costs more")
+    max_pixels: int = Field(
+        100_000_000, ge=1, le=1_000_000_000, description="a decoded photo above this is refused")
+    min_quality: float = Field(
+        0.01, ge=0, le=1, description="faces of lower quality are not enrolled; higher keeps "
+        "only sharp, large, frontal faces")
+    warn_quality: float = Field(
+        0.1, ge=0, le=1, description="faces of lower quality are enrolled with a warning")
 
 
 class GalleryConfig(_Strict):
@@ -248,7 +292,7 @@ class CameraConfig(_Strict):
         None, ge=0, description="ignore faces narrower than this (px); default detector.min_face"
     )
     threshold: float | None = Field(
-        None, gt=-1, le=1, description="open-set threshold here; default matching.threshold"
+        None, gt=-1, lt=1, description="open-set threshold here; default matching.threshold"
     )
     masks: list[Polygon] = Field(
         default_factory=list, description="faces whose box centre is inside one are ignored"
@@ -257,21 +301,35 @@ class CameraConfig(_Strict):
         default_factory=dict, description="named areas; an event lists those its face was in"
     )
 
+    @model_validator(mode="after")
+    def _sane_threshold(self) -> CameraConfig:
+        _threshold_sanity(self.threshold, f"cameras[{self.name}].threshold")
+        return self
+
 
 class ReconnectConfig(_Strict):
     initial_s: float = Field(1.0, gt=0, description="first wait after a camera failure")
-    max_s: float = Field(30.0, gt=0, description="the wait doubles up to this")
+    max_s: float = Field(30.0, gt=0, le=86400, description="the wait doubles up to this")
+
+    @model_validator(mode="after")
+    def _order(self) -> ReconnectConfig:
+        if self.max_s < self.initial_s:
+            raise ValueError(f"max_s ({self.max_s:g}) must be >= initial_s ({self.initial_s:g})")
+        return self
 
 
 class JsonlConfig(_Strict):
     path: str | None = None  # events as JSON lines; None = off
     max_mb: float = Field(100.0, gt=0, description="rotate the file above this size")
-    backups: int = Field(5, ge=0, description="rotated files kept (path.1 ... path.N)")
+    backups: int = Field(5, ge=0, le=1000, description="rotated files kept (path.1 ... path.N)")
 
 
 class SnapshotConfig(_Strict):
     dir: str | None = None  # best face JPEG per event under dir/camera/; None = off
-    retention_days: float = Field(7.0, gt=0)
+    retention_days: float = Field(7.0, gt=0, le=36500)
+    allow_unencrypted: bool = Field(
+        False, description="write plain JPEG snapshots even though the gallery is encrypted "
+        "(refused by default: a snapshot is as identifying as the templates)")
 
 
 class MqttTlsConfig(_Strict):
@@ -324,11 +382,28 @@ class WebhookConfig(_Strict):
         1000, ge=1, description="events waiting for the target; the oldest is dropped when full"
     )
 
+    @model_validator(mode="after")
+    def _order(self) -> WebhookConfig:
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError(f"retry_max_s ({self.retry_max_s:g}) must be >= retry_initial_s "
+                             f"({self.retry_initial_s:g})")
+        return self
+
+
+class HealthConfig(_Strict):
+    """When /healthz answers 503 "degraded" instead of 200 "ok"."""
+
+    window_s: float = Field(60.0, gt=0, le=3600, description="the recent past health looks at")
+    max_drop_rate: float = Field(
+        0.2, ge=0, le=1, description="share of a camera's frames dropped in the window above "
+        "which it is degraded; lower: overload is reported sooner")
+
 
 class DaemonConfig(_Strict):
     metrics_port: int = Field(0, ge=0, le=65535, description="/metrics and /healthz; 0 = off")
-    metrics_host: str = "127.0.0.1"
-    stats_interval_s: float = Field(60.0, gt=0, description="period of the stats line in the log")
+    metrics_host: str = Field("127.0.0.1", min_length=1)
+    stats_interval_s: float = Field(
+        60.0, gt=0, le=86400, description="period of the stats line in the log")
     frame_timeout_s: float = Field(
         10.0, gt=0, description="a camera with no frame this long is reconnected"
     )
@@ -342,7 +417,8 @@ class DaemonConfig(_Strict):
     snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
     mqtt: MqttConfig | None = None
     webhook: WebhookConfig | None = None
-    shutdown_timeout_s: float = Field(5.0, gt=0)
+    shutdown_timeout_s: float = Field(5.0, gt=0, le=3600)
+    health: HealthConfig = Field(default_factory=HealthConfig)
     web: bool = Field(
         False, description="serve the review UI and API (`web:` section) on metrics_port too"
     )
@@ -391,6 +467,7 @@ class AppConfig(_Strict):
     matching: MatchConfig = Field(default_factory=MatchConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     gallery: GalleryConfig = Field(default_factory=GalleryConfig)
+    enroll: EnrollConfig = Field(default_factory=EnrollConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     cameras: list[CameraConfig] = Field(default_factory=list)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
@@ -453,5 +530,67 @@ def resolve(path: str) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
+def _lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+    """YAML path (keys and list indices) -> 1-based line of its value, from the node tree."""
+    lines = {prefix: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            lines.update(_lines(value, (*prefix, key.value)))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            lines.update(_lines(value, (*prefix, i)))
+    return lines
+
+
+def _locate(lines: dict[tuple, int], loc: tuple) -> tuple[str, int | None]:
+    """(dotted YAML path, line) of a pydantic error location. The line is that of the
+    deepest node present; pydantic's union branch names after a scalar ('float',
+    "literal['auto']") are dropped from the path."""
+    key = tuple(str(p) if not isinstance(p, int) else p for p in loc)
+    for n in range(len(key), 0, -1):
+        if key[:n] in lines:
+            scalar = not any(k[:n] == key[:n] and len(k) > n for k in lines)
+            path = key[:n] if scalar and n < len(key) and not isinstance(key[n], int) else key
+            return ".".join(str(p) for p in path), lines[key[:n]]
+    return ".".join(str(p) for p in key) or "(top level)", None
+
+
 def load_config(path: str | Path | None = None) -> AppConfig:
-    return read_yaml_config(Path(path) if path else DEFAULT_CONFIG, AppConfig)
+    """Read and validate the app config; every problem is in one one-line ConfigError that
+    lists all errors, each with its YAML path and line."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"no such config file: {path}" if not path.is_dir()
+                          else f"config {path} is a directory")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} on line "
+                          f"{line}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where} ({problem})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    lines = _lines(node) if node is not None else {}
+    try:
+        return AppConfig.model_validate(raw)
+    except ValidationError as e:
+        found: dict[tuple[str, int | None], list[str]] = {}
+        for err in e.errors():
+            msgs = found.setdefault(_locate(lines, err["loc"]), [])
+            msg = err["msg"].removeprefix("Value error, ")
+            if msg not in msgs:
+                msgs.append(msg)
+        problems = [f"{where}{f' (line {line})' if line else ''}: {' or '.join(msgs)}"
+                    for (where, line), msgs in found.items()]
+        count = f"{len(problems)} errors: " if len(problems) > 1 else ""
+        raise ConfigError(f"{path}: {count}{'; '.join(problems)}") from None

@@ -24,6 +24,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -55,6 +56,42 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _EVENT_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
 
 
+_HTTP_TIMEOUT_S = 10.0  # per socket operation of a /metrics or /healthz client
+_HTTP_MAX_CLIENTS = 16  # connections served at once; more are closed at once
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most `_HTTP_MAX_CLIENTS` at once; a client error
+    (timeout, reset) is one debug line, never a traceback in the log."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(_HTTP_MAX_CLIENTS)
+
+    def process_request(self, request, client_address) -> None:  # noqa: ANN001
+        if not self._slots.acquire(blocking=False):
+            log.warning("HTTP: %d clients already connected; closing a new connection from %s",
+                        _HTTP_MAX_CLIENTS, client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:  # noqa: ANN001
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:  # noqa: ANN001
+        log.debug("HTTP client %s: %s", client_address[0], sys.exc_info()[1])
+
+
 class Metrics:
     """The daemon's Prometheus metrics in a registry of its own."""
 
@@ -77,6 +114,10 @@ class Metrics:
             "MQTT/webhook incidents: kind=disconnect (connection lost), retry (failed send, "
             "retried), dropped (a full buffer dropped its oldest message, or a rejected event)",
             ["sink", "kind"], registry=r)
+        self.corrupt_templates = Gauge(
+            "facemoe_gallery_corrupt_templates",
+            "templates left out of matching because they are corrupt (see `gallery check`)",
+            registry=r)
         self.sink_pending = Gauge("facemoe_sink_pending", "messages waiting for delivery",
                                   ["sink"], registry=r)
         self.fps = Gauge("facemoe_fps", "processed frames per second", cam, registry=r)
@@ -156,6 +197,9 @@ class Camera:
         self.last_frame = 0.0  # monotonic time of the last frame read
         self.latencies: dict[str, deque[float]] = {}
         self.fps_window: deque[tuple[float, int]] = deque(maxlen=16)
+        # (monotonic, frames, dropped) once a second, for the drop rate over health.window_s
+        self.drop_window: deque[tuple[float, int, int]] = deque(
+            maxlen=int(daemon.cfg.daemon.health.window_s) + 2)
         self.arrivals: deque[tuple[float, float]] = deque(maxlen=4096)  # (pts, monotonic)
         self._arrivals_lock = threading.Lock()
         self.best: dict[int, tuple[float, np.ndarray]] = {}  # track id -> (score, face crop)
@@ -309,8 +353,29 @@ class Camera:
         p50, p95 = np.percentile(values, [50, 95])
         return float(p50), float(p95)
 
+    def drop_rate(self, now: float, window_s: float) -> float:
+        """Share of this camera's frames dropped (queue full or upstream) in the window."""
+        samples = [s for s in self.drop_window if now - s[0] <= window_s + 1.0]
+        samples.append((now, self.frames, self.dropped))
+        _, frames0, dropped0 = samples[0]
+        dropped = self.dropped - dropped0
+        total = dropped + self.frames - frames0 + self.depth()
+        return dropped / total if total > 0 else 0.0
+
+    def problem(self, now: float) -> str | None:
+        """Why this camera makes the daemon degraded, or None."""
+        h = self.d.cfg.daemon.health
+        if self.state in ("reconnecting", "starting", "stopped"):
+            return f"{self.state}" + (f": {self.error}" if self.error else "")
+        rate = self.drop_rate(now, h.window_s)
+        if rate > h.max_drop_rate:
+            return (f"dropped {rate:.0%} of frames in the last {h.window_s:g} s "
+                    f"(bound {h.max_drop_rate:.0%})")
+        return None
+
     def health(self, now: float) -> dict:
-        return {"state": self.state, "uri": _redact(self.cc.uri), "frames": self.frames,
+        return {"state": self.state, "problem": self.problem(now), "uri": _redact(self.cc.uri),
+                "frames": self.frames,
                 "dropped": self.dropped, "reconnects": self.reconnects, "events": self.events,
                 "queue": self.depth(), "fps": round(self.fps(), 2),
                 "last_frame_age_s": round(now - self.last_frame, 3) if self.last_frame else None,
@@ -330,7 +395,7 @@ def _redact(uri: str) -> str:
 
 
 class Daemon:
-    def __init__(self, cfg: AppConfig) -> None:
+    def __init__(self, cfg: AppConfig, key: bytes | None = None) -> None:
         self.cfg = cfg
         cams = [c for c in cfg.cameras if c.enabled]
         if not cams:
@@ -339,10 +404,18 @@ class Daemon:
         self.detector, self.embedder = make_detector(cfg), make_embedder(cfg)
         # one embedding batch for every camera: crops from all of them fill each embedder call
         self.embed_batch = EmbedBatch(self.embedder)
-        self.gallery: Gallery = open_gallery(cfg.gallery.path, self.embedder, create=True)
+        self.gallery: Gallery = open_gallery(cfg.gallery.path, self.embedder, create=True,
+                                             key=key)
         if not self.gallery.identities():
             log.warning("the gallery %s is empty: every face will be reported as unknown",
                         cfg.gallery.path)
+        snaps = cfg.daemon.snapshots
+        if snaps.dir and self.gallery.store.sealer.encrypted and not snaps.allow_unencrypted:
+            self.gallery.close()
+            raise ConfigError(
+                f"daemon.snapshots.dir: the gallery {cfg.gallery.path} is encrypted but "
+                "snapshots are plain JPEG files; remove snapshots.dir or set "
+                "snapshots.allow_unencrypted: true")
         self.threshold = threshold(cfg, self.embedder)
         self._matcher = GalleryMatcher(self.gallery, self.threshold)
         self.metrics = Metrics()
@@ -355,6 +428,8 @@ class Daemon:
         self.http: ThreadingHTTPServer | None = None
         self.web = None  # uvicorn.Server of the review UI (daemon.web)
         self._sinks = self._open_sinks()
+        self._sink_failures: dict[str, tuple[float, str]] = {}  # sink -> (monotonic, reason)
+        self._failures_lock = threading.Lock()
         self.web_auth = self._web_auth() if cfg.daemon.web else None
 
     def _web_auth(self):
@@ -392,7 +467,17 @@ class Daemon:
         return sinks
 
     def _counter(self, sink: str) -> Callable[[str, int], None]:
-        return lambda kind, n: self.metrics.sink_incidents.labels(sink, kind).inc(n)
+        def count(kind: str, n: int) -> None:
+            self.metrics.sink_incidents.labels(sink, kind).inc(n)
+            if kind == "dropped":
+                self._sink_failed(sink, f"{n} message(s) dropped")
+
+        return count
+
+    def _sink_failed(self, sink: str, reason: str) -> None:
+        self.metrics.sink_errors.labels(sink).inc()
+        with self._failures_lock:
+            self._sink_failures[sink] = (time.monotonic(), reason)
 
     def _wants(self, sink: str, ev: Event) -> bool:
         """SQLite and JSONL keep one record per track (`end`); MQTT gets every message, the
@@ -462,14 +547,15 @@ class Daemon:
         try:
             sink.write(events)
         except SinkError as exc:
-            self.metrics.sink_errors.labels(name).inc()
+            self._sink_failed(name, str(exc))
             log.error("%s sink: %s (%d event(s) lost)", name, exc, len(events))
 
     def _snapshot(self, ev: Event, crop: np.ndarray) -> None:
         """Write the event's best face JPEG to `ev.snapshot`: private (0600) and atomic."""
         path = Path(ev.snapshot)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # private
+            path.parent.mkdir(mode=0o700, exist_ok=True)
             ok, data = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
             if not ok:
                 raise OSError("JPEG encoding failed")
@@ -482,7 +568,7 @@ class Daemon:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         except OSError as exc:
-            self.metrics.sink_errors.labels("snapshots").inc()
+            self._sink_failed("snapshots", f"{ev.id}: {exc.strerror or exc}")
             log.error("snapshot for %s/%d: %s", ev.camera, ev.track_id, exc)
 
     def _purge_snapshots(self) -> None:
@@ -527,11 +613,13 @@ class Daemon:
         next_purge = time.monotonic()
         while not self.stopping.wait(1.0):
             now = time.monotonic()
+            self.metrics.corrupt_templates.set(len(self.gallery.corrupt_templates))
             for name, sink in self._sinks.items():
                 if hasattr(sink, "pending"):
                     self.metrics.sink_pending.labels(name).set(sink.pending())
             for cam in self.cameras:
                 cam.fps_window.append((now, cam.frames))
+                cam.drop_window.append((now, cam.frames, cam.dropped))
                 self.metrics.fps.labels(cam.name).set(cam.fps())
                 self.metrics.queue.labels(cam.name).set(cam.depth())
                 self.metrics.up.labels(cam.name).set(
@@ -559,12 +647,25 @@ class Daemon:
         return "; ".join(parts) + f"; sink_queue={self.events_out.qsize()}{pending}"
 
     def health(self) -> dict:
+        """"degraded" with a reason per camera and sink when a camera is not delivering
+        (reconnecting) or drops more than `health.max_drop_rate` of its frames, or a sink
+        failed within `health.window_s`; else "ok"."""
         now = time.monotonic()
+        window = self.cfg.daemon.health.window_s
         cams = {c.name: c.health(now) for c in self.cameras}
-        ok = all(c["state"] in ("running", "finished") for c in cams.values())
+        reasons = [f"camera {name}: {c['problem']}" for name, c in cams.items() if c["problem"]]
+        with self._failures_lock:
+            failures = dict(self._sink_failures)
+        sinks = {}
+        for name, (at, reason) in sorted(failures.items()):
+            age = now - at
+            sinks[name] = {"last_failure_age_s": round(age, 1), "last_failure": reason}
+            if age <= window:
+                reasons.append(f"sink {name}: failed {age:.0f} s ago ({reason})")
         pending = {name: s.pending() for name, s in self._sinks.items() if hasattr(s, "pending")}
-        return {"status": "ok" if ok else "degraded", "uptime_s": round(now - self.started, 1),
-                "model": self.embedder.model, "cameras": cams, "sinks_pending": pending}
+        return {"status": "degraded" if reasons else "ok", "reasons": reasons,
+                "uptime_s": round(now - self.started, 1), "model": self.embedder.model,
+                "cameras": cams, "sinks": sinks, "sinks_pending": pending}
 
     def camera_status(self) -> list[dict]:
         """Each camera's state and counters, for the review UI's cameras page."""
@@ -620,14 +721,17 @@ class Daemon:
         daemon = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = _HTTP_TIMEOUT_S  # a client that stalls is dropped, its thread freed
+
             def do_GET(self) -> None:  # noqa: N802
                 path = self.path.split("?")[0]
                 if path == "/metrics":
                     body = generate_latest(daemon.metrics.registry)
                     ctype, code = CONTENT_TYPE_LATEST, 200
                 elif path == "/healthz":
-                    body, ctype, code = (json.dumps(daemon.health()).encode(),
-                                         "application/json", 200)
+                    health = daemon.health()
+                    body, ctype = json.dumps(health).encode(), "application/json"
+                    code = 200 if health["status"] == "ok" else 503
                 else:
                     body, ctype, code = b"not found\n", "text/plain", 404
                 self.send_response(code)
@@ -639,8 +743,7 @@ class Daemon:
             def log_message(self, *args) -> None:
                 pass
 
-        self.http = ThreadingHTTPServer((d.metrics_host, d.metrics_port), Handler)
-        self.http.daemon_threads = True
+        self.http = _BoundedHTTPServer((d.metrics_host, d.metrics_port), Handler)
         threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
         log.info("metrics on http://%s:%d/metrics, health on /healthz", d.metrics_host,
                  self.http.server_address[1])
@@ -698,5 +801,5 @@ class Daemon:
         return 0
 
 
-def run_daemon(cfg: AppConfig) -> int:
-    return Daemon(cfg).run()
+def run_daemon(cfg: AppConfig, key: bytes | None = None) -> int:
+    return Daemon(cfg, key=key).run()

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from app.align import ARCFACE_112, CropTemplate, align_face
 from app.detect import FaceDetector
+from app.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".webp"}
@@ -99,16 +100,15 @@ def prepare_teacher_pool(
     index = {n: i for i, n in enumerate(label_names)}
     labels = np.array([index.get(n, -1) for n in names], np.int64)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.npz")
-    np.savez(
-        tmp,
-        crops=crops,
-        teacher=t["embeddings"].astype(np.float32),
-        labels=labels,
-        label_names=np.array(label_names),
-        paths=paths,
-    )
-    tmp.replace(out)
+    with atomic_write(out, 0o644) as tmp:
+        np.savez(
+            tmp,
+            crops=crops,
+            teacher=t["embeddings"].astype(np.float32),
+            labels=labels,
+            label_names=np.array(label_names),
+            paths=paths,
+        )
     log.info(
         "wrote %d aligned faces (%d labelled identities) to %s", len(paths), len(label_names), out
     )

@@ -4,7 +4,7 @@ or the tracks of stored events (`--event ID`: the crops the daemon or `process` 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -29,6 +29,93 @@ OUTLIER_MIN_TEMPLATES = 3  # with fewer templates there is no majority to judge 
 
 class EnrollError(Exception):
     """Nothing was enrolled; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds on what enrollment accepts (`enroll:` in the app config)."""
+
+    max_side: int = 1920  # detection runs on a copy at most this long; alignment on the original
+    max_pixels: int = 100_000_000  # a decoded image above this is refused
+    min_quality: float = 0.01  # faces below this quality are not enrolled
+    warn_quality: float = 0.1  # faces below this are enrolled with a warning
+
+
+_PYRAMID = (640, 1280)  # YuNet misses faces much larger than ~600 px: try small copies first
+
+
+def _scaled(det: Detection, factor: float) -> Detection:
+    return Detection(bbox=(np.asarray(det.bbox) * factor).astype(np.float32),
+                     landmarks=(np.asarray(det.landmarks) * factor).astype(np.float32),
+                     score=det.score)
+
+
+def _overlap(det: Detection, other: Detection) -> tuple[float, float]:
+    """(IoU of the two boxes, share of `det`'s box inside `other`'s)."""
+    x, y, w, h = (float(v) for v in det.bbox)
+    ox, oy, ow, oh = (float(v) for v in other.bbox)
+    iw = max(0.0, min(x + w, ox + ow) - max(x, ox))
+    ih = max(0.0, min(y + h, oy + oh) - max(y, oy))
+    inter = iw * ih
+    return inter / max(w * h + ow * oh - inter, 1e-6), inter / max(w * h, 1e-6)
+
+
+def detect_bounded(detector: FaceDetector, image: np.ndarray, max_side: int) -> list[Detection]:
+    """Faces of a photo of any size, in its own pixels, detected on downscaled copies.
+
+    Copies whose longest side is 640, 1280 and `max_side` (never larger than the photo) are
+    searched from the smallest: a face found on a smaller copy wins over the boxes a larger
+    copy finds inside it (YuNet sees parts of a face that fills a large photo as faces), the
+    same face found again on a larger copy (IoU > 0.7) replaces it with its more precise
+    landmarks, and a huge photo never reaches the detector at full size.
+    """
+    height, width = image.shape[:2]
+    longest = max(height, width)
+    sides = sorted({*(s for s in _PYRAMID if s < min(longest, max_side)), min(longest, max_side)})
+    found: list[Detection] = []
+    for side in sides:
+        factor = side / longest
+        copy = image if factor == 1 else cv2.resize(
+            image, (max(1, round(width * factor)), max(1, round(height * factor))),
+            interpolation=cv2.INTER_AREA)
+        coarse = list(found)
+        for det in detector.detect(copy):
+            det = _scaled(det, 1 / factor)
+            overlaps = [(i, *_overlap(det, f)) for i, f in enumerate(coarse)]
+            same = [i for i, iou, _ in overlaps if iou > 0.7]
+            if same:
+                found[same[0]] = det
+            elif not any(inside > 0.5 or _overlap(coarse[i], det)[1] > 0.5
+                         for i, _, inside in overlaps):
+                found.append(det)
+    return sorted(found, key=lambda d: -d.score)
+
+
+def _truncated(data: bytes) -> bool:
+    """A JPEG without its end marker or a PNG without IEND: the decoder fills in grey."""
+    if data[:2] == b"\xff\xd8":
+        return b"\xff\xd9" not in data[-4096:]
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" not in data[-64:]
+    return False
+
+
+def read_image(path: Path, limits: ImageLimits) -> np.ndarray:
+    """A photo as uint8 BGR; EnrollError (one line) for unreadable, truncated or oversized."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EnrollError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    if _truncated(data):
+        raise EnrollError(f"image {path} is truncated (incomplete file); not enrolled")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise EnrollError(f"cannot read image {path}: not a decodable image")
+    height, width = image.shape[:2]
+    if height * width > limits.max_pixels:
+        raise EnrollError(f"image {path} is {width}x{height} ({height * width / 1e6:.0f} MP), "
+                          f"above the limit of {limits.max_pixels / 1e6:.0f} MP")
+    return image
 
 
 @dataclass(frozen=True)
@@ -66,6 +153,7 @@ class EnrollReport:
     name: str
     faces: list[EnrollFace]
     rejected: list[Rejection]
+    skipped: list[str] = field(default_factory=list)  # "source: why" of what was left out
 
 
 def find_outliers(
@@ -113,35 +201,57 @@ def _pick(dets: list[Detection], source: str, face: int | None) -> Detection:
 
 
 def faces_from_image(
-    path: Path, detector: FaceDetector, face: int | None, *, strict: bool = True
+    path: Path, detector: FaceDetector, face: int | None, *, strict: bool = True,
+    limits: ImageLimits = ImageLimits(), skipped: list[str] | None = None,
 ) -> list[EnrollFace]:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise EnrollError(f"cannot read image {path}")
-    return faces_from_array(image, str(path), detector, face, strict=strict)
-
-
-def faces_from_array(
-    image: np.ndarray, source: str, detector: FaceDetector, face: int | None, *,
-    strict: bool = True,
-) -> list[EnrollFace]:
-    """The face to enroll from a decoded BGR image (an upload); `source` names it."""
+    """The face of one photo. `strict=False` (folders): a photo that is unreadable, has no
+    usable face or several is skipped with a warning and noted in `skipped`."""
     try:
-        det = _pick(detector.detect(image), source, face)
+        image = read_image(path, limits)
     except EnrollError as e:
         if strict:
             raise
         log.warning("skipped: %s", e)
+        if skipped is not None:
+            skipped.append(str(e))
         return []
-    crop = align_face(image, det.landmarks, STORE)
-    return [EnrollFace(crop, score_quality(det, crop).score, source)]
+    return faces_from_array(image, str(path), detector, face, strict=strict, limits=limits,
+                            skipped=skipped)
 
 
-def faces_from_video(
-    path: Path, detector: FaceDetector, max_faces: int, tracking: TrackerConfig | None = None
+def faces_from_array(
+    image: np.ndarray, source: str, detector: FaceDetector, face: int | None, *,
+    strict: bool = True, limits: ImageLimits = ImageLimits(), skipped: list[str] | None = None,
 ) -> list[EnrollFace]:
-    """The best-quality crops of the video's longest track (the person the clip is about),
-    tracked with `tracking` (the app config's `tracker` section; default: its defaults)."""
+    """The face to enroll from a decoded BGR image (a photo or an upload); `source` names it."""
+    try:
+        det = _pick(detect_bounded(detector, image, limits.max_side), source, face)
+        crop = align_face(image, det.landmarks, STORE)  # from the original pixels
+        quality = score_quality(det, crop).score
+        if quality < limits.min_quality:
+            raise EnrollError(f"the face in {source} has quality {quality:.3f}, below the "
+                              f"minimum {limits.min_quality:g} (enroll.min_quality); use a "
+                              "sharper, larger, more frontal photo")
+        if quality < limits.warn_quality:
+            log.warning("%s: low-quality face (%.3f < %g): recognition from it may be poor",
+                        source, quality, limits.warn_quality)
+    except EnrollError as e:
+        if strict:
+            raise
+        log.warning("skipped: %s", e)
+        if skipped is not None:
+            skipped.append(str(e))
+        return []
+    return [EnrollFace(crop, quality, source)]
+
+
+def faces_from_video(path: Path, detector: FaceDetector, max_faces: int,
+                     face: int | None = None, track: int | None = None,
+                     limits: ImageLimits = ImageLimits(),
+                     tracking: TrackerConfig | None = None) -> list[EnrollFace]:
+    """The best-quality crops of the video's one person: refused when several people have
+    tracks of some length, unless `track` (a track id) or `face` (0 = longest track, 1 = the
+    next, ...) chooses one. Tracked with `tracking` (the app config's `tracker` section)."""
     tracker = Tracker(tracking)
     per_track: dict[int, list[EnrollFace]] = {}
     with open_source(str(path), "enroll") as source:
@@ -156,31 +266,45 @@ def faces_from_video(
                 )
     if not per_track:
         raise EnrollError(f"no face found in video {path}")
-    tid, faces = max(per_track.items(), key=lambda kv: len(kv[1]))
-    if len(per_track) > 1:
-        log.info(
-            "%s: %d tracks; enrolling track %d (%d frames, the longest)",
-            path,
-            len(per_track),
-            tid,
-            len(faces),
-        )
-    return sorted(faces, key=lambda f: -f.quality)[:max_faces]
+    ranked = sorted(per_track.items(), key=lambda kv: -len(kv[1]))
+    longest = len(ranked[0][1])
+    # tracks a tenth as long as the longest (at least 5 frames) are people, not blips
+    people = [(tid, faces) for tid, faces in ranked if len(faces) >= max(5, longest // 10)]
+    listing = ", ".join(f"track {tid} ({len(faces)} frames)" for tid, faces in people[:8])
+    if track is not None:
+        if track not in per_track:
+            raise EnrollError(f"{path} has no track {track}; its tracks: {listing}")
+        tid, faces = track, per_track[track]
+    elif face is not None:
+        if face >= len(people):
+            raise EnrollError(f"{path} has {len(people)} people; --face {face} does not exist")
+        tid, faces = people[face]
+    elif len(people) > 1:
+        raise EnrollError(f"{path} shows {len(people)} people ({listing}); choose one with "
+                          "--track ID or --face N (0 = longest track)")
+    else:
+        tid, faces = ranked[0]
+    log.info("%s: enrolling track %d (%d frames)", path, tid, len(faces))
+    good = [f for f in faces if f.quality >= limits.min_quality]
+    if not good:
+        raise EnrollError(f"track {tid} of {path} has no face of quality >= "
+                          f"{limits.min_quality:g} (enroll.min_quality)")
+    return sorted(good, key=lambda f: -f.quality)[:max_faces]
 
 
 def collect(
-    paths: list[str],
-    detector: FaceDetector,
-    face: int | None = None,
-    max_video_faces: int = 8,
-    tracking: TrackerConfig | None = None,
+    paths: list[str], detector: FaceDetector, face: int | None = None, max_video_faces: int = 8,
+    *, track: int | None = None, limits: ImageLimits = ImageLimits(),
+    skipped: list[str] | None = None, tracking: TrackerConfig | None = None,
 ) -> list[EnrollFace]:
     out: list[EnrollFace] = []
     for p in map(Path, paths):
         if p.is_dir():
             images = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
             found = [
-                x for img in images for x in faces_from_image(img, detector, face, strict=False)
+                x for img in images
+                for x in faces_from_image(img, detector, face, strict=False, limits=limits,
+                                          skipped=skipped)
             ]
             if not found:
                 raise EnrollError(f"no usable face in folder {p}")
@@ -188,9 +312,9 @@ def collect(
         elif not p.exists():
             raise EnrollError(f"no such file: {p}")
         elif p.suffix.lower() in VIDEO_SUFFIXES:
-            out += faces_from_video(p, detector, max_video_faces, tracking)
+            out += faces_from_video(p, detector, max_video_faces, face, track, limits, tracking)
         elif p.suffix.lower() in IMAGE_SUFFIXES:
-            out += faces_from_image(p, detector, face)
+            out += faces_from_image(p, detector, face, limits=limits)
         else:
             raise EnrollError(f"{p}: not an image or video file ({p.suffix or 'no extension'})")
     return out
@@ -226,6 +350,8 @@ def enroll(
     outlier_margin: float | None = OUTLIER_MARGIN,
     min_templates: int = OUTLIER_MIN_TEMPLATES,
     events: list[int] | None = None,
+    track: int | None = None,
+    limits: ImageLimits = ImageLimits(),
     tracking: TrackerConfig | None = None,
     faces: list[EnrollFace] | None = None,
 ) -> EnrollReport:
@@ -238,7 +364,10 @@ def enroll(
         raise EnrollError("the identity name is empty")
     if not paths and not events and not faces:
         raise EnrollError("nothing to enroll from: give photos, folders, videos or --event ID")
-    faces = (list(faces or []) + collect(paths, detector, face, tracking=tracking)
+    skipped: list[str] = []
+    faces = (list(faces or [])
+             + collect(paths, detector, face, track=track, limits=limits, skipped=skipped,
+                       tracking=tracking)
              + faces_from_events(gallery, list(events or [])))
     vectors = np.asarray(embedder.embed_kept([f.crop for f in faces]), dtype=np.float32)
     reject, sims, bound = find_outliers(vectors, margin=outlier_margin,
@@ -256,4 +385,4 @@ def enroll(
         [f.quality for f in faces],
         [f.crop for f in faces],
     )
-    return EnrollReport(name.strip(), faces, rejected)
+    return EnrollReport(name.strip(), faces, rejected, skipped)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -22,6 +21,7 @@ from app.align import CROP_SIZE, STORE, TEMPLATE, align_face, degrade_to, recut
 from app.config import AppConfig
 from app.detect import FaceDetector
 from app.embed import Embedder
+from app.fsutil import atomic_write
 from app.runtime import make_detector
 from trainer.evaluate import Pair, plot_roc, read_lfw_pairs, roc, verification_report
 from trainer.preprocess import CropTemplate
@@ -69,12 +69,9 @@ def find_pair_faces(
                            + np.float32([w / 4, h / 4]))
         else:
             marks[name] = np.asarray(det.landmarks, np.float32).reshape(5, 2)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_write(cache) as f:
         np.savez(f, names=np.array(list(marks)), landmarks=np.stack(list(marks.values())),
                  missing=np.array(missing, dtype=str))
-    os.replace(tmp, cache)
     return marks, missing
 
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from app.gallery import Gallery
 
 log = logging.getLogger(__name__)
-_KEY_HELP = ("file with the gallery's AES-256 key, base64 (openssl rand -base64 32); "
+KEY_HELP = ("file with the gallery's AES-256 key, base64 (openssl rand -base64 32); "
              "default: $FACEMOE_GALLERY_KEY, then the file named by $FACEMOE_GALLERY_KEY_FILE")
 
 
@@ -32,6 +32,16 @@ def _days(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"days must be >= 0, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
 
 
@@ -47,9 +57,7 @@ def add_gallery_actions(gsub: argparse._SubParsersAction, common: Callable) -> N
     """Add the lifecycle actions to `facemoe gallery`'s sub-parsers."""
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
-        g = gsub.add_parser(name, help=help_text, description=help_text)
-        g.add_argument("--key-file", help=_KEY_HELP)
-        return g
+        return gsub.add_parser(name, help=help_text, description=help_text)
 
     g = action("export", "write identities, templates and crops to one checksummed file")
     g.add_argument("file", help="the export to write (a zip; mode 0600)")
@@ -74,14 +82,15 @@ def add_gallery_actions(gsub: argparse._SubParsersAction, common: Callable) -> N
     common(g)
     g = action("events", "list stored events with their ids (enroll from one with "
                          "`facemoe enroll NAME --event ID`)")
-    g.add_argument("--limit", type=int, default=50, help="only the most recent N (default 50)")
+    g.add_argument("--limit", type=_count, default=50,
+                   help="only the most recent N (default 50)")
     g.add_argument("--camera", help="only this camera's events")
     who = g.add_mutually_exclusive_group()
     who.add_argument("--identity", help="only events that named this identity")
     who.add_argument("--unknown", action="store_true", help="only events of unknown faces")
     common(g)
     g = action("audit", "show the audit log (who enrolled, removed, renamed, exported ...)")
-    g.add_argument("--limit", type=int, help="only the most recent N rows")
+    g.add_argument("--limit", type=_count, help="only the most recent N rows")
     common(g)
     g = action("settings", "show the gallery's model, settings and sizes; change settings")
     g.add_argument("--store-crops", type=_on_off, metavar="on|off",
@@ -230,6 +239,12 @@ def _check(_args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | No
     result = gallery.integrity_check()
     if result != "ok":
         raise GalleryError(f"gallery {gallery.location} is corrupt: {result}")
+    corrupt = gallery.verify()
+    if corrupt:
+        raise GalleryError(
+            f"gallery {gallery.location} has {len(corrupt)} corrupt template(s) (re-enroll "
+            f"them or restore from a backup or an export): "
+            + "; ".join(str(c) for c in corrupt[:20]) + ("; ..." if len(corrupt) > 20 else ""))
     return {"gallery": gallery.location, "integrity": result}, f"{gallery.location}: ok"
 
 

@@ -31,8 +31,10 @@ def make_embedder(cfg: AppConfig) -> Embedder:
     return Embedder.from_config(m.dir, m.backend, m.threads, m.batch_size)
 
 
-def open_gallery(path: str | Path, embedder: Embedder, *, create: bool = True) -> Gallery:
-    return Gallery(path, embedder.model_name, embedder.model_version, create=create)
+def open_gallery(path: str | Path, embedder: Embedder, *, create: bool = True,
+                 key: bytes | None = None) -> Gallery:
+    """The gallery for `embedder`'s model; `key` None reads it from the environment."""
+    return Gallery(path, embedder.model_name, embedder.model_version, create=create, key=key)
 
 
 def threshold(cfg: AppConfig, embedder: Embedder) -> float:

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -39,31 +40,60 @@ def _reason(exc: OSError) -> str:
 
 
 class JsonlSink:
-    """Appends one JSON object per event (DESIGN.md keys), flushed after each line."""
+    """Appends one JSON object per event (DESIGN.md keys), written to the file line by line.
+
+    A new file is private (0600: events name people). A line is never left partial: when a
+    write fails (disk full), the file is truncated back to its last complete line.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise SinkError(f"cannot open events file {self.path}: it is a directory")
         try:
-            self._file = self.path.open("a", encoding="utf-8")
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o600)
         except OSError as exc:
             raise SinkError(f"cannot open events file {self.path}: {_reason(exc)}") from exc
         log.debug("appending events to %s", self.path)
 
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def tell(self) -> int:
+        """Size of the file in bytes."""
+        return os.fstat(self._fd).st_size
+
     def write(self, events: list[Event]) -> None:
         """Append `events`, one line each."""
-        if self._file.closed:
+        if self._fd < 0:
             raise SinkError(f"events file {self.path} is closed")
+        for ev in events:
+            line = (json.dumps(ev.to_json(), ensure_ascii=False) + "\n").encode("utf-8")
+            start = self.tell()
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except OSError as exc:
+                self._truncate(start)
+                raise SinkError(f"cannot write events file {self.path}: {_reason(exc)}") from exc
+
+    def _truncate(self, size: int) -> None:
         try:
-            for ev in events:
-                self._file.write(json.dumps(ev.to_json(), ensure_ascii=False) + "\n")
-                self._file.flush()
-        except OSError as exc:
-            raise SinkError(f"cannot write events file {self.path}: {_reason(exc)}") from exc
+            if os.fstat(self._fd).st_size > size:
+                os.ftruncate(self._fd, size)
+        except OSError as exc:  # e.g. not a regular file
+            log.error("cannot remove a partial line from %s: %s", self.path, _reason(exc))
 
     def close(self) -> None:
         """Close the file (idempotent)."""
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
         try:
-            self._file.close()
+            os.close(fd)
         except OSError as exc:
             raise SinkError(f"cannot close events file {self.path}: {_reason(exc)}") from exc
 
@@ -107,7 +137,7 @@ class RotatingJsonlSink:
     def write(self, events: list[Event]) -> None:
         for ev in events:
             self._sink.write([ev])
-            if self._sink._file.tell() >= self.max_bytes:
+            if self._sink.tell() >= self.max_bytes:
                 self._rotate()
 
     def _rotate(self) -> None:

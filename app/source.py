@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import time
+import weakref
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
+from app.fsutil import temp_beside
 from app.records import Frame
 
 try:
@@ -66,6 +69,31 @@ def _init_gst() -> None:
         )
     if not Gst.is_initialized():
         Gst.init(None)
+    if not _GLIB_ROUTED:
+        _route_glib_log()
+
+
+_GLIB_DOMAINS = ("GStreamer", "GLib", "GLib-GObject")
+_GLIB_ROUTED = False
+
+
+def _route_glib_log() -> None:
+    """Send GStreamer's and GLib's CRITICAL/WARNING messages (printed straight to stderr by
+    default) through Python logging, where repeated lines are collapsed (app.logs)."""
+    from gi.repository import GLib
+
+    glib_log = logging.getLogger(f"{__name__}.glib")
+    levels = GLib.LogLevelFlags.LEVEL_CRITICAL | GLib.LogLevelFlags.LEVEL_WARNING
+
+    def handler(domain: str, level: GLib.LogLevelFlags, message: str, _data: object) -> None:
+        severe = bool(level & GLib.LogLevelFlags.LEVEL_CRITICAL)
+        glib_log.log(logging.ERROR if severe else logging.WARNING, "%s-%s: %s", domain,
+                     "CRITICAL" if severe else "WARNING", message)
+
+    global _GLIB_ROUTED
+    for domain in _GLIB_DOMAINS:
+        GLib.log_set_handler(domain, levels, handler, None)
+    _GLIB_ROUTED = True
 
 
 def _make(factory: str, name: str | None = None, **props: object) -> Gst.Element:
@@ -81,15 +109,29 @@ def _make(factory: str, name: str | None = None, **props: object) -> Gst.Element
     return element
 
 
+# query parameters that carry credentials (rtsp://cam/stream?token=..., ?apikey=...)
+_SECRET_PARAMS = re.compile(
+    r"(?i)^(.*[-_])?(token|access[-_]?token|auth|authorization|key|api[-_]?key|password|passwd|"
+    r"pass|pwd|secret|sig|signature|credential|credentials|session|sid)$")
+
+
 def _redact(uri: str) -> str:
-    """Hide a password embedded in a URI (rtsp://user:pass@host) for messages and logs."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    """Hide a password embedded in a URI (rtsp://user:pass@host) and credential query
+    parameters (?token=...) for messages and logs."""
+    try:
+        parts = urlsplit(uri)
+        if parts.password is not None:
+            host = parts.hostname or ""
+            if parts.port is not None:
+                host = f"{host}:{parts.port}"
+            parts = parts._replace(netloc=f"{parts.username}:***@{host}")
+    except ValueError:  # e.g. a bad port: hide everything after the scheme
+        return uri.split("://", 1)[0] + "://***" if "://" in uri else uri
+    fields = parse_qsl(parts.query, keep_blank_values=True)
+    if any(_SECRET_PARAMS.match(k) for k, _ in fields):
+        parts = parts._replace(query=urlencode(
+            [(k, "***" if _SECRET_PARAMS.match(k) else v) for k, v in fields], safe="*"))
+    return urlunsplit(parts)
 
 
 def _resolve(uri: str) -> tuple[str, str, bool]:
@@ -148,6 +190,21 @@ def _error_text(message: Gst.Message) -> tuple[str, bool]:
     return text.rstrip("."), err.domain == "gst-resource-error-quark"
 
 
+def _on_pad_added_weak(element: Gst.Element, pad: Gst.Pad,
+                       ref: weakref.ReferenceType[VideoSource]) -> None:
+    source = ref()
+    if source is not None:
+        source._on_pad_added(element, pad)
+
+
+def _release_pipeline(pipeline: Gst.Pipeline) -> None:
+    """Drop what a stopped pipeline keeps: queued bus messages hold element references."""
+    bus = pipeline.get_bus()
+    if bus is not None:
+        bus.set_flushing(True)
+        bus.set_flushing(False)
+
+
 class VideoSource:
     """Decoded BGR frames from one source; iterate it, then `close()` (or use `with`)."""
 
@@ -180,8 +237,13 @@ class VideoSource:
         for element in (self._decode, self._convert, caps, self._sink):
             self._pipeline.add(element)
         if not (self._convert.link(caps) and caps.link(self._sink)):
+            self._pipeline.set_state(Gst.State.NULL)
             raise SourceError("cannot link videoconvert to appsink")
-        self._decode.connect("pad-added", self._on_pad_added)
+        # A bound method would keep `self` alive from C (a cycle Python's GC cannot see),
+        # leaking the pipeline and its bus's socket pair on every open: connect through a
+        # weak reference and disconnect in close().
+        self._pad_handler = self._decode.connect("pad-added", _on_pad_added_weak,
+                                                 weakref.ref(self))
         self._bus = self._pipeline.get_bus()
         try:
             self._preroll()
@@ -436,7 +498,12 @@ class VideoSource:
         if self._closed:
             return
         self._closed = True
+        handler = getattr(self, "_pad_handler", None)
+        if handler is not None:
+            self._decode.disconnect(handler)
+            self._pad_handler = None
         self._pipeline.set_state(Gst.State.NULL)
+        _release_pipeline(self._pipeline)
 
     def __enter__(self) -> VideoSource:
         return self
@@ -464,8 +531,9 @@ def open_source(uri: str, camera: str = "file", *, loop: bool = False,
 class VideoWriter:
     """H.264 MP4 writer: `write()` BGR frames, then `close()` (or use `with`).
 
-    Writes to `path + ".part"` and renames to `path` only after the muxer finished; on
-    any failure the partial file is removed and `SourceError` is raised.
+    Writes to a private temporary beside `path` (mkstemp: O_EXCL, mode 0600, random name,
+    handed to GStreamer as a descriptor) and renames it to `path` only after the muxer
+    finished; on any failure the partial file is removed and `SourceError` is raised.
     """
 
     def __init__(self, path: str | Path, fps: float, size: tuple[int, int]) -> None:
@@ -476,7 +544,8 @@ class VideoWriter:
         if not fps > 0:
             raise ValueError(f"fps must be positive, got {fps}")
         self.path = Path(path)
-        self._part = self.path.with_name(self.path.name + ".part")
+        if self.path.is_dir():
+            raise SourceError(f"cannot write {self.path}: it is a directory")
         self._size = (width, height)
         self._rate = Fraction(fps).limit_denominator(1001)
         # H.264 4:2:0 needs even sides: odd frames get a black last column/row.
@@ -484,6 +553,10 @@ class VideoWriter:
         self._stride = (self._encoded[0] * 3 + 3) & ~3  # GStreamer pads BGR rows to 4 bytes
         self._count = 0
         self._closed = False
+        try:
+            self._fd, self._part = temp_beside(self.path, ".part")
+        except OSError as exc:
+            raise SourceError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
         self._pipeline = Gst.Pipeline.new("writer")
         caps = Gst.Caps.from_string(
@@ -499,16 +572,14 @@ class VideoWriter:
             _make("x264enc", speed_preset="veryfast", tune="zerolatency"),
             _make("h264parse"),
             _make("mp4mux"),
-            _make("filesink", location=str(self._part)),
+            _make("fdsink", fd=self._fd),  # mp4mux seeks back to write the index: a file
         ]
         for element in elements:
             self._pipeline.add(element)
         for upstream, downstream in zip(elements, elements[1:], strict=False):
             if not upstream.link(downstream):
-                raise SourceError(
-                    f"cannot link {upstream.get_factory().get_name()} to "
-                    f"{downstream.get_factory().get_name()}"
-                )
+                self._abort(f"cannot link {upstream.get_factory().get_name()} to "
+                            f"{downstream.get_factory().get_name()}")
         self._bus = self._pipeline.get_bus()
         if self._pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
             self._abort(self._bus_error() or "cannot start the encoder")
@@ -518,10 +589,17 @@ class VideoWriter:
         message = self._bus.pop_filtered(Gst.MessageType.ERROR)
         return _error_text(message)[0] if message is not None else None
 
-    def _abort(self, reason: str) -> None:
-        """Tear down, delete the partial file and raise SourceError."""
+    def _release(self) -> None:
         self._closed = True
         self._pipeline.set_state(Gst.State.NULL)
+        _release_pipeline(self._pipeline)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _abort(self, reason: str) -> None:
+        """Tear down, delete the partial file and raise SourceError."""
+        self._release()
         self._part.unlink(missing_ok=True)
         raise SourceError(f"cannot write {self.path}: {reason}")
 
@@ -573,16 +651,15 @@ class VideoWriter:
             self._abort(f"encoder did not finish within {timeout:g} s")
         if message.type == Gst.MessageType.ERROR:
             self._abort(_error_text(message)[0])
-        self._closed = True
-        self._pipeline.set_state(Gst.State.NULL)
+        os.fsync(self._fd)
+        self._release()
         os.replace(self._part, self.path)
         log.info("wrote %s: %d frames", self.path, self._count)
 
     def discard(self) -> None:
         """Stop without finishing the file; the partial output is deleted."""
         if not self._closed:
-            self._closed = True
-            self._pipeline.set_state(Gst.State.NULL)
+            self._release()
             self._part.unlink(missing_ok=True)
 
     def __enter__(self) -> VideoWriter:

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
 def _health(port: int) -> dict | None:
     try:
         return json.loads(_get(port, "/healthz")[1])
+    except urllib.error.HTTPError as e:  # 503: degraded, with the same JSON body
+        return json.loads(e.read())
     except OSError:
         return None
 

@@ -22,7 +22,13 @@ from app.gallery.audit import AuditEntry, AuditLog
 from app.gallery.codec import MAX_NAME_LENGTH
 from app.gallery.errors import GalleryError
 from app.gallery.events import EventStore, StoredEvent
-from app.gallery.identities import Enrollment, Gallery, IdentityInfo, TemplateInfo
+from app.gallery.identities import (
+    CorruptTemplate,
+    Enrollment,
+    Gallery,
+    IdentityInfo,
+    TemplateInfo,
+)
 from app.gallery.reembed import EmbedderLike, ReembedReport
 from app.gallery.seal import KEY_ENV, KEY_FILE_ENV, load_key
 from app.gallery.store import Store
@@ -35,6 +41,7 @@ __all__ = [
     "ON_CONFLICT",
     "AuditEntry",
     "AuditLog",
+    "CorruptTemplate",
     "EmbedderLike",
     "Enrollment",
     "EventStore",

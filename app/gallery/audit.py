@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import pwd
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -48,10 +49,14 @@ def acting_as(user: str) -> Iterator[None]:
 
 
 def _os_user() -> str:
-    try:
+    """The real user of this process, from its uid (not $LOGNAME/$USER, which anyone sets)."""
+    if not hasattr(os, "getuid"):
         return getpass.getuser()
-    except (KeyError, OSError):
-        return f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown"
+    uid = os.getuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 class AuditLog:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
 
 import cv2
@@ -20,6 +21,13 @@ def normalise_name(name: str) -> str:
     return unicodedata.normalize("NFC", str(name)).strip()
 
 
+def _joiner_in_script(name: str, i: int) -> bool:
+    """A zero-width (non-)joiner that shapes the non-ASCII characters on both sides (emoji
+    sequences such as U+1F469 U+200D U+1F680, Persian ZWNJ) is part of the spelling."""
+    return (name[i] in "\u200c\u200d" and 0 < i < len(name) - 1
+            and not name[i - 1].isascii() and not name[i + 1].isascii())
+
+
 def clean_name(name: str) -> str:
     """`normalise_name`, refusing empty, too long and control-character names."""
     clean = normalise_name(name)
@@ -31,7 +39,35 @@ def clean_name(name: str) -> str:
         )
     if any(unicodedata.category(c) == "Cc" for c in clean):
         raise GalleryError(f"identity name {clean!r} contains control characters")
+    # zero-width, bidi override/isolate and other format characters (Cf) make two names
+    # look alike or reorder a line of output
+    hidden = sorted({f"U+{ord(c):04X}" for i, c in enumerate(clean)
+                     if unicodedata.category(c) == "Cf" and not _joiner_in_script(clean, i)})
+    if hidden:
+        raise GalleryError(f"identity name {clean.encode('ascii', 'backslashreplace').decode()!r} "
+                           f"contains invisible format characters ({', '.join(hidden)})")
     return clean
+
+
+def vector_checksum(stored: bytes) -> str:
+    """The `templates.checksum` of a vector blob as stored (sealed when encrypted)."""
+    return hashlib.sha256(stored).hexdigest()
+
+
+UNIT_TOLERANCE = 1e-3  # |norm - 1| of a stored vector beyond this means it was altered
+
+
+def vector_problem(vector: bytes, dim: int) -> str | None:
+    """Why an unsealed stored vector is unusable (size, non-finite, not unit length), or None."""
+    if dim <= 0 or len(vector) != 4 * dim:
+        return f"{len(vector)} bytes for a {dim}-d vector"
+    vec = np.frombuffer(vector, "<f4")
+    if not np.all(np.isfinite(vec)):
+        return "non-finite values"
+    norm = float(np.linalg.norm(vec.astype(np.float64)))
+    if abs(norm - 1.0) > UNIT_TOLERANCE:
+        return f"not unit length (norm {norm:.6g})"
+    return None
 
 
 def unit_vectors(vecs: np.ndarray, what: str) -> np.ndarray:

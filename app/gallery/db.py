@@ -106,6 +106,9 @@ class TemplateRow(Base):
     crop: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # JPEG, kept geometry
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     identity: Mapped[IdentityRow] = relationship(back_populates="templates")
+    # sha256 hex of `vector` as stored (`codec.vector_checksum`): a flipped bit is found by
+    # `gallery check` and the template is left out at load; NULL in rows of older releases
+    checksum: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class EventRow(Base):
@@ -139,6 +142,7 @@ class EventRow(Base):
 
 # Columns of `events` that galleries of release 0.2 lack (migration 0002 adds them on open).
 EVENT_COLUMNS_ADDED = ("uid", "time", "snapshot", "candidate", "candidate_score", "zones")
+TEMPLATE_COLUMNS_ADDED = ("checksum",)  # and of `templates` (also migration 0002)
 
 
 class EventCropRow(Base):
@@ -283,6 +287,11 @@ def _check_sqlite_file(path: Path, display: str) -> None:
     pages = int.from_bytes(header[28:32], "big")
     header_valid = header[24:28] == header[92:96]
     expected = pages * page_size if pages and header_valid else size
+    wal = path.with_name(path.name + "-wal")
+    if wal.is_file() and wal.stat().st_size > 0:
+        # a checkpoint that could not grow the file (disk full): the pages are still in the
+        # write-ahead log, which SQLite reads; not a truncation
+        return
     if size % page_size or size < expected:
         raise GalleryError(
             f"gallery {display} is corrupt: the file is truncated "

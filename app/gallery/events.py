@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.gallery.codec import decode_crop, encode_crop, normalise_name
@@ -173,4 +173,6 @@ class EventStore:
         returns how many."""
         named = select(EventRow.id).where(EventRow.identity == identity)
         session.execute(delete(EventCropRow).where(EventCropRow.event_id.in_(named)))
+        session.execute(update(EventRow).where(EventRow.candidate == identity)
+                        .values(candidate=None, candidate_score=None))
         return session.execute(delete(EventRow).where(EventRow.identity == identity)).rowcount

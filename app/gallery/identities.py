@@ -20,7 +20,15 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.gallery.audit import AuditEntry
-from app.gallery.codec import clean_name, decode_crop, encode_crop, normalise_name, unit_vectors
+from app.gallery.codec import (
+    clean_name,
+    decode_crop,
+    encode_crop,
+    normalise_name,
+    unit_vectors,
+    vector_checksum,
+    vector_problem,
+)
 from app.gallery.db import (
     AuditRow,
     EventCropRow,
@@ -74,6 +82,22 @@ class Enrollment:
     sources: Sequence[str]
     qualities: Sequence[float]
     crops: Sequence[np.ndarray] | None = None  # uint8[H, W, 3] BGR each
+
+
+@dataclass(frozen=True)
+class CorruptTemplate:
+    """A stored template that cannot be used, by identity and template id."""
+
+    identity: str
+    template_id: int
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.identity!r} template {self.template_id}: {self.problem}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"identity": self.identity, "template_id": self.template_id,
+                "problem": self.problem}
 
 
 class _Prepared(NamedTuple):
@@ -139,6 +163,7 @@ class Gallery:
                            adopt_model=adopt_model)
         self.event_store = EventStore(self.store)
         self.review = Review(self.store)  # pages, clusters and edits of the review UI
+        self.corrupt_templates: list[CorruptTemplate] = []  # left out by the last `matrix()`
         log.debug("opened gallery %s for model %s", self.location, self.model)
 
     @property
@@ -208,7 +233,8 @@ class Gallery:
             rows = [
                 {
                     "identity_id": ids[name],
-                    "vector": seal(vec.tobytes(), VECTOR),
+                    "vector": (blob := seal(vec.tobytes(), VECTOR)),
+                    "checksum": vector_checksum(blob),
                     "dim": dim,
                     "model_name": store.model_name,
                     "model_version": store.model_version,
@@ -279,7 +305,8 @@ class Gallery:
         ([], float32[0, 0]).
         """
         query = (
-            select(IdentityRow.name, TemplateRow.vector, TemplateRow.dim)
+            select(TemplateRow.id, IdentityRow.name, TemplateRow.vector, TemplateRow.dim,
+                   TemplateRow.checksum)
             .join(TemplateRow.identity)
             .where(TemplateRow.model_name == self.model_name)
             .where(TemplateRow.model_version == self.model_version)
@@ -287,17 +314,66 @@ class Gallery:
         )
         with self.store.db.read("read templates") as session:
             rows = session.execute(query).all()
-        if not rows:
+        dims = [dim for _, _, _, dim, _ in rows]
+        dim = max(set(dims), key=dims.count) if dims else 0  # the gallery's; others are corrupt
+        names, vectors, corrupt = [], [], []
+        for tid, name, stored, row_dim, checksum in rows:
+            vector, problem = self._verified_vector(stored, row_dim, checksum, dim)
+            if problem is None:
+                names.append(name)
+                vectors.append(vector)
+            else:
+                corrupt.append(CorruptTemplate(name, tid, problem))
+        if corrupt and corrupt != self.corrupt_templates:
+            log.error("gallery %s: left out %s (restore from a backup or an export, or "
+                      "re-enroll): %s", self.location, plural(len(corrupt), "corrupt template"),
+                      "; ".join(str(c) for c in corrupt[:10]))
+        self.corrupt_templates = corrupt
+        if not vectors:
             return [], np.zeros((0, 0), dtype=np.float32)
-        names = [name for name, _, _ in rows]
-        dims = {dim for _, _, dim in rows}
-        blob = b"".join(self.store.sealer.unseal(vec, VECTOR) for _, vec, _ in rows)
-        if len(dims) != 1 or len(blob) != 4 * len(rows) * next(iter(dims)):
-            raise GalleryError(f"gallery {self.location} is corrupt: template vectors have "
-                               f"inconsistent sizes; restore it from a backup or an export")
-        raw = np.frombuffer(blob, dtype="<f4").reshape(len(rows), -1)
+        raw = np.frombuffer(b"".join(vectors), dtype="<f4").reshape(len(vectors), -1)
         norms = np.sqrt(np.einsum("ij,ij->i", raw, raw, dtype=np.float32))[:, None]
         return names, (raw / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+    def _verified_vector(self, stored: bytes, row_dim: int, checksum: str | None,
+                         dim: int) -> tuple[bytes, str | None]:
+        """(unsealed vector, None) or (b"", why the stored template is unusable)."""
+        if checksum is not None and vector_checksum(stored) != checksum:
+            return b"", "checksum mismatch"
+        try:
+            vector = self.store.sealer.unseal(stored, VECTOR)
+        except GalleryError:
+            return b"", "does not decrypt (authentication failed)"
+        if row_dim != dim:
+            return b"", f"dim {row_dim}, the gallery's templates have {dim}"
+        problem = vector_problem(vector, row_dim)
+        return (vector, None) if problem is None else (b"", problem)
+
+    def verify(self) -> list[CorruptTemplate]:
+        """Every template (of any model) and stored crop checked: checksum, decryption,
+        dimension, finite unit vector, decodable crop of a kept size. Returns the problems."""
+        query = (select(TemplateRow.id, IdentityRow.name, TemplateRow.vector, TemplateRow.dim,
+                        TemplateRow.checksum, TemplateRow.crop, TemplateRow.model_name,
+                        TemplateRow.model_version)
+                 .join(TemplateRow.identity).order_by(TemplateRow.id))
+        problems: list[CorruptTemplate] = []
+        dims: dict[tuple[str, str], list[int]] = {}
+        with self.store.db.read("verify templates") as session:
+            rows = session.execute(query).all()
+        for row in rows:
+            dims.setdefault((row.model_name, row.model_version), []).append(row.dim)
+        for row in rows:
+            model_dims = dims[(row.model_name, row.model_version)]
+            dim = max(set(model_dims), key=model_dims.count)
+            _, problem = self._verified_vector(row.vector, row.dim, row.checksum, dim)
+            if problem is not None:
+                problems.append(CorruptTemplate(row.name, row.id, problem))
+            if row.crop is not None:
+                try:
+                    decode_crop(self.store.sealer.unseal(row.crop, CROP), "crop")
+                except GalleryError as exc:
+                    problems.append(CorruptTemplate(row.name, row.id, str(exc)))
+        return problems
 
     def version(self) -> int:
         """Change counter: differs after every enroll, remove or rename (0 when never written)."""

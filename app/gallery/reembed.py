@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from app.gallery.codec import decode_crop, unit_vectors
+from app.gallery.codec import decode_crop, unit_vectors, vector_checksum
 from app.gallery.db import IN_CHUNK, IdentityRow, TemplateRow
 from app.gallery.errors import GalleryError, names_preview, plural
 from app.gallery.seal import CROP, VECTOR
@@ -91,7 +91,8 @@ def reembed(store: Store, embedder: EmbedderLike, *, drop_missing: bool = False,
                 f"gallery {store.location} changed while re-embedding; run it again")
         if have:
             session.execute(update(TemplateRow), [
-                {"id": tid, "vector": sealer.seal(vec.tobytes(), VECTOR), "dim": dim,
+                {"id": tid, "vector": (blob := sealer.seal(vec.tobytes(), VECTOR)),
+                 "checksum": vector_checksum(blob), "dim": dim,
                  "model_name": embedder.model_name, "model_version": embedder.model_version}
                 for (tid, _, _), vec in zip(have, vectors, strict=True)
             ])

@@ -11,17 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import unicodedata
 import zipfile
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from app.gallery.codec import clean_name, unit_bytes
+from app.fsutil import temp_beside
+from app.gallery.codec import clean_name, decode_crop, unit_bytes, vector_checksum
 from app.gallery.db import (
     IN_CHUNK,
     IdentityRow,
@@ -130,10 +133,10 @@ def export(store: Store, path: str | Path) -> ExportReport:
     dest = Path(path).expanduser()
     if dest.is_dir():
         raise GalleryError(f"cannot export to {dest}: it is a directory")
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    tmp: Path | None = None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd, tmp = temp_beside(dest)  # O_EXCL, 0600, unpredictable name
         with os.fdopen(fd, "w+b") as fh:
             counts = _write_export(store, fh)
             size = fh.seek(0, os.SEEK_END)
@@ -147,7 +150,8 @@ def export(store: Store, path: str | Path) -> ExportReport:
     except OSError as exc:
         raise GalleryError(f"cannot write export {dest}: {exc.strerror or exc}") from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     report = ExportReport(str(dest), counts[0], counts[1], counts[2], size, digest,
                           store.sealer.encrypted)
     store.db.write("audit export", lambda s: store.audit.record(
@@ -292,8 +296,9 @@ def import_file(
                     continue
                 seen.setdefault(ids[name], set()).add(t.vector)
                 crops_dropped += t.jpeg is not None and not keep_crops
+                blob = seal(t.vector, VECTOR)
                 rows.append({
-                    "identity_id": ids[name], "vector": seal(t.vector, VECTOR),
+                    "identity_id": ids[name], "vector": blob, "checksum": vector_checksum(blob),
                     "dim": len(t.vector) // 4, "model_name": store.model_name,
                     "model_version": store.model_version, "source": t.source,
                     "quality": t.quality, "created_at": t.created_at,
@@ -338,13 +343,82 @@ def _existing_vectors(store: Store, session: Session,
     return out
 
 
+# What an import reads at most: sizes come from the zip directory and are checked before
+# anything is decompressed, then reads are bounded by them (a small file can hold a member
+# that inflates to gigabytes).
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_VECTOR_BYTES = 4 * 8192 + 64  # float32[<= 8192], plus the AES-GCM nonce and tag
+MAX_CROP_BYTES = 4 << 20
+MAX_TOTAL_BYTES = 8 << 30
+MAX_SOURCE_LENGTH = 1024  # templates.source
+_DATES = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC))
+
+
+def _member_limit(name: str) -> int:
+    if name == "manifest.json":
+        return MAX_MANIFEST_BYTES
+    return MAX_VECTOR_BYTES if name.endswith(".f32") else MAX_CROP_BYTES
+
+
+def _check_sizes(zf: zipfile.ZipFile, bad: str) -> None:
+    """Refuse members larger than their kind allows, from the zip directory alone."""
+    total = 0
+    for info in zf.infolist():
+        limit = _member_limit(info.filename)
+        if info.file_size > limit:
+            raise GalleryError(f"{bad}: member {info.filename} would unpack to "
+                               f"{info.file_size} bytes (at most {limit})")
+        total += info.file_size
+    if total > MAX_TOTAL_BYTES:
+        raise GalleryError(f"{bad}: it would unpack to {total} bytes (at most {MAX_TOTAL_BYTES})")
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, bad: str) -> bytes:
+    """A member's bytes, read in chunks and never beyond its kind's limit."""
+    limit = _member_limit(name)
+    chunks, size = [], 0
+    with zf.open(name) as fh:
+        while chunk := fh.read(min(1 << 20, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise GalleryError(f"{bad}: member {name} is larger than {limit} bytes")
+    return b"".join(chunks)
+
+
+def _date(text: object, what: str) -> datetime:
+    if not isinstance(text, str) or len(text) > 40:
+        raise ValueError(f"{what}: not a date")
+    value = as_utc(datetime.fromisoformat(text))
+    if not _DATES[0] <= value <= _DATES[1]:
+        raise ValueError(f"{what}: date {text} is out of range")
+    return value
+
+
+def _quality(value: object, what: str) -> float:
+    q = float(value)  # type: ignore[arg-type]
+    if not (math.isfinite(q) and 0.0 <= q <= 1.0):
+        raise ValueError(f"{what}: quality {value!r} is not in [0, 1]")
+    return q
+
+
+def _source(value: object, what: str) -> str:
+    if not isinstance(value, str) or len(value) > MAX_SOURCE_LENGTH:
+        raise ValueError(f"{what}: source must be a string of at most {MAX_SOURCE_LENGTH} "
+                         "characters")
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ValueError(f"{what}: source contains control characters")
+    return value
+
+
 def _read_export(sealer: Sealer, src: Path
                  ) -> tuple[dict, list[tuple[str, datetime, list[_Incoming]]]]:
     """Manifest and (name, created_at, templates) per identity, checked and decrypted."""
     bad = f"export {src} is not a valid FaceMoE gallery export"
     try:
         with zipfile.ZipFile(src) as zf:
-            manifest = json.loads(zf.read("manifest.json"))
+            _check_sizes(zf, bad)
+            manifest = json.loads(_read_member(zf, "manifest.json", bad))
             if manifest.get("format") != EXPORT_FORMAT:
                 raise GalleryError(f"{bad}: unknown format {manifest.get('format')!r}")
             if manifest.get("format_version") != EXPORT_VERSION:
@@ -354,7 +428,7 @@ def _read_export(sealer: Sealer, src: Path
             entries = manifest["entries"]
 
             def entry(name: str, purpose: bytes) -> bytes:
-                data = zf.read(name)
+                data = _read_member(zf, name, bad)
                 if hashlib.sha256(data).hexdigest() != entries[name]:
                     raise GalleryError(f"export {src}: entry {name} fails its sha256 checksum "
                                        f"(the file was modified)")
@@ -366,16 +440,17 @@ def _read_export(sealer: Sealer, src: Path
                 name = clean_name(person["name"])
                 templates = []
                 for t in person["templates"]:
+                    what = f"{name!r} template {t['vector']}"
                     vector = entry(t["vector"], VECTOR)
                     if dim is None or len(vector) != 4 * int(dim):
                         raise GalleryError(f"{bad}: {t['vector']} is not a {dim}-d vector")
+                    jpeg = entry(t["crop"], CROP) if t.get("crop") else None
+                    if jpeg is not None:
+                        decode_crop(jpeg, f"{bad}: {t['crop']}")  # a JPEG of a kept size
                     templates.append(_Incoming(
-                        unit_bytes(vector),
-                        entry(t["crop"], CROP) if t.get("crop") else None,
-                        str(t["source"]), float(t["quality"]),
-                        as_utc(datetime.fromisoformat(t["created_at"]))))
-                people.append((name, as_utc(datetime.fromisoformat(person["created_at"])),
-                               templates))
+                        unit_bytes(vector), jpeg, _source(t["source"], what),
+                        _quality(t["quality"], what), _date(t["created_at"], what)))
+                people.append((name, _date(person["created_at"], repr(name)), templates))
     except (KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile,
             json.JSONDecodeError) as exc:
         raise GalleryError(f"{bad}: {one_line(exc)}") from exc

@@ -1,0 +1,49 @@
+"""Files the product writes: atomic replacement through unpredictable temporaries.
+
+Every temporary is created by `tempfile.mkstemp` in the target's directory (O_CREAT|O_EXCL,
+mode 0600, random name), so a symlink planted at a predictable name cannot redirect the
+write; the finished file replaces the target with `os.replace`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+
+def refuse_directory(path: str | Path, what: str) -> Path:
+    """`path` as a Path; OSError (one line) when it names an existing directory."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise IsADirectoryError(f"cannot write {what} {p}: it is a directory")
+    return p
+
+
+def temp_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
+    """(open descriptor, path) of a new private temporary file next to `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    return fd, Path(tmp)
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: int = 0o600) -> Iterator[BinaryIO]:
+    """Write `path` atomically: yield a binary file; on success fsync and rename it over
+    `path` with permissions `mode`; on any failure the temporary is removed."""
+    dest = refuse_directory(path, "file")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = temp_beside(dest)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            if mode != 0o600:
+                os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
