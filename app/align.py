@@ -81,6 +81,9 @@ def degrade_to(crop: np.ndarray, face_px: int) -> np.ndarray:
     """A `STORE` crop whose face has the resolution of a `face_px` x `face_px` ArcFace crop:
     downsampled (INTER_AREA) and upsampled back (INTER_CUBIC) to its own size."""
     source = stored_geometry(crop)
-    small = max(1, round(face_px * source.size / CROP_SIZE))
+    # the crop spans size / scale ArcFace units (scale: its pixels per ArcFace-112 pixel);
+    # keep face_px / 112 pixels per unit
+    scale = float(np.linalg.norm(similarity_transform(ARCFACE_112.array, source)[:, 0]))
+    small = max(1, round(face_px * source.size / (CROP_SIZE * scale)))
     down = cv2.resize(crop, (small, small), interpolation=cv2.INTER_AREA)
     return cv2.resize(down, (source.size, source.size), interpolation=cv2.INTER_CUBIC)

@@ -67,6 +67,15 @@ def test_degrade_to_gives_the_face_the_resolution_of_an_n_px_arcface_crop(obama)
         interpolation=cv2.INTER_CUBIC,
     )
     assert _psnr(recut(low, ARCFACE_112), direct16) > 27
+
+    def at(n: int) -> np.ndarray:
+        small = cv2.resize(align_face(image, lm), (n, n), interpolation=cv2.INTER_AREA)
+        return cv2.resize(small, (112, 112), interpolation=cv2.INTER_CUBIC)
+
+    # closer to a 16 px ArcFace crop than to the neighbouring resolutions (a wrong factor,
+    # e.g. the kept crop's full width taken as the ArcFace crop's, lands elsewhere)
+    view = recut(low, ARCFACE_112)
+    assert _psnr(view, at(16)) > max(_psnr(view, at(12)), _psnr(view, at(21)))
     assert _psnr(recut(low, ARCFACE_112), align_face(image, lm)) < _psnr(
         recut(degrade_to(kept, 48), ARCFACE_112), align_face(image, lm)
     )

@@ -46,7 +46,7 @@ def test_recipe_script_soups_the_runs_its_configs_write():
         ("tracker", "min_hits: 0", "tracker.min_hits"),
         ("tracker", "max_missed: 0", "tracker.max_missed"),
         ("tracker", "max_center_shift: 0", "tracker.max_center_shift"),
-        ("tracker", "low_thresh: 0.7, high_thresh: 0.6", "tracker: Value error, low_thresh"),
+        ("tracker", "low_thresh: 0.7, high_thresh: 0.6", "low_thresh (0.7) must not exceed"),
         ("embed", "every_n: 0", "embed.every_n"),
         ("embed", "max_per_track: 0", "embed.max_per_track"),
     ],

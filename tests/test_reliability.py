@@ -503,12 +503,12 @@ def test_daemon_refuses_plain_snapshots_of_an_encrypted_gallery(
 
 @pytest.fixture
 def full_disk(tmp_path: Path):
-    """A 512 KiB tmpfs (needs root; skipped elsewhere), unmounted afterwards."""
+    """A 2 MiB tmpfs (needs root; skipped elsewhere), unmounted afterwards."""
     import subprocess
 
     mount = tmp_path / "full"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs: {done.stderr.strip()}")
@@ -528,17 +528,17 @@ def test_gallery_reads_work_on_a_full_disk(full_disk: Path, default_model_dir: P
 
     db = full_disk / "g.db"
     manifest = read_manifest(default_model_dir)
-    with Gallery(db, *model_id(manifest)) as g:  # its last checkpoint runs out of space
+    with Gallery(db, *model_id(manifest)) as g:  # the disk fills while it is open
         g.enroll("Ada", np.random.default_rng(0).normal(size=(2, manifest["embedding_dim"])),
                  ["a.jpg", "b.jpg"], [0.9, 0.8])
         g.add_events([event(1, "Ada")])
-    fd = os.open(full_disk / "fill", os.O_WRONLY | os.O_CREAT)
-    try:
-        with pytest.raises(OSError, match="No space left"):
-            while True:
-                os.write(fd, b"\0" * 4096)
-    finally:
-        os.close(fd)
+        fd = os.open(full_disk / "fill", os.O_WRONLY | os.O_CREAT)
+        try:
+            with pytest.raises(OSError, match="No space left"):
+                while True:
+                    os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
     for action, expected in (("check", f"{db}: ok"), ("list", "Ada\t2\t"),
                              ("events", "    id  camera")):
         proc = _cli("gallery", action, "--gallery", str(db))
