@@ -125,10 +125,14 @@ PY
   say "dlib's face network placed at $dlib_dat"
 fi
 
-# 7. The default model's ONNX file for ONNX Runtime (derived from the committed weights).
-if [ -f "$here/models/facemoe-edge/manifest.json" ] && "$py" -c 'import torch' 2>/dev/null; then
-  "$py" -m engine.export "$here/models/facemoe-edge" >/dev/null 2>&1 \
-    || die "could not export models/facemoe-edge to ONNX (run: $py -m engine.export models/facemoe-edge)"
+# 7. The shipped models' ONNX files for ONNX Runtime (derived from the committed weights).
+if "$py" -c 'import torch' 2>/dev/null; then
+  for m in "$here"/models/*/weights.safetensors; do
+    [ -f "$m" ] || continue
+    d="$(dirname "$m")"
+    "$py" -m engine.export "$d" >/dev/null 2>&1 \
+      || die "could not export $d to ONNX (run: $py -m engine.export $d)"
+  done
 fi
 
 "$venv/bin/facemoe" --version >/dev/null || die "facemoe entry point does not run"

@@ -590,10 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave out faces below this quality (default: enroll.min_quality)")
     sp.add_argument(
         "--outlier-margin",
-        type=float,
-        default=0.3,
+        type=lambda v: v if v == "auto" else float(v),
+        default="auto",
         help="with >= 3 faces, leave out a face whose cosine to the medoid face is this far "
-        "below the median (default 0.3)",
+        "below the median (default: 0.56 x (1 - the model's threshold), e.g. 0.04 for dlib's "
+        "network, 0.30 for facemoe-edge)",
     )
     sp.add_argument(
         "--keep-outliers", action="store_true", help="enroll every face (no outlier rejection)"

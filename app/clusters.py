@@ -153,7 +153,7 @@ class FaceReview:
         return self.gallery.review.best_cluster_events([cluster_id], limit)[int(cluster_id)]
 
     def name(self, cluster_id: int, name: str, *, max_events: int = 5,
-             outlier_margin: float | None = OUTLIER_MARGIN) -> NamingReport:
+             outlier_margin: float | str | None = OUTLIER_MARGIN) -> NamingReport:
         """"This is NAME": enroll the crops of the cluster's best events as `name` (a new or
         an existing identity; outliers rejected as by `facemoe enroll`), name all its events
         and forget the cluster."""
@@ -170,7 +170,7 @@ class FaceReview:
         return NamingReport(cluster_id, report, named)
 
     def name_event(self, event_id: int, name: str, *,
-                   outlier_margin: float | None = OUTLIER_MARGIN) -> EnrollReport:
+                   outlier_margin: float | str | None = OUTLIER_MARGIN) -> EnrollReport:
         """`facemoe enroll NAME --event ID` for one event, which is then named `name`."""
         report = enroll(name, [], self.recognizer.detector, self.embedder, self.gallery,
                         outlier_margin=outlier_margin, events=[int(event_id)])

@@ -64,7 +64,7 @@ ZoneName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0
 
 
 class ModelConfig(_Strict):
-    dir: str = "models/facemoe-edge"
+    dir: str = "models/dlib-resnet-v1"
     backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
     threads: int = Field(0, ge=0, description="inference threads; 0 = all cores")
     batch_size: int = Field(32, ge=1, le=256, description="crops per embedding call")

@@ -23,7 +23,13 @@ from app.track import Tracker
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".gif", ".ts", ".m4v"}
-OUTLIER_MARGIN = 0.3  # reject a template this far below the median similarity to the medoid
+# Reject a template this far below the median cosine to the medoid: "auto" scales it to the
+# model's cosine range, OUTLIER_SCALE x (1 - its recommended threshold): 0.30 for a model whose
+# threshold is 0.46, 0.04 for dlib's network, whose descriptors share one large component (all
+# cosines are high) at 0.93. FIXED_OUTLIER_MARGIN serves a model without a threshold.
+OUTLIER_MARGIN = "auto"
+OUTLIER_SCALE = 0.56
+FIXED_OUTLIER_MARGIN = 0.3
 OUTLIER_MIN_TEMPLATES = 3  # with fewer templates there is no majority to judge outliers by
 
 
@@ -156,10 +162,15 @@ class EnrollReport:
     skipped: list[str] = field(default_factory=list)  # "source: why" of what was left out
 
 
+def auto_outlier_margin(threshold: float | None) -> float:
+    """The outlier margin on a model's own cosine scale (see OUTLIER_SCALE)."""
+    return FIXED_OUTLIER_MARGIN if threshold is None else OUTLIER_SCALE * (1.0 - threshold)
+
+
 def find_outliers(
     vectors: np.ndarray,
     *,
-    margin: float | None = OUTLIER_MARGIN,
+    margin: float | None = FIXED_OUTLIER_MARGIN,
     min_templates: int = OUTLIER_MIN_TEMPLATES,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Outlier templates of one identity: (mask of those to reject, cosine of each template to
@@ -347,7 +358,7 @@ def enroll(
     gallery: Gallery,
     face: int | None = None,
     *,
-    outlier_margin: float | None = OUTLIER_MARGIN,
+    outlier_margin: float | str | None = OUTLIER_MARGIN,
     min_templates: int = OUTLIER_MIN_TEMPLATES,
     events: list[int] | None = None,
     track: int | None = None,
@@ -370,6 +381,8 @@ def enroll(
                        tracking=tracking)
              + faces_from_events(gallery, list(events or [])))
     vectors = np.asarray(embedder.embed_kept([f.crop for f in faces]), dtype=np.float32)
+    if outlier_margin == "auto":
+        outlier_margin = auto_outlier_margin(embedder.recommended_threshold)
     reject, sims, bound = find_outliers(vectors, margin=outlier_margin,
                                         min_templates=min_templates)
     rejected = [Rejection(f.source, f.quality, float(sims[i]), bound)

@@ -126,7 +126,7 @@ def encode(frames_dir: Path, out: Path, kbps: int) -> None:
 
 
 def facemoe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(REPO / ".venv" / "bin" / "facemoe"), *args],
+    return subprocess.run([sys.executable, "-m", "app.cli", *args],
                           capture_output=True, text=True, check=True)
 
 
@@ -165,7 +165,7 @@ def main() -> int:
             cfg_text = f"model:\n  dir: {Path(args.model).resolve()}\n" + cfg_text
         cfg.write_text(cfg_text)
         for name, files in enrolled:
-            facemoe("enroll", name, str(files[0]), "--config", str(cfg))
+            facemoe("enroll", name, str(files[0]), "--face", "0", "--config", str(cfg))
         events_file = tmp / "events.jsonl"
         t0 = time.perf_counter()
         summary = json.loads(facemoe("process", str(clip), "--config", str(cfg), "--events",

@@ -124,8 +124,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    """The shipped default model (committed in the repository)."""
-    path = REPO_ROOT / "models" / "facemoe-edge"
+    """The shipped default model (committed in the repository; the app config's default)."""
+    from app.config import ModelConfig
+
+    path = REPO_ROOT / ModelConfig().dir
     assert (path / "manifest.json").is_file(), f"the default model is missing at {path}"
     return path
 

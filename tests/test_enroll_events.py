@@ -90,7 +90,7 @@ def test_events_keep_crops_and_enroll_from_them(tmp_path: Path, embedder, real_f
                    for f in report.faces)
         # the event's templates are the embeddings of its crops, and it is Alice
         names, mat = g.matrix()
-        probe = embedder.embed([alice[4]])[0]
+        probe = embedder.embed_kept([alice[4]])[0]
         assert names[int(np.argmax(mat @ probe))] == "Alice"
         with pytest.raises(EnrollError, match="event 3 has no kept face crops"):
             enroll("Carol", [], detector, embedder, g, events=[3])
@@ -115,7 +115,7 @@ def test_event_crops_follow_purge_remove_and_encryption(tmp_path: Path, embedder
     with Gallery(db, *model) as g:
         g.add_events([track_event(i, person(real_faces, i, 3), identity="dave" if i == 2 else None)
                       for i in range(4)], crops=3)
-        g.enroll("dave", embedder.embed(person(real_faces, 2, 1)), ["x"], [0.5])
+        g.enroll("dave", embedder.embed_kept(person(real_faces, 2, 1)), ["x"], [0.5])
         assert g.info()["event_crops"] == 12
         g.remove("dave")  # deletes the event that named dave, with its crops
         assert g.info()["event_crops"] == 9

@@ -67,3 +67,12 @@ def test_real_faces_other_person_rejected(data_dir: Path, tmp_path: Path) -> Non
         assert len(gallery.templates("alice")) == 4
         r = report.rejected[0]
         assert r.similarity < r.bound and "medoid" in r.reason
+
+
+@pytest.mark.parametrize(
+    "threshold,margin", [(None, 0.3), (0.463, 0.3007), (0.9338, 0.0371), (0.0, 0.56)]
+)
+def test_the_auto_margin_follows_the_models_cosine_scale(threshold, margin) -> None:
+    from app.enroll import auto_outlier_margin
+
+    assert auto_outlier_margin(threshold) == pytest.approx(margin, abs=1e-4)

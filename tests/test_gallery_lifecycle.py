@@ -47,7 +47,7 @@ def faces(real_faces: dict, embedder) -> dict:
     rows = [i for k in range(8) for i in np.flatnonzero(real_faces["labels"] == k)[:PER_ID]]
     crops = real_faces["crops"][rows]
     names = [str(real_faces["label_names"][k]) for k in range(8)]
-    return {"names": names, "crops": crops, "vectors": embedder.embed(list(crops)),
+    return {"names": names, "crops": crops, "vectors": embedder.embed_kept(list(crops)),
             "sources": [str(p) for p in real_faces["paths"][rows]]}
 
 
@@ -191,7 +191,7 @@ def test_import_of_another_model_refused_unless_reembedded(
         assert r.templates_dropped == ["no crop: legacy.jpg"]
         names, mat = dst.matrix()
         assert names == [n for n in faces["names"] for _ in range(PER_ID)]
-        np.testing.assert_allclose(mat, embedder.embed(decoded(faces["crops"])), atol=1e-5)
+        np.testing.assert_allclose(mat, embedder.embed_kept(decoded(faces["crops"])), atol=1e-5)
 
     with Gallery(tmp_path / "other.db", "other", "2") as other:  # embedder of another model
         with pytest.raises(GalleryError, match="embedder's model tiny-edge@.* is not this "
@@ -224,7 +224,7 @@ def test_reembed_rebuilds_templates_from_crops(tmp_path: Path, embedder, faces: 
     with Gallery(db, *model_of(embedder), create=False) as g:
         names, mat = g.matrix()
         assert mat.shape == (24, 512) and names[0] == faces["names"][0]
-        np.testing.assert_allclose(mat, embedder.embed(decoded(faces["crops"])), atol=1e-5)
+        np.testing.assert_allclose(mat, embedder.embed_kept(decoded(faces["crops"])), atol=1e-5)
         assert [i.templates for i in g.identities()] == [PER_ID] * 8
         assert g.audit()[-1].action == "reembed"
 
@@ -270,7 +270,7 @@ def test_remove_deletes_events_and_leaves_nothing_on_disk(
         tmp_path: Path, embedder, real_faces: dict) -> None:
     db = tmp_path / "g.db"
     names = [str(n) for n in real_faces["label_names"]]
-    vectors = embedder.embed(list(real_faces["crops"]))
+    vectors = embedder.embed_kept(list(real_faces["crops"]))
     with Gallery(db, *model_of(embedder)) as g:
         for k, name in enumerate(names):
             idx = np.flatnonzero(real_faces["labels"] == k)
@@ -409,7 +409,7 @@ def test_encryption_at_rest(tmp_path: Path, embedder, faces: dict,
         assert copy.import_file(export).templates_added == 24
         np.testing.assert_array_equal(copy.matrix()[1], mat)
         assert copy.reembed(embedder).templates == 24  # from the encrypted crops
-        np.testing.assert_allclose(copy.matrix()[1], embedder.embed(decoded(faces["crops"])),
+        np.testing.assert_allclose(copy.matrix()[1], embedder.embed_kept(decoded(faces["crops"])),
                                    atol=1e-5)
 
 

@@ -106,3 +106,33 @@ def test_stage_sizes_follow_dlibs_unpadded_strides() -> None:
     model = create_model("facemoe-r29")
     tokens = [m.pos.shape[1] for m in model.modules() if isinstance(m, FaceMoEBlock)]
     assert tokens == [17 * 17, 8 * 8]
+
+
+def test_upcycled_model_exports_in_both_forms(dlib_dat: Path, dlib_parity: dict,
+                                              tmp_path: Path) -> None:
+    """facemoe-r29 (its FaceMoE blocks perturbed so that they matter) runs in ONNX Runtime like
+    in torch, and its plugin export holds one TopKMoE node per block."""
+    import onnx
+    from safetensors.torch import save_file
+
+    from app.embed import Embedder
+    from engine.export import ensure_onnx
+    from trainer.artifact import sha256_file
+
+    art = import_dlib(tmp_path / "r29", dlib_dat, architecture="facemoe-r29")
+    model, manifest = load_model(art)
+    with torch.no_grad():
+        for blk in (m for m in model.modules() if isinstance(m, FaceMoEBlock)):
+            blk.mlp.w2.normal_(std=0.05)
+            blk.attn.proj.weight.normal_(std=0.05)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(art / "weights.safetensors"))
+    manifest["weights_sha256"] = sha256_file(art / "weights.safetensors")
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    chips = dlib_parity["chips"][:6]
+    ref = _embed(model, manifest, chips)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    ort = Embedder.from_config(str(art), "onnxruntime").embed(chips[..., ::-1])
+    assert np.abs(ort - ref).max() < 1e-4
+    plugin = onnx.load(str(ensure_onnx(art, "plugin")))
+    assert [n.op_type for n in plugin.graph.node].count("TopKMoE") == 2

@@ -93,7 +93,7 @@ def test_events_follow_the_design_schema_and_sqlite_has_them(hamilton):
     assert {"decode", "detect", "track", "align", "embed"} <= set(summary["stages"])
 
 
-def test_enroll_from_the_close_up_track_of_a_stored_event(hamilton, tmp_path):
+def test_enroll_from_the_close_up_track_of_a_stored_event(hamilton, tmp_path, default_model_dir):
     """The event of Lin-Manuel Miranda's close-up keeps its best aligned crops in the gallery;
     a person enrolled from that event (not from a photo) is him: his templates are closest
     to his photo's template, above the model's threshold, and not to Alex's."""
@@ -118,15 +118,14 @@ def test_enroll_from_the_close_up_track_of_a_stored_event(hamilton, tmp_path):
     assert report["templates"] == 3 and not report["rejected"]
     assert all(s.startswith(f"event {close_up['id']}: camera short_hamilton_clip track ")
                for s in report["sources"])
-    threshold = json.loads((REPO / "models/facemoe-edge/manifest.json").read_text())[
+    threshold = json.loads((default_model_dir / "manifest.json").read_text())[
         "metrics"]["recommended_threshold"]
     with Gallery(copy, "x", "y", create=False, adopt_model=True) as g:
         names, mat = g.matrix()
     names = np.array(names)
     track = mat[names == "From the close-up"]
     lin, alex = mat[names == LIN], mat[names == ALEX]
-    assert (track @ lin.T).max() >= threshold
-    assert (track @ lin.T).max() > (track @ alex.T).max() + 0.2
+    assert (track @ lin.T).max() >= threshold > (track @ alex.T).max()
 
 
 def test_annotated_video_is_written(hamilton):
@@ -268,6 +267,8 @@ def test_recognized_alert_and_annotation_labels_on_the_close_up(hamilton, data_d
 
     _, events, _, gallery_path = hamilton
     cfg = load_config()
+    # no cooldown: the model may already name him on stage before the close-up
+    cfg = cfg.model_copy(update={"alerts": cfg.alerts.model_copy(update={"cooldown_s": 0})})
     detector, embedder = make_detector(cfg), make_embedder(cfg)
     with open_gallery(gallery_path, embedder, create=False) as gallery:
         pipeline = FacePipeline("stage", cfg, detector, embedder,
@@ -280,14 +281,14 @@ def test_recognized_alert_and_annotation_labels_on_the_close_up(hamilton, data_d
                 ended += [e for e in result.events if e.type == "end"]
                 frames.append((frame.pts, result))
         ended += pipeline.flush()
-    lin = [(at, e) for at, e in alerts if e.identity == LIN]
+    lin = [(at, e) for at, e in alerts if e.identity == LIN and e.start > CLOSE_UP_START]
     assert lin, alerts
     at, alert = lin[0]
     print(f"recognized {LIN}: close-up at {CLOSE_UP_START} s, his track from "
           f"{alert.start:.3f} s, message at {at:.3f} s (+{at - CLOSE_UP_START:.3f} s), "
           f"score {alert.score:.3f}")
     assert CLOSE_UP_START < alert.start < 3.0 and at - CLOSE_UP_START <= 1.0
-    assert len(lin) == 1  # once per track (and the cooldown holds back his later tracks)
+    assert [e.track_id for _, e in alerts].count(alert.track_id) == 1  # once per track
     final = next(e for e in ended if e.id == alert.id)  # the same id on the track's end event
     assert final.identity == LIN and final.track_id == alert.track_id
     close_up = [(pts, r) for pts, r in frames if at <= pts < final.end]
