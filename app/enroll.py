@@ -220,12 +220,7 @@ def faces_from_image(
     try:
         image = read_image(path, limits)
     except EnrollError as e:
-        if strict:
-            raise
-        log.warning("skipped: %s", e)
-        if skipped is not None:
-            skipped.append(str(e))
-        return []
+        return _skip(e, strict, skipped)
     return faces_from_array(image, str(path), detector, face, strict=strict, limits=limits,
                             skipped=skipped)
 
@@ -247,13 +242,19 @@ def faces_from_array(
             log.warning("%s: low-quality face (%.3f < %g): recognition from it may be poor",
                         source, quality, limits.warn_quality)
     except EnrollError as e:
-        if strict:
-            raise
-        log.warning("skipped: %s", e)
-        if skipped is not None:
-            skipped.append(str(e))
-        return []
+        return _skip(e, strict, skipped)
     return [EnrollFace(crop, quality, source)]
+
+
+def _skip(error: EnrollError, strict: bool, skipped: list[str] | None) -> list[EnrollFace]:
+    """A photo that cannot be enrolled: the error (`strict`), or skipped with a warning and
+    noted in `skipped` (folders)."""
+    if strict:
+        raise error
+    log.warning("skipped: %s", error)
+    if skipped is not None:
+        skipped.append(str(error))
+    return []
 
 
 def faces_from_video(path: Path, detector: FaceDetector, max_faces: int,
