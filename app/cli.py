@@ -854,12 +854,14 @@ def _is_user_error(exc: Exception) -> bool:
 def _setup_logging(args: argparse.Namespace) -> None:
     """Warnings and errors by default; -v adds info, -vv debug."""
     default = logging.INFO if args.command in _INFO_COMMANDS else logging.WARNING
+    root = logging.getLogger()
+    before = list(root.handlers)
     logging.basicConfig(
         level=max(logging.DEBUG, default - 10 * args.verbose),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    install_repeat_filter()
+    install_repeat_filter([h for h in root.handlers if h not in before])
 
 
 def main(argv: list[str] | None = None) -> int:

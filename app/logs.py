@@ -38,9 +38,10 @@ class RepeatFilter(logging.Filter):
         return True
 
 
-def install_repeat_filter(window_s: float = 60.0) -> RepeatFilter:
-    """Attach one RepeatFilter to every handler of the root logger."""
+def install_repeat_filter(handlers: list[logging.Handler], window_s: float = 60.0) -> RepeatFilter:
+    """Attach one RepeatFilter to `handlers` (the entry point's own: never to handlers another
+    program, e.g. a test runner's log capture, put on the root logger)."""
     repeat = RepeatFilter(window_s)
-    for handler in logging.getLogger().handlers:
+    for handler in handlers:
         handler.addFilter(repeat)
     return repeat

@@ -260,9 +260,9 @@ def test_enroll_video_uses_the_tracker_config(detector: FaceDetector, data_dir: 
     from app.enroll import EnrollError, faces_from_video
 
     clip = data_dir / "videos" / "intel_face-demographics-walking.mp4"
-    assert len(faces_from_video(clip, detector, 8, TrackerConfig())) == 8
+    assert len(faces_from_video(clip, detector, 8, face=0, tracking=TrackerConfig())) == 8
     with pytest.raises(EnrollError, match="no face found"):
-        faces_from_video(clip, detector, 8, TrackerConfig(min_hits=36))
+        faces_from_video(clip, detector, 8, face=0, tracking=TrackerConfig(min_hits=36))
 
 
 # --- small moving faces on synthetic clips, through the app's pipeline with its defaults ---
