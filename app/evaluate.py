@@ -93,9 +93,14 @@ def evaluate_pairs(
     names = list(marks)
     index = {n: i for i, n in enumerate(names)}
     template = embedder.template
-    images = {n: _read(root, n) for n in tqdm(names, desc="align", unit="img")}
-    clean = embedder.embed(np.stack([align_face(images[n], marks[n], template) for n in names]))
-    kept = {p.right: align_face(images[p.right], marks[p.right], STORE) for p in pairs}
+    probed = {p.right for p in pairs}
+    native, kept = [], {}
+    for n in tqdm(names, desc="align", unit="img"):  # each image read once, not kept
+        image = _read(root, n)
+        native.append(align_face(image, marks[n], template))
+        if n in probed:
+            kept[n] = align_face(image, marks[n], STORE)
+    clean = embedder.embed(np.stack(native))
     left = np.array([index[p.left] for p in pairs])
     right_names = [p.right for p in pairs]
     same = np.array([p.same for p in pairs])

@@ -18,7 +18,7 @@ from trainer.importers.dlib import import_dlib
 from trainer.importers.dlib_format import DlibFormatError, read_dlib_network
 from trainer.models import create_model
 from trainer.models.moe import moe_layers
-from trainer.models.resnet import DLIB_150, FaceMoEBlock, stage_sizes
+from trainer.models.resnet import DLIB_150, FaceMoEBlock
 from trainer.preprocess import CropTemplate, to_input
 
 pytestmark = pytest.mark.contract
@@ -102,8 +102,8 @@ def test_upcycled_model_equals_the_imported_one_at_step_0(
 
 
 def test_stage_sizes_follow_dlibs_unpadded_strides() -> None:
-    assert stage_sizes(150) == [35, 17, 8, 4, 2]
     model = create_model("facemoe-r29")
+    assert model.stage_sizes == [35, 17, 8, 4, 2]
     tokens = [m.pos.shape[1] for m in model.modules() if isinstance(m, FaceMoEBlock)]
     assert tokens == [17 * 17, 8 * 8]
 

@@ -17,7 +17,7 @@ import torch
 from trainer.artifact import save_artifact
 from trainer.importers.dlib_format import DlibFormatError, DlibLayer, read_dlib_network
 from trainer.models import create_model, model_config
-from trainer.models.resnet import DLIB_MEAN_RGB
+from trainer.models.resnet import DLIB_MEAN_RGB, Affine
 
 DAT_NAME = "dlib_face_recognition_resnet_model_v1.dat"
 DAT_SHA256 = "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30"
@@ -52,7 +52,7 @@ def default_dat() -> Path:
 def load_dlib_weights(model: torch.nn.Module, layers: list[DlibLayer]) -> None:
     """Copy dlib's convolution, affine and fc parameters into a `ResNetFace` trunk, in order."""
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    affines = [m for m in model.modules() if type(m).__name__ == "Affine"]
+    affines = [m for m in model.modules() if isinstance(m, Affine)]
     dl_convs = [la for la in layers if la.kind == "con"]
     dl_affs = [la for la in layers if la.kind == "affine"]
     (fc,) = [la for la in layers if la.kind == "fc"]

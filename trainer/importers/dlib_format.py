@@ -34,19 +34,19 @@ class DlibLayer:
     info: dict[str, float] = field(default_factory=dict)
 
 
-def _block(stride: int) -> list[str]:
-    # block<N,BN,stride,SUB> = BN<con<N,3,3,1,1,relu<BN<con<N,3,3,stride,stride,SUB>>>>>
-    return ["affine", "con", "relu", "affine", "con"]
+# block<N,BN,stride,SUB> = BN<con<N,3,3,1,1,relu<BN<con<N,3,3,stride,stride,SUB>>>>> (the stride
+# is a constant of the type, checked by the con_ layer itself, not a separate record)
+_BLOCK = ["affine", "con", "relu", "affine", "con"]
 
 
 def _ares() -> list[str]:
     # relu<add_prev1<block<..., tag1<SUB>>>>
-    return ["relu", "add_prev", *_block(1), "tag"]
+    return ["relu", "add_prev", *_BLOCK, "tag"]
 
 
 def _ares_down() -> list[str]:
     # relu<add_prev2<avg_pool<2,2,2,2,skip1<tag2<block<..., 2, tag1<SUB>>>>>>>
-    return ["relu", "add_prev", "avg_pool", "skip", "tag", *_block(2), "tag"]
+    return ["relu", "add_prev", "avg_pool", "skip", "tag", *_BLOCK, "tag"]
 
 
 def resnet_v1_layers() -> list[str]:

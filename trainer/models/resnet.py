@@ -63,9 +63,9 @@ class ResBlock(nn.Module):
         self.aff1 = Affine(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, padding=1)
         self.aff2 = Affine(cout)
-        branch = (size - 3) // 2 + 1 if self.down else size
-        short = (size - 2) // 2 + 1 if self.down else size
-        out = max(branch, short)
+        branch = (size - 3) // 2 + 1 if self.down else size  # 3x3/2 conv, no padding
+        short = (size - 2) // 2 + 1 if self.down else size  # 2x2/2 average pool
+        out = max(branch, short)  # dlib zero-pads the smaller one
         self.pad_branch = (0, out - branch, 0, out - branch, 0, 0)  # bottom/right
         self.pad_short = (0, out - short, 0, out - short, 0, cout - cin)  # and channels
         self.out_size = out
@@ -126,17 +126,6 @@ def stem_size(img_size: int) -> int:
     return ((img_size - 7) // 2 + 1 - 3) // 2 + 1
 
 
-def stage_sizes(img_size: int) -> list[int]:
-    """Spatial size after each stage: a down-sampling block's output takes the larger of its
-    branch (3x3/2 conv) and its shortcut (2x2/2 average pool); dlib zero-pads the other."""
-    s, sizes = stem_size(img_size), []
-    for i in range(len(STAGES)):
-        if i:
-            s = max((s - 3) // 2 + 1, (s - 2) // 2 + 1)
-        sizes.append(s)
-    return sizes
-
-
 class ResNetFace(nn.Module):
     """dlib's face ResNet v1 (`moe_after=()`), or FaceMoE upcycled from it.
 
@@ -166,18 +155,18 @@ class ResNetFace(nn.Module):
         self.input_size, self.embed_dim = img_size, embed_dim
         self.stem = nn.Sequential(nn.Conv2d(3, WIDTHS[0], 7, 2), Affine(WIDTHS[0]), nn.ReLU())
         moe = {"num_experts": num_experts, "top_k": top_k, "gate": gate, "dispatch": dispatch}
-        stages, cin, in_size = [], WIDTHS[0], stem_size(img_size)
-        for i, (name, width, depth, size) in enumerate(
-            zip(STAGES, WIDTHS, DEPTHS, stage_sizes(img_size), strict=True)
-        ):
+        stages, cin, size = [], WIDTHS[0], stem_size(img_size)
+        self.stage_sizes: list[int] = []  # spatial size after each stage
+        for i, (name, width, depth) in enumerate(zip(STAGES, WIDTHS, DEPTHS, strict=True)):
             blocks: list[nn.Module] = []
             for j in range(depth):
-                block = ResBlock(cin, width, 2 if (i > 0 and j == 0) else 1, in_size)
+                block = ResBlock(cin, width, 2 if (i > 0 and j == 0) else 1, size)
                 blocks.append(block)
-                cin, in_size = width, block.out_size
+                cin, size = width, block.out_size
             if name in moe_after:
                 blocks.append(FaceMoEBlock(width, size * size, heads, mlp_ratio, moe))
             stages.append(nn.Sequential(*blocks))
+            self.stage_sizes.append(size)
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(WIDTHS[-1], embed_dim, bias=False)
 
