@@ -75,6 +75,16 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def stop(daemon: subprocess.Popen) -> int:
+    """SIGTERM (the daemon flushes its tracks), SIGKILL after 30 s; the exit code."""
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        return daemon.wait(30)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        return daemon.wait(5)
+
+
 def scrape(port: int) -> dict:
     """/metrics as {(sample name, sorted label items): value}."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -214,12 +224,7 @@ def main() -> int:
             time.sleep(max(0.0, min(next_at, end_at if start else warm_at) - time.monotonic()))
 
         t_stop = time.monotonic()
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            rc = daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            rc = daemon.wait(5)
+        rc = stop(daemon)
         stop_s = time.monotonic() - t_stop
     finally:
         if daemon is not None and daemon.poll() is None:

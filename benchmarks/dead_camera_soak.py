@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.daemon_soak import scrape, shared_dir, value  # noqa: E402
+from benchmarks.daemon_soak import scrape, shared_dir, stop, value  # noqa: E402
 from benchmarks.rtsp_camera import RtspCamera, free_port  # noqa: E402
 
 RSS_TARGET_MB = 20.0
@@ -133,12 +132,7 @@ def main() -> int:
             time.sleep(max(0.0, min(now + args.sample, end_at if start else warm_at)
                            - time.monotonic()))
         end = samples[-1]
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            rc = daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            rc = daemon.wait(5)
+        rc = stop(daemon)
     finally:
         if daemon is not None and daemon.poll() is None:
             daemon.kill()
