@@ -105,6 +105,7 @@ def _login(driver, base: str, password: str) -> None:
 def test_review_ui_in_chromium(browser, server, shots: Path, data_dir: Path,
                                tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     base, ctx = server
     # a wrong password is refused
@@ -115,6 +116,9 @@ def test_review_ui_in_chromium(browser, server, shots: Path, data_dir: Path,
 
     _login(browser, base, PASSWORD)
     assert browser.current_url.endswith("/clusters")
+    # the page is there once it has grouped the unknown faces (the URL changes before that)
+    WebDriverWait(browser, 120).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "section.cluster"))
     # the unknown faces of the Hamilton clip, grouped; find the close-up's group
     events = [e.as_json() for e in ctx.gallery.stored_events()]
     target = close_up([e for e in events if e["identity"] is None])
