@@ -382,39 +382,73 @@ def _yaml_value(v: str):
     return yaml.safe_load(v)
 
 
+def _data_prepare_outputs(args: argparse.Namespace) -> None:
+    """Refuse a wrong combination of `data prepare` options (one line, before any work): --input
+    writes a folder of aligned images (--out-dir), --teacher one pool file (--out-pool)."""
+    if args.out is not None:
+        raise UserError("data prepare: --out is split in two: --out-dir DIR with --input, "
+                        "--out-pool FILE.npz with --teacher")
+    if bool(args.input) == bool(args.teacher):
+        raise UserError("data prepare needs one of --input DIR (raw photos per identity, "
+                        "with --out-dir DIR) or --teacher NPZ (with --out-pool FILE.npz)")
+    if args.input:
+        if args.out_pool or not args.out_dir:
+            raise UserError("data prepare --input writes a folder of aligned images: give "
+                            "--out-dir DIR (--out-pool is for --teacher)")
+        for flag, value in (("--data-root", args.data_root), ("--model", args.template_model)):
+            if value:
+                raise UserError(f"data prepare: {flag} applies to --teacher only (--input "
+                                "writes ArcFace 112 crops, the template training folders use)")
+        out = Path(args.out_dir)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"data prepare --out-dir {out}: is a file; give a folder")
+        if out.suffix.lower() == ".npz":
+            raise UserError(f"data prepare --out-dir {out}: a folder named like a pool file; "
+                            "pools are written by --teacher with --out-pool")
+        return
+    if args.out_dir or not args.out_pool:
+        raise UserError("data prepare --teacher writes one pool file: give --out-pool FILE.npz "
+                        "(--out-dir is for --input)")
+    pool = Path(args.out_pool)
+    if pool.is_dir():
+        raise UserError(f"data prepare --out-pool {pool}: is a directory; give a FILE.npz")
+    if pool.suffix.lower() != ".npz":
+        raise UserError(f"data prepare --out-pool {pool}: the pool file's name must end in .npz")
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from app.dataprep import prepare_folder, prepare_teacher_pool
     from trainer.preprocess import ARCFACE_112, CropTemplate
 
+    _data_prepare_outputs(args)
     if args.teacher:
         data_root = (
             Path(args.data_root) if args.data_root else Path(args.teacher).resolve().parents[1]
         )
         template = ARCFACE_112
-        if args.model:
+        if args.template_model:
             from trainer.manifest import read_manifest
 
-            template = CropTemplate.from_manifest(read_manifest(args.model))
-        n = prepare_teacher_pool(Path(args.teacher), data_root, Path(args.out), template)
-        _out(args, {"out": args.out, "faces": n}, f"wrote {n} aligned faces to {args.out}")
+            template = CropTemplate.from_manifest(read_manifest(args.template_model))
+        n = prepare_teacher_pool(Path(args.teacher), data_root, Path(args.out_pool), template)
+        _out(args, {"out": args.out_pool, "faces": n},
+             f"wrote {n} aligned faces to {args.out_pool}")
         return 0
-    if not args.input:
-        raise UserError("data prepare needs --input DIR (raw photos per identity) or --teacher NPZ")
     from app.config import load_config
     from app.runtime import make_detector
 
     report = prepare_folder(
-        Path(args.input), Path(args.out), make_detector(load_config(args.config))
+        Path(args.input), Path(args.out_dir), make_detector(load_config(args.config))
     )
     _out(
         args,
         {
-            "out": args.out,
+            "out": args.out_dir,
             "written": report.written,
             "no_face": report.skipped_no_face,
             "unreadable": report.skipped_unreadable,
         },
-        f"wrote {report.written} aligned faces to {args.out}; "
+        f"wrote {report.written} aligned faces to {args.out_dir}; "
         f"{len(report.skipped_no_face)} without a face, "
         f"{len(report.skipped_unreadable)} unreadable",
     )
@@ -472,7 +506,7 @@ def cmd_eval_ident(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from app.evaluate import explain_image
+    from app.explain import explain_image
 
     cfg = _config(args)
     image = Path(args.image)
@@ -721,13 +755,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("data", help="prepare training data")
     dsub = sp.add_subparsers(dest="action", required=True)
     d = dsub.add_parser("prepare", help="detect and align faces into a training set")
-    d.add_argument("--input", help="raw photos, one sub-folder per identity")
-    d.add_argument("--teacher", help="teacher embeddings .npz (../shared/data/teacher)")
+    d.add_argument("--input", help="raw photos, one sub-folder per identity (with --out-dir)")
+    d.add_argument("--out-dir", help="with --input: folder for the aligned crops "
+                                     "(OUT_DIR/<identity>/<photo>.jpg)")
+    d.add_argument("--teacher", help="teacher embeddings .npz (../shared/data/teacher; "
+                                     "with --out-pool)")
+    d.add_argument("--out-pool", help="with --teacher: the training pool file to write (.npz)")
     d.add_argument("--data-root", help="root the teacher paths are relative to")
-    d.add_argument(
-        "--model", help="align to this model artifact's crop template (default: ArcFace 112)"
+    d.add_argument(  # not `model`: main() would fill that in with the config's model
+        "--model", dest="template_model",
+        help="with --teacher: align to this model artifact's crop template (default: ArcFace 112)",
     )
-    d.add_argument("--out", required=True)
+    d.add_argument("--out", help=argparse.SUPPRESS)  # split into --out-dir / --out-pool
     d.add_argument("--config")
     d.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_data)

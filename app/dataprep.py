@@ -19,10 +19,11 @@ from tqdm import tqdm
 
 from app.align import ARCFACE_112, CropTemplate, align_face
 from app.detect import FaceDetector
+from app.faces import FaceError, aligned_face, read_image
 from app.fsutil import atomic_write
+from trainer.media import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".webp"}
 
 
 @dataclass(frozen=True)
@@ -32,30 +33,33 @@ class PrepareReport:
     skipped_unreadable: list[str]
 
 
-def _largest(dets):
-    return max(dets, key=lambda d: float(d.bbox[2] * d.bbox[3]))
-
-
 def prepare_folder(src: Path, dst: Path, detector: FaceDetector) -> PrepareReport:
-    """Detect the largest face in each image under src/<identity>/; write dst/<identity>/*.jpg."""
-    images = sorted(p for p in Path(src).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    """Align the largest face of each image under src/<identity>/ (`app.faces`) onto ArcFace
+    112 and write it to dst/<identity>/<stem>.jpg (atomically, private); images directly in
+    `src` go to dst/unlabelled/. Unreadable (also truncated) and faceless images are listed."""
+    src, dst = Path(src), Path(dst)
+    images = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FileNotFoundError(f"no images under {src}")
     written, no_face, unreadable = 0, [], []
     for path in tqdm(images, desc="prepare", unit="img"):
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
+        try:
+            image = read_image(path)
+        except FaceError as e:
+            log.warning("skipped: %s", e)
             unreadable.append(str(path))
             continue
-        dets = detector.detect(image)
-        if not dets:
+        try:
+            crop = aligned_face(image, detector, "largest", ARCFACE_112, source=str(path)).crop
+        except FaceError:
             no_face.append(str(path))
             continue
-        crop = align_face(image, _largest(dets).landmarks)
-        identity = path.parent.name if path.parent != Path(src) else "unlabelled"
-        out = Path(dst) / identity / (path.stem + ".jpg")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(out), crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        identity = path.parent.name if path.parent != src else "unlabelled"
+        ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if not ok:
+            raise OSError(f"cannot encode the aligned face of {path} as JPEG")
+        with atomic_write(dst / identity / (path.stem + ".jpg")) as f:
+            f.write(jpeg.tobytes())
         written += 1
     return PrepareReport(written, no_face, unreadable)
 

@@ -7,22 +7,21 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from app.align import STORE, align_face
 from app.config import TrackerConfig
 from app.detect import FaceDetector
 from app.embed import Embedder
+from app.faces import MAX_PIXELS, MAX_SIDE, FaceError, aligned_face, read_image
 from app.gallery import Gallery, GalleryError
 from app.quality import score_quality
 from app.records import Detection
 from app.source import open_source
 from app.track import Tracker
+from trainer.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff"}
-VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".gif", ".ts", ".m4v"}
 # Reject a template this far below the median cosine to the medoid: "auto" scales it to the
 # model's cosine range, OUTLIER_SCALE x (1 - its recommended threshold): 0.30 for a model whose
 # threshold is 0.46, 0.04 for dlib's network, whose descriptors share one large component (all
@@ -41,87 +40,10 @@ class EnrollError(Exception):
 class ImageLimits:
     """Bounds on what enrollment accepts (`enroll:` in the app config)."""
 
-    max_side: int = 1920  # detection runs on a copy at most this long; alignment on the original
-    max_pixels: int = 100_000_000  # a decoded image above this is refused
+    max_side: int = MAX_SIDE  # detection runs on a copy at most this long (app.faces)
+    max_pixels: int = MAX_PIXELS  # a decoded image above this is refused
     min_quality: float = 0.01  # faces below this quality are not enrolled
     warn_quality: float = 0.1  # faces below this are enrolled with a warning
-
-
-_PYRAMID = (640, 1280)  # YuNet misses faces much larger than ~600 px: try small copies first
-
-
-def _scaled(det: Detection, factor: float) -> Detection:
-    return Detection(bbox=(np.asarray(det.bbox) * factor).astype(np.float32),
-                     landmarks=(np.asarray(det.landmarks) * factor).astype(np.float32),
-                     score=det.score)
-
-
-def _overlap(det: Detection, other: Detection) -> tuple[float, float]:
-    """(IoU of the two boxes, share of `det`'s box inside `other`'s)."""
-    x, y, w, h = (float(v) for v in det.bbox)
-    ox, oy, ow, oh = (float(v) for v in other.bbox)
-    iw = max(0.0, min(x + w, ox + ow) - max(x, ox))
-    ih = max(0.0, min(y + h, oy + oh) - max(y, oy))
-    inter = iw * ih
-    return inter / max(w * h + ow * oh - inter, 1e-6), inter / max(w * h, 1e-6)
-
-
-def detect_bounded(detector: FaceDetector, image: np.ndarray, max_side: int) -> list[Detection]:
-    """Faces of a photo of any size, in its own pixels, detected on downscaled copies.
-
-    Copies whose longest side is 640, 1280 and `max_side` (never larger than the photo) are
-    searched from the smallest: a face found on a smaller copy wins over the boxes a larger
-    copy finds inside it (YuNet sees parts of a face that fills a large photo as faces), the
-    same face found again on a larger copy (IoU > 0.7) replaces it with its more precise
-    landmarks, and a huge photo never reaches the detector at full size.
-    """
-    height, width = image.shape[:2]
-    longest = max(height, width)
-    sides = sorted({*(s for s in _PYRAMID if s < min(longest, max_side)), min(longest, max_side)})
-    found: list[Detection] = []
-    for side in sides:
-        factor = side / longest
-        copy = image if factor == 1 else cv2.resize(
-            image, (max(1, round(width * factor)), max(1, round(height * factor))),
-            interpolation=cv2.INTER_AREA)
-        coarse = list(found)
-        for det in detector.detect(copy):
-            det = _scaled(det, 1 / factor)
-            overlaps = [(i, *_overlap(det, f)) for i, f in enumerate(coarse)]
-            same = [i for i, iou, _ in overlaps if iou > 0.7]
-            if same:
-                found[same[0]] = det
-            elif not any(inside > 0.5 or _overlap(coarse[i], det)[1] > 0.5
-                         for i, _, inside in overlaps):
-                found.append(det)
-    return sorted(found, key=lambda d: -d.score)
-
-
-def _truncated(data: bytes) -> bool:
-    """A JPEG without its end marker or a PNG without IEND: the decoder fills in grey."""
-    if data[:2] == b"\xff\xd8":
-        return b"\xff\xd9" not in data[-4096:]
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return b"IEND" not in data[-64:]
-    return False
-
-
-def read_image(path: Path, limits: ImageLimits) -> np.ndarray:
-    """A photo as uint8 BGR; EnrollError (one line) for unreadable, truncated or oversized."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EnrollError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    if _truncated(data):
-        raise EnrollError(f"image {path} is truncated (incomplete file); not enrolled")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise EnrollError(f"cannot read image {path}: not a decodable image")
-    height, width = image.shape[:2]
-    if height * width > limits.max_pixels:
-        raise EnrollError(f"image {path} is {width}x{height} ({height * width / 1e6:.0f} MP), "
-                          f"above the limit of {limits.max_pixels / 1e6:.0f} MP")
-    return image
 
 
 @dataclass(frozen=True)
@@ -194,23 +116,6 @@ def find_outliers(
     return reject, to_medoid, bound
 
 
-def _pick(dets: list[Detection], source: str, face: int | None) -> Detection:
-    """The face to enroll: the only one, or the `face`-th largest when the caller chose."""
-    if not dets:
-        raise EnrollError(f"no face found in {source}")
-    ranked = sorted(dets, key=lambda d: -float(d.bbox[2] * d.bbox[3]))
-    if face is None:
-        if len(ranked) > 1:
-            raise EnrollError(
-                f"{source} has {len(ranked)} faces; choose one with --face N "
-                f"(0 = largest, 1 = next largest, ...)"
-            )
-        return ranked[0]
-    if face >= len(ranked):
-        raise EnrollError(f"{source} has {len(ranked)} faces; --face {face} does not exist")
-    return ranked[face]
-
-
 def faces_from_image(
     path: Path, detector: FaceDetector, face: int | None, *, strict: bool = True,
     limits: ImageLimits = ImageLimits(), skipped: list[str] | None = None,
@@ -218,8 +123,8 @@ def faces_from_image(
     """The face of one photo. `strict=False` (folders): a photo that is unreadable, has no
     usable face or several is skipped with a warning and noted in `skipped`."""
     try:
-        image = read_image(path, limits)
-    except EnrollError as e:
+        image = read_image(path, limits.max_pixels)
+    except FaceError as e:
         return _skip(e, strict, skipped)
     return faces_from_array(image, str(path), detector, face, strict=strict, limits=limits,
                             skipped=skipped)
@@ -229,11 +134,13 @@ def faces_from_array(
     image: np.ndarray, source: str, detector: FaceDetector, face: int | None, *,
     strict: bool = True, limits: ImageLimits = ImageLimits(), skipped: list[str] | None = None,
 ) -> list[EnrollFace]:
-    """The face to enroll from a decoded BGR image (a photo or an upload); `source` names it."""
+    """The face to enroll from a decoded BGR image (a photo or an upload); `source` names it:
+    its only face, or the `face`-th largest when the caller chose."""
     try:
-        det = _pick(detect_bounded(detector, image, limits.max_side), source, face)
-        crop = align_face(image, det.landmarks, STORE)  # from the original pixels
-        quality = score_quality(det, crop).score
+        found = aligned_face(image, detector, "only" if face is None else face, STORE,
+                             source=source, max_side=limits.max_side)
+        enrolled = _kept(found.detection, found.crop, source)
+        quality = enrolled.quality
         if quality < limits.min_quality:
             raise EnrollError(f"the face in {source} has quality {quality:.3f}, below the "
                               f"minimum {limits.min_quality:g} (enroll.min_quality); use a "
@@ -241,16 +148,22 @@ def faces_from_array(
         if quality < limits.warn_quality:
             log.warning("%s: low-quality face (%.3f < %g): recognition from it may be poor",
                         source, quality, limits.warn_quality)
-    except EnrollError as e:
+    except (EnrollError, FaceError) as e:
         return _skip(e, strict, skipped)
-    return [EnrollFace(crop, quality, source)]
+    return [enrolled]
 
 
-def _skip(error: EnrollError, strict: bool, skipped: list[str] | None) -> list[EnrollFace]:
-    """A photo that cannot be enrolled: the error (`strict`), or skipped with a warning and
-    noted in `skipped` (folders)."""
+def _kept(det: Detection, crop: np.ndarray, source: str) -> EnrollFace:
+    """A face as enrollment keeps it: its crop in the kept geometry (`STORE`) and quality."""
+    return EnrollFace(crop, score_quality(det, crop).score, source)
+
+
+def _skip(error: EnrollError | FaceError, strict: bool,
+          skipped: list[str] | None) -> list[EnrollFace]:
+    """A photo that cannot be enrolled: the error as an EnrollError (`strict`), or skipped with
+    a warning and noted in `skipped` (folders)."""
     if strict:
-        raise error
+        raise error if isinstance(error, EnrollError) else EnrollError(str(error)) from None
     log.warning("skipped: %s", error)
     if skipped is not None:
         skipped.append(str(error))
@@ -272,10 +185,8 @@ def faces_from_video(path: Path, detector: FaceDetector, max_faces: int,
             faces, _ = tracker.update(frame.index, frame.pts, found)
             for f in faces:
                 crop = align_face(frame.image, f.detection.landmarks, STORE)
-                q = score_quality(f.detection, crop).score
                 per_track.setdefault(f.track_id, []).append(
-                    EnrollFace(crop, q, f"{path}#frame={f.frame_index}")
-                )
+                    _kept(f.detection, crop, f"{path}#frame={f.frame_index}"))
     if not per_track:
         raise EnrollError(f"no face found in video {path}")
     ranked = sorted(per_track.items(), key=lambda kv: -len(kv[1]))

@@ -8,12 +8,12 @@ same face resolution for every model. Landmarks are cached in the user cache (by
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -21,25 +21,13 @@ from app.align import CROP_SIZE, STORE, TEMPLATE, align_face, degrade_to, recut
 from app.config import AppConfig
 from app.detect import FaceDetector
 from app.embed import Embedder
+from app.faces import FaceError, aligned_face, find_face, read_image
 from app.fsutil import atomic_write
 from app.runtime import make_detector
 from trainer.evaluate import Pair, plot_roc, read_lfw_pairs, roc, verification_report
-from trainer.preprocess import CropTemplate
+from trainer.media import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
-
-
-def _central_face(image: np.ndarray, detector: FaceDetector):
-    dets = detector.detect(image)
-    if not dets:
-        return None
-    h, w = image.shape[:2]
-    return min(
-        dets,
-        key=lambda d: (
-            (d.bbox[0] + d.bbox[2] / 2 - w / 2) ** 2 + (d.bbox[1] + d.bbox[3] / 2 - h / 2) ** 2
-        ),
-    )
 
 
 def find_pair_faces(
@@ -58,8 +46,10 @@ def find_pair_faces(
         return dict(zip(d["names"].tolist(), d["landmarks"], strict=True)), d["missing"].tolist()
     marks, missing = {}, []
     for name in tqdm(names, desc="detect", unit="img"):
-        image = cv2.imread(str(root / name), cv2.IMREAD_COLOR)
-        det = None if image is None else _central_face(image, detector)
+        image, det = _read(root, name), None
+        if image is not None:
+            with contextlib.suppress(FaceError):  # no face: counted as missing
+                det = find_face(image, detector, "central", source=name)
         if det is None:
             missing.append(name)
             # the ArcFace template on the image's central half stands in, so the pair still
@@ -75,9 +65,12 @@ def find_pair_faces(
     return marks, missing
 
 
-def _read(root: Path, name: str) -> np.ndarray:
-    image = cv2.imread(str(root / name), cv2.IMREAD_COLOR)
-    return image if image is not None else np.zeros((250, 250, 3), np.uint8)
+def _read(root: Path, name: str) -> np.ndarray | None:
+    """The image, or None when it is unreadable (`app.faces.read_image`: also truncated)."""
+    try:
+        return read_image(root / name)
+    except FaceError:
+        return None
 
 
 def evaluate_pairs(
@@ -97,6 +90,7 @@ def evaluate_pairs(
     native, kept = [], {}
     for n in tqdm(names, desc="align", unit="img"):  # each image read once, not kept
         image = _read(root, n)
+        image = np.zeros((250, 250, 3), np.uint8) if image is None else image
         native.append(align_face(image, marks[n], template))
         if n in probed:
             kept[n] = align_face(image, marks[n], STORE)
@@ -157,13 +151,6 @@ def eval_lfw(
 
 
 # --- `facemoe eval ident`: closed-set rank-N identification ------------------------------------
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pnm", ".tif", ".tiff", ".webp")
-
-
-def _largest_face(image: np.ndarray, detector: FaceDetector):
-    dets = detector.detect(image)
-    return max(dets, key=lambda d: float(d.bbox[2]) * float(d.bbox[3])) if dets else None
 
 
 def _natural_key(name: str) -> list:
@@ -243,15 +230,15 @@ def eval_identification(
         first = True
         for name in files:
             bar.update(1)
-            image = cv2.imread(str(root / name), cv2.IMREAD_COLOR)
+            image = _read(root, name)
             if image is None:
                 unreadable.append(name)
                 continue
-            det = _largest_face(image, detector)
-            if det is None:
+            try:
+                crop = aligned_face(image, detector, "largest", STORE, source=name).crop
+            except FaceError:
                 no_face.append(name)
                 continue
-            crop = align_face(image, det.landmarks, STORE)
             if first:
                 gallery.append(crop)
                 gallery_ids.append(ident)
@@ -288,68 +275,3 @@ def eval_identification(
         "unreadable": len(unreadable),
         "results": results,
     }
-
-
-# --- `facemoe explain`: which expert each token goes to ----------------------------------------
-
-
-def explain_image(
-    cfg: AppConfig,
-    image_path: Path,
-    model_dir: str | None = None,
-    probe_res: list[int] | None = None,
-    out_png: Path | None = None,
-) -> dict:
-    """Detect the largest face in an image, align it, and show the MoE routing of the native
-    crop and of each `probe_res` NxN degraded copy (maps per layer + expert shares; PNG)."""
-    from trainer.artifact import load_model
-    from trainer.explain import degrade_crops, plot_routing, routing_maps
-
-    if not image_path.is_file():
-        raise FileNotFoundError(f"no such file: {image_path}")
-    image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"cannot read image: {image_path}")
-    model, manifest = load_model(model_dir or cfg.model.dir)
-    det = _largest_face(image, make_detector(cfg))
-    if det is None:
-        raise ValueError(f"no face found in {image_path}")
-    crop = align_face(image, det.landmarks, CropTemplate.from_manifest(manifest))
-    rows, resolutions = [], {}
-    for res in [None, *(probe_res or [])]:
-        x = degrade_crops(crop[None], res)
-        maps = routing_maps(
-            model,
-            x,
-            tuple(manifest.get("mean", (0.5,) * 3)),
-            tuple(manifest.get("std", (0.5,) * 3)),
-        )
-        label = "native" if res is None else f"{res}px"
-        rows.append((label, x[0], maps))
-        resolutions[label] = {
-            "shares": np.round(maps.shares, 4).tolist(),
-            "top1_shares": np.round(maps.top1_shares, 4).tolist(),
-            "top1": [m[0].tolist() for m in maps.top1],
-        }
-    maps = rows[0][2]
-    model_name = f"{manifest.get('name')}@{manifest.get('version')}"
-    report = {
-        "image": str(image_path),
-        "model": model_name,
-        "face": {
-            "bbox": [round(float(v), 1) for v in det.bbox],
-            "score": round(float(det.score), 3),
-        },
-        "layers": len(maps.topk),
-        "num_experts": maps.num_experts,
-        "top_k": maps.top_k,
-        "grids": maps.grids,
-        "resolutions": resolutions,
-    }
-    if out_png is not None:
-        title = (
-            f"{model_name}: routing of {image_path.name} "
-            "(colour: top-1 expert per token; digits: top-k)"
-        )
-        report["png"] = str(plot_routing(rows, out_png, title=title))
-    return report

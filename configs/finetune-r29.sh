@@ -18,7 +18,7 @@ rm -rf runs/dlib-base/model && cp -r cache/dlib-init runs/dlib-base/model
 $facemoe eval lfw "${lfw[@]}" --model models/dlib-resnet-v1 --roc models/dlib-resnet-v1/lfw_roc.png \
     --write-manifest --json
 [ -f cache/pool150.npz ] || $facemoe data prepare --model cache/dlib-init \
-    --teacher ../shared/data/teacher/dlib_resnet_v1.npz --out cache/pool150.npz
+    --teacher ../shared/data/teacher/dlib_resnet_v1.npz --out-pool cache/pool150.npz
 # each pair shares the machine: one thread per run
 for recipe in "finetune-r29.yaml experiments/finetune-dlib-dense.yaml" \
               "experiments/finetune-r29-kd.yaml experiments/finetune-dlib-dense-kd.yaml"; do

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 facemoe=.venv/bin/facemoe
 [ -f cache/pool.npz ] || $facemoe data prepare \
-    --teacher ../shared/data/teacher/dlib_resnet_v1.npz --out cache/pool.npz
+    --teacher ../shared/data/teacher/dlib_resnet_v1.npz --out-pool cache/pool.npz
 $facemoe train --config configs/train-edge.yaml        # 1: from scratch, 13 epochs
 $facemoe train --config configs/train-edge-warm.yaml   # 2: warm restart of 1, 14 epochs
 $facemoe train --config configs/train-edge-kd.yaml     # 3: distillation only from 1, 8 epochs

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".pgm"}
+from trainer.media import IMAGE_SUFFIXES
 
 
 @dataclass
