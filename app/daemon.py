@@ -46,7 +46,7 @@ from app.pipeline import EmbedBatch, FacePipeline, StageTimes
 from app.records import Event, Frame
 from app.runtime import GalleryMatcher, make_detector, make_embedder, open_gallery, threshold
 from app.sinks import GallerySink, RotatingJsonlSink, Sink, SinkError, WebhookSink
-from app.source import SourceError, _init_gst, open_source
+from app.source import SourceError, init_gstreamer, open_source, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ class Camera:
         return None
 
     def health(self, now: float) -> dict:
-        return {"state": self.state, "problem": self.problem(now), "uri": _redact(self.cc.uri),
+        return {"state": self.state, "problem": self.problem(now), "uri": redact_uri(self.cc.uri),
                 "frames": self.frames,
                 "dropped": self.dropped, "reconnects": self.reconnects, "events": self.events,
                 "queue": self.depth(), "fps": round(self.fps(), 2),
@@ -388,19 +388,13 @@ class Camera:
         return (w[-1][1] - w[0][1]) / (w[-1][0] - w[0][0])
 
 
-def _redact(uri: str) -> str:
-    from app.source import _redact as redact
-
-    return redact(uri)
-
-
 class Daemon:
     def __init__(self, cfg: AppConfig, key: bytes | None = None) -> None:
         self.cfg = cfg
         cams = [c for c in cfg.cameras if c.enabled]
         if not cams:
             raise ConfigError("no enabled camera in the config (add a `cameras:` list)")
-        _init_gst()  # once, here: initialising from several reader threads at once races
+        init_gstreamer()  # once, here: initialising from several reader threads at once races
         self.detector, self.embedder = make_detector(cfg), make_embedder(cfg)
         # one embedding batch for every camera: crops from all of them fill each embedder call
         self.embed_batch = EmbedBatch(self.embedder)
@@ -764,7 +758,7 @@ class Daemon:
         for cam in self.cameras:
             cam.thread.start()
         log.info("daemon running: %d camera(s): %s", len(self.cameras),
-                 ", ".join(f"{c.name}={_redact(c.cc.uri)}" for c in self.cameras))
+                 ", ".join(f"{c.name}={redact_uri(c.cc.uri)}" for c in self.cameras))
         while not self.stopping.wait(0.5):
             pass
         return self.shutdown(worker, sink_thread)
