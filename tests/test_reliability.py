@@ -492,8 +492,9 @@ def test_daemon_refuses_plain_snapshots_of_an_encrypted_gallery(
 
         from tests.gallery_helpers import event
 
-        ev = dataclasses.replace(event(1), snapshot=str(tmp_path / "snaps" / "a" / "x.jpg"))
-        daemon._snapshot(ev, np.zeros((32, 32, 3), np.uint8))
+        ev = dataclasses.replace(event(1), snapshot=str(tmp_path / "snaps" / "a" / "x.jpg"),
+                                 snapshot_image=np.zeros((32, 32, 3), np.uint8))
+        daemon._sinks["snapshots"].write([ev])
     finally:
         daemon.gallery.close()
     assert os.stat(tmp_path / "snaps").st_mode & 0o777 == 0o700
