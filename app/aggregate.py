@@ -16,9 +16,17 @@ MIN_WEIGHT = 0.05  # floor on a crop's weight, so a low-quality track still gets
 KEEP_CROPS = 5  # best aligned crops kept per track (stored with its event for enrollment)
 
 
-def _quality(face: AlignedFace) -> float:
-    """Quality score of a crop; an unscored crop counts as 0."""
+def face_quality(face: AlignedFace) -> float:
+    """Quality score of a crop (`app.quality`: size, sharpness, pose and detector score in one
+    number); an unscored crop counts as 0."""
     return float(face.quality.score) if face.quality is not None else 0.0
+
+
+def better(quality: float, than: float) -> bool:
+    """The best-face rule: a track's best face is its crop of the highest `face_quality`; of
+    equal crops the earliest stays. It picks the event's `best_bbox`, its kept crops and the
+    daemon's snapshot."""
+    return quality > than
 
 
 def _normalised(weighted_sum: np.ndarray | None) -> np.ndarray | None:
@@ -37,7 +45,7 @@ class _Track:
         self.frames = 0
         self.best_quality = -1.0
         self.best_bbox: np.ndarray | None = None
-        self.best_crop: np.ndarray | None = None
+        self.best_frame = -1  # frame index of the best face
         self.crops: list[tuple[float, np.ndarray]] = []  # the best KEEP_CROPS, best first
         self.scheduled = 0  # crops the policy sent to the embedder
         self.scheduled_best = -1.0  # best quality among them
@@ -69,12 +77,12 @@ class TrackAggregator:
         track.start = min(track.start, face.pts)
         track.end = max(track.end, face.pts)
         track.frames += 1
-        quality = _quality(face)
-        if quality > track.best_quality:
+        quality = face_quality(face)
+        if better(quality, track.best_quality):
             track.best_quality = quality
             track.best_bbox = np.asarray(face.bbox, dtype=np.float32).copy()
-            track.best_crop = face.crop
-        if len(track.crops) < KEEP_CROPS or quality > track.crops[-1][0]:
+            track.best_frame = face.frame_index
+        if len(track.crops) < KEEP_CROPS or better(quality, track.crops[-1][0]):
             track.crops.append((quality, face.crop if face.kept is None else face.kept))
             track.crops.sort(key=lambda qc: -qc[0])
             del track.crops[KEEP_CROPS:]
@@ -102,7 +110,7 @@ class TrackAggregator:
             raise ValueError(
                 f"track {emb.face.track_id}: embedding dim {vec.size} != {track.weighted_sum.size}"
             )
-        weighted = max(_quality(emb.face), MIN_WEIGHT) * vec / norm
+        weighted = max(face_quality(emb.face), MIN_WEIGHT) * vec / norm
         track.weighted_sum = (
             weighted if track.weighted_sum is None else track.weighted_sum + weighted
         )
@@ -133,9 +141,13 @@ class TrackAggregator:
             template=_normalised(track.weighted_sum),
             best_bbox=track.best_bbox,
             best_quality=track.best_quality,
-            best_crop=track.best_crop,
             crops=tuple(track.crops),
         )
+
+    def is_best(self, face: AlignedFace) -> bool:
+        """Whether an observed `face` is, so far, the best face of its open track."""
+        track = self._tracks.get(face.track_id)
+        return track is not None and track.best_frame == face.frame_index
 
     def template(self, track_id: int) -> np.ndarray | None:
         """The running template of an open track (None before its first embedding)."""

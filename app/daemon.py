@@ -21,32 +21,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import queue
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-import cv2
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from app.config import AppConfig, CameraConfig, ConfigError
+from app.config import AppConfig, CameraConfig, ConfigError, DaemonConfig
 from app.gallery import Gallery
 from app.mqtt import MqttSink
 from app.pipeline import EmbedBatch, FacePipeline, StageTimes
-from app.records import Event, Frame
+from app.records import EVENT_TYPES, Event, Frame, TrackedFace
 from app.runtime import GalleryMatcher, make_detector, make_embedder, open_gallery, threshold
-from app.sinks import GallerySink, RotatingJsonlSink, Sink, SinkError, WebhookSink
-from app.source import SourceError, _init_gst, open_source
+from app.sinks import (
+    GallerySink,
+    RotatingJsonlSink,
+    Sink,
+    SinkError,
+    SnapshotSink,
+    WebhookSink,
+)
+from app.source import SourceError, init_gstreamer, open_source, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -178,18 +181,18 @@ class FrameQueue:
 
 
 class Camera:
-    """A camera's reader thread, frame queue, pipeline and counters."""
+    """A camera's reader thread, frame queue, pipeline and counters.
 
-    def __init__(self, cc: CameraConfig, daemon: Daemon) -> None:
-        self.cc, self.name, self.d = cc, cc.name, daemon
-        cfg = daemon.cfg
-        if cc.detect_every_n is not None:
-            cfg = cfg.model_copy(update={"detector": cfg.detector.model_copy(
-                update={"every_n_frames": cc.detect_every_n})})
-        self.times = StageTimes()
-        self.pipeline = FacePipeline(cc.name, cfg, daemon.detector, daemon.embedder,
-                                     daemon.matcher, self.times, daemon.embed_batch, settings=cc)
-        self.queue = FrameQueue(daemon.cfg.daemon.frame_queue)
+    It gets what it uses and nothing of the daemon: its pipeline, the daemon's settings, the
+    stop event, the metrics, and `on_put`, called after each item it queues (to wake the
+    worker)."""
+
+    def __init__(self, cc: CameraConfig, pipeline: FacePipeline, settings: DaemonConfig,
+                 stopping: threading.Event, metrics: Metrics,
+                 on_put: Callable[[], None]) -> None:
+        self.cc, self.name, self.pipeline, self.settings = cc, cc.name, pipeline, settings
+        self.stopping, self.metrics, self.on_put = stopping, metrics, on_put
+        self.queue = FrameQueue(settings.frame_queue)
         self.state = "starting"
         self.error = ""
         self.frames = self.dropped = self.reconnects = self.events = 0
@@ -199,10 +202,10 @@ class Camera:
         self.fps_window: deque[tuple[float, int]] = deque(maxlen=16)
         # (monotonic, frames, dropped) once a second, for the drop rate over health.window_s
         self.drop_window: deque[tuple[float, int, int]] = deque(
-            maxlen=int(daemon.cfg.daemon.health.window_s) + 2)
+            maxlen=int(settings.health.window_s) + 2)
         self.arrivals: deque[tuple[float, float]] = deque(maxlen=4096)  # (pts, monotonic)
         self._arrivals_lock = threading.Lock()
-        self.best: dict[int, tuple[float, np.ndarray]] = {}  # track id -> (score, face crop)
+        self.best: dict[int, np.ndarray] = {}  # track id -> its best face so far, with a margin
         self.source = None
         self.thread = threading.Thread(target=self._read, name=f"cam-{cc.name}", daemon=True)
         self._next_index = 0
@@ -210,27 +213,27 @@ class Camera:
 
     # --- reader thread -------------------------------------------------------------------
     def _read(self) -> None:
-        cfg = self.d.cfg.daemon
+        cfg = self.settings
         backoff = cfg.reconnect.initial_s
         is_file = "://" not in self.cc.uri and not self.cc.uri.startswith("/dev/")
-        while not self.d.stopping.is_set():
+        while not self.stopping.is_set():
             ended = False
             try:
                 self.source = open_source(self.cc.uri, self.name, loop=self.cc.loop,
                                           timeout=cfg.frame_timeout_s)
-                if self.d.stopping.is_set():
+                if self.stopping.is_set():
                     break
                 self.state, self.error = "running", ""
                 first_pts, last_pts, prev_rel = None, 0.0, None
                 paced = not self.source.is_live  # files play at their frame rate, like a camera
                 for frame in self.source:
-                    if self.d.stopping.is_set():
+                    if self.stopping.is_set():
                         break
                     if first_pts is None:
                         first_pts, started = frame.pts, time.monotonic()
                     if paced:
                         delay = started + (frame.pts - first_pts) - time.monotonic()
-                        if delay > 0 and self.d.stopping.wait(min(delay, 1.0)):
+                        if delay > 0 and self.stopping.wait(min(delay, 1.0)):
                             break
                     rel = frame.pts - first_pts
                     if not paced and prev_rel is not None:
@@ -252,7 +255,7 @@ class Camera:
             finally:
                 if self.source is not None:
                     self.source.close()
-            if self.d.stopping.is_set():
+            if self.stopping.is_set():
                 break
             self._put(_RECONNECT)
             if ended and is_file and not self.cc.loop:
@@ -261,9 +264,9 @@ class Camera:
                 return
             self.state = "reconnecting"
             self.reconnects += 1
-            self.d.metrics.reconnects.labels(self.name).inc()
+            self.metrics.reconnects.labels(self.name).inc()
             log.warning("camera %s: %s; reconnecting in %.1f s", self.name, self.error, backoff)
-            if self.d.stopping.wait(backoff):
+            if self.stopping.wait(backoff):
                 break
             backoff = min(backoff * 2, cfg.reconnect.max_s)
         self.state = "stopped"
@@ -275,15 +278,15 @@ class Camera:
         missed = round(gap * fps) - 1 if fps > 0 else 0
         if missed > 0:
             self.dropped += missed
-            self.d.metrics.dropped.labels(self.name).inc(missed)
+            self.metrics.dropped.labels(self.name).inc(missed)
 
     def _put(self, item) -> None:
         if item is not _RECONNECT:
             self.last_frame = time.monotonic()
         if self.queue.put(item):
             self.dropped += 1
-            self.d.metrics.dropped.labels(self.name).inc()
-        self.d.wake.set()
+            self.metrics.dropped.labels(self.name).inc()
+        self.on_put()
 
     def take(self):
         return self.queue.take()
@@ -299,36 +302,51 @@ class Camera:
 
     # --- worker thread -------------------------------------------------------------------
     def process(self, queued_at: float, frame: Frame) -> list[Event]:
-        before = dict(self.times.seconds)
+        """Run a queued frame through the pipeline; its events, counted."""
+        times = self.pipeline.times
+        before = dict(times.seconds)
         t = time.perf_counter()
         result = self.pipeline.push(frame)
         total = time.perf_counter() - t
         self._observe("queue", time.monotonic() - queued_at)
         self._observe("frame", total)
-        for stage, secs in self.times.seconds.items():
+        for stage, secs in times.seconds.items():
             if secs != before.get(stage, 0.0):
                 self._observe(stage, secs - before.get(stage, 0.0))
         self.frames += 1
-        self.d.metrics.frames.labels(self.name).inc()
-        if self.d.cfg.daemon.snapshots.dir:
-            self._keep_best(frame, result.faces)
-        return result.events
+        self.metrics.frames.labels(self.name).inc()
+        if self.settings.snapshots.dir:
+            self._keep_best(frame, result.best)
+        return self._count(result.events)
+
+    def flush(self) -> list[Event]:
+        """End the camera's open tracks (its stream broke, or shutdown); their events."""
+        return self._count(self.pipeline.flush())
+
+    def _count(self, events: list[Event]) -> list[Event]:
+        for ev in events:
+            if ev.type == "end":
+                self.events += 1
+                self.last_event = time.time()
+                self.metrics.events.labels(self.name).inc()
+            else:
+                self.metrics.recognized.labels(self.name).inc()
+        return events
 
     def _observe(self, stage: str, seconds: float) -> None:
         self.latencies.setdefault(stage, deque(maxlen=1000)).append(seconds)
-        self.d.metrics.latency.labels(self.name, stage).observe(seconds)
+        self.metrics.latency.labels(self.name, stage).observe(seconds)
 
-    def _keep_best(self, frame: Frame, faces) -> None:
+    def _keep_best(self, frame: Frame, best: list[TrackedFace]) -> None:
+        """Keep the picture of each face that is now its track's best (the pipeline's rule,
+        app.aggregate.better): the face with a 20% margin, cut from the frame."""
         h, w = frame.image.shape[:2]
-        for f in faces:
+        for f in best:
             x, y, bw, bh = (float(v) for v in f.detection.bbox)
-            score = bw * bh * float(f.detection.score)
-            if score <= self.best.get(f.track_id, (-1.0, None))[0]:
-                continue
             x0, y0 = max(0, int(x - 0.2 * bw)), max(0, int(y - 0.2 * bh))
             x1, y1 = min(w, int(x + 1.2 * bw)), min(h, int(y + 1.2 * bh))
             if x1 > x0 and y1 > y0:
-                self.best[f.track_id] = (score, frame.image[y0:y1, x0:x1].copy())
+                self.best[f.track_id] = frame.image[y0:y1, x0:x1].copy()
         if len(self.best) > 64 and frame.index % 100 == 0:  # tracks that ended without an event
             open_ids = set(self.pipeline.aggregator.open_tracks())
             self.best = {k: v for k, v in self.best.items() if k in open_ids}
@@ -343,8 +361,7 @@ class Camera:
 
     def snapshot(self, ev: Event) -> np.ndarray | None:
         """The best face crop of the event's track so far (kept until the track's end)."""
-        item = self.best.get(ev.track_id) if ev.type != "end" else self.best.pop(ev.track_id, None)
-        return None if item is None else item[1]
+        return self.best.get(ev.track_id) if ev.type != "end" else self.best.pop(ev.track_id, None)
 
     def percentiles(self, stage: str) -> tuple[float, float]:
         values = list(self.latencies.get(stage, ()))
@@ -364,7 +381,7 @@ class Camera:
 
     def problem(self, now: float) -> str | None:
         """Why this camera makes the daemon degraded, or None."""
-        h = self.d.cfg.daemon.health
+        h = self.settings.health
         if self.state in ("reconnecting", "starting", "stopped"):
             return f"{self.state}" + (f": {self.error}" if self.error else "")
         rate = self.drop_rate(now, h.window_s)
@@ -374,7 +391,7 @@ class Camera:
         return None
 
     def health(self, now: float) -> dict:
-        return {"state": self.state, "problem": self.problem(now), "uri": _redact(self.cc.uri),
+        return {"state": self.state, "problem": self.problem(now), "uri": redact_uri(self.cc.uri),
                 "frames": self.frames,
                 "dropped": self.dropped, "reconnects": self.reconnects, "events": self.events,
                 "queue": self.depth(), "fps": round(self.fps(), 2),
@@ -388,10 +405,17 @@ class Camera:
         return (w[-1][1] - w[0][1]) / (w[-1][0] - w[0][0])
 
 
-def _redact(uri: str) -> str:
-    from app.source import _redact as redact
+@dataclasses.dataclass
+class _Route:
+    """A sink as the sink thread drives it: the event types it takes, and how long its events
+    may wait to be written together (the gallery's batched commits)."""
 
-    return redact(uri)
+    name: str
+    sink: Sink
+    types: tuple[str, ...]  # of EVENT_TYPES
+    every_s: float = 0.0  # 0: each pass's events are written at once
+    pending: list[Event] = dataclasses.field(default_factory=list)
+    last: float = 0.0  # monotonic time of the last write
 
 
 class Daemon:
@@ -400,7 +424,7 @@ class Daemon:
         cams = [c for c in cfg.cameras if c.enabled]
         if not cams:
             raise ConfigError("no enabled camera in the config (add a `cameras:` list)")
-        _init_gst()  # once, here: initialising from several reader threads at once races
+        init_gstreamer()  # once, here: initialising from several reader threads at once races
         self.detector, self.embedder = make_detector(cfg), make_embedder(cfg)
         # one embedding batch for every camera: crops from all of them fill each embedder call
         self.embed_batch = EmbedBatch(self.embedder)
@@ -422,12 +446,16 @@ class Daemon:
         self.stopping = threading.Event()
         self.wake = threading.Event()
         self.reload = threading.Event()
-        self.cameras = [Camera(c, self) for c in cams]
+        self.cameras = [Camera(c, self._pipeline(c), cfg.daemon, self.stopping, self.metrics,
+                               self.wake.set) for c in cams]
         self.events_out: queue.Queue = queue.Queue(maxsize=cfg.daemon.event_queue)
         self.started = time.monotonic()
         self.http: ThreadingHTTPServer | None = None
         self.web = None  # uvicorn.Server of the review UI (daemon.web)
-        self._sinks = self._open_sinks()
+        self._snapshots = (SnapshotSink(snaps.dir, snaps.retention_days) if snaps.dir
+                           else None)
+        self._routes = self._open_sinks()
+        self._sinks = {r.name: r.sink for r in self._routes}
         self._sink_failures: dict[str, tuple[float, str]] = {}  # sink -> (monotonic, reason)
         self._failures_lock = threading.Lock()
         self.web_auth = self._web_auth() if cfg.daemon.web else None
@@ -444,27 +472,48 @@ class Daemon:
     def matcher(self):
         return self._matcher()
 
+    def _pipeline(self, cc: CameraConfig) -> FacePipeline:
+        """A camera's pipeline: the shared detector, embedder, matcher and embedding batch,
+        with the camera's own settings."""
+        cfg = self.cfg
+        if cc.detect_every_n is not None:
+            cfg = cfg.model_copy(update={"detector": cfg.detector.model_copy(
+                update={"every_n_frames": cc.detect_every_n})})
+        return FacePipeline(cc.name, cfg, self.detector, self.embedder, self.matcher,
+                            StageTimes(), self.embed_batch, settings=cc)
+
     # --- sinks ---------------------------------------------------------------------------
-    def _open_sinks(self) -> dict[str, Sink]:
-        d, sinks = self.cfg.daemon, {}
-        if self.cfg.output.events_sqlite:
-            sinks["sqlite"] = GallerySink(self.gallery.event_store,
-                                          crops=self.cfg.output.event_crops)
+    def _open_sinks(self) -> list[_Route]:
+        """The sinks in the order they are written: snapshots first (a message's snapshot
+        exists when it arrives), the gallery last (its commits are batched)."""
+        d, routes = self.cfg.daemon, []
+        if self._snapshots is not None:  # both messages of a track name the same file
+            routes.append(_Route("snapshots", self._snapshots, EVENT_TYPES))
+        gallery = None
+        if self.cfg.output.events_sqlite:  # one record per track
+            gallery = _Route("sqlite", GallerySink(self.gallery.event_store,
+                                                   crops=self.cfg.output.event_crops),
+                             ("end",), d.sqlite_commit_s)
         jsonl = d.jsonl.path or self.cfg.output.events_jsonl
-        if jsonl:
-            sinks["jsonl"] = RotatingJsonlSink(jsonl, int(d.jsonl.max_mb * 1e6), d.jsonl.backups)
-        if d.mqtt:
-            sinks["mqtt"] = MqttSink(
+        if jsonl:  # one record per track
+            routes.append(_Route("jsonl", RotatingJsonlSink(jsonl, int(d.jsonl.max_mb * 1e6),
+                                                            d.jsonl.backups), ("end",)))
+        if d.mqtt:  # every message
+            routes.append(_Route("mqtt", MqttSink(
                 d.mqtt, cameras=[c.name for c in self.cameras],
                 identities=lambda: [i.name for i in self.gallery.identities()],
-                count=self._counter("mqtt"), close_timeout=d.shutdown_timeout_s / 2)
-        if d.webhook:
+                count=self._counter("mqtt"), close_timeout=d.shutdown_timeout_s / 2),
+                EVENT_TYPES))
+        if d.webhook:  # the types it is configured for
             w = d.webhook
-            sinks["webhook"] = WebhookSink(
+            routes.append(_Route("webhook", WebhookSink(
                 w.url, w.timeout_s, secret=w.secret.get_secret_value() if w.secret else None,
                 queue=w.queue, retry_initial_s=w.retry_initial_s, retry_max_s=w.retry_max_s,
-                count=self._counter("webhook"), close_timeout=d.shutdown_timeout_s / 2)
-        return sinks
+                count=self._counter("webhook"), close_timeout=d.shutdown_timeout_s / 2),
+                tuple(w.types)))
+        if gallery is not None:
+            routes.append(gallery)
+        return routes
 
     def _counter(self, sink: str) -> Callable[[str, int], None]:
         def count(kind: str, n: int) -> None:
@@ -479,27 +528,16 @@ class Daemon:
         with self._failures_lock:
             self._sink_failures[sink] = (time.monotonic(), reason)
 
-    def _wants(self, sink: str, ev: Event) -> bool:
-        """SQLite and JSONL keep one record per track (`end`); MQTT gets every message, the
-        webhook the types it is configured for."""
-        if sink == "webhook":
-            return ev.type in self.cfg.daemon.webhook.types
-        return sink == "mqtt" or ev.type == "end"
-
     def _emit(self, cam: Camera, events: list[Event]) -> None:
-        snaps = self.cfg.daemon.snapshots.dir
+        """Queue a camera's events for the sink thread. With snapshots on, an event whose
+        track has a best-face picture names its snapshot file and carries the picture."""
         for ev in events:
-            if ev.type == "end":
-                cam.events += 1
-                cam.last_event = time.time()
-                self.metrics.events.labels(cam.name).inc()
-            else:
-                self.metrics.recognized.labels(cam.name).inc()
-            crop = cam.snapshot(ev) if snaps else None
+            crop = cam.snapshot(ev) if self._snapshots is not None else None
             if crop is not None:  # both messages of a track name the same file
-                ev = dataclasses.replace(ev, snapshot=str(Path(snaps) / ev.camera / f"{ev.id}.jpg"))
+                ev = dataclasses.replace(ev, snapshot=self._snapshots.path(ev),
+                                         snapshot_image=crop)
             try:
-                self.events_out.put_nowait((ev, crop))
+                self.events_out.put_nowait(ev)
                 at = cam.arrival(ev.end)
                 if at is not None and ev.type == "end":
                     self.metrics.event_latency.labels(cam.name).observe(time.monotonic() - at)
@@ -508,12 +546,13 @@ class Daemon:
                 log.error("sink queue full: event %s/%d dropped", ev.camera, ev.track_id)
 
     def _sink_loop(self) -> None:
-        d = self.cfg.daemon
-        pending_db: list[Event] = []
-        last_commit = time.monotonic()
+        """Hand each sink the events of the types it takes, in the sinks' order; a sink that
+        batches (`_Route.every_s`) gets its events when the time is up, and at shutdown."""
+        for r in self._routes:
+            r.last = time.monotonic()
         done = False
         while not done:
-            batch = []
+            batch: list[Event] = []
             try:
                 item = self.events_out.get(timeout=0.2)
                 while True:
@@ -524,64 +563,24 @@ class Daemon:
                     item = self.events_out.get_nowait()
             except queue.Empty:
                 pass
-            for ev, crop in batch:
-                if crop is not None and ev.snapshot:
-                    self._snapshot(ev, crop)
-            for name, sink in self._sinks.items():
-                events = [ev for ev, _ in batch if self._wants(name, ev)]
-                if name == "sqlite" or not events:
-                    continue
-                self._write(name, sink, events)
-            if "sqlite" in self._sinks:
-                pending_db.extend(ev for ev, _ in batch if ev.type == "end")
-                if pending_db and (done or time.monotonic() - last_commit >= d.sqlite_commit_s):
-                    self._write("sqlite", self._sinks["sqlite"], pending_db)
-                    pending_db, last_commit = [], time.monotonic()
-        for name, sink in self._sinks.items():
+            for r in self._routes:
+                r.pending.extend(ev for ev in batch if ev.type in r.types)
+                if r.pending and (done or time.monotonic() - r.last >= r.every_s):
+                    self._write(r.name, r.sink, r.pending)
+                    r.pending, r.last = [], time.monotonic()
+        for r in self._routes:
             try:
-                sink.close()
+                r.sink.close()
             except SinkError as exc:
-                log.error("closing %s sink: %s", name, exc)
+                log.error("closing %s sink: %s", r.name, exc)
 
     def _write(self, name: str, sink: Sink, events: list[Event]) -> None:
         try:
             sink.write(events)
         except SinkError as exc:
             self._sink_failed(name, str(exc))
-            log.error("%s sink: %s (%d event(s) lost)", name, exc, len(events))
-
-    def _snapshot(self, ev: Event, crop: np.ndarray) -> None:
-        """Write the event's best face JPEG to `ev.snapshot`: private (0600) and atomic."""
-        path = Path(ev.snapshot)
-        try:
-            path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # private
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            ok, data = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
-            if not ok:
-                raise OSError("JPEG encoding failed")
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".snap-", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as fh:  # mkstemp creates it with mode 0600
-                    fh.write(data.tobytes())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        except OSError as exc:
-            self._sink_failed("snapshots", f"{ev.id}: {exc.strerror or exc}")
-            log.error("snapshot for %s/%d: %s", ev.camera, ev.track_id, exc)
-
-    def _purge_snapshots(self) -> None:
-        s = self.cfg.daemon.snapshots
-        if not s.dir or not Path(s.dir).is_dir():
-            return
-        cutoff = time.time() - s.retention_days * 86400
-        for p in Path(s.dir).glob("*/*.jpg"):
-            try:
-                if p.stat().st_mtime < cutoff:
-                    p.unlink()
-            except OSError:
-                pass
+            log.error("%s sink: %s (%d event(s) lost)", name, exc,
+                      len(events) if exc.lost is None else exc.lost)
 
     # --- worker --------------------------------------------------------------------------
     def _work(self) -> None:
@@ -597,7 +596,7 @@ class Daemon:
                     continue
                 busy = True
                 if item is _RECONNECT:
-                    self._emit(cam, cam.pipeline.flush())
+                    self._emit(cam, cam.flush())
                 else:
                     self._emit(cam, cam.process(*item))
                 if self.stopping.is_set():
@@ -627,9 +626,9 @@ class Daemon:
             if now >= next_stats:
                 next_stats = now + interval
                 log.info("stats %s", self.stats_line())
-            if now >= next_purge:
+            if now >= next_purge and self._snapshots is not None:
                 next_purge = now + 3600
-                self._purge_snapshots()
+                self._snapshots.purge()
 
     def stats_line(self) -> str:
         parts = []
@@ -764,7 +763,7 @@ class Daemon:
         for cam in self.cameras:
             cam.thread.start()
         log.info("daemon running: %d camera(s): %s", len(self.cameras),
-                 ", ".join(f"{c.name}={_redact(c.cc.uri)}" for c in self.cameras))
+                 ", ".join(f"{c.name}={redact_uri(c.cc.uri)}" for c in self.cameras))
         while not self.stopping.wait(0.5):
             pass
         return self.shutdown(worker, sink_thread)
@@ -780,7 +779,7 @@ class Daemon:
             log.error("worker did not stop in time; open tracks are lost")
         else:
             for cam in self.cameras:  # frames still queued are dropped; open tracks end now
-                self._emit(cam, cam.pipeline.flush())
+                self._emit(cam, cam.flush())
         try:
             self.events_out.put(None, timeout=max(0.1, deadline - time.monotonic()))
         except queue.Full:

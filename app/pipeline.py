@@ -107,6 +107,8 @@ class FrameResult:
     events: list[Event]  # `recognized` alerts and `end` events (Event.type)
     # open tracks where the detector did not run on this frame: their predicted boxes
     predicted: list[TrackedFace] = field(default_factory=list)
+    # faces of this frame that are now their track's best face (app.aggregate.better)
+    best: list[TrackedFace] = field(default_factory=list)
 
 
 @dataclass
@@ -197,6 +199,7 @@ class FacePipeline:
             ended = self.tracker.finish_all() if cut else []
             faces, finished = self.tracker.update(frame.index, frame.pts, dets)
             finished = ended + finished
+        best = []
         with self.times("align"):
             for f in faces:
                 self._follow(f, wall)
@@ -212,12 +215,14 @@ class FacePipeline:
                 )
                 if self.aggregator.observe(aligned):
                     self.batch.add(self, aligned)
+                if self.aggregator.is_best(aligned):
+                    best.append(f)
         oldest = self.batch.oldest(self)
         waited = oldest is not None and frame.pts - oldest >= self.cfg.embed.max_wait_s
         if len(self.batch) >= self.embedder.batch_size or finished or waited:
             self.batch.run(self.times)
         events = self._take_alerts() + self._finish(finished)
-        return FrameResult(faces, self._labels(faces), events)
+        return FrameResult(faces, self._labels(faces), events, best=best)
 
     def _wanted(self, d: Detection) -> bool:
         """Detections outside the camera's masks and at least `min_face` wide."""

@@ -91,9 +91,8 @@ class TrackSummary:
     frames: int  # frames in which the track was observed
     embedded: int  # crops embedded for this track
     template: np.ndarray | None = field(repr=False)  # float32[D] L2-normalised, None if no crop
-    best_bbox: np.ndarray | None  # float32[4] of the best-quality crop
+    best_bbox: np.ndarray | None  # float32[4] of the best face (app.aggregate.better)
     best_quality: float
-    best_crop: np.ndarray | None = field(default=None, repr=False)  # uint8[112,112,3] BGR
     # the track's best aligned crops, best first: (quality score, uint8[112,112,3] BGR)
     crops: tuple[tuple[float, np.ndarray], ...] = field(default=(), repr=False)
 
@@ -145,6 +144,9 @@ class Event:
     # the event in the gallery (output.event_crops) so a person can be enrolled from a track.
     # Not part of the JSON record.
     crops: tuple[tuple[float, np.ndarray], ...] = field(default=(), repr=False, compare=False)
+    # the picture `SnapshotSink` writes to `snapshot`: uint8[H, W, 3] BGR, the track's best face
+    # so far with a margin, cut from its frame. Not part of the JSON record.
+    snapshot_image: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
         """The JSON record (docs/events.md): the DESIGN.md keys, then the extensions."""

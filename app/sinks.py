@@ -1,4 +1,5 @@
-"""Event sinks: where finished-track events go (JSONL file, gallery events table)."""
+"""Event sinks: where events go (snapshot JPEGs, JSONL file, gallery events table, webhook;
+MQTT in app.mqtt)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+import cv2
+
+from app.fsutil import atomic_write
 from app.gallery import EventStore, GalleryError
 from app.records import Event
 
@@ -24,7 +29,12 @@ Count = Callable[[str, int], None]
 
 
 class SinkError(Exception):
-    """A sink could not store events; str() is a single line."""
+    """A sink could not store events; str() is a single line. `lost`: how many of the events
+    it was given are lost (None: all of them)."""
+
+    def __init__(self, message: str, lost: int | None = None) -> None:
+        super().__init__(message)
+        self.lost = lost
 
 
 class Sink(Protocol):
@@ -96,6 +106,66 @@ class JsonlSink:
             os.close(fd)
         except OSError as exc:
             raise SinkError(f"cannot close events file {self.path}: {_reason(exc)}") from exc
+
+
+class SnapshotSink:
+    """Writes each event's best-face picture (`Event.snapshot_image`) to its `Event.snapshot`
+    path (`path`: <dir>/<camera>/<event id>.jpg), privately (directories 0700, files 0600)
+    and atomically (a random temporary renamed over the file).
+
+    Both messages of a track name the same file: the `end` event's picture (the track's best
+    face) replaces the `recognized` one's. Written before the sinks that send the event, the
+    file exists when the message arrives. `purge` deletes snapshots older than
+    `retention_days`. A failed picture does not stop the others: `write` raises one SinkError
+    for the batch, with the count lost.
+    """
+
+    def __init__(self, directory: str | Path, retention_days: float) -> None:
+        self.dir, self.retention_days = Path(directory), retention_days
+
+    def path(self, ev: Event) -> str:
+        """Where the snapshot of `ev` (and of every message of its track) goes."""
+        return str(self.dir / ev.camera / f"{ev.id}.jpg")
+
+    def write(self, events: list[Event]) -> None:
+        failed = []
+        for ev in events:
+            if ev.snapshot and ev.snapshot_image is not None:
+                try:
+                    self._write(Path(ev.snapshot), ev.snapshot_image)
+                except OSError as exc:
+                    failed.append(f"{ev.id}: {exc.strerror or exc}")
+        if failed:
+            more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            raise SinkError(failed[0] + more, lost=len(failed))
+
+    @staticmethod
+    def _write(path: Path, image) -> None:  # noqa: ANN001 (uint8[H, W, 3] BGR)
+        ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        if not ok:
+            raise OSError("JPEG encoding failed")
+        path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # private
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        with atomic_write(path) as fh:  # mode 0600
+            fh.write(data.tobytes())
+
+    def purge(self, now: float | None = None) -> int:
+        """Delete the snapshots older than `retention_days`; how many were deleted."""
+        if not self.dir.is_dir():
+            return 0
+        cutoff = (time.time() if now is None else now) - self.retention_days * 86400
+        deleted = 0
+        for p in self.dir.glob("*/*.jpg"):
+            try:
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    deleted += 1
+            except OSError:
+                pass
+        return deleted
+
+    def close(self) -> None:
+        """Nothing to release: each picture is written whole by `write`."""
 
 
 class GallerySink:

@@ -60,7 +60,7 @@ class SourceError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
-def _init_gst() -> None:
+def init_gstreamer() -> None:
     """Initialise GStreamer once; raise SourceError when the bindings are missing."""
     if Gst is None:
         raise SourceError(
@@ -115,7 +115,7 @@ _SECRET_PARAMS = re.compile(
     r"pass|pwd|secret|sig|signature|credential|credentials|session|sid)$")
 
 
-def _redact(uri: str) -> str:
+def redact_uri(uri: str) -> str:
     """Hide a password embedded in a URI (rtsp://user:pass@host) and credential query
     parameters (?token=...) for messages and logs."""
     try:
@@ -138,7 +138,7 @@ def _resolve(uri: str) -> tuple[str, str, bool]:
     """Return (GStreamer URI, name for messages, is a local file) for a path or URI."""
     if "://" in uri:
         if not uri.startswith("file://"):
-            return uri, _redact(uri), False
+            return uri, redact_uri(uri), False
         path = Path(unquote(urlsplit(uri).path))
         name = str(path)
     else:
@@ -210,7 +210,7 @@ class VideoSource:
 
     def __init__(self, uri: str, camera: str = "file", *, loop: bool = False,
                  timeout: float = 30.0) -> None:
-        _init_gst()
+        init_gstreamer()
         self.camera = camera
         self._uri, self._name, self._is_file = _resolve(uri)
         self._loop = loop
@@ -537,7 +537,7 @@ class VideoWriter:
     """
 
     def __init__(self, path: str | Path, fps: float, size: tuple[int, int]) -> None:
-        _init_gst()
+        init_gstreamer()
         width, height = int(size[0]), int(size[1])
         if width <= 0 or height <= 0:
             raise ValueError(f"video size must be positive, got {size}")

@@ -1,11 +1,12 @@
-"""Track aggregation: selective-embedding policy and the quality-weighted template."""
+"""Track aggregation: selective-embedding policy, the quality-weighted template and the
+best-face rule."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from app.aggregate import EmbedPolicy, TrackAggregator
+from app.aggregate import EmbedPolicy, TrackAggregator, better, face_quality
 from app.records import AlignedFace, FaceEmbedding, Quality
 
 
@@ -111,7 +112,7 @@ def test_track_bookkeeping() -> None:
     assert summary.frames == 5 and summary.embedded == 2
     assert summary.best_quality == pytest.approx(0.8)
     np.testing.assert_array_equal(summary.best_bbox, [1, 1, 40, 40])
-    assert summary.best_crop[0, 0, 0] == 11
+    assert summary.crops[0][1][0, 0, 0] == 11  # the best face (quality 0.8) first
     assert summary.template.shape == (16,)
     assert agg.open_tracks() == [8]
 
@@ -134,3 +135,22 @@ def test_unknown_tracks_and_dim_mismatch() -> None:
     agg.finish(1)
     with pytest.raises(KeyError):
         agg.finish(1)
+
+
+def test_the_best_face_is_the_highest_quality_and_the_earliest_of_equals() -> None:
+    assert better(0.81, 0.8) and not better(0.8, 0.8) and not better(0.79, 0.8)
+    agg = TrackAggregator("gate")
+    qualities = [None, 0.0, 0.5, 0.8, 0.8, 0.3]  # an unscored crop counts as 0
+    now_best = []
+    for i, q in enumerate(qualities):
+        f = face(7, i, q, bbox=(i, 0.0, 40.0 + i, 40.0))
+        assert face_quality(f) == (q or 0.0)
+        agg.observe(f)
+        now_best.append(agg.is_best(f))
+    assert now_best == [True, False, True, True, False, False]
+    summary = agg.finish(7)
+    assert summary.best_quality == pytest.approx(0.8)
+    np.testing.assert_array_equal(summary.best_bbox, [3, 0, 43, 40])  # the first 0.8
+    assert summary.crops[0][1][0, 0, 0] == 3  # the kept crops follow the same rule
+    assert [q for q, _ in summary.crops] == pytest.approx([0.8, 0.8, 0.5, 0.3, 0.0])
+    assert not agg.is_best(face(7, 3, 0.8))  # a finished track has no best face any more

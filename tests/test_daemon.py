@@ -19,14 +19,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
 
-from app.config import AppConfig
+from app.config import AppConfig, CameraConfig
 from app.records import Event
 from app.sinks import RotatingJsonlSink
 from benchmarks.rtsp_camera import RtspCamera, free_port, rtsp_available
 from tests.gallery_helpers import EVENT_KEYS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+WALKING = "intel_face-demographics-walking.mp4"  # 35 frames, people walking towards the camera
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -307,3 +309,90 @@ def test_person_enrolled_while_running_is_matched_without_restart(tmp_path, data
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait(5)
+
+
+def test_a_camera_runs_without_the_daemon(data_dir, no_gallery_key):
+    """A camera gets its pipeline, the settings, a stop event, the metrics and a put callback:
+    it reads a file camera to its end, wakes the worker per item, and counts what it did."""
+    import threading
+
+    import numpy as np
+
+    from app.config import DaemonConfig, load_config
+    from app.daemon import _RECONNECT, Camera, Metrics
+    from app.match import Matcher
+    from app.pipeline import FacePipeline
+    from app.runtime import make_detector, make_embedder
+
+    cfg = load_config()
+    embedder = make_embedder(cfg)
+    nobody = Matcher([], np.zeros((0, embedder.dim), np.float32), 0.5)
+    cc = CameraConfig(name="hall", uri=str(data_dir / "videos" / WALKING))
+    puts = []
+    metrics = Metrics()
+    cam = Camera(cc, FacePipeline("hall", cfg, make_detector(cfg), embedder, lambda: nobody),
+                 DaemonConfig(frame_queue=100), threading.Event(), metrics,
+                 lambda: puts.append(len(cam.queue)))
+    assert not [k for k, v in vars(cam).items() if type(v).__name__ == "Daemon"]
+    cam.thread.start()
+    cam.thread.join(30)
+    assert cam.state == "finished" and cam.error == "end of stream" and cam.reconnects == 0
+    assert len(puts) == 36 and puts[-1] == 36  # 35 frames and the end-of-stream marker
+    events = []
+    while (item := cam.take()) is not None:
+        events += cam.flush() if item is _RECONNECT else cam.process(*item)
+    assert cam.frames == 35 and cam.dropped == 0
+    ends = [e for e in events if e.type == "end"]
+    assert ends and cam.events == len(ends) and cam.last_event is not None
+    text = generate_latest(metrics.registry).decode()
+    assert 'facemoe_frames_total{camera="hall"} 35.0' in text
+    assert f'facemoe_events_total{{camera="hall"}} {len(ends)}.0' in text
+
+
+def test_snapshots_cut_the_best_face_and_every_sink_names_them(tmp_path, data_dir,
+                                                               no_gallery_key):
+    """Snapshots are a sink written first: each end event in the JSONL file and the gallery
+    names its snapshot, a private JPEG of the face at the event's best_bbox (the one
+    best-face rule) with its margin; the gallery's batched commit is flushed at the end."""
+    import stat
+
+    import cv2
+
+    from app.daemon import Daemon
+    from app.source import open_source
+
+    snaps, jsonl = tmp_path / "snaps", tmp_path / "events.jsonl"
+    cfg = AppConfig.model_validate({
+        "gallery": {"path": str(tmp_path / "gallery.db")},
+        "cameras": [{"name": "hall", "uri": str(data_dir / "videos" / WALKING)}],
+        "daemon": {"jsonl": {"path": str(jsonl)}, "snapshots": {"dir": str(snaps)},
+                   "sqlite_commit_s": 3600},
+    })
+    daemon = Daemon(cfg)
+    try:
+        cam = daemon.cameras[0]
+        with open_source(cam.cc.uri) as src:
+            for frame in src:
+                size = frame.size
+                daemon._emit(cam, cam.process(time.monotonic(), frame))
+        daemon._emit(cam, cam.flush())
+        daemon.events_out.put(None)
+        daemon._sink_loop()  # returns after the end marker: every sink written and closed
+        stored = {e.id: e for e in daemon.gallery.events()}
+    finally:
+        daemon.gallery.close()
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert lines and {e["id"] for e in lines} == set(stored)
+    assert stat.S_IMODE(snaps.stat().st_mode) == stat.S_IMODE((snaps / "hall").stat().st_mode)
+    assert stat.S_IMODE((snaps / "hall").stat().st_mode) == 0o700
+    for e in lines:
+        assert e["snapshot"] == str(snaps / "hall" / f"{e['id']}.jpg")
+        assert stored[e["id"]].snapshot == e["snapshot"]
+        path = Path(e["snapshot"])
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        x, y, w, h = e["best_bbox"]
+        x0, y0 = max(0, int(x - 0.2 * w)), max(0, int(y - 0.2 * h))
+        x1, y1 = min(size[0], int(x + 1.2 * w)), min(size[1], int(y + 1.2 * h))
+        assert cv2.imread(str(path)).shape[:2] == (y1 - y0, x1 - x0)
+    assert sorted(p.name for p in (snaps / "hall").iterdir()) == sorted(
+        f"{e['id']}.jpg" for e in lines)

@@ -492,8 +492,9 @@ def test_daemon_refuses_plain_snapshots_of_an_encrypted_gallery(
 
         from tests.gallery_helpers import event
 
-        ev = dataclasses.replace(event(1), snapshot=str(tmp_path / "snaps" / "a" / "x.jpg"))
-        daemon._snapshot(ev, np.zeros((32, 32, 3), np.uint8))
+        ev = dataclasses.replace(event(1), snapshot=str(tmp_path / "snaps" / "a" / "x.jpg"),
+                                 snapshot_image=np.zeros((32, 32, 3), np.uint8))
+        daemon._sinks["snapshots"].write([ev])
     finally:
         daemon.gallery.close()
     assert os.stat(tmp_path / "snaps").st_mode & 0o777 == 0o700
@@ -894,12 +895,12 @@ def test_import_validates_crops_and_fields(tmp_path: Path, data_dir: Path, no_ga
 
 
 def test_token_in_camera_url_is_redacted() -> None:
-    from app.source import _redact
+    from app.source import redact_uri
 
-    assert _redact("rtsp://admin:pw@10.0.0.1:554/live?token=s3cr3t&channel=1") == (
+    assert redact_uri("rtsp://admin:pw@10.0.0.1:554/live?token=s3cr3t&channel=1") == (
         "rtsp://admin:***@10.0.0.1:554/live?token=***&channel=1")
-    assert _redact("http://cam/mjpg?api_key=abc") == "http://cam/mjpg?api_key=***"
-    assert _redact("rtsp://cam/live?channel=1&subtype=0") == "rtsp://cam/live?channel=1&subtype=0"
+    assert redact_uri("http://cam/mjpg?api_key=abc") == "http://cam/mjpg?api_key=***"
+    assert redact_uri("rtsp://cam/live?channel=1&subtype=0") == "rtsp://cam/live?channel=1&subtype=0"
     with pytest.raises(SourceError) as err:
         open_source(f"rtsp://127.0.0.1:{free_port()}/live?token=s3cr3t", timeout=2)
     assert "s3cr3t" not in str(err.value) and "token=***" in str(err.value)
@@ -980,9 +981,9 @@ def test_stalled_http_clients_are_dropped_without_tracebacks(
 def test_gstreamer_criticals_go_through_python_logging(caplog, capfd) -> None:
     import logging
 
-    from app.source import Gst, _init_gst
+    from app.source import Gst, init_gstreamer
 
-    _init_gst()
+    init_gstreamer()
     with caplog.at_level(logging.WARNING, logger="app.source.glib"):
         for _ in range(3):
             Gst.Caps.new_empty().get_structure(0)  # a GStreamer-CRITICAL assertion

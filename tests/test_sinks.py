@@ -1,19 +1,24 @@
-"""Event sinks: JSONL lines with exactly the DESIGN.md keys; gallery events table."""
+"""Event sinks: JSONL lines with exactly the DESIGN.md keys; gallery events table; snapshot
+JPEGs (private, atomic, purged after their retention)."""
 
 from __future__ import annotations
 
 import json
 import os
 import sqlite3
+import stat
+import time
 from dataclasses import replace
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from app.gallery import Gallery
 from app.gallery.db import EVENT_COLUMNS_ADDED
 from app.records import Event
-from app.sinks import GallerySink, JsonlSink, SinkError
+from app.sinks import GallerySink, JsonlSink, SinkError, SnapshotSink
 from tests.gallery_helpers import EVENT_KEYS
 
 
@@ -155,3 +160,66 @@ def test_a_gallery_made_before_the_event_extensions_opens_and_gains_the_columns(
         assert gallery.event_store.stored()[-1].event == new
     with sqlite3.connect(path) as db:
         assert set(EVENT_COLUMNS_ADDED) <= {r[1] for r in db.execute("pragma table_info(events)")}
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture(scope="module")
+def face_photo(data_dir: Path) -> np.ndarray:
+    return cv2.imread(str(data_dir / "videos" / "obama_small.jpg"))
+
+
+def test_snapshot_sink_writes_private_jpegs_and_the_end_replaces_the_alert(
+        tmp_path: Path, face_photo: np.ndarray) -> None:
+    snaps = tmp_path / "snaps"
+    sink = SnapshotSink(snaps, retention_days=7)
+    alert = replace(event(1, None), type="recognized", snapshot=None)
+    path = sink.path(alert)
+    assert path == str(snaps / "door" / f"{alert.id}.jpg")
+    alert = replace(alert, snapshot=path, snapshot_image=face_photo[:40, :30])
+    sink.write([alert])
+    assert cv2.imread(path).shape == (40, 30, 3)
+    assert _mode(snaps) == _mode(snaps / "door") == 0o700 and _mode(Path(path)) == 0o600
+    end = replace(alert, type="end", snapshot_image=face_photo)  # the track's best face
+    no_picture = replace(event(2, None), snapshot=None)
+    sink.write([end, no_picture])
+    sink.close()
+    written = cv2.imread(path)
+    assert written.shape == face_photo.shape
+    assert np.abs(written.astype(int) - face_photo).mean() < 8  # JPEG quality 90
+    assert [p for p in snaps.rglob("*") if p.is_file()] == [Path(path)]  # no temporaries left
+    record = end.to_json()
+    assert record["snapshot"] == path and "snapshot_image" not in record
+
+
+def test_a_failed_snapshot_is_one_error_and_spares_the_others(
+        tmp_path: Path, face_photo: np.ndarray) -> None:
+    snaps = tmp_path / "snaps"
+    snaps.mkdir()
+    (snaps / "door").write_bytes(b"")  # a file where the camera's folder should be
+    sink = SnapshotSink(snaps, retention_days=7)
+    door = replace(event(1, None), snapshot_image=face_photo)
+    hall = replace(event(2, None), camera="hall", snapshot_image=face_photo)
+    door, hall = (replace(ev, snapshot=sink.path(ev)) for ev in (door, hall))
+    with pytest.raises(SinkError) as err:
+        sink.write([door, hall])
+    assert err.value.lost == 1 and str(err.value).startswith(f"{door.id}: ")
+    assert "\n" not in str(err.value)
+    assert Path(hall.snapshot).is_file() and not Path(door.snapshot).exists()
+
+
+def test_snapshots_older_than_the_retention_are_purged(tmp_path: Path,
+                                                       face_photo: np.ndarray) -> None:
+    snaps = tmp_path / "snaps"
+    sink = SnapshotSink(snaps, retention_days=2)
+    assert sink.purge() == 0  # no folder yet
+    old, new = (replace(event(i, None), snapshot_image=face_photo) for i in (1, 2))
+    old, new = (replace(ev, snapshot=sink.path(ev)) for ev in (old, new))
+    sink.write([old, new])
+    three_days_ago = time.time() - 3 * 86400
+    os.utime(old.snapshot, (three_days_ago, three_days_ago))
+    assert sink.purge() == 1
+    assert not Path(old.snapshot).exists() and Path(new.snapshot).is_file()
+    assert sink.purge(now=time.time() + 3 * 86400) == 1 and not Path(new.snapshot).exists()

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from app.source import Gst, SourceError, VideoWriter, _init_gst, _items, _make, open_source
+from app.source import Gst, SourceError, VideoWriter, _items, _make, init_gstreamer, open_source
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_b_frame_h264_starts_at_zero(tmp_path: Path) -> None:
     """x264enc's defaults (B-frames) into mp4mux present the first frame at 2 frames (0.08 s
     at 25 fps); frame times must still be index / fps, or every event is 0.08 s late."""
     path = tmp_path / "bframes.mp4"
-    _init_gst()
+    init_gstreamer()
     pipeline = Gst.parse_launch(
         "videotestsrc num-buffers=12 ! video/x-raw,width=160,height=120,framerate=25/1 "
         f"! x264enc ! mp4mux ! filesink location={path}"
@@ -221,7 +221,7 @@ class _ResyncOnce:
 def test_element_iteration_survives_resync() -> None:
     """decodebin plugging elements while the source checks them made ~1 in 90 opens raise
     IteratorError (GST_ITERATOR_RESYNC): the list is read again from the start instead."""
-    _init_gst()
+    init_gstreamer()
     iterator = _ResyncOnce(["typefind", "qtdemux", "avdec_h264"])
     assert _items(iterator) == ["typefind", "qtdemux", "avdec_h264"]
     assert iterator.resyncs == 1
