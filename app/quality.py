@@ -10,7 +10,7 @@ from app.records import Detection, Quality
 
 IOD_SATURATION = 40.0  # px of inter-ocular distance at which size stops adding quality
 BLUR_SCALE = 50.0  # Laplacian variance scale; sharp 112 px crops score ~100-300, blurred < 20
-# Nose height between the eye line and the mouth line on the ArcFace template (DESIGN.md):
+# Nose height between the eye line and the mouth line on the ArcFace template (ARCFACE_112):
 # (71.7366 - 51.60) / (92.30 - 51.60).
 _NOSE_RATIO = 0.495
 

@@ -116,7 +116,7 @@ def new_event_id() -> str:
 
 @dataclass(frozen=True)
 class Event:
-    """One track, as the sinks see it (DESIGN.md event record, extended).
+    """One track, as the sinks see it (the event record of docs/events.md).
 
     `type` "end" is the record of a finished track (JSONL, SQLite: one per track);
     "recognized" is the early alert sent to MQTT and the webhook while the track is still
@@ -149,7 +149,7 @@ class Event:
     snapshot_image: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
-        """The JSON record (docs/events.md): the DESIGN.md keys, then the extensions."""
+        """The JSON record (docs/events.md): the nine original keys, then the additions."""
         cs = self.candidate_score
         return {
             "camera": self.camera,

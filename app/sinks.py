@@ -50,7 +50,7 @@ def _reason(exc: OSError) -> str:
 
 
 class JsonlSink:
-    """Appends one JSON object per event (DESIGN.md keys), written to the file line by line.
+    """Appends one JSON object per event (docs/events.md), written to the file line by line.
 
     A new file is private (0600: events name people). A line is never left partial: when a
     write fails (disk full), the file is truncated back to its last complete line.

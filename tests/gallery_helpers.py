@@ -7,10 +7,10 @@ import numpy as np
 from app.records import Event
 
 MODEL = ("facemoe-edge", "0.1.0")
-# the keys of a JSON event record (DESIGN.md), no more and no fewer
-DESIGN_KEYS = set("camera track_id identity score start end frames best_bbox model".split())
+# the keys of a JSON event record (docs/events.md: the nine original keys), no more and no fewer
+ORIGINAL_KEYS = set("camera track_id identity score start end frames best_bbox model".split())
 # ... and the extensions of docs/events.md
-EVENT_KEYS = DESIGN_KEYS | set("id type time snapshot candidate candidate_score zones".split())
+EVENT_KEYS = ORIGINAL_KEYS | set("id type time snapshot candidate candidate_score zones".split())
 D = 16
 
 

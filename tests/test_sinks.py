@@ -1,4 +1,4 @@
-"""Event sinks: JSONL lines with exactly the DESIGN.md keys; gallery events table; snapshot
+"""Event sinks: JSONL lines with exactly the keys of docs/events.md; gallery events table; snapshot
 JPEGs (private, atomic, purged after their retention)."""
 
 from __future__ import annotations

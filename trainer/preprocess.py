@@ -1,4 +1,4 @@
-"""The crop-to-tensor contract (DESIGN.md): BGR uint8 aligned crops -> RGB float32 NCHW."""
+"""The crop-to-tensor contract: BGR uint8 aligned crops -> RGB float32 NCHW."""
 
 from __future__ import annotations
 
