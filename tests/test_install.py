@@ -80,6 +80,13 @@ def _tracked_copy(dest: Path) -> Path:
     return dest
 
 
+def _call(args, **kwargs) -> str:
+    """Run a command; its stdout, or a failure that shows the end of its stderr."""
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, **kwargs)
+    assert done.returncode == 0, f"{args[:3]}...: {done.stderr[-2000:]}"
+    return done.stdout
+
+
 @pytest.mark.slow
 def test_wheel_install_finds_config_model_and_detector(tmp_path: Path, shared_dir: Path,
                                                        data_dir: Path) -> None:
@@ -88,9 +95,8 @@ def test_wheel_install_finds_config_model_and_detector(tmp_path: Path, shared_di
     photo = data_dir / "deepface_pairs"
     src = _tracked_copy(tmp_path / "src")
     env = {**os.environ, "FACEMOE_SHARED": str(shared_dir)}  # the build takes YuNet from there
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
-                   env=env, check=True, capture_output=True, timeout=300)
+    _call([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+           "-w", str(tmp_path / "dist"), str(src)], env=env)
     (wheel,) = (tmp_path / "dist").glob("facemoe_edge-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for need in ("app/_shipped/configs/app.yaml", f"app/_shipped/{DEFAULT_MODEL}/manifest.json",
@@ -104,9 +110,8 @@ def test_wheel_install_finds_config_model_and_detector(tmp_path: Path, shared_di
     assert not any(n.endswith("model.onnx") for n in names)  # derived on first use
 
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
-                    "--target", str(site), str(wheel)], check=True, capture_output=True,
-                   timeout=300)
+    _call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
+           "--target", str(site), str(wheel)])
     run_dir, home = tmp_path / "elsewhere", tmp_path / "home"
     run_dir.mkdir()
     env = {k: v for k, v in os.environ.items()
@@ -114,10 +119,7 @@ def test_wheel_install_finds_config_model_and_detector(tmp_path: Path, shared_di
     env |= {"PYTHONPATH": str(site), "XDG_DATA_HOME": str(home)}
 
     def run(*args: str) -> str:
-        done = subprocess.run(args, cwd=run_dir, env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout
+        return _call(args, cwd=run_dir, env=env)
 
     shown = json.loads(run(sys.executable, "-c", (
         "import json, app; from app import paths; from app.config import load_config;"
