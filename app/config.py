@@ -1,7 +1,8 @@
 """The app's one config object (pydantic, unknown keys refused), the only YAML reader of the app.
 
-Relative paths in the file are resolved against the repository root, so the shipped
-configs/app.yaml works from any working directory.
+Relative paths in the file are resolved by app.paths (the FaceMoE home, then the shipped files;
+in a source checkout both are the checkout), so the shipped configs/app.yaml works from any
+working directory and from a wheel.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from pydantic import (
     model_validator,
 )
 
+from app import paths
 from trainer.config import ConfigError  # re-exported
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "app.yaml"
+DEFAULT_CONFIG = paths.default_config()  # as at import; load_config() looks again each call
 
 
 class _Strict(BaseModel):
@@ -526,8 +527,7 @@ class AppConfig(_Strict):
 
 
 def resolve(path: str) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else REPO_ROOT / p
+    return paths.resolve(path)
 
 
 def _lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
@@ -558,7 +558,7 @@ def _locate(lines: dict[tuple, int], loc: tuple) -> tuple[str, int | None]:
 def load_config(path: str | Path | None = None) -> AppConfig:
     """Read and validate the app config; every problem is in one one-line ConfigError that
     lists all errors, each with its YAML path and line."""
-    path = Path(path) if path else DEFAULT_CONFIG
+    path = Path(path) if path else paths.default_config()
     if not path.is_file():
         raise ConfigError(f"no such config file: {path}" if not path.is_dir()
                           else f"config {path} is a directory")

@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from app import paths
 from app.records import Detection
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,9 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 def find_detector_model(explicit: str | Path | None = None) -> Path:
     """Locate the YuNet ONNX file.
 
-    Order: `explicit`, env FACEMOE_DETECTOR, <repo>/models/detector/<file>, then
-    <shared>/models/<file> where <shared> is env FACEMOE_SHARED or <repo>/../shared.
+    Order: `explicit`, env FACEMOE_DETECTOR, models/detector/<file> (app.paths: the home,
+    then the shipped copy), then <shared>/models/<file> where <shared> is env FACEMOE_SHARED
+    or <repo>/../shared.
     Raises FileNotFoundError (one line, listing the places tried) when none exists.
     """
     if explicit is not None:
@@ -43,7 +45,7 @@ def find_detector_model(explicit: str | Path | None = None) -> Path:
     else:
         shared = Path(os.environ.get("FACEMOE_SHARED") or _REPO_ROOT.parent / "shared")
         candidates = [
-            _REPO_ROOT / "models" / "detector" / DETECTOR_FILE,
+            *paths.candidates(Path("models", "detector", DETECTOR_FILE)),
             shared / "models" / DETECTOR_FILE,
         ]
     for path in candidates:

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from app import detect
+from app import paths
 from app.detect import DETECTOR_FILE, FaceDetector, find_detector_model
 from app.source import open_source
 from app.track import iou_matrix
@@ -93,8 +93,9 @@ def test_find_detector_model(tmp_path: Path, yunet_path: Path, shared_dir: Path,
     assert find_detector_model() == yunet_path
     monkeypatch.delenv("FACEMOE_DETECTOR")
     assert find_detector_model().name == DETECTOR_FILE
-    # Without <repo>/models/detector: the shared folder (FACEMOE_SHARED) is used.
-    monkeypatch.setattr(detect, "_REPO_ROOT", tmp_path)
+    # Without <checkout>/models/detector: the shared folder (FACEMOE_SHARED) is used.
+    monkeypatch.setattr(paths, "CHECKOUT", tmp_path)
+    monkeypatch.delenv("FACEMOE_HOME", raising=False)
     monkeypatch.setenv("FACEMOE_SHARED", str(shared_dir))
     assert find_detector_model() == shared_dir / "models" / DETECTOR_FILE
     monkeypatch.setenv("FACEMOE_SHARED", str(tmp_path / "elsewhere"))
