@@ -296,21 +296,7 @@ def setup(cfg: TrainConfig, resume: bool = False) -> Run:
         holdout.append(val_set)
     before = holdout_report(model, holdout, device) if cfg.model.init_from and rank == 0 else {}
 
-    margin = MarginHead(
-        model.embed_dim, max(len(train_set.label_names), 1), cfg.loss.margin, cfg.loss.s, cfg.loss.m
-    ).to(device)
-    if teacher is not None and not cfg.loss.kd_projection:
-        _centres_from_teacher(margin, train_set.labels, teacher)
-    proj = (
-        nn.Linear(model.embed_dim, teacher.shape[1]).to(device)
-        if teacher is not None and cfg.loss.kd_projection
-        else None
-    )
-    memory = (
-        RelationMemory(cfg.loss.rkd_memory, model.embed_dim, teacher.shape[1], device)
-        if teacher is not None and cfg.loss.rkd_memory > 0 and cfg.loss.w_rkd
-        else None
-    )
+    margin, proj, memory = loss_heads(cfg, model.embed_dim, train_set, teacher, device)
     heads = [margin] + ([proj] if proj is not None else [])
     optim = torch.optim.AdamW(
         _param_groups([model, *heads], cfg.optim.weight_decay), lr=cfg.optim.lr
@@ -423,6 +409,31 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict
         arch = model_config(cfg.model.name, **cfg.model.overrides)
         model = create_model(cfg.model.name, **cfg.model.overrides)
     return model.to(device), arch
+
+
+def loss_heads(
+    cfg: TrainConfig,
+    embed_dim: int,
+    train_set: FaceSet,
+    teacher: np.ndarray | None,
+    device: torch.device,
+) -> tuple[MarginHead, nn.Module | None, RelationMemory | None]:
+    """(margin head, projection to the teacher's space, cross-batch relation memory)."""
+    loss = cfg.loss
+    margin = MarginHead(
+        embed_dim, max(len(train_set.label_names), 1), loss.margin, loss.s, loss.m
+    ).to(device)
+    if teacher is None:
+        return margin, None, None
+    if not loss.kd_projection:
+        _centres_from_teacher(margin, train_set.labels, teacher)
+    proj = nn.Linear(embed_dim, teacher.shape[1]).to(device) if loss.kd_projection else None
+    memory = (
+        RelationMemory(loss.rkd_memory, embed_dim, teacher.shape[1], device)
+        if loss.rkd_memory > 0 and loss.w_rkd
+        else None
+    )
+    return margin, proj, memory
 
 
 @torch.no_grad()
@@ -559,33 +570,12 @@ def train_step(
     """One optimiser step on the inputs `x` of the faces `idx`: (loss, its parts, grad norm)."""
     cfg = run.cfg
     tidx = torch.from_numpy(idx).to(run.device)
-    y = run.labels[tidx]
     _, lr = learning_rate(cfg, run.step, run.steps_per_epoch)
     for g in run.optim.param_groups:
         g["lr"] = lr
     with _autocast(run.device, cfg.run.amp):
         emb = run.net(x)
-    emb = emb.float()
-    parts: dict[str, torch.Tensor] = {}
-    lab = y >= 0
-    if cfg.loss.w_id and lab.any():
-        parts["id"] = cfg.loss.w_id * run.margin(emb[lab], y[lab])
-    if run.teacher is not None:
-        tt = run.teacher[tidx]
-        has = tt.abs().sum(1) > 0
-        if has.sum() > 1:
-            if cfg.loss.w_kd:
-                student = emb[has] if run.proj is None else run.proj(emb[has])
-                parts["kd"] = cfg.loss.w_kd * cosine_distill_loss(student, tt[has])
-            if cfg.loss.w_rkd:
-                parts["rkd"] = cfg.loss.w_rkd * relational_distill_loss(
-                    emb[has], tt[has], run.memory
-                )
-                if run.memory is not None:
-                    run.memory.push(emb[has], tt[has])
-    z, bal = router_losses(run.layers)
-    parts["z"] = cfg.loss.lambda_z * cfg.loss.z_scale * z.to(run.device)
-    parts["balance"] = cfg.loss.lambda_balance * cfg.loss.balance_scale * bal.to(run.device)
+    parts = loss_parts(run, emb.float(), tidx)
     loss = sum(parts.values())
 
     run.optim.zero_grad(set_to_none=True)
@@ -602,6 +592,32 @@ def train_step(
     run.scaler.update()
     run.step += 1
     return loss, parts, grad_norm
+
+
+def loss_parts(run: Run, emb: torch.Tensor, tidx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The weighted loss terms for the embeddings `emb` of the faces `tidx`: margin (labelled
+    faces), distillation (faces with teacher targets), router z-loss and load balance."""
+    loss = run.cfg.loss
+    parts: dict[str, torch.Tensor] = {}
+    y = run.labels[tidx]
+    lab = y >= 0
+    if loss.w_id and lab.any():
+        parts["id"] = loss.w_id * run.margin(emb[lab], y[lab])
+    if run.teacher is not None:
+        tt = run.teacher[tidx]
+        has = tt.abs().sum(1) > 0
+        if has.sum() > 1:
+            if loss.w_kd:
+                student = emb[has] if run.proj is None else run.proj(emb[has])
+                parts["kd"] = loss.w_kd * cosine_distill_loss(student, tt[has])
+            if loss.w_rkd:
+                parts["rkd"] = loss.w_rkd * relational_distill_loss(emb[has], tt[has], run.memory)
+                if run.memory is not None:
+                    run.memory.push(emb[has], tt[has])
+    z, bal = router_losses(run.layers)
+    parts["z"] = loss.lambda_z * loss.z_scale * z.to(run.device)
+    parts["balance"] = loss.lambda_balance * loss.balance_scale * bal.to(run.device)
+    return parts
 
 
 def watch_loss(run: Run, loss: torch.Tensor) -> tuple[int, torch.Tensor]:
