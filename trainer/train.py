@@ -331,7 +331,7 @@ def setup(cfg: TrainConfig, resume: bool = False) -> Run:
     )
     if resume:
         load_checkpoint(run)
-    run.backbone_trainable = backbone_trainable(cfg, run.start_epoch)
+    run.backbone_trainable = trains_backbone(cfg, run.start_epoch)
     _set_trainable(model, run.backbone_trainable)
     if world > 1:
         # DDP broadcasts rank 0's backbone when it is built; the loss heads (seeded per rank)
@@ -468,7 +468,7 @@ def set_stage(run: Run, epoch: int) -> None:
     Under DDP the model is wrapped again when the stage changes: DDP registers the parameters
     that need gradients when it is built.
     """
-    trainable = backbone_trainable(run.cfg, epoch)
+    trainable = trains_backbone(run.cfg, epoch)
     if trainable == run.backbone_trainable:
         return
     _set_trainable(run.model, trainable)
@@ -477,7 +477,8 @@ def set_stage(run: Run, epoch: int) -> None:
         run.net = nn.parallel.DistributedDataParallel(run.model)
 
 
-def backbone_trainable(cfg: TrainConfig, epoch: int) -> bool:
+def trains_backbone(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether epoch `epoch` is in stage 2 (the whole model trains)."""
     return not cfg.optim.freeze_backbone and epoch >= cfg.optim.probe_epochs
 
 
