@@ -8,7 +8,7 @@ import torch
 
 from engine.backends import load_backend
 from engine.export import ensure_onnx
-from tests.conftest import metrics_rows
+from tests.conftest import metrics_rows, tiny_artifact
 from trainer.artifact import load_model, read_manifest
 from trainer.config import ConfigError, load_train_config
 from trainer.preprocess import to_input
@@ -58,6 +58,17 @@ def test_finetune_starts_from_an_artifact(tiny_config, tmp_path):
     ):
         if "running" not in name and "num_batches" not in name:
             torch.testing.assert_close(a, b, msg=name)
+
+
+def test_resume_into_stage_two_unfreezes_the_backbone(tiny_config, tmp_path):
+    """A two-stage fine-tune resumed in stage 2 trains the whole model."""
+    base = tiny_artifact(tmp_path / "base")
+    sets = {"model.init_from": str(base), "optim.probe_epochs": 1, "optim.epochs": 2}
+    run = train(load_train_config(tiny_config, sets))  # a probe epoch, a full one: checkpoint
+    before = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    train(load_train_config(tiny_config, {**sets, "optim.epochs": 3}), resume=True)
+    after = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    assert not torch.equal(after["stem.net.0.0.weight"], before["stem.net.0.0.weight"])
 
 
 def test_config_errors_name_the_yaml_path(tmp_path):

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from trainer.artifact import load_model, save_artifact
 from trainer.augment import degrade, downscale
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 from trainer.data import (
     FaceSet,
     centred_targets,
@@ -66,7 +67,7 @@ def load_training_data(cfg: TrainConfig) -> FaceSet:
     sets += [load_image_folder(f) for f in cfg.data.folders]
     sets += [load_list_file(f) for f in cfg.data.lists]
     if not sets:
-        raise ValueError("config has no training data: set data.pool, data.folders or data.lists")
+        raise ConfigError("config has no training data: set data.pool, data.folders or data.lists")
     data = concat(sets)
     if cfg.data.teacher_onnx:
         # high-resolution teacher targets for every face: degraded student inputs learn from them
@@ -200,51 +201,203 @@ def check_ranks_agree(modules: list[nn.Module], world: int) -> None:
     log.info("parameters identical on all %d ranks", world)
 
 
+class TrainingDiverged(ConfigError):
+    """The loss turned non-finite: one line naming the step, the learning rate that made the
+    update before it and what the run directory keeps; no model is written."""
+
+
+@dataclass
+class Run:
+    """One training run as `setup` leaves it; `step` counts the optimiser steps taken so far."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    rank: int
+    world: int  # processes (torchrun ranks); 1 without torchrun
+    train_set: FaceSet
+    val_set: FaceSet | None  # held-out identities: per-epoch check and threshold
+    holdout: list[FaceSet]  # high-resolution faces for the before/after report
+    before: dict[str, float]  # that report on the starting model (fine-tuning only)
+    model: nn.Module
+    arch: dict[str, Any]  # model.yaml of the artifact
+    net: nn.Module  # the model, wrapped by DDP under torchrun
+    layers: list[nn.Module]  # its MoE layers (router losses, expert usage)
+    margin: MarginHead
+    proj: nn.Module | None  # student -> teacher space (loss.kd_projection)
+    memory: RelationMemory | None
+    teacher: torch.Tensor | None  # per-face targets on the device (zeros: the face has none)
+    teacher_mean: np.ndarray | None  # subtracted from the teacher targets (kd_projection)
+    labels: torch.Tensor
+    optim: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+    backbone_trainable: bool
+    rng: np.random.Generator  # the augmentation's
+    step: int = 0
+    start_epoch: int = 0
+    started: float = 0.0  # time.time() when the run directory was made
+
+    @property
+    def heads(self) -> list[nn.Module]:
+        """The loss heads: trained beside the model, not part of the artifact."""
+        return [self.margin] + ([self.proj] if self.proj is not None else [])
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train per `cfg`; returns the run directory (which holds the exported model/)."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank = 0
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank = dist.get_rank()
-    want = cfg.run.device
-    device = torch.device(
-        "cuda"
-        if want == "auto" and torch.cuda.is_available()
-        else ("cpu" if want == "auto" else want)
-    )
-    if device.type == "cuda" and distributed:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
+    """Train per `cfg`; returns the run directory (which holds the exported model/).
+
+    Bad config or data fails in `setup`, before the run directory is made; a non-finite loss
+    stops the run at its step (TrainingDiverged), before the epoch's checkpoint or any model.
+    """
+    run = setup(cfg, resume)
+    history: list[dict[str, Any]] = []
+    with run_directory(run) as metrics:
+        for epoch in range(run.start_epoch, cfg.optim.epochs):
+            summary, stopped_early = train_epoch(run, epoch, metrics)
+            history.append(summary)
+            if stopped_early:
+                log.warning("stopped after %.1f minutes (run.max_minutes)", cfg.run.max_minutes)
+                break
+    finish(run, history)
+    return run.out
+
+
+# --- setup: everything that can fail on the config or the data; nothing is written ----------
+
+
+def setup(cfg: TrainConfig, resume: bool = False) -> Run:
+    """Process group, device, data, model, loss heads, optimiser and (`resume`) checkpoint."""
+    rank, world = _init_distributed()
+    device = _device(cfg.run.device, world)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed + rank)
-    run_dir = Path(cfg.run.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(
-        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    train_set, val_set = split_validation(
+        load_training_data(cfg), cfg.data.val_identities, cfg.run.seed
     )
-
-    data = load_training_data(cfg)
-    train_set, val_set = split_validation(data, cfg.data.val_identities, cfg.run.seed)
-    teacher = mean = None
-    if train_set.teacher is not None:
-        has_t = ~np.isnan(train_set.teacher).any(1)
-        teacher = np.zeros_like(train_set.teacher)
-        if cfg.loss.kd_projection:
-            teacher[has_t], mean = centred_targets(train_set.teacher[has_t])
-        else:
-            t = train_set.teacher[has_t]
-            teacher[has_t] = t / np.linalg.norm(t, axis=1, keepdims=True)
-    labelled = train_set.labels >= 0
+    steps_per_epoch = _steps_per_epoch(cfg, train_set, val_set, world)
+    teacher, teacher_mean = training_targets(train_set, cfg.loss.kd_projection)
     log.info(
         "training on %d faces (%d labelled, %d with teacher targets), %d held out",
         len(train_set),
-        labelled.sum(),
+        (train_set.labels >= 0).sum(),
         0 if teacher is None else len(teacher),
         0 if val_set is None else len(val_set),
     )
+    model, arch = build_model(cfg, device)
+    if teacher is not None and not cfg.loss.kd_projection and teacher.shape[1] != model.embed_dim:
+        raise ConfigError(
+            f"loss.kd_projection false needs a {teacher.shape[1]}-d student like its teacher; "
+            f"{arch['name']} embeds in {model.embed_dim}"
+        )
+    holdout = [load_image_folder(f) for f in cfg.data.holdout_folders]
+    if val_set is not None:
+        holdout.append(val_set)
+    before = holdout_report(model, holdout, device) if cfg.model.init_from and rank == 0 else {}
 
+    margin, proj, memory = loss_heads(cfg, model.embed_dim, train_set, teacher, device)
+    heads = [margin] + ([proj] if proj is not None else [])
+    optim = torch.optim.AdamW(
+        _param_groups([model, *heads], cfg.optim.weight_decay), lr=cfg.optim.lr
+    )
+    run = Run(
+        cfg=cfg,
+        out=Path(cfg.run.out_dir),
+        device=device,
+        rank=rank,
+        world=world,
+        train_set=train_set,
+        val_set=val_set,
+        holdout=holdout,
+        before=before,
+        model=model,
+        arch=arch,
+        net=model,
+        layers=moe_layers(model),
+        margin=margin,
+        proj=proj,
+        memory=memory,
+        teacher=torch.from_numpy(teacher).to(device) if teacher is not None else None,
+        teacher_mean=teacher_mean,
+        labels=torch.from_numpy(train_set.labels).to(device),
+        optim=optim,
+        scaler=torch.amp.GradScaler(
+            device.type, enabled=cfg.run.amp == "fp16" and device.type == "cuda"
+        ),
+        steps_per_epoch=steps_per_epoch,
+        backbone_trainable=False,  # set below, for the epoch the run starts at
+        rng=np.random.default_rng(cfg.run.seed * 1000 + rank),
+    )
+    if resume:
+        load_checkpoint(run)
+    run.backbone_trainable = trains_backbone(cfg, run.start_epoch)
+    _set_trainable(model, run.backbone_trainable)
+    if world > 1:
+        # DDP broadcasts rank 0's backbone when it is built; the loss heads (seeded per rank)
+        # are broadcast here
+        run.net = nn.parallel.DistributedDataParallel(model)
+        for p in (p for h in run.heads for p in h.parameters()):
+            dist.broadcast(p.data, 0)
+    return run
+
+
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size): a process group under torchrun (WORLD_SIZE > 1), else (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _device(want: str, world: int) -> torch.device:
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(want)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return device
+
+
+def _steps_per_epoch(
+    cfg: TrainConfig, train_set: FaceSet, val_set: FaceSet | None, world: int
+) -> int:
+    """Full batches per epoch on every rank; ConfigError when the faces do not fill one."""
+    need = cfg.optim.batch_size * world
+    if len(train_set) < need:
+        ranks = f" x {world} ranks" if world > 1 else ""
+        held = (
+            f" ({len(val_set)} more held out by data.val_identities {cfg.data.val_identities})"
+            if val_set is not None
+            else ""
+        )
+        raise ConfigError(
+            f"optim.batch_size {cfg.optim.batch_size}{ranks} needs at least {need} training "
+            f"faces for one step; the data has {len(train_set)}{held}"
+        )
+    return len(train_set) // need
+
+
+def training_targets(
+    train_set: FaceSet, kd_projection: bool
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(teacher targets, their mean): re-centred (kd_projection) or unit teacher descriptors;
+    zero rows for faces without one. (None, None) without a teacher."""
+    if train_set.teacher is None:
+        return None, None
+    has_t = ~np.isnan(train_set.teacher).any(1)
+    teacher, mean = np.zeros_like(train_set.teacher), None
+    if kd_projection:
+        teacher[has_t], mean = centred_targets(train_set.teacher[has_t])
+    else:
+        t = train_set.teacher[has_t]
+        teacher[has_t] = t / np.linalg.norm(t, axis=1, keepdims=True)
+    return teacher, mean
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """(model on `device`, its model.yaml): new per model.name, or model.init_from's."""
     if cfg.model.init_from:
         # fine-tuning keeps the starting artifact's architecture (model.yaml), not model.name
         model, _ = load_model(cfg.model.init_from, **cfg.model.overrides)
@@ -255,245 +408,330 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     else:
         arch = model_config(cfg.model.name, **cfg.model.overrides)
         model = create_model(cfg.model.name, **cfg.model.overrides)
-    model.to(device)
-    holdout = [load_image_folder(f) for f in cfg.data.holdout_folders]
-    if val_set is not None:
-        holdout.append(val_set)
-    before = holdout_report(model, holdout, device) if cfg.model.init_from and rank == 0 else {}
-    num_classes = len(train_set.label_names)
+    return model.to(device), arch
+
+
+def loss_heads(
+    cfg: TrainConfig,
+    embed_dim: int,
+    train_set: FaceSet,
+    teacher: np.ndarray | None,
+    device: torch.device,
+) -> tuple[MarginHead, nn.Module | None, RelationMemory | None]:
+    """(margin head, projection to the teacher's space, cross-batch relation memory)."""
+    loss = cfg.loss
     margin = MarginHead(
-        model.embed_dim, max(num_classes, 1), cfg.loss.margin, cfg.loss.s, cfg.loss.m
+        embed_dim, max(len(train_set.label_names), 1), loss.margin, loss.s, loss.m
     ).to(device)
-    if teacher is not None and not cfg.loss.kd_projection and teacher.shape[1] != model.embed_dim:
-        raise ValueError(
-            f"loss.kd_projection false needs a {teacher.shape[1]}-d student like its teacher; "
-            f"{cfg.model.name} embeds in {model.embed_dim}"
-        )
-    if teacher is not None and not cfg.loss.kd_projection:
-        # The student starts in the teacher's space: start each class centre at the class's mean
-        # teacher descriptor, so the margin loss has nothing random to pull the embedding towards.
-        with torch.no_grad():
-            for c in np.unique(train_set.labels[train_set.labels >= 0]):
-                rows = (train_set.labels == c) & (np.abs(teacher).sum(1) > 0)
-                if rows.any():
-                    margin.weight[int(c)] = torch.from_numpy(teacher[rows].mean(0)).to(device)
-    proj = (
-        nn.Linear(model.embed_dim, teacher.shape[1]).to(device)
-        if teacher is not None and cfg.loss.kd_projection
-        else None
-    )
-    heads: list[nn.Module] = [margin] + ([proj] if proj is not None else [])
+    if teacher is None:
+        return margin, None, None
+    if not loss.kd_projection:
+        _centres_from_teacher(margin, train_set.labels, teacher)
+    proj = nn.Linear(embed_dim, teacher.shape[1]).to(device) if loss.kd_projection else None
     memory = (
-        RelationMemory(cfg.loss.rkd_memory, model.embed_dim, teacher.shape[1], device)
-        if teacher is not None and cfg.loss.rkd_memory > 0 and cfg.loss.w_rkd
+        RelationMemory(loss.rkd_memory, embed_dim, teacher.shape[1], device)
+        if loss.rkd_memory > 0 and loss.w_rkd
         else None
     )
+    return margin, proj, memory
 
-    # what stage 1 trains: the model's new parts (an upcycled model's FaceMoE blocks), else heads
+
+@torch.no_grad()
+def _centres_from_teacher(margin: MarginHead, labels: np.ndarray, teacher: np.ndarray) -> None:
+    """The student starts in the teacher's space: each class centre starts at the class's mean
+    teacher descriptor, so the margin loss has nothing random to pull the embedding towards."""
+    for c in np.unique(labels[labels >= 0]):
+        rows = (labels == c) & (np.abs(teacher).sum(1) > 0)
+        if rows.any():
+            margin.weight[int(c)] = torch.from_numpy(teacher[rows].mean(0)).to(margin.weight)
+
+
+def load_checkpoint(run: Run) -> None:
+    """Continue from the run directory's checkpoint.pt, if there is one."""
+    path = run.out / "checkpoint.pt"
+    if not path.is_file():
+        return
+    ck = torch.load(path, map_location=run.device, weights_only=False)
+    run.model.load_state_dict(ck["model"])
+    run.margin.load_state_dict(ck["margin"])
+    if run.proj is not None:
+        run.proj.load_state_dict(ck["proj"])
+    run.optim.load_state_dict(ck["optim"])
+    run.step, run.start_epoch = ck["step"], ck["epoch"]
+    log.info("resumed from %s at epoch %d step %d", path, run.start_epoch, run.step)
+
+
+def set_stage(run: Run, epoch: int) -> None:
+    """Stage 1 (epochs before optim.probe_epochs, or all with optim.freeze_backbone) trains the
+    model's new parts (an upcycled model's FaceMoE blocks, else its head); stage 2 everything.
+
+    Under DDP the model is wrapped again when the stage changes: DDP registers the parameters
+    that need gradients when it is built.
+    """
+    trainable = trains_backbone(run.cfg, epoch)
+    if trainable == run.backbone_trainable:
+        return
+    _set_trainable(run.model, trainable)
+    run.backbone_trainable = trainable
+    if run.world > 1:
+        run.net = nn.parallel.DistributedDataParallel(run.model)
+
+
+def trains_backbone(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether epoch `epoch` is in stage 2 (the whole model trains)."""
+    return not cfg.optim.freeze_backbone and epoch >= cfg.optim.probe_epochs
+
+
+def _set_trainable(model: nn.Module, backbone: bool) -> None:
     in_probe = getattr(model, "probe_trainable", lambda name: name.startswith("head."))
+    for name, p in model.named_parameters():
+        p.requires_grad = backbone or in_probe(name)
 
-    def set_backbone_trainable(trainable: bool) -> None:
-        for name, p in model.named_parameters():
-            p.requires_grad = trainable or in_probe(name)
 
-    set_backbone_trainable(not (cfg.optim.freeze_backbone or cfg.optim.probe_epochs > 0))
-    optim = torch.optim.AdamW(
-        _param_groups([model, *heads], cfg.optim.weight_decay), lr=cfg.optim.lr
+def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> tuple[str, float]:
+    """(config key, learning rate) for optimiser step `step` (from 0): warmup and decay over
+    the probe stage (optim.probe_lr), then over the rest (optim.lr)."""
+    o = cfg.optim
+    probe_steps, total = steps_per_epoch * o.probe_epochs, steps_per_epoch * o.epochs
+    if step < probe_steps:
+        return "optim.probe_lr", o.probe_lr * lr_factor(step, o.warmup_steps, probe_steps, o.power)
+    rest = lr_factor(step - probe_steps, o.warmup_steps, total - probe_steps, o.power)
+    return "optim.lr", o.lr * rest
+
+
+# --- the run directory and one epoch ---------------------------------------------------------
+
+
+@contextmanager
+def run_directory(run: Run) -> Iterator[TextIO | None]:
+    """Make the run directory (rank 0): config.yaml, and metrics.jsonl open for the epochs'
+    rows (None on the other ranks). The clock for run.max_minutes starts here."""
+    run.started = time.time()
+    if run.rank != 0:
+        yield None
+        return
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "config.yaml").write_text(
+        yaml.safe_dump(run.cfg.model_dump(mode="json"), sort_keys=False)
+    )
+    with open(run.out / "metrics.jsonl", "a") as metrics:
+        yield metrics
+
+
+def train_epoch(run: Run, epoch: int, metrics: TextIO | None) -> tuple[dict[str, Any], bool]:
+    """One pass over this rank's share of the training faces, then (rank 0) validation and
+    the checkpoint. Returns (the epoch's summary, whether run.max_minutes stopped it).
+
+    Each step's loss is checked once the next batch is made (so the host does not wait for
+    the device every step) and at the end; a non-finite one raises TrainingDiverged.
+    """
+    cfg, batch = run.cfg, run.cfg.optim.batch_size
+    set_stage(run, epoch)
+    run.model.train()
+    perm = np.random.default_rng(cfg.run.seed + epoch).permutation(len(run.train_set))
+    perm = perm[run.rank :: run.world]
+    bar = tqdm(
+        range(run.steps_per_epoch),
+        desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+        disable=run.rank != 0,
+        unit="step",
+    )
+    stopped_early, last = False, None
+    for i in bar:
+        idx = np.sort(perm[i * batch : (i + 1) * batch])
+        crops = np.stack([degrade(c, cfg.augment, run.rng) for c in run.train_set.crops[idx]])
+        x = torch.from_numpy(model_input(run.model, crops)).to(run.device, non_blocking=True)
+        check_finite(run, last, epoch)
+        loss, parts, grad_norm = train_step(run, x, idx)
+        last = watch_loss(run, loss)
+        if metrics is not None and run.step % cfg.run.log_every == 0:
+            check_finite(run, last, epoch)
+            row = _log_row(run, epoch, loss, parts, grad_norm)
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            bar.set_postfix(loss=f"{row['loss']:.3f}", **{k: f"{row[k]:.3f}" for k in parts})
+        if cfg.run.max_minutes and time.time() - run.started > cfg.run.max_minutes * 60:
+            stopped_early = True
+            break
+    check_finite(run, last, epoch)
+    summary = {"epoch": epoch + 1, "step": run.step, "minutes": (time.time() - run.started) / 60}
+    if metrics is not None:
+        if run.val_set is not None:
+            summary.update(validate(run.model, run.val_set, run.device))
+        metrics.write(json.dumps(summary) + "\n")
+        metrics.flush()
+        log.info("epoch %d: %s", epoch + 1, summary)
+        save_checkpoint(run, epoch if stopped_early else epoch + 1)
+    return summary, stopped_early
+
+
+def train_step(
+    run: Run, x: torch.Tensor, idx: np.ndarray
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """One optimiser step on the inputs `x` of the faces `idx`: (loss, its parts, grad norm)."""
+    cfg = run.cfg
+    tidx = torch.from_numpy(idx).to(run.device)
+    _, lr = learning_rate(cfg, run.step, run.steps_per_epoch)
+    for g in run.optim.param_groups:
+        g["lr"] = lr
+    with _autocast(run.device, cfg.run.amp):
+        emb = run.net(x)
+    parts = loss_parts(run, emb.float(), tidx)
+    loss = sum(parts.values())
+
+    run.optim.zero_grad(set_to_none=True)
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (scaler off)
+    run.scaler.scale(loss).backward()
+    if run.world > 1:
+        sync_head_grads(run.heads, run.world)
+    run.scaler.unscale_(run.optim)
+    grad_norm = nn.utils.clip_grad_norm_(
+        [p for g in run.optim.param_groups for p in g["params"] if p.grad is not None],
+        cfg.optim.clip_grad,
+    )
+    run.scaler.step(run.optim)
+    run.scaler.update()
+    run.step += 1
+    return loss, parts, grad_norm
+
+
+def loss_parts(run: Run, emb: torch.Tensor, tidx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The weighted loss terms for the embeddings `emb` of the faces `tidx`: margin (labelled
+    faces), distillation (faces with teacher targets), router z-loss and load balance."""
+    loss = run.cfg.loss
+    parts: dict[str, torch.Tensor] = {}
+    y = run.labels[tidx]
+    lab = y >= 0
+    if loss.w_id and lab.any():
+        parts["id"] = loss.w_id * run.margin(emb[lab], y[lab])
+    if run.teacher is not None:
+        tt = run.teacher[tidx]
+        has = tt.abs().sum(1) > 0
+        if has.sum() > 1:
+            if loss.w_kd:
+                student = emb[has] if run.proj is None else run.proj(emb[has])
+                parts["kd"] = loss.w_kd * cosine_distill_loss(student, tt[has])
+            if loss.w_rkd:
+                parts["rkd"] = loss.w_rkd * relational_distill_loss(emb[has], tt[has], run.memory)
+                if run.memory is not None:
+                    run.memory.push(emb[has], tt[has])
+    z, bal = router_losses(run.layers)
+    parts["z"] = loss.lambda_z * loss.z_scale * z.to(run.device)
+    parts["balance"] = loss.lambda_balance * loss.balance_scale * bal.to(run.device)
+    return parts
+
+
+def watch_loss(run: Run, loss: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(this step, its loss summed over the ranks): every rank stops at the same step."""
+    total = loss.detach().clone()
+    if run.world > 1:
+        dist.all_reduce(total)
+    return run.step, total
+
+
+def check_finite(run: Run, last: tuple[int, torch.Tensor] | None, epoch: int) -> None:
+    """TrainingDiverged when the watched loss of step `last` is NaN or infinite."""
+    if last is None or torch.isfinite(last[1]).item():
+        return
+    step, loss = last
+    if step == 1:
+        cause = "before any update: check the data and the starting model"
+    else:
+        key, lr = learning_rate(run.cfg, step - 2, run.steps_per_epoch)
+        cause = f"after an update at learning rate {lr:g}: lower {key}"
+    kept = sorted(p.name for p in run.out.iterdir()) if run.out.is_dir() else []
+    raise TrainingDiverged(
+        f"training diverged: the loss is {loss.item()} at step {step} "
+        f"(epoch {epoch + 1}/{run.cfg.optim.epochs}) {cause}; no model written "
+        f"({run.out} keeps {', '.join(kept) or 'nothing'})"
     )
 
-    world = dist.get_world_size() if distributed else 1
-    steps_per_epoch = len(train_set) // (cfg.optim.batch_size * world)
-    total = steps_per_epoch * cfg.optim.epochs
-    step, start_epoch = 0, 0
-    ckpt_path = run_dir / "checkpoint.pt"
-    if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        margin.load_state_dict(ck["margin"])
-        if proj is not None:
-            proj.load_state_dict(ck["proj"])
-        optim.load_state_dict(ck["optim"])
-        step, start_epoch = ck["step"], ck["epoch"]
-        log.info("resumed from %s at epoch %d step %d", ckpt_path, start_epoch, step)
-    # DDP registers the parameters that need gradients when it is built: rebuilt for stage 2.
-    # It broadcasts rank 0's backbone; the loss heads (seeded per rank) are broadcast here.
-    net = nn.parallel.DistributedDataParallel(model) if distributed else model
-    if distributed:
-        for p in (p for h in heads for p in h.parameters()):
-            dist.broadcast(p.data, 0)
-    layers = moe_layers(model)
-    rng = np.random.default_rng(cfg.run.seed * 1000 + rank)
-    t_teacher = torch.from_numpy(teacher).to(device) if teacher is not None else None
-    labels_all = torch.from_numpy(train_set.labels).to(device)
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
-    started = time.time()
-    stopped_early = False
-    history: list[dict[str, Any]] = []
 
-    fp16 = cfg.run.amp == "fp16" and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    probe_steps = steps_per_epoch * cfg.optim.probe_epochs
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        if (
-            cfg.optim.probe_epochs
-            and epoch == cfg.optim.probe_epochs
-            and not cfg.optim.freeze_backbone
-        ):
-            set_backbone_trainable(True)  # stage 2: full fine-tune
-            if distributed:
-                net = nn.parallel.DistributedDataParallel(model)
-        model.train()
-        perm = np.random.default_rng(cfg.run.seed + epoch).permutation(len(train_set))
-        perm = perm[rank::world]
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
-            disable=rank != 0,
-            unit="step",
-        )
-        for i in bar:
-            idx = np.sort(perm[i * cfg.optim.batch_size : (i + 1) * cfg.optim.batch_size])
-            crops = np.stack([degrade(c, cfg.augment, rng) for c in train_set.crops[idx]])
-            x = torch.from_numpy(model_input(model, crops)).to(device, non_blocking=True)
-            tidx = torch.from_numpy(idx).to(device)
-            y = labels_all[tidx]
-            for g in optim.param_groups:
-                if step < probe_steps:  # stage 1 (linear probe): its own schedule
-                    g["lr"] = cfg.optim.probe_lr * lr_factor(
-                        step, cfg.optim.warmup_steps, probe_steps, cfg.optim.power
-                    )
-                else:
-                    g["lr"] = cfg.optim.lr * lr_factor(
-                        step - probe_steps,
-                        cfg.optim.warmup_steps,
-                        total - probe_steps,
-                        cfg.optim.power,
-                    )
+def _log_row(
+    run: Run, epoch: int, loss: torch.Tensor, parts: dict[str, torch.Tensor], grad_norm
+) -> dict[str, Any]:
+    # .item() is a device sync: only on logging steps.
+    row = {
+        "step": run.step,
+        "epoch": epoch,
+        "lr": run.optim.param_groups[0]["lr"],
+        "loss": loss.item(),
+        "grad_norm": float(grad_norm),
+        **{k: v.item() for k, v in parts.items()},
+    }
+    if run.layers and run.layers[0].num_experts > 1:
+        row["expert_usage"] = expert_usage(run.layers).mean(0).round(decimals=3).tolist()
+    return row
 
-            with _autocast(device, cfg.run.amp):
-                emb = net(x)
-            emb = emb.float()
-            parts: dict[str, torch.Tensor] = {}
-            lab = y >= 0
-            if cfg.loss.w_id and lab.any():
-                parts["id"] = cfg.loss.w_id * margin(emb[lab], y[lab])
-            if t_teacher is not None:
-                tt = t_teacher[tidx]
-                has = tt.abs().sum(1) > 0
-                if has.sum() > 1:
-                    if cfg.loss.w_kd:
-                        student = emb[has] if proj is None else proj(emb[has])
-                        parts["kd"] = cfg.loss.w_kd * cosine_distill_loss(student, tt[has])
-                    if cfg.loss.w_rkd:
-                        parts["rkd"] = cfg.loss.w_rkd * relational_distill_loss(
-                            emb[has], tt[has], memory
-                        )
-                        if memory is not None:
-                            memory.push(emb[has], tt[has])
-            z, bal = router_losses(layers)
-            parts["z"] = cfg.loss.lambda_z * cfg.loss.z_scale * z.to(device)
-            parts["balance"] = cfg.loss.lambda_balance * cfg.loss.balance_scale * bal.to(device)
-            loss = sum(parts.values())
 
-            optim.zero_grad(set_to_none=True)
-            # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (scaler off)
-            scaler.scale(loss).backward()
-            if distributed:
-                sync_head_grads(heads, world)
-            scaler.unscale_(optim)
-            grad_norm = nn.utils.clip_grad_norm_(
-                [p for g in optim.param_groups for p in g["params"] if p.grad is not None],
-                cfg.optim.clip_grad,
-            )
-            scaler.step(optim)
-            scaler.update()
-            step += 1
+def save_checkpoint(run: Run, epochs_done: int) -> None:
+    """checkpoint.pt: what --resume continues from (written whole, then renamed over)."""
+    state = {
+        "model": run.model.state_dict(),
+        "margin": run.margin.state_dict(),
+        "proj": run.proj.state_dict() if run.proj is not None else None,
+        "optim": run.optim.state_dict(),
+        "step": run.step,
+        "epoch": epochs_done,
+        "arch": run.arch,
+        "config": run.cfg.model_dump(mode="json"),
+        "teacher_mean": run.teacher_mean,
+    }
+    path = run.out / "checkpoint.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
-            if rank == 0 and step % cfg.run.log_every == 0:
-                # .item() is a device sync: only on logging steps.
-                row = {
-                    "step": step,
-                    "epoch": epoch,
-                    "lr": optim.param_groups[0]["lr"],
-                    "loss": loss.item(),
-                    "grad_norm": float(grad_norm),
-                    **{k: v.item() for k, v in parts.items()},
-                }
-                if layers and layers[0].num_experts > 1:
-                    row["expert_usage"] = expert_usage(layers).mean(0).round(decimals=3).tolist()
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-                bar.set_postfix(loss=f"{row['loss']:.3f}", **{k: f"{row[k]:.3f}" for k in parts})
-            if cfg.run.max_minutes and time.time() - started > cfg.run.max_minutes * 60:
-                stopped_early = True
-                break
 
-        if rank == 0:
-            summary = {"epoch": epoch + 1, "step": step, "minutes": (time.time() - started) / 60}
-            if val_set is not None:
-                summary.update(validate(model, val_set, device))
-            history.append(summary)
-            metrics_file.write(json.dumps(summary) + "\n")
-            metrics_file.flush()
-            log.info("epoch %d: %s", epoch + 1, summary)
-            state = {
-                "model": model.state_dict(),
-                "margin": margin.state_dict(),
-                "proj": proj.state_dict() if proj is not None else None,
-                "optim": optim.state_dict(),
-                "step": step,
-                "epoch": epoch + 1 if not stopped_early else epoch,
-                "arch": arch,
-                "config": cfg.model_dump(mode="json"),
-                "teacher_mean": mean,
-            }
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            tmp.replace(ckpt_path)
-        if stopped_early:
-            log.warning("stopped after %.1f minutes (run.max_minutes)", cfg.run.max_minutes)
-            break
+# --- finish: evaluation, threshold, artifact -------------------------------------------------
 
-    metrics_file.close()
-    if distributed:
-        check_ranks_agree([model, *heads], world)
-    if rank == 0:
+
+def finish(run: Run, history: list[dict[str, Any]]) -> None:
+    """Check the ranks agree; on rank 0 the before/after report (fine-tuning), the open-set
+    threshold on the held-out identities and the artifact in model/."""
+    if run.world > 1:
+        check_ranks_agree([run.model, *run.heads], run.world)
+    if run.rank == 0:
+        cfg, device = run.cfg, run.device
         recipe = {
             "config": cfg.model_dump(mode="json"),
-            "steps": step,
-            "minutes": round((time.time() - started) / 60, 1),
+            "steps": run.step,
+            "minutes": round((time.time() - run.started) / 60, 1),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "history": history,
         }
-        data_info = {
-            "pool": cfg.data.pool,
-            "folders": cfg.data.folders,
-            "lists": cfg.data.lists,
-            "faces": len(train_set),
-        }
-        if before:
-            after = holdout_report(model, holdout, device)
-            report = {
-                "before": before,
-                "after": after,
-                "change": {k: round(after[k] - before[k], 4) for k in before},
-            }
-            (run_dir / "forgetting_report.json").write_text(json.dumps(report, indent=2) + "\n")
-            recipe["forgetting_report"] = report
-            log.info("held-out high-resolution check before/after fine-tuning: %s", report)
-        metrics = calibrate_threshold(model, val_set, device) if val_set is not None else {}
+        if run.before:
+            recipe["forgetting_report"] = forgetting_report(run)
+        metrics = (
+            calibrate_threshold(run.model, run.val_set, device) if run.val_set is not None else {}
+        )
         save_artifact(
-            model.cpu(),
-            arch,
-            run_dir / "model",
+            run.model.cpu(),
+            run.arch,
+            run.out / "model",
             name=cfg.run.name,
             version=cfg.run.version,
             recipe=recipe,
-            data=data_info,
+            data={
+                "pool": cfg.data.pool,
+                "folders": cfg.data.folders,
+                "lists": cfg.data.lists,
+                "faces": len(run.train_set),
+            },
             metrics=metrics,
         )
-    if distributed:
+    if run.world > 1:
         dist.destroy_process_group()
-    if not math.isfinite(loss.item()):
-        raise FloatingPointError("training diverged (non-finite loss)")
-    return run_dir
+
+
+def forgetting_report(run: Run) -> dict[str, Any]:
+    """Held-out high-resolution accuracy before and after fine-tuning (forgetting_report.json)."""
+    after = holdout_report(run.model, run.holdout, run.device)
+    report = {
+        "before": run.before,
+        "after": after,
+        "change": {k: round(after[k] - run.before[k], 4) for k in run.before},
+    }
+    (run.out / "forgetting_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("held-out high-resolution check before/after fine-tuning: %s", report)
+    return report
