@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +10,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trainer.manifest import read_manifest
+from trainer.manifest import read_manifest, update_metrics, write_manifest
 from trainer.models import create_model
 from trainer.preprocess import MEAN, STD
 
 WEIGHTS = "weights.safetensors"
+__all__ = ["WEIGHTS", "load_model", "save_artifact", "sha256_file", "update_metrics"]
 
 
 def sha256_file(path: Path) -> str:
@@ -71,7 +71,7 @@ def save_artifact(
     template = getattr(model, "crop_template", None)
     if template is not None:
         manifest["crop_template"] = template.to_manifest()
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(out, manifest)
     return out
 
 
@@ -87,11 +87,3 @@ def load_model(model_dir: str | Path, **overrides: Any) -> tuple[nn.Module, dict
     model = create_model(name, **{**arch, **overrides})
     model.load_state_dict(load_file(str(weights)))
     return model.eval(), manifest
-
-
-def update_metrics(model_dir: str | Path, metrics: dict[str, Any]) -> None:
-    """Merge measured metrics into manifest.json (the weights and their hash are unchanged)."""
-    path = Path(model_dir) / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest.setdefault("metrics", {}).update(metrics)
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
