@@ -51,7 +51,7 @@ def _embedder(cfg):
 def _model_id(cfg) -> tuple[str, str]:
     """(name, version) of the configured model as galleries record it, from its manifest
     (milliseconds; loading the model takes seconds)."""
-    from engine.manifest import model_id, read_manifest
+    from trainer.manifest import model_id, read_manifest
 
     return model_id(read_manifest(cfg.model.dir))
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from app.align import recut
 from engine.backends import Backend, load_backend
-from engine.manifest import model_id
+from trainer.manifest import model_id
 from trainer.preprocess import CropTemplate, to_input
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engine.manifest import derived_manifest, read_manifest, write_json_atomic
 from engine.ops.reference import OP_DOMAIN, OP_NAME, OP_VERSION
+from trainer.manifest import derived_manifest, read_manifest, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@
   tokens and the layer's weights, for TensorRT with the routing plugin.
 
 Both graphs end in L2 normalisation, so every backend returns normalised embeddings, and
-carry the model manifest plus export info in their metadata (`facemoe_manifest`).
+carry the model manifest plus export info in their metadata (`facemoe_manifest`,
+`trainer.manifest`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.manifest import derived_manifest, read_manifest
 from engine.ops.reference import OP_DOMAIN, OP_NAME, OP_VERSION
 from trainer.artifact import load_model
+from trainer.manifest import (
+    ONNX_METADATA_KEY,
+    derived_manifest,
+    manifest_from_metadata,
+    read_manifest,
+)
 from trainer.models.moe import MoEMLP, moe_dense
 
 log = logging.getLogger(__name__)
@@ -130,7 +136,7 @@ def export_model(
         torch=torch.__version__,
         exported=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    onnx.helper.set_model_props(proto, {"facemoe_manifest": json.dumps(info)})
+    onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(info)})
     onnx.save(proto, str(tmp))
     tmp.replace(out)
     log.info("exported %s (%s form) to %s", manifest["name"], form, out)
@@ -140,10 +146,7 @@ def export_model(
 def onnx_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest stored in an exported ONNX file."""
     proto = onnx.load(str(path), load_external_data=False)
-    props = {p.key: p.value for p in proto.metadata_props}
-    if "facemoe_manifest" not in props:
-        raise ValueError(f"{path} is not a FaceMoE export (no facemoe_manifest metadata)")
-    return json.loads(props["facemoe_manifest"])
+    return manifest_from_metadata({p.key: p.value for p in proto.metadata_props}, path)
 
 
 def ensure_onnx(model_dir: str | Path, form: str = "standard") -> Path:

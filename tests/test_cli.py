@@ -12,8 +12,8 @@ import pytest
 
 import app
 from app.gallery import Gallery
-from engine.manifest import model_id, read_manifest
 from tests.gallery_helpers import event
+from trainer.manifest import model_id, read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 # Runs the CLI, then reports on stderr any module of the model runtime that got imported.

@@ -159,7 +159,7 @@ def test_annotated_video_does_not_follow_a_planted_part_file(tmp_path: Path) -> 
 
 
 def test_manifest_write_does_not_follow_a_planted_temporary(tmp_path: Path) -> None:
-    from engine.manifest import write_json_atomic
+    from trainer.manifest import write_json_atomic
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
@@ -391,8 +391,8 @@ def test_gallery_remove_erases_jsonl_lines_and_snapshots(tmp_path: Path,
 
     from app.gallery import Gallery
     from app.sinks import JsonlSink
-    from engine.manifest import model_id, read_manifest
     from tests.gallery_helpers import event
+    from trainer.manifest import model_id, read_manifest
 
     snaps, jsonl, extra = tmp_path / "snaps", tmp_path / "ev" / "events.jsonl", tmp_path / "p.jsonl"
     jsonl.parent.mkdir()
@@ -524,8 +524,8 @@ def test_gallery_reads_work_on_a_full_disk(full_disk: Path, default_model_dir: P
     import numpy as np
 
     from app.gallery import Gallery
-    from engine.manifest import model_id, read_manifest
     from tests.gallery_helpers import event
+    from trainer.manifest import model_id, read_manifest
 
     db = full_disk / "g.db"
     manifest = read_manifest(default_model_dir)
@@ -569,7 +569,7 @@ def test_one_flipped_bit_is_found_and_only_that_template_is_left_out(
     import base64
 
     from app.gallery import Gallery
-    from engine.manifest import model_id, read_manifest
+    from trainer.manifest import model_id, read_manifest
 
     monkeypatch.delenv("FACEMOE_GALLERY_KEY_FILE", raising=False)
     monkeypatch.delenv("FACEMOE_GALLERY_KEY", raising=False)

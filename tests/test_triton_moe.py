@@ -131,10 +131,13 @@ def _child(inp: str, out: str) -> None:
     """Runs with TRITON_INTERPRET=1, before anything imported triton."""
     import torch
 
-    from engine.ops.triton_moe import INTERPRET, route_triton, topk_moe_triton
-    from trainer.models.moe import MoEMLP, route
+    from engine.ops.triton_moe import INTERPRET, experts_triton, route_triton, topk_moe_triton
+    from trainer.models.moe import MoEMLP, fused_dispatch, route
 
     assert INTERPRET, "TRITON_INTERPRET=1 did not reach the child"
+    # importing the op registered it as MoEMLP's "triton" dispatch
+    assert fused_dispatch("triton").route is route_triton
+    assert fused_dispatch("triton").experts is experts_triton
     torch.manual_seed(0)
     results = {}
     with np.load(inp) as f:
@@ -228,6 +231,21 @@ def test_triton_dispatch_is_inference_only():
         m(torch.randn(4, 16))
     with pytest.raises(ValueError, match="unknown dispatch"):
         MoEMLP(16, 24, 3, 2, dispatch="fused")
+
+
+def test_triton_dispatch_unregistered_says_what_to_import(monkeypatch):
+    # The trainer does not import the engine: until engine.ops.triton_moe is imported (it
+    # registers the op), a "triton" layer says so in one line.
+    import torch
+
+    from trainer.models import moe
+
+    monkeypatch.delitem(moe._FUSED, "triton", raising=False)
+    m = moe.MoEMLP(16, 24, 3, 2, dispatch="triton").eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="import engine.ops.triton_moe"):
+        m(torch.randn(4, 16))
+    with pytest.raises(ValueError, match="unknown fused dispatch"):
+        moe.register_dispatch("sparse", moe.route, moe.moe_dense)
 
 
 def test_torch_backend_dispatch_choice_on_cpu():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +10,14 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trainer.manifest import read_manifest
+from trainer.manifest import read_manifest, update_metrics, validate_manifest, write_manifest
 from trainer.models import create_model
 from trainer.preprocess import MEAN, STD
 
 WEIGHTS = "weights.safetensors"
+__all__ = [
+    "WEIGHTS", "artifact_manifest", "load_model", "save_artifact", "sha256_file", "update_metrics",
+]
 
 
 def sha256_file(path: Path) -> str:
@@ -26,28 +28,23 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_artifact(
+def artifact_manifest(
     model: nn.Module,
     arch: dict[str, Any],
-    out_dir: str | Path,
     *,
     name: str,
     version: str,
+    weights_sha256: str,
     recipe: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
-) -> Path:
-    """Write the artifact directory; returns it. `arch` is the registry config (model.yaml).
+) -> dict[str, Any]:
+    """The manifest of `model` (built from the registry config `arch`), validated.
 
     The input contract (mean, std, crop template) is the model's own (`input_mean`, `input_std`,
     `crop_template` attributes: a network that starts from another keeps that one's); models
     without them take the ArcFace 112 crop and mean/std 0.5.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS))
-    (out / "model.yaml").write_text(yaml.safe_dump(arch, sort_keys=False))
     manifest = {
         "name": name,
         "version": version,
@@ -66,12 +63,37 @@ def save_artifact(
         "training": recipe or {},
         "data": data or {},
         "metrics": metrics or {},
-        "weights_sha256": sha256_file(out / WEIGHTS),
+        "weights_sha256": weights_sha256,
     }
     template = getattr(model, "crop_template", None)
     if template is not None:
         manifest["crop_template"] = template.to_manifest()
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return validate_manifest(manifest, f"model {name}")
+
+
+def save_artifact(
+    model: nn.Module,
+    arch: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    name: str,
+    version: str,
+    recipe: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write the artifact directory; returns it. `arch` is the registry config (model.yaml);
+    the manifest is `artifact_manifest`'s."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    (out / "model.yaml").write_text(yaml.safe_dump(arch, sort_keys=False))
+    manifest = artifact_manifest(
+        model, arch, name=name, version=version, weights_sha256=sha256_file(out / WEIGHTS),
+        recipe=recipe, data=data, metrics=metrics,
+    )
+    write_manifest(out, manifest)
     return out
 
 
@@ -87,11 +109,3 @@ def load_model(model_dir: str | Path, **overrides: Any) -> tuple[nn.Module, dict
     model = create_model(name, **{**arch, **overrides})
     model.load_state_dict(load_file(str(weights)))
     return model.eval(), manifest
-
-
-def update_metrics(model_dir: str | Path, metrics: dict[str, Any]) -> None:
-    """Merge measured metrics into manifest.json (the weights and their hash are unchanged)."""
-    path = Path(model_dir) / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest.setdefault("metrics", {}).update(metrics)
-    path.write_text(json.dumps(manifest, indent=2) + "\n")

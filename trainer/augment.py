@@ -8,24 +8,8 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
-
-class AugmentConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    p_flip: float = 0.5
-    p_lowres: float = 0.5
-    lowres_min: int = 8
-    lowres_max: int = 64
-    p_blur: float = 0.15
-    blur_sigma: tuple[float, float] = (0.5, 2.0)
-    p_motion: float = 0.1
-    motion_len: tuple[int, int] = (3, 9)
-    p_noise: float = 0.15
-    noise_sigma: tuple[float, float] = (2.0, 10.0)
-    p_jpeg: float = 0.25
-    jpeg_quality: tuple[int, int] = (20, 80)
+from trainer.config import AugmentConfig  # the section of the trainer config
 
 
 def downscale(img: np.ndarray, size: int, up: int = cv2.INTER_CUBIC) -> np.ndarray:

@@ -8,11 +8,26 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trainer.augment import AugmentConfig
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class AugmentConfig(_Strict):
+    """Low-resolution degradations for training (`trainer.augment` applies them)."""
+
+    p_flip: float = 0.5
+    p_lowres: float = 0.5
+    lowres_min: int = 8
+    lowres_max: int = 64
+    p_blur: float = 0.15
+    blur_sigma: tuple[float, float] = (0.5, 2.0)
+    p_motion: float = 0.1
+    motion_len: tuple[int, int] = (3, 9)
+    p_noise: float = 0.15
+    noise_sigma: tuple[float, float] = (2.0, 10.0)
+    p_jpeg: float = 0.25
+    jpeg_quality: tuple[int, int] = (20, 80)
 
 
 class ModelSection(_Strict):

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from engine.backends import BackendError, check_output
-from engine.manifest import read_manifest
+from trainer.manifest import ONNX_METADATA_KEY, read_manifest
 
 
 class OnnxRuntimeBackend:
@@ -50,7 +50,7 @@ class OnnxRuntimeBackend:
     def _fresh(self, session: ort.InferenceSession) -> bool:
         """Whether the session's ONNX file was exported from this artifact's weights."""
         meta = session.get_modelmeta().custom_metadata_map
-        stored = json.loads(meta.get("facemoe_manifest", "{}"))
+        stored = json.loads(meta.get(ONNX_METADATA_KEY, "{}"))
         return stored.get("weights_sha256") == self.manifest["weights_sha256"]
 
     def embed(self, batch: np.ndarray) -> np.ndarray:

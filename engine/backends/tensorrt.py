@@ -33,8 +33,8 @@ from engine.build import (
     resolve_flavour,
     visible_gpu,
 )
-from engine.manifest import read_manifest
 from engine.ops.kernels.topk_moe import CudaError, check
+from trainer.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 RTX_GPUS = "compute capability 7.5/8.6/8.9/12.x"

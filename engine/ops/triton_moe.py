@@ -24,7 +24,8 @@ times its configs once per new shape key, on first use; that first call syncs.)
 
 Matmuls accumulate in fp32 for fp32, fp16 and bf16 inputs. fp32 inputs use full-precision
 ("ieee") dot products unless `torch.backends.cuda.matmul.allow_tf32` is set, as torch does.
-Inference only: nothing here records gradients.
+Inference only: nothing here records gradients. Importing this module registers the op as
+`MoEMLP`'s "triton" dispatch (`trainer.models.moe.register_dispatch`).
 
 Run on CPU tensors only under the Triton interpreter (`TRITON_INTERPRET=1` set before this
 module is imported), which executes the kernels with NumPy; that is how the tests check it
@@ -39,6 +40,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from trainer.models.moe import register_dispatch
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
@@ -346,3 +349,6 @@ def topk_moe_triton(x, router, w1, b1, w2, b2, top_k: int, gate: str) -> torch.T
     tokens = x.reshape(-1, x.shape[-1])
     weights, idx = route_triton(tokens @ router.T, top_k, gate)
     return experts_triton(tokens, weights, idx, w1, b1, w2, b2).reshape(x.shape)
+
+
+register_dispatch("triton", route_triton, experts_triton)

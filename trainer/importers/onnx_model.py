@@ -16,6 +16,7 @@ from typing import Any
 import onnx
 from onnx import helper
 
+from trainer.manifest import ONNX_METADATA_KEY, write_manifest
 from trainer.preprocess import ARCFACE_112, CropTemplate
 
 TEMPLATES: dict[str, CropTemplate] = {"arcface112": ARCFACE_112}
@@ -121,7 +122,7 @@ def import_onnx(
         "metrics": {},
         "weights_sha256": digest,
     }
-    onnx.helper.set_model_props(proto, {"facemoe_manifest": json.dumps(manifest)})
+    onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(manifest)})
     try:
         onnx.checker.check_model(proto)
     except Exception as e:
@@ -129,5 +130,5 @@ def import_onnx(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(out / "model.onnx"))
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(out, manifest)
     return out

@@ -13,6 +13,7 @@ the same rule in torch, the NumPy reference, ONNX Runtime and the TensorRT plugi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 GATES = ("softmax_topk", "raw_logits")
-DISPATCHES = ("dense", "sparse", "triton")
+FUSED_DISPATCHES = ("triton",)  # implemented outside the trainer and registered (see below)
+DISPATCHES = ("dense", "sparse", *FUSED_DISPATCHES)
 
 
 @dataclass
@@ -65,6 +67,43 @@ def moe_dense(x, router, w1, b1, w2, b2, top_k: int, gate: str) -> torch.Tensor:
     return _mix_dense(tokens, weights, top_idx, w1, b1, w2, b2).reshape(x.shape)
 
 
+@dataclass(frozen=True)
+class FusedDispatch:
+    """An inference-only implementation of the routing op for `MoEMLP(dispatch=name)`.
+
+    `route(logits [T, N], top_k, gate)` gives (gate weights [T, k], expert indices [T, k]);
+    `experts(tokens [T, d], weights, indices, w1, b1, w2, b2)` the mixed output [T, d].
+    """
+
+    route: Callable[[torch.Tensor, int, str], tuple[torch.Tensor, torch.Tensor]]
+    experts: Callable[..., torch.Tensor]
+
+
+# The trainer owns the model and the names of its dispatches; a fused kernel is the engine's
+# (`engine.ops.triton_moe` registers "triton" when it is imported), so the trainer never
+# imports the engine.
+_FUSED: dict[str, FusedDispatch] = {}
+_PROVIDERS = {"triton": "engine.ops.triton_moe"}
+
+
+def register_dispatch(name: str, route: Callable, experts: Callable) -> None:
+    """Install the implementation of the fused dispatch `name` (the last registration wins)."""
+    if name not in FUSED_DISPATCHES:
+        raise ValueError(f"unknown fused dispatch {name!r}; expected one of {FUSED_DISPATCHES}")
+    _FUSED[name] = FusedDispatch(route, experts)
+
+
+def fused_dispatch(name: str) -> FusedDispatch:
+    """The registered implementation of `name`; RuntimeError (one line) when there is none."""
+    try:
+        return _FUSED[name]
+    except KeyError:
+        raise RuntimeError(
+            f"MoEMLP dispatch={name!r} has no implementation registered: import "
+            f"{_PROVIDERS[name]} first (needs {name}, the 'gpu' extra) or use dispatch 'sparse'"
+        ) from None
+
+
 class MoEMLP(nn.Module):
     """N GELU expert MLPs behind a linear top-k router; a drop-in for a transformer MLP.
 
@@ -75,8 +114,9 @@ class MoEMLP(nn.Module):
     the N group sizes back once per layer to split the batch. `dispatch="triton"` is the
     GPU inference path: the fused Triton op of `engine.ops.triton_moe` (gating kernel, then
     grouped GEMMs over the tokens routed to each expert; k/N of the expert FLOPs, no host
-    sync). It needs triton and CUDA tensors (or the Triton interpreter) and records no
-    gradients. All three give the same output.
+    sync), registered by that module when it is imported (`register_dispatch`). It needs
+    triton and CUDA tensors (or the Triton interpreter) and records no gradients. All three
+    give the same output.
     """
 
     def __init__(
@@ -115,8 +155,8 @@ class MoEMLP(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         logits = self.router(tokens)
-        if self.dispatch == "triton" and self.num_experts > 1:
-            return self._triton(tokens, logits).reshape(shape)
+        if self.dispatch in FUSED_DISPATCHES and self.num_experts > 1:
+            return self._fused(tokens, logits).reshape(shape)
         weights, top_idx = route(logits, self.top_k, self.gate)
         self.last = RouterOutput(logits=logits, top_idx=top_idx)
         if self.num_experts == 1:
@@ -127,22 +167,16 @@ class MoEMLP(nn.Module):
             out = self._dense(tokens, weights, top_idx)
         return out.reshape(shape)
 
-    def _triton(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def _fused(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (tokens.requires_grad or self.w1.requires_grad):
             raise RuntimeError(
-                "MoEMLP dispatch='triton' is inference only (no gradients): run it under "
-                "torch.no_grad()/torch.inference_mode(), or use dispatch 'dense' or 'sparse'"
+                f"MoEMLP dispatch={self.dispatch!r} is inference only (no gradients): run it "
+                "under torch.no_grad()/torch.inference_mode(), or use dispatch 'dense' or 'sparse'"
             )
-        try:
-            from engine.ops.triton_moe import experts_triton, route_triton
-        except ImportError as e:
-            raise RuntimeError(
-                f"MoEMLP dispatch='triton' needs triton ({e}); install the 'gpu' extra "
-                "or use dispatch 'sparse'"
-            ) from e
-        weights, top_idx = route_triton(logits, self.top_k, self.gate)
+        op = fused_dispatch(self.dispatch)
+        weights, top_idx = op.route(logits, self.top_k, self.gate)
         self.last = RouterOutput(logits=logits, top_idx=top_idx.long())
-        return experts_triton(tokens, weights, top_idx, self.w1, self.b1, self.w2, self.b2)
+        return op.experts(tokens, weights, top_idx, self.w1, self.b1, self.w2, self.b2)
 
     def _expert(self, tokens: torch.Tensor, e: int) -> torch.Tensor:
         h = self.drop(F.gelu(tokens @ self.w1[e] + self.b1[e]))
