@@ -28,12 +28,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from app.config import DEFAULT_CONFIG, AppConfig, read_yaml_config  # noqa: E402
+from app.config import DEFAULT_CONFIG, AppConfig, load_config  # noqa: E402
 from app.embed import Embedder  # noqa: E402
 from app.match import Matcher  # noqa: E402
 from app.pipeline import FacePipeline  # noqa: E402
@@ -107,6 +108,19 @@ def summarise(segments: list[dict[int, int | None]]) -> dict:
             "coverage": round(float(np.mean(coverage)), 3), "ids": round(float(np.mean(ids)), 2)}
 
 
+def with_overrides(cfg: AppConfig, items: list[str]) -> AppConfig:
+    """The config with each KEY=VALUE (dotted key, YAML value) set, validated again."""
+    raw = cfg.model_dump()
+    for item in items:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = yaml.safe_load(value)
+    return AppConfig.model_validate(raw)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default=str(REPO_ROOT.parent / "shared"))
@@ -117,8 +131,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. detector.upscale=2")
     args = parser.parse_args()
-    overrides = dict(item.split("=", 1) for item in args.set)
-    cfg = read_yaml_config(args.config, AppConfig, overrides)
+    cfg = with_overrides(load_config(args.config), args.set)
     model_dir = args.model_dir or cfg.model.dir
     detector = make_detector(cfg)
     embedder = Embedder.from_config(model_dir, cfg.model.backend, cfg.model.threads,
@@ -138,7 +151,7 @@ def main() -> None:
             seconds += spent
         report[f"{size:g}px"] = summarise(segments)
     report["fps"] = round(frames / seconds, 1)
-    report["overrides"] = overrides
+    report["overrides"] = args.set
     print(json.dumps(report, indent=1))
 
 
