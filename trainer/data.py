@@ -127,17 +127,13 @@ def teacher_targets_from_onnx(
     onnx_path: str | Path, crops: np.ndarray, batch: int = 64
 ) -> np.ndarray:
     """Embeddings of clean crops by a teacher ONNX export (its manifest: input size, mean, std)."""
-    import json
-
     import onnxruntime as ort
 
+    from trainer.manifest import manifest_from_metadata
     from trainer.preprocess import to_input
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    meta = session.get_modelmeta().custom_metadata_map
-    if "facemoe_manifest" not in meta:
-        raise ValueError(f"{onnx_path} is not a FaceMoE export (no facemoe_manifest metadata)")
-    m = json.loads(meta["facemoe_manifest"])
+    m = manifest_from_metadata(session.get_modelmeta().custom_metadata_map, onnx_path)
     name = session.get_inputs()[0].name
     out = [
         session.run(
