@@ -15,6 +15,8 @@ from app.gallery import Gallery
 from tests.gallery_helpers import event
 from trainer.manifest import model_id, read_manifest
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parent.parent
 # Runs the CLI, then reports on stderr any module of the model runtime that got imported.
 _RUN_AND_REPORT = """

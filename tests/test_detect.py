@@ -15,6 +15,8 @@ from app.source import open_source
 from app.track import iou_matrix
 from benchmarks.synthetic_faces import Walk, load_sprites, render
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def detector(yunet_path: Path) -> FaceDetector:

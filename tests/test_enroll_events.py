@@ -23,7 +23,7 @@ from app.records import AlignedFace, Event, Quality
 REPO = Path(__file__).resolve().parent.parent
 
 
-pytestmark = pytest.mark.usefixtures("no_gallery_key")  # plain galleries here
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("no_gallery_key")]  # plain galleries here
 
 
 @pytest.fixture(scope="module")

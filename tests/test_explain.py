@@ -29,6 +29,8 @@ from trainer.explain import (
 from trainer.models import create_model
 from trainer.models.moe import moe_layers
 
+pytestmark = pytest.mark.unit
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -25,6 +25,8 @@ from app.config import AppConfig
 from app.mqtt import MqttSink
 from app.records import Event
 
+pytestmark = pytest.mark.unit
+
 mqtt = pytest.importorskip("paho.mqtt.client", reason="paho-mqtt not installed (the mqtt extra)")
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if shutil.which("/usr/sbin/mosquitto") else None)

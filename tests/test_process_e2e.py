@@ -10,6 +10,8 @@ import pytest
 
 from tests.gallery_helpers import EVENT_KEYS
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 LIN, ALEX = "Lin-Manuel Miranda", "Alex Lacamoire"
 CLOSE_UP_START = 2.7  # media time of the shot cut that starts Lin-Manuel Miranda's close-up

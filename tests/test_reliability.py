@@ -13,6 +13,8 @@ import pytest
 from app.source import SourceError, open_source
 from benchmarks.rtsp_camera import free_port
 
+pytestmark = pytest.mark.unit
+
 
 def _fds() -> int:
     gc.collect()

@@ -11,6 +11,8 @@ from trainer.artifact import load_model
 from trainer.preprocess import to_input
 from trainer.soup import soup
 
+pytestmark = pytest.mark.unit
+
 
 def _artifact(path, seed, **arch):
     out = tiny_artifact(path, seed, version=str(seed), **arch)

@@ -5,11 +5,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
 from tests.conftest import metrics_rows
 from trainer.artifact import load_model, read_manifest
+
+pytestmark = pytest.mark.e2e
 
 
 def _torchrun(config: Path) -> subprocess.CompletedProcess:
