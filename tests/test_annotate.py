@@ -1,5 +1,5 @@
 """Annotation on real frames: boxes, track ids and names drawn where the faces are, in the
-colour of their match, and nothing else changed; and `process --annotate` on a real clip."""
+colour of their match, nothing else changed (unit); `process --annotate` on a real clip (e2e)."""
 
 from pathlib import Path
 
@@ -14,8 +14,6 @@ from app.process import process_video
 from app.records import Detection, Match, TrackedFace
 from app.runtime import make_detector, make_embedder, open_gallery, threshold
 from app.source import VideoWriter, open_source
-
-pytestmark = pytest.mark.unit
 
 LIN = "Lin-Manuel Miranda"
 CLOSE_UP = range(90, 120)  # one second of his close-up in the Hamilton clip
@@ -58,6 +56,7 @@ def label_row(out: np.ndarray, f: TrackedFace, text: str) -> tuple[int, np.ndarr
     return row, out[row]
 
 
+@pytest.mark.unit
 def test_a_known_face_gets_a_green_box_and_its_name_and_nothing_else_changes(face):
     image, f = face
     before = image.copy()
@@ -85,6 +84,7 @@ def test_a_known_face_gets_a_green_box_and_its_name_and_nothing_else_changes(fac
     assert not changed.any()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "match, colour, text",
     [(None, PENDING, "#7"), (Match(None, 0.31, LIN), UNKNOWN, "#7 unknown 0.31")],
@@ -100,6 +100,7 @@ def test_pending_and_unknown_faces_get_their_colour_and_label(face, match, colou
     assert coloured.sum() == text_size(text)[0] + 5
 
 
+@pytest.mark.unit
 def test_a_predicted_box_is_thinner_than_a_detected_one(face):
     image, f = face
     predicted = TrackedFace(7, 101, 3.33, Detection(f.detection.bbox, f.detection.landmarks, 0.0))
@@ -113,6 +114,7 @@ def test_a_predicted_box_is_thinner_than_a_detected_one(face):
     assert np.array_equal(draw(image, [], {}), image)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("where", ["top", "right", "left"])
 def test_the_label_stays_inside_the_frame(face, where):
     """A face at the top, right or left edge keeps its whole name readable."""
@@ -166,6 +168,7 @@ def no_key():
         yield
 
 
+@pytest.mark.e2e
 def test_the_annotated_video_has_every_frame_at_the_source_size(annotated):
     source, out, size, summary = annotated
     assert len(out) == len(source) == len(CLOSE_UP) == summary.frames
@@ -174,6 +177,7 @@ def test_the_annotated_video_has_every_frame_at_the_source_size(annotated):
     assert summary.as_json()["identified"] == [LIN]
 
 
+@pytest.mark.e2e
 def test_his_box_and_name_are_drawn_where_his_face_is(annotated, detector):
     """Frame by frame: the pixels that differ from the source lie on his face's box (the
     detector run afresh on the source frame) and the green name bar above it; the face
