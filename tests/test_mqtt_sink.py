@@ -164,6 +164,7 @@ def event(i: int, name: str | None = "Lin-Manuel Miranda", kind: str = "end") ->
                  candidate_score=0.7)
 
 
+@pytest.mark.slow
 def test_password_authentication_topics_state_and_availability(tmp_path, brokers, monkeypatch):
     if PASSWD is None:
         pytest.skip("mosquitto_passwd not installed (Debian package mosquitto)")

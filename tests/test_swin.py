@@ -128,6 +128,7 @@ def test_shifted_window_attention_equals_masked_global_attention() -> None:
     torch.testing.assert_close(block._attend(x), _naive_shifted_attention(block, x))
 
 
+@pytest.mark.slow
 @pytest.mark.contract
 def test_onnx_export_matches_torch(small: FaceMoESwin, tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")

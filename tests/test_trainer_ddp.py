@@ -26,6 +26,7 @@ def _torchrun(config: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_train_one_model(tmp_path, tiny_config):
     config = tiny_config  # the tiny e2e config, changed below for two ranks
     cfg = yaml.safe_load(config.read_text())

@@ -171,6 +171,7 @@ def _child(inp: str, out: str) -> None:
     np.savez(out, **results)
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_op_matches_numpy_reference(triton_out, name):
@@ -208,6 +209,7 @@ def test_cases_cover_what_they_claim():
             assert idx.tolist() == [[0, 1]] * len(idx)
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("gate", ["softmax_topk", "raw_logits"])
 def test_moemlp_triton_dispatch_equals_dense(triton_out, gate):
