@@ -316,6 +316,7 @@ def test_person_enrolled_while_running_is_matched_without_restart(tmp_path, data
             daemon.wait(5)
 
 
+@pytest.mark.unit
 def test_a_camera_runs_without_the_daemon(data_dir, no_gallery_key):
     """A camera gets its pipeline, the settings, a stop event, the metrics and a put callback:
     it reads a file camera to its end, wakes the worker per item, and counts what it did."""
@@ -354,6 +355,7 @@ def test_a_camera_runs_without_the_daemon(data_dir, no_gallery_key):
     assert f'facemoe_events_total{{camera="hall"}} {len(ends)}.0' in text
 
 
+@pytest.mark.unit
 def test_snapshots_cut_the_best_face_and_every_sink_names_them(tmp_path, data_dir,
                                                                no_gallery_key):
     """Snapshots are a sink written first: each end event in the JSONL file and the gallery
