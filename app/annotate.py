@@ -36,8 +36,9 @@ def draw(
         cv2.rectangle(out, (x, y), (x + w, y + h), colour, 2 if f.detection.score > 0 else 1)
         (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
         ty = max(y - 4, th + 4)
-        cv2.rectangle(out, (x, ty - th - 4), (x + tw + 4, ty + 2), colour, -1)
+        tx = max(0, min(x, out.shape[1] - tw - 5))  # the whole label inside the frame
+        cv2.rectangle(out, (tx, ty - th - 4), (tx + tw + 4, ty + 2), colour, -1)
         cv2.putText(
-            out, text, (x + 2, ty - 2), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA
+            out, text, (tx + 2, ty - 2), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA
         )
     return out

@@ -14,6 +14,22 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 YUNET_FILE = "face_detection_yunet_2026may.onnx"
+TIERS = ("unit", "contract", "e2e")  # pyproject.toml says what each means
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test is in exactly one tier: its module's `pytestmark` or its own mark says
+    which; a test with no tier mark is a unit test, one with two is refused."""
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if not tiers:
+            item.add_marker(pytest.mark.unit)
+        elif len(tiers) > 1:
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked {' and '.join(tiers)}: give it one tier of "
+                f"{', '.join(TIERS)}"
+            )
 
 
 def _need(path: Path, what: str) -> Path:

@@ -9,6 +9,8 @@ import pytest
 from app.aggregate import EmbedPolicy, TrackAggregator, better, face_quality
 from app.records import AlignedFace, FaceEmbedding, Quality
 
+pytestmark = pytest.mark.unit
+
 
 def face(track_id: int, frame: int, q: float | None, bbox=(0.0, 0.0, 40.0, 40.0)) -> AlignedFace:
     quality = None if q is None else Quality(q, size=30.0, blur=100.0, pose=1.0, det_score=0.9)

@@ -1,9 +1,13 @@
 """When open tracks are announced (`recognized`): once per track, unknowns after enough good
 embeddings, a person not again within the cooldown on the same camera."""
 
+import pytest
+
 from app.alerts import Announcer
 from app.config import AlertsConfig
 from app.records import Match
+
+pytestmark = pytest.mark.unit
 
 ADA, NOBODY = Match("Ada", 0.8, "Ada"), Match(None, 0.2, "Ada")
 

@@ -11,6 +11,8 @@ from app.detect import FaceDetector
 from trainer.models.resnet import DLIB_150
 from trainer.preprocess import ARCFACE_112, CropTemplate
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def obama(data_dir, yunet_path):

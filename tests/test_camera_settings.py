@@ -15,6 +15,8 @@ from app.pipeline import FacePipeline
 from app.runtime import GalleryMatcher, make_detector, make_embedder, open_gallery, threshold
 from app.source import open_source
 
+pytestmark = pytest.mark.e2e
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LIN = "Lin-Manuel Miranda"
 W, H = 640, 360

@@ -15,6 +15,8 @@ from app.gallery import Gallery
 from tests.gallery_helpers import event
 from trainer.manifest import model_id, read_manifest
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parent.parent
 # Runs the CLI, then reports on stderr any module of the model runtime that got imported.
 _RUN_AND_REPORT = """
@@ -46,6 +48,7 @@ def gallery_db(tmp_path: Path, default_model_dir: Path, no_gallery_key: None) ->
     return db
 
 
+@pytest.mark.slow
 def test_gallery_commands_do_not_load_the_model(gallery_db: Path, tmp_path: Path) -> None:
     actions = [["list"], ["events"], ["audit"], ["settings"], ["check"],
                ["export", tmp_path / "g.zip"], ["purge", "--events-older-than", "30"],
@@ -64,6 +67,7 @@ def test_failure_ends_with_the_one_line_error(gallery_db: Path) -> None:
     assert done.stderr.splitlines() == ["facemoe: error: no such identity: 'Nobody'"]
 
 
+@pytest.mark.slow
 def test_commands_are_quiet_unless_verbose(tmp_path: Path, default_model_dir: Path,
                                            data_dir: Path, no_gallery_key: None) -> None:
     from app.embed import Embedder

@@ -8,6 +8,8 @@ import pytest
 from app.config import ConfigError, load_config
 from trainer.config import load_train_config
 
+pytestmark = pytest.mark.unit
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAIN = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name != "app.yaml")
 

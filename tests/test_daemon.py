@@ -55,6 +55,7 @@ def _wait(what: str, cond, timeout: float, interval: float = 0.25):
     pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_daemon_reconnects_and_shuts_down_cleanly(tmp_path, data_dir, tiny_model_dir, yunet_path):
     if not rtsp_available():
@@ -196,6 +197,7 @@ def _event(i: int) -> Event:
     )
 
 
+@pytest.mark.unit
 def test_rotating_jsonl_keeps_backups(tmp_path):
     path = tmp_path / "ev.jsonl"
     sink = RotatingJsonlSink(path, max_bytes=800, backups=2)
@@ -212,6 +214,7 @@ def test_rotating_jsonl_keeps_backups(tmp_path):
     assert all((tmp_path / n).stat().st_size < 1200 for n in files)
 
 
+@pytest.mark.unit
 def test_frame_queue_drops_oldest_frames_but_keeps_markers():
     from app.daemon import _RECONNECT, FrameQueue
 
@@ -222,6 +225,7 @@ def test_frame_queue_drops_oldest_frames_but_keeps_markers():
     assert q.take() is None and len(q) == 0
 
 
+@pytest.mark.unit
 def test_camera_config_validation():
     base = {"cameras": [{"name": "door", "uri": "rtsp://127.0.0.1:8554/door"}]}
     cfg = AppConfig.model_validate(base)
@@ -234,6 +238,7 @@ def test_camera_config_validation():
         AppConfig.model_validate({"daemon": {"webhook": {"url": "ftp://x"}}})
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_person_enrolled_while_running_is_matched_without_restart(tmp_path, data_dir):
     """Another process enrolls Lin-Manuel Miranda into the running daemon's gallery: the daemon
@@ -311,6 +316,7 @@ def test_person_enrolled_while_running_is_matched_without_restart(tmp_path, data
             daemon.wait(5)
 
 
+@pytest.mark.unit
 def test_a_camera_runs_without_the_daemon(data_dir, no_gallery_key):
     """A camera gets its pipeline, the settings, a stop event, the metrics and a put callback:
     it reads a file camera to its end, wakes the worker per item, and counts what it did."""
@@ -349,6 +355,7 @@ def test_a_camera_runs_without_the_daemon(data_dir, no_gallery_key):
     assert f'facemoe_events_total{{camera="hall"}} {len(ends)}.0' in text
 
 
+@pytest.mark.unit
 def test_snapshots_cut_the_best_face_and_every_sink_names_them(tmp_path, data_dir,
                                                                no_gallery_key):
     """Snapshots are a sink written first: each end event in the JSONL file and the gallery

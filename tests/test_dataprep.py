@@ -18,6 +18,8 @@ from app.dataprep import prepare_folder
 from app.detect import FaceDetector
 from app.faces import read_image
 
+pytestmark = pytest.mark.unit
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

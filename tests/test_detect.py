@@ -15,6 +15,8 @@ from app.source import open_source
 from app.track import iou_matrix
 from benchmarks.synthetic_faces import Walk, load_sprites, render
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def detector(yunet_path: Path) -> FaceDetector:
@@ -114,6 +116,7 @@ def _hit(truth: np.ndarray, detections: list) -> bool:
     return any(iou_matrix(truth, d.bbox)[0, 0] >= 0.3 for d in detections)
 
 
+@pytest.mark.slow
 def test_second_look_finds_small_faces_the_frame_pass_misses(yunet_path: Path,
                                                              data_dir: Path) -> None:
     """24 frames, each with one blurred, noisy, JPEG-compressed 16 px face: the full-frame

@@ -33,6 +33,8 @@ from engine.build import (
 from engine.ops.kernels.topk_moe import MoEShape, _params, workspace_layout
 from engine.ops.reference import OP_DOMAIN, OP_NAME, OP_VERSION, topk_moe_reference
 
+pytestmark = pytest.mark.contract
+
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx (TensorRT-RTX) is not installed")
 

@@ -23,7 +23,7 @@ from app.records import AlignedFace, Event, Quality
 REPO = Path(__file__).resolve().parent.parent
 
 
-pytestmark = pytest.mark.usefixtures("no_gallery_key")  # plain galleries here
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("no_gallery_key")]  # plain galleries here
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +147,7 @@ def test_event_crops_follow_purge_remove_and_encryption(tmp_path: Path, embedder
     assert base64.b64encode(key)  # the key itself is never stored
 
 
+@pytest.mark.slow
 def test_cli_lists_events_and_enrolls_from_one(tmp_path: Path, tiny_model_dir: Path,
                                                real_faces: dict) -> None:
     db = tmp_path / "g.db"

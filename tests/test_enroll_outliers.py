@@ -10,6 +10,8 @@ import pytest
 from app.enroll import find_outliers
 from app.gallery import Gallery
 
+pytestmark = pytest.mark.unit
+
 
 def _cluster(rng: np.random.Generator, n: int, dim: int = 64, spread: float = 0.5) -> np.ndarray:
     centre = rng.normal(size=dim)

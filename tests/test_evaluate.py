@@ -11,6 +11,8 @@ from trainer.evaluate import (
     tar_at_far,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     "scores,same,expected_t",

@@ -29,6 +29,8 @@ from trainer.explain import (
 from trainer.models import create_model
 from trainer.models.moe import moe_layers
 
+pytestmark = pytest.mark.unit
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -136,6 +138,7 @@ def _write_config(tmp_path: Path, model_dir: Path) -> Path:
     return cfg
 
 
+@pytest.mark.slow
 def test_cli_explain_writes_png_and_json(tiny_model_dir, data_dir, tmp_path):
     cfg = _write_config(tmp_path, tiny_model_dir)
     png = tmp_path / "routing.png"

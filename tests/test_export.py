@@ -12,6 +12,8 @@ from trainer.manifest import read_manifest
 from trainer.models.moe import moe_layers
 from trainer.preprocess import to_input
 
+pytestmark = pytest.mark.contract
+
 
 def _torch_embed(model_dir, x):
     model, _ = load_model(model_dir)

@@ -13,6 +13,8 @@ from app.detect import FaceDetector
 from app.faces import FaceError, aligned_face, choose_face, detect_faces, find_face, read_image
 from trainer.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def detector(yunet_path: Path) -> FaceDetector:

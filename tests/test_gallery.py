@@ -13,7 +13,7 @@ from app.gallery import EventStore, Gallery, GalleryError, IdentityInfo, Store
 from app.records import Event
 from tests.gallery_helpers import MODEL, D, crops, event, unit
 
-pytestmark = pytest.mark.usefixtures("no_gallery_key")  # plain galleries here
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("no_gallery_key")]  # plain galleries here
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ OLD_MODEL = ("old-model", "1")
 PER_ID = 3  # templates per identity in the small galleries
 
 
-pytestmark = pytest.mark.usefixtures("no_gallery_key")  # plain galleries here
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("no_gallery_key")]  # plain galleries here
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from app.gallery.db import Base
 from app.match import Matcher
 from tests.gallery_helpers import MODEL, crops, event, unit
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def pg_url() -> str:

@@ -16,7 +16,7 @@ from app.gallery.audit import acting_as
 from app.gallery.review import EventFilter
 from tests.gallery_helpers import MODEL, crops, event, unit
 
-pytestmark = pytest.mark.usefixtures("no_gallery_key")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("no_gallery_key")]
 EMB = "facemoe-edge@0.1.0"
 
 

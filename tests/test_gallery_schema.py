@@ -18,7 +18,7 @@ from app.gallery import schema as gallery_schema
 from app.gallery.db import Base
 from app.records import Event
 
-pytestmark = pytest.mark.usefixtures("no_gallery_key")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("no_gallery_key")]
 NEW_TABLES = {"event_embeddings", "face_clusters"}
 
 

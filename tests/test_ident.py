@@ -13,6 +13,8 @@ import pytest
 from app.config import AppConfig
 from app.evaluate import eval_identification, identity_images
 
+pytestmark = pytest.mark.unit
+
 
 def _cfg(model_dir: Path) -> AppConfig:
     model = {"dir": str(model_dir), "backend": "torch", "threads": 1}

@@ -30,6 +30,7 @@ def _embed(model, manifest, chips_rgb: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(x)).numpy()
 
 
+@pytest.mark.slow
 def test_port_reproduces_dlib_descriptors(dlib_model_dir: Path, dlib_parity: dict) -> None:
     model, manifest = load_model(dlib_model_dir)
     out = _embed(model, manifest, dlib_parity["chips"])
@@ -51,6 +52,7 @@ def test_manifest_declares_the_chip_and_the_source(dlib_model_dir: Path, dlib_da
     assert "public domain" in src["licence"]
 
 
+@pytest.mark.slow
 def test_chip_template_is_what_dlib_used(data_dir: Path) -> None:
     """Re-derive DLIB_150 from the teacher pool: dlib's chip transform applied to YuNet's points."""
     t = np.load(data_dir / "teacher" / "dlib_resnet_v1.npz")
@@ -84,6 +86,7 @@ def test_damaged_files_are_refused(dlib_dat: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 def test_upcycled_model_equals_the_imported_one_at_step_0(
     dlib_dat: Path, dlib_model_dir: Path, dlib_parity: dict, tmp_path: Path
 ) -> None:
@@ -108,6 +111,7 @@ def test_stage_sizes_follow_dlibs_unpadded_strides() -> None:
     assert tokens == [17 * 17, 8 * 8]
 
 
+@pytest.mark.slow
 def test_upcycled_model_exports_in_both_forms(dlib_dat: Path, dlib_parity: dict,
                                               tmp_path: Path) -> None:
     """facemoe-r29 (its FaceMoE blocks perturbed so that they matter) runs in ONNX Runtime like

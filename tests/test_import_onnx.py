@@ -23,6 +23,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_wrapped_onnx_embeds_like_the_native_artifact(
     dlib_model_dir: Path, dlib_parity: dict, tmp_path: Path
 ) -> None:

@@ -18,6 +18,8 @@ from app import paths
 from app.config import ModelConfig, load_config
 from app.detect import DETECTOR_FILE
 
+pytestmark = pytest.mark.unit
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ModelConfig().dir  # models/dlib-resnet-v1
 

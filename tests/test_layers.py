@@ -15,6 +15,8 @@ import pytest
 
 from trainer import CONTRACT
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -13,6 +13,8 @@ from trainer.losses import (
     relational_distill_loss,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def _head(kind, s, m):
     head = MarginHead(2, 2, kind, s, m)

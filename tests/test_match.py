@@ -11,6 +11,8 @@ from app.gallery import Gallery
 from app.match import Matcher
 from app.records import Match
 
+pytestmark = pytest.mark.unit
+
 # alice: templates e1 and e2; bob: one template at cos 0.9 to e1 (and 0.436 to e2).
 NAMES = ["alice", "bob", "alice"]
 MATRIX = np.array(

@@ -8,6 +8,8 @@ from engine.ops import REFERENCE_OPS, topk_moe_reference
 from trainer.losses import load_balance_loss, router_losses, router_z_loss
 from trainer.models.moe import MoEMLP, route
 
+pytestmark = pytest.mark.contract
+
 
 def _layer(n=3, k=2, gate="softmax_topk", dispatch="dense", d=16, h=24, seed=0):
     torch.manual_seed(seed)

@@ -25,6 +25,8 @@ from app.config import AppConfig
 from app.mqtt import MqttSink
 from app.records import Event
 
+pytestmark = pytest.mark.unit
+
 mqtt = pytest.importorskip("paho.mqtt.client", reason="paho-mqtt not installed (the mqtt extra)")
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if shutil.which("/usr/sbin/mosquitto") else None)
@@ -162,6 +164,7 @@ def event(i: int, name: str | None = "Lin-Manuel Miranda", kind: str = "end") ->
                  candidate_score=0.7)
 
 
+@pytest.mark.slow
 def test_password_authentication_topics_state_and_availability(tmp_path, brokers, monkeypatch):
     if PASSWD is None:
         pytest.skip("mosquitto_passwd not installed (Debian package mosquitto)")

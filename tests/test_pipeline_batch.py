@@ -3,6 +3,7 @@
 from itertools import zip_longest
 
 import numpy as np
+import pytest
 
 from app.config import AppConfig
 from app.detect import FaceDetector
@@ -10,6 +11,8 @@ from app.embed import Embedder
 from app.match import Matcher
 from app.pipeline import EmbedBatch, FacePipeline
 from app.source import open_source
+
+pytestmark = pytest.mark.unit
 
 
 class RecordingBatch(EmbedBatch):

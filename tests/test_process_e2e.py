@@ -10,6 +10,8 @@ import pytest
 
 from tests.gallery_helpers import EVENT_KEYS
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 LIN, ALEX = "Lin-Manuel Miranda", "Alex Lacamoire"
 CLOSE_UP_START = 2.7  # media time of the shot cut that starts Lin-Manuel Miranda's close-up
@@ -60,6 +62,7 @@ def hamilton(tmp_path_factory, data_dir):
     return json.loads(out.stdout), events, tmp, gallery
 
 
+@pytest.mark.slow
 def test_lin_manuel_miranda_is_named_on_his_close_up(hamilton):
     summary, events, _, _ = hamilton
     # the close-up: the longest track of the shot between the cuts at 2.7 s and 7.0 s
@@ -72,6 +75,7 @@ def test_lin_manuel_miranda_is_named_on_his_close_up(hamilton):
     assert LIN in summary["identified"]
 
 
+@pytest.mark.slow
 def test_the_audience_is_not_named_as_either_enrolled_person(hamilton):
     _, events, _, _ = hamilton
     audience = [e for e in events if e["start"] >= 7.0]
@@ -79,6 +83,7 @@ def test_the_audience_is_not_named_as_either_enrolled_person(hamilton):
     assert not [e for e in audience if e["identity"] in (LIN, ALEX)], audience
 
 
+@pytest.mark.slow
 def test_events_follow_the_design_schema_and_sqlite_has_them(hamilton):
     import sqlite3
 
@@ -93,6 +98,7 @@ def test_events_follow_the_design_schema_and_sqlite_has_them(hamilton):
     assert {"decode", "detect", "track", "align", "embed"} <= set(summary["stages"])
 
 
+@pytest.mark.slow
 def test_enroll_from_the_close_up_track_of_a_stored_event(hamilton, tmp_path, default_model_dir):
     """The event of Lin-Manuel Miranda's close-up keeps its best aligned crops in the gallery;
     a person enrolled from that event (not from a photo) is him: his templates are closest
@@ -128,6 +134,7 @@ def test_enroll_from_the_close_up_track_of_a_stored_event(hamilton, tmp_path, de
     assert (track @ lin.T).max() >= threshold > (track @ alex.T).max()
 
 
+@pytest.mark.slow
 def test_annotated_video_is_written(hamilton):
     from app.source import open_source
 
@@ -161,6 +168,7 @@ def test_intel_clips_small_faces_are_detected_and_tracked(clip, data_dir, tmp_pa
     assert all(e["identity"] is None for e in events)
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_with_one_line_and_write_nothing(data_dir, tmp_path):
     videos = data_dir / "videos"
     gallery = tmp_path / "g.db"
@@ -216,6 +224,7 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(data_dir, tmp_path):
     assert gallery.read_bytes() == before  # failed enrollments left the gallery as it was
 
 
+@pytest.mark.slow
 def test_enroll_with_a_chosen_face_and_gallery_commands(data_dir, tmp_path):
     gallery = tmp_path / "g.db"
     facemoe(
@@ -255,6 +264,7 @@ def test_validate_config(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_recognized_alert_and_annotation_labels_on_the_close_up(hamilton, data_dir):
     """In media time: the `recognized` message naming Lin-Manuel Miranda comes within 1 s of
     the first frame of his close-up (the cut at 2.7 s); from then on every frame of the

@@ -14,6 +14,8 @@ from app.quality import pose_frontalness, score_quality
 from app.records import Detection
 from app.source import open_source
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def detector(yunet_path: Path) -> FaceDetector:

@@ -13,6 +13,8 @@ import pytest
 from app.source import SourceError, open_source
 from benchmarks.rtsp_camera import free_port
 
+pytestmark = pytest.mark.unit
+
 
 def _fds() -> int:
     gc.collect()
@@ -40,6 +42,7 @@ def test_source_open_close_keeps_descriptors_flat(data_dir: Path) -> None:
     assert after_failed - before <= 2, (before, after_failed)
 
 
+@pytest.mark.slow
 def test_daemon_dead_camera_keeps_descriptors_flat(tmp_path: Path, tiny_model_dir: Path,
                                                    yunet_path: Path, no_gallery_key) -> None:
     from app.config import AppConfig
@@ -562,6 +565,7 @@ def _flip_bit(db: Path, template_id: int, byte: int, bit: int) -> None:
     con.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encrypted", [False, True])
 def test_one_flipped_bit_is_found_and_only_that_template_is_left_out(
         tmp_path: Path, data_dir: Path, default_model_dir: Path, monkeypatch,
@@ -822,6 +826,7 @@ def _import_in_child(export: Path, db: Path) -> tuple[str, float, float]:
     return result, float(seconds), float(rss)
 
 
+@pytest.mark.slow
 def test_import_refuses_a_zip_bomb_from_the_directory(tmp_path: Path, data_dir: Path,
                                                       no_gallery_key) -> None:
     import zipfile
@@ -912,6 +917,7 @@ def test_events_limit_must_be_positive(tmp_path: Path, no_gallery_key) -> None:
     assert "--limit: must be at least 1, got -5" in proc.stderr
 
 
+@pytest.mark.slow
 def test_key_file_is_accepted_where_the_key_is_needed(tmp_path: Path, data_dir: Path,
                                                       monkeypatch) -> None:
     import base64
@@ -938,6 +944,7 @@ def test_key_file_is_accepted_where_the_key_is_needed(tmp_path: Path, data_dir: 
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_stalled_http_clients_are_dropped_without_tracebacks(
         tmp_path: Path, tiny_model_dir: Path, yunet_path: Path, monkeypatch, caplog,
         no_gallery_key) -> None:

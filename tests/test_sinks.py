@@ -21,6 +21,8 @@ from app.records import Event
 from app.sinks import GallerySink, JsonlSink, SinkError, SnapshotSink
 from tests.gallery_helpers import EVENT_KEYS
 
+pytestmark = pytest.mark.unit
+
 
 def event(track_id: int, identity: str | None) -> Event:
     return Event(

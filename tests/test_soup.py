@@ -11,12 +11,15 @@ from trainer.artifact import load_model
 from trainer.preprocess import to_input
 from trainer.soup import soup
 
+pytestmark = pytest.mark.unit
+
 
 def _artifact(path, seed, **arch):
     out = tiny_artifact(path, seed, version=str(seed), **arch)
     return out, load_model(out)[0].state_dict()
 
 
+@pytest.mark.slow
 def test_soup_is_the_mean_of_the_ingredients(tmp_path, real_faces):
     (a, sa), (b, sb), (c, sc) = (_artifact(tmp_path / n, i) for i, n in enumerate("abc"))
     out = soup([a, b, c], tmp_path / "soup", name="facemoe-edge", version="1.0.0")

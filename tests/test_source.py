@@ -13,6 +13,8 @@ import pytest
 
 from app.source import Gst, SourceError, VideoWriter, _items, _make, init_gstreamer, open_source
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def videos(data_dir: Path) -> Path:

@@ -27,6 +27,7 @@ def small() -> FaceMoESwin:
     return create_model("facemoe-swin-b", **SMALL)
 
 
+@pytest.mark.unit
 def test_forward_shape_and_attributes(small: FaceMoESwin) -> None:
     small.eval()  # deterministic: no drop path, BatchNorm on running stats
     x = torch.randn(2, 3, small.input_size, small.input_size)
@@ -40,11 +41,13 @@ def test_forward_shape_and_attributes(small: FaceMoESwin) -> None:
     assert len(moe_layers(small)) == sum(SMALL["depths"])  # MoE in every block
 
 
+@pytest.mark.unit
 def test_the_smallest_override_builds() -> None:
     model = create_model("facemoe-swin-b", depths=[1, 1, 1], dim=48, heads=[2, 2, 2])
     assert model(torch.randn(2, 3, 120, 120)).shape == (2, 512)
 
 
+@pytest.mark.unit
 def test_every_parameter_gets_a_gradient(small: FaceMoESwin) -> None:
     small.train()
     small(torch.randn(2, 3, 120, 120)).sum().backward()
@@ -53,6 +56,7 @@ def test_every_parameter_gets_a_gradient(small: FaceMoESwin) -> None:
     assert all(torch.isfinite(p.grad).all() for p in small.parameters())
 
 
+@pytest.mark.unit
 def test_full_size_parameter_count() -> None:
     with torch.device("meta"):  # count without allocating 1.9 GB
         model = create_model("facemoe-swin-b")
@@ -64,12 +68,14 @@ def test_full_size_parameter_count() -> None:
     assert [b.shift for b in blocks] == [0, 2] * 10 + [0, 0]  # the 5x5 stage is one window
 
 
+@pytest.mark.unit
 def test_window_partition_round_trip() -> None:
     x = torch.randn(2, 20, 20, 3)
     assert window_partition(x, 5).shape == (32, 25, 3)
     assert torch.equal(window_reverse(window_partition(x, 5), 5, 20, 20), x)
 
 
+@pytest.mark.unit
 def test_mask_only_touches_windows_on_the_wrapped_edges() -> None:
     masked = (shifted_window_mask(20, 20, 5, 2) != 0).flatten(1).any(1)
     grid = masked.reshape(4, 4)  # 4x4 windows, row-major
@@ -78,6 +84,7 @@ def test_mask_only_touches_windows_on_the_wrapped_edges() -> None:
     assert torch.equal(grid, expected)
 
 
+@pytest.mark.unit
 def test_patch_merging_matches_strided_concatenation() -> None:
     merge = PatchMerging(7, 10)
     x = torch.randn(2, 100, 7)
@@ -110,6 +117,7 @@ def _naive_shifted_attention(block: SwinMoEBlock, x: torch.Tensor) -> torch.Tens
     return torch.roll(y.reshape(b, r, r, c), (s, s), (1, 2)).reshape(b, n, c)
 
 
+@pytest.mark.unit
 def test_shifted_window_attention_equals_masked_global_attention() -> None:
     torch.manual_seed(0)
     moe = {"num_experts": 3, "top_k": 2, "gate": "softmax_topk", "dispatch": "dense"}
@@ -120,6 +128,8 @@ def test_shifted_window_attention_equals_masked_global_attention() -> None:
     torch.testing.assert_close(block._attend(x), _naive_shifted_attention(block, x))
 
 
+@pytest.mark.slow
+@pytest.mark.contract
 def test_onnx_export_matches_torch(small: FaceMoESwin, tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")
     small.eval()

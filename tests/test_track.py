@@ -19,6 +19,8 @@ from app.source import open_source
 from app.track import KalmanBoxFilter, Tracker, TrackerConfig, gated_iou, iou_matrix
 from benchmarks.synthetic_faces import Walk, load_sprites, render, visible
 
+pytestmark = pytest.mark.unit
+
 
 def box(x: float, y: float, w: float = 40, h: float = 50, score: float = 0.9) -> Detection:
     """A detection with plausible landmarks inside the box."""

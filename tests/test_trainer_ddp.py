@@ -5,11 +5,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
 from tests.conftest import metrics_rows
 from trainer.artifact import load_model, read_manifest
+
+pytestmark = pytest.mark.e2e
 
 
 def _torchrun(config: Path) -> subprocess.CompletedProcess:
@@ -23,6 +26,7 @@ def _torchrun(config: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_train_one_model(tmp_path, tiny_config):
     config = tiny_config  # the tiny e2e config, changed below for two ranks
     cfg = yaml.safe_load(config.read_text())

@@ -14,7 +14,10 @@ from trainer.config import ConfigError, load_train_config
 from trainer.preprocess import to_input
 from trainer.train import train
 
+pytestmark = pytest.mark.e2e
 
+
+@pytest.mark.slow
 def test_train_resume_export_parity(tiny_config, real_faces):
     # 72 training faces (2 identities held out) / batch 32 = 2 steps per epoch
     run = train(load_train_config(tiny_config))

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.contract
+
 REPO = Path(__file__).resolve().parent.parent
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (extra 'gpu')")
@@ -169,6 +171,7 @@ def _child(inp: str, out: str) -> None:
     np.savez(out, **results)
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_op_matches_numpy_reference(triton_out, name):
@@ -206,6 +209,7 @@ def test_cases_cover_what_they_claim():
             assert idx.tolist() == [[0, 1]] * len(idx)
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("gate", ["softmax_topk", "raw_logits"])
 def test_moemlp_triton_dispatch_equals_dense(triton_out, gate):

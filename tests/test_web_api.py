@@ -40,7 +40,7 @@ from app.web.auth import (  # noqa: E402
 from app.web.context import WebContext  # noqa: E402
 from tests.web_helpers import ALEX, HAMILTON, LIN, build_gallery, close_up, facemoe  # noqa: E402
 
-pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_gallery_key")]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("no_gallery_key")]
 PASSWORD, TOKEN = "correct horse battery", "tok-3f9a2c"
 
 

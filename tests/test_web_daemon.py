@@ -33,6 +33,7 @@ def _get(port: int, path: str) -> tuple[int, str]:
         return 0, ""
 
 
+@pytest.mark.slow
 def test_the_daemon_serves_the_review_ui_with_a_cameras_page(tmp_path: Path,
                                                              data_dir: Path) -> None:
     port = free_port()

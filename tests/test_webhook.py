@@ -15,6 +15,8 @@ from app.records import Event
 from app.sinks import SinkError, WebhookSink
 from benchmarks.rtsp_camera import free_port
 
+pytestmark = pytest.mark.unit
+
 SECRET = "correct horse battery staple"
 
 
