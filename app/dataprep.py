@@ -103,8 +103,7 @@ def prepare_teacher_pool(
     label_names = sorted({n for n in names if n})
     index = {n: i for i, n in enumerate(label_names)}
     labels = np.array([index.get(n, -1) for n in names], np.int64)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, 0o644) as tmp:
+    with atomic_write(out) as tmp:  # faces: private, like every file of faces
         np.savez(
             tmp,
             crops=crops,

@@ -23,6 +23,18 @@ def refuse_directory(path: str | Path, what: str) -> Path:
     return p
 
 
+def make_dirs(path: str | Path, private: bool = True) -> None:
+    """Create `path` and its missing parents; each one created here is 0700 when `private`
+    (faces, events, galleries), so no other user can list what is inside. Existing
+    directories keep their permissions."""
+    missing, p = [], Path(path)
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o700 if private else 0o777, exist_ok=True)
+
+
 def temp_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
     """(open descriptor, path) of a new private temporary file next to `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
@@ -32,9 +44,10 @@ def temp_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
 @contextmanager
 def atomic_write(path: str | Path, mode: int = 0o600) -> Iterator[BinaryIO]:
     """Write `path` atomically: yield a binary file; on success fsync and rename it over
-    `path` with permissions `mode`; on any failure the temporary is removed."""
+    `path` with permissions `mode`; on any failure the temporary is removed. Missing folders
+    are made 0700 when `mode` is private (no group or other bits)."""
     dest = refuse_directory(path, "file")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(dest.parent, private=not mode & 0o077)
     fd, tmp = temp_beside(dest)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import cv2
 
-from app.fsutil import atomic_write
+from app.fsutil import atomic_write, make_dirs
 from app.gallery import EventStore, GalleryError
 from app.records import Event
 
@@ -144,9 +144,7 @@ class SnapshotSink:
         ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
         if not ok:
             raise OSError("JPEG encoding failed")
-        path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # private
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        with atomic_write(path) as fh:  # mode 0600
+        with atomic_write(path) as fh:  # mode 0600 in folders made 0700
             fh.write(data.tobytes())
 
     def purge(self, now: float | None = None) -> int:
@@ -199,7 +197,7 @@ class RotatingJsonlSink:
     def __init__(self, path: str | Path, max_bytes: int, backups: int) -> None:
         self.path, self.max_bytes, self.backups = Path(path), max(1, int(max_bytes)), backups
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
         except OSError as exc:
             raise SinkError(f"cannot create {self.path.parent}: {_reason(exc)}") from exc
         self._sink = JsonlSink(self.path)

@@ -49,6 +49,7 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.pool import StaticPool
 
+from app.fsutil import make_dirs
 from app.gallery.codec import MAX_NAME_LENGTH
 from app.gallery.errors import GalleryError, one_line
 
@@ -370,7 +371,7 @@ class Database:
         if not create:
             raise GalleryError(f"no such gallery: {display}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:
             return False

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from app.fsutil import temp_beside
+from app.fsutil import make_dirs, temp_beside
 from app.gallery.codec import clean_name, decode_crop, unit_bytes, vector_checksum
 from app.gallery.db import (
     IN_CHUNK,
@@ -135,7 +135,7 @@ def export(store: Store, path: str | Path) -> ExportReport:
         raise GalleryError(f"cannot export to {dest}: it is a directory")
     tmp: Path | None = None
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(dest.parent)
         fd, tmp = temp_beside(dest)  # O_EXCL, 0600, unpredictable name
         with os.fdopen(fd, "w+b") as fh:
             counts = _write_export(store, fh)
