@@ -248,7 +248,7 @@ def _recognizer(args: argparse.Namespace):
 
 
 def cmd_recognize(args: argparse.Namespace) -> int:
-    from app.recognize import read_image
+    from app.faces import read_image
 
     images = [(path, read_image(path)) for path in args.images]  # bad files fail first
     recognizer, gallery = _recognizer(args)
@@ -270,7 +270,8 @@ def cmd_recognize(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from app.recognize import Recognizer, read_image
+    from app.faces import read_image
+    from app.recognize import Recognizer
     from app.runtime import make_detector, threshold
 
     a, b = read_image(args.a), read_image(args.b)
@@ -869,7 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
 _USER_ERRORS = (
     ("trainer.config", "ConfigError"),
     ("app.enroll", "EnrollError"),
-    ("app.recognize", "ImageError"),
+    ("app.faces", "FaceError"),
     ("app.gallery.errors", "GalleryError"),
     ("app.sinks", "SinkError"),
     ("app.source", "SourceError"),

@@ -17,6 +17,7 @@ longest: `app.enroll.faces_from_video`); every tracked face is aligned as here.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,7 +31,8 @@ from app.records import Detection
 from trainer.preprocess import CropTemplate
 
 MAX_SIDE = 1920  # detection runs on a copy at most this long; alignment on the original
-MAX_PIXELS = 100_000_000  # a decoded image above this is refused
+MAX_PIXELS = 100_000_000  # a photo file above this is refused
+UPLOAD_MAX_PIXELS = 40_000_000  # a web upload above this (e.g. 7,700 x 5,200) is refused
 _PYRAMID = (640, 1280)  # YuNet misses faces much larger than ~600 px: try small copies first
 
 Choice = Literal["only", "largest", "central"] | int
@@ -56,23 +58,84 @@ def _truncated(data: bytes) -> bool:
     return False
 
 
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG, BMP or WebP header; None when not found."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:2] == b"BM" and len(data) >= 26:
+        w, h = struct.unpack("<ii", data[18:26])
+        return abs(w), abs(h)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        chunk = data[12:16]
+        if chunk == b"VP8X":
+            return (1 + int.from_bytes(data[24:27], "little"),
+                    1 + int.from_bytes(data[27:30], "little"))
+        if chunk == b"VP8 ":
+            w, h = struct.unpack("<HH", data[26:30])
+            return w & 0x3FFF, h & 0x3FFF
+        if chunk == b"VP8L" and len(data) >= 25:
+            b = int.from_bytes(data[21:25], "little")
+            return (b & 0x3FFF) + 1, ((b >> 14) & 0x3FFF) + 1
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                i += 1
+                continue
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                i += 2
+                continue
+            length = int.from_bytes(data[i + 2:i + 4], "big")
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                h, w = struct.unpack(">HH", data[i + 5:i + 9])
+                return w, h
+            i += 2 + length
+    return None
+
+
+def _check_pixels(what: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels or 0 in (width, height):
+        raise FaceError(f"{what} is {width}x{height} pixels ({width * height / 1e6:.0f} MP); "
+                        f"at most {max_pixels / 1e6:.0f} megapixels are accepted")
+
+
+def decode_image(data: bytes, what: str, *, max_pixels: int = MAX_PIXELS,
+                 max_bytes: int | None = None, known_formats: bool = False) -> np.ndarray:
+    """uint8[H, W, 3] BGR from an encoded photo within the limits; FaceError (one line) else.
+
+    The size in a JPEG, PNG, WebP or BMP header is checked before decoding, so a small file
+    that would decode into a huge bitmap is refused first; `known_formats` (uploads) refuses
+    every other format, whose size cannot be read without decoding. Truncated JPEG and PNG
+    files are refused (the decoder would fill in grey)."""
+    if not data:
+        raise FaceError(f"{what} is empty")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise FaceError(f"{what} is {len(data) / 1e6:.1f} MB; at most "
+                        f"{max_bytes / 1e6:.1f} MB is accepted")
+    size = _header_size(data)
+    if size is None and known_formats:
+        raise FaceError(f"{what} is not a JPEG, PNG, WebP or BMP image")
+    if size is not None:
+        _check_pixels(what, *size, max_pixels)
+    if _truncated(data):
+        raise FaceError(f"{what} is truncated (incomplete file)")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FaceError(f"cannot read {what}: not a decodable image")
+    _check_pixels(what, image.shape[1], image.shape[0], max_pixels)
+    return image
+
+
 def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """A photo as uint8 BGR; FaceError (one line) for unreadable, truncated or oversized."""
+    """A photo file as uint8 BGR (`decode_image`); FaceError (one line) for unreadable,
+    truncated or oversized."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise FaceError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    if _truncated(data):
-        raise FaceError(f"image {path} is truncated (incomplete file)")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise FaceError(f"cannot read image {path}: not a decodable image")
-    height, width = image.shape[:2]
-    if height * width > max_pixels:
-        raise FaceError(f"image {path} is {width}x{height} ({height * width / 1e6:.0f} MP), "
-                        f"above the limit of {max_pixels / 1e6:.0f} MP")
-    return image
+    return decode_image(data, f"image {path}", max_pixels=max_pixels)
 
 
 def _scaled(det: Detection, factor: float) -> Detection:

@@ -8,8 +8,8 @@ from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request, UploadFile
 
+from app.faces import UPLOAD_MAX_PIXELS, FaceError, decode_image
 from app.gallery import GalleryError
-from app.recognize import ImageError, decode_image
 from app.web.auth import COOKIE, CSRF_FIELD, CSRF_HEADER, User
 from app.web.context import WebContext
 
@@ -65,10 +65,11 @@ async def writer(request: Request) -> User:
 
 
 async def read_upload(ctx: WebContext, upload: UploadFile, what: str):
-    """Decode an uploaded image within the size and pixel limits (ImageError otherwise)."""
+    """Decode an uploaded image within the size and pixel limits (FaceError otherwise)."""
     limit = ctx.max_upload_bytes
     data = await upload.read(limit + 1)
-    return decode_image(data, f"{what} ({upload.filename or 'upload'})", max_bytes=limit)
+    return decode_image(data, f"{what} ({upload.filename or 'upload'})", max_bytes=limit,
+                        max_pixels=UPLOAD_MAX_PIXELS, known_formats=True)
 
 
 def http_error(exc: Exception) -> HTTPException:
@@ -78,7 +79,7 @@ def http_error(exc: Exception) -> HTTPException:
     return HTTPException(404 if missing else 400, text)
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (GalleryError, ImageError)
+USER_ERRORS: tuple[type[Exception], ...] = (GalleryError, FaceError)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
