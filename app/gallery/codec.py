@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 
-import cv2
 import numpy as np
 
 from app.gallery.errors import GalleryError
@@ -93,6 +92,8 @@ def encode_crop(crop: np.ndarray) -> bytes:
     arr = np.asarray(crop)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise GalleryError(f"crop must be uint8[H, W, 3], got {arr.dtype}{list(arr.shape)}")
+    import cv2  # here: commands that do not touch crops start without OpenCV
+
     ok, buf = cv2.imencode(".jpg", arr, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
     if not ok:
         raise GalleryError("could not JPEG-encode a crop")
@@ -102,6 +103,8 @@ def encode_crop(crop: np.ndarray) -> bytes:
 def decode_crop(jpeg: bytes, what: str) -> np.ndarray:
     """uint8[S, S, 3] BGR from stored JPEG bytes: 192 (app.align.STORE) or 112 (ArcFace crops
     kept by releases up to 0.2)."""
+    import cv2
+
     img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise GalleryError(f"{what}: the stored crop is not a readable JPEG")
