@@ -35,13 +35,14 @@ class PrepareReport:
 
 def prepare_folder(src: Path, dst: Path, detector: FaceDetector) -> PrepareReport:
     """Align the largest face of each image under src/<identity>/ (`app.faces`) onto ArcFace
-    112 and write it to dst/<identity>/<stem>.jpg (atomically, private); images directly in
-    `src` go to dst/unlabelled/. Unreadable (also truncated) and faceless images are listed."""
+    112 and write it to dst/<identity>/<stem>.jpg (atomically, private; a second image with the
+    same stem, e.g. a.jpg and a.tif, becomes <stem>-1.jpg); images directly in `src` go to
+    dst/unlabelled/. Unreadable (also truncated) and faceless images are listed."""
     src, dst = Path(src), Path(dst)
     images = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FileNotFoundError(f"no images under {src}")
-    written, no_face, unreadable = 0, [], []
+    written, no_face, unreadable, taken = 0, [], [], set()
     for path in tqdm(images, desc="prepare", unit="img"):
         try:
             image = read_image(path)
@@ -58,7 +59,12 @@ def prepare_folder(src: Path, dst: Path, detector: FaceDetector) -> PrepareRepor
         ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
         if not ok:
             raise OSError(f"cannot encode the aligned face of {path} as JPEG")
-        with atomic_write(dst / identity / (path.stem + ".jpg")) as f:
+        out, n = dst / identity / f"{path.stem}.jpg", 0
+        while out in taken:
+            n += 1
+            out = dst / identity / f"{path.stem}-{n}.jpg"
+        taken.add(out)
+        with atomic_write(out) as f:
             f.write(jpeg.tobytes())
         written += 1
     return PrepareReport(written, no_face, unreadable)

@@ -70,6 +70,20 @@ def test_prepare_folder_aligns_the_faces_of_every_suffix(photos: Path, tmp_path:
     assert np.abs(written - own).mean() < 3  # JPEG quality 95 only
 
 
+def test_photos_with_one_stem_are_all_kept(tmp_path: Path, data_dir: Path,
+                                           detector: FaceDetector) -> None:
+    """carol/a.jpg and carol/a.tif (two different people's photos) both become crops."""
+    pairs = data_dir / "deepface_pairs"
+    raw = tmp_path / "raw" / "carol"
+    raw.mkdir(parents=True)
+    (raw / "a.jpg").write_bytes((pairs / "img1.jpg").read_bytes())
+    assert cv2.imwrite(str(raw / "a.tif"), read_image(pairs / "img17.jpg"))
+    out = tmp_path / "aligned"
+    assert prepare_folder(tmp_path / "raw", out, detector).written == 2
+    crops = [cv2.imread(str(out / "carol" / n)).astype(np.float32) for n in ("a.jpg", "a-1.jpg")]
+    assert np.abs(crops[0] - crops[1]).mean() > 20  # two faces, not one written twice
+
+
 def test_prepare_folder_without_photos(tmp_path: Path, detector: FaceDetector) -> None:
     (tmp_path / "empty" / "x").mkdir(parents=True)
     (tmp_path / "empty" / "x" / "a.txt").write_text("no photos\n")
