@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -45,7 +44,7 @@ from app.gallery.events import EventStore, StoredEvent
 from app.gallery.reembed import EmbedderLike, ReembedReport, reembed
 from app.gallery.review import Review
 from app.gallery.seal import CROP, VECTOR
-from app.gallery.store import Store
+from app.gallery.store import Closing, Store
 from app.gallery.transfer import ExportReport, ImportReport, export, import_file
 from app.records import Event
 
@@ -139,7 +138,7 @@ def _find(session: Session, name: str) -> IdentityRow:
     return identity
 
 
-class Gallery:
+class Gallery(Closing):
     """Enrolled identities (templates per model); through it, the gallery's event store
     (`event_store`), audit log, export/import and re-embedding.
 
@@ -531,14 +530,3 @@ class Gallery:
     def close(self) -> None:
         """Release the database connections."""
         self.store.close()
-
-    def __enter__(self) -> Gallery:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -23,7 +24,24 @@ from app.gallery.seal import Sealer, load_key
 log = logging.getLogger(__name__)
 
 
-class Store:
+_C = TypeVar("_C", bound="Closing")
+
+
+class Closing:
+    """Closed at the end of a `with` block (the store, and the gallery built on it)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class Store(Closing):
     """The parts every gallery module builds on: `db` (transactions), `sealer` (encryption
     at rest), `audit` (the audit log), the model (`model_name`, `model_version`) and the
     `store_crops` setting.
@@ -97,14 +115,3 @@ class Store:
     def close(self) -> None:
         """Release the database connections."""
         self.db.close()
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
