@@ -20,7 +20,7 @@ from app import __version__
 from app.config import AppConfig
 from app.web.auth import Authenticator
 from app.web.context import WebContext
-from app.web.deps import NotAuthenticated
+from app.web.deps import NotAuthenticated, http_error, user_errors
 from app.web.routers import cameras, clusters, events, identities, pages, recognize
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,14 @@ def create_app(ctx: WebContext) -> FastAPI:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
+    async def _user_error(_request: Request, exc: Exception) -> Response:
+        """A user's mistake in an API call (no such identity, a photo without a face ...):
+        404 or 400 with its one-line message (the pages catch theirs and show them)."""
+        answer = http_error(exc)
+        return JSONResponse({"detail": answer.detail}, status_code=answer.status_code)
+
+    for error in user_errors():
+        app.add_exception_handler(error, _user_error)
     app.add_middleware(BodyLimit, limit=ctx.max_upload_bytes * 4 + 2**16)
     return app
 

@@ -11,7 +11,7 @@ from app.gallery.audit import acting_as
 from app.gallery.review import ClusterInfo
 from app.web.auth import User
 from app.web.context import WebContext
-from app.web.deps import current_user, get_ctx, http_error, user_errors, writer
+from app.web.deps import current_user, get_ctx, writer
 from app.web.models import (
     ClusterOut,
     ClusterPage,
@@ -53,50 +53,35 @@ def get_clusters(state: str = Query("open", pattern="^(open|ignored)$"),
                  offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
                  ctx: WebContext = Depends(get_ctx),
                  _user: User = Depends(current_user)) -> ClusterPage:
-    try:
-        return list_clusters(ctx, state, offset, limit)
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    return list_clusters(ctx, state, offset, limit)
 
 
 @router.get("/{cluster_id}", response_model=ClusterOut, summary="One face cluster")
 def get_cluster(cluster_id: int, ctx: WebContext = Depends(get_ctx),
                 _user: User = Depends(current_user)) -> ClusterOut:
-    try:
-        return cluster_out(ctx, ctx.gallery.review.cluster(cluster_id))
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    return cluster_out(ctx, ctx.gallery.review.cluster(cluster_id))
 
 
 @router.post("/{cluster_id}/name", response_model=NamedCluster,
              summary="This is NAME: enroll the cluster's best crops and name its events")
 def name_cluster(cluster_id: int, body: NameRequest, ctx: WebContext = Depends(get_ctx),
                  user: User = Depends(writer)) -> NamedCluster:
-    try:
-        with acting_as(user.audit_name):
-            return naming_out(ctx.review.name(cluster_id, body.name))
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    with acting_as(user.audit_name):
+        return naming_out(ctx.review.name(cluster_id, body.name))
 
 
 @router.post("/{cluster_id}/ignore", response_model=ClusterOut, summary="Hide a cluster")
 def ignore_cluster(cluster_id: int, ctx: WebContext = Depends(get_ctx),
                    user: User = Depends(writer)) -> ClusterOut:
-    try:
-        with acting_as(user.audit_name):
-            ctx.review.ignore(cluster_id)
-        return cluster_out(ctx, ctx.gallery.review.cluster(cluster_id))
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    with acting_as(user.audit_name):
+        ctx.review.ignore(cluster_id)
+    return cluster_out(ctx, ctx.gallery.review.cluster(cluster_id))
 
 
 @router.post("/{cluster_id}/merge", response_model=ClusterOut,
              summary="Move another cluster's events into this one")
 def merge_cluster(cluster_id: int, body: MergeClusterRequest,
                   ctx: WebContext = Depends(get_ctx), user: User = Depends(writer)) -> ClusterOut:
-    try:
-        with acting_as(user.audit_name):
-            ctx.review.merge(cluster_id, body.other)
-        return cluster_out(ctx, ctx.gallery.review.cluster(cluster_id))
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    with acting_as(user.audit_name):
+        ctx.review.merge(cluster_id, body.other)
+    return cluster_out(ctx, ctx.gallery.review.cluster(cluster_id))

@@ -13,7 +13,7 @@ from app.gallery.review import EventFilter
 from app.recognize import Candidate
 from app.web.auth import User
 from app.web.context import WebContext
-from app.web.deps import current_user, get_ctx, http_error, user_errors, writer
+from app.web.deps import current_user, get_ctx, writer
 from app.web.models import Enrolled, EventOut, EventPage, NameRequest, Nearest
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,7 @@ def get_events(
     _user: User = Depends(current_user),
 ) -> EventPage:
     f = EventFilter(camera, identity, unknown, since, until, cluster)
-    try:
-        events, total, nearest = list_events(ctx, f, before, limit)
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    events, total, nearest = list_events(ctx, f, before, limit)
     nxt = events[-1].id if len(events) == limit else None
     return EventPage(events=[event_out(e, nearest.get(e.id)) for e in events], total=total,
                      next_before=nxt)
@@ -65,21 +62,15 @@ def get_events(
 @router.get("/{event_id}", response_model=EventOut, summary="One event")
 def get_event(event_id: int, ctx: WebContext = Depends(get_ctx),
               _user: User = Depends(current_user)) -> EventOut:
-    try:
-        e = ctx.gallery.review.event(event_id)
-        return event_out(e, ctx.review.nearest([e]).get(e.id))
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    e = ctx.gallery.review.event(event_id)
+    return event_out(e, ctx.review.nearest([e]).get(e.id))
 
 
 @router.get("/{event_id}/crops/{index}", summary="A kept crop of an event (JPEG), best first",
             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
 def get_event_crop(event_id: int, index: int, ctx: WebContext = Depends(get_ctx),
                    _user: User = Depends(current_user)) -> Response:
-    try:
-        data = ctx.gallery.review.event_crop_jpeg(event_id, index)
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    data = ctx.gallery.review.event_crop_jpeg(event_id, index)
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": CROP_CACHE})
 
 
@@ -87,9 +78,6 @@ def get_event_crop(event_id: int, index: int, ctx: WebContext = Depends(get_ctx)
              summary="This is NAME: enroll the event's kept crops and name the event")
 def name_event(event_id: int, body: NameRequest, ctx: WebContext = Depends(get_ctx),
                user: User = Depends(writer)) -> Enrolled:
-    try:
-        with acting_as(user.audit_name):
-            r = ctx.review.name_event(event_id, body.name)
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    with acting_as(user.audit_name):
+        r = ctx.review.name_event(event_id, body.name)
     return Enrolled.of(r)

@@ -13,7 +13,7 @@ from app.gallery.audit import acting_as
 from app.gallery.review import IdentityRowInfo
 from app.web.auth import User
 from app.web.context import WebContext
-from app.web.deps import current_user, get_ctx, http_error, read_upload, user_errors, writer
+from app.web.deps import current_user, get_ctx, read_upload, writer
 from app.web.models import (
     Enrolled,
     IdentityDetail,
@@ -79,45 +79,33 @@ def list_identities(search: str = "", offset: int = Query(0, ge=0),
 async def create_identity(name: str = Form(...), photos: list[UploadFile] = File(...),
                           ctx: WebContext = Depends(get_ctx),
                           user: User = Depends(writer)) -> Enrolled:
-    try:
-        return Enrolled.of(await enroll_uploads(ctx, user, name, photos))
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    return Enrolled.of(await enroll_uploads(ctx, user, name, photos))
 
 
 @router.get("/api/identities/{identity_id}", response_model=IdentityDetail,
             summary="One identity with its templates")
 def get_identity(identity_id: int, ctx: WebContext = Depends(get_ctx),
                  _user: User = Depends(current_user)) -> IdentityDetail:
-    try:
-        return identity_detail(ctx, identity_id)
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    return identity_detail(ctx, identity_id)
 
 
 @router.patch("/api/identities/{identity_id}", response_model=IdentityOut, summary="Rename")
 def rename_identity(identity_id: int, body: RenameRequest, ctx: WebContext = Depends(get_ctx),
                     user: User = Depends(writer)) -> IdentityOut:
-    try:
-        old = ctx.gallery.review.identity(identity_id).name
-        with acting_as(user.audit_name):
-            ctx.gallery.rename(old, body.name)
-        return identity_out(ctx.gallery.review.identity(identity_id))
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    old = ctx.gallery.review.identity(identity_id).name
+    with acting_as(user.audit_name):
+        ctx.gallery.rename(old, body.name)
+    return identity_out(ctx.gallery.review.identity(identity_id))
 
 
 @router.delete("/api/identities/{identity_id}", response_model=Removed,
                summary="Delete an identity with its templates, crops and events (erasure)")
 def delete_identity(identity_id: int, ctx: WebContext = Depends(get_ctx),
                     user: User = Depends(writer)) -> Removed:
-    try:
-        name = ctx.gallery.review.identity(identity_id).name
-        with acting_as(user.audit_name):
-            events = ctx.gallery.remove(name)
-        return Removed(removed=name, events_deleted=events)
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    name = ctx.gallery.review.identity(identity_id).name
+    with acting_as(user.audit_name):
+        events = ctx.gallery.remove(name)
+    return Removed(removed=name, events_deleted=events)
 
 
 @router.post("/api/identities/{identity_id}/merge", response_model=IdentityOut,
@@ -125,14 +113,11 @@ def delete_identity(identity_id: int, ctx: WebContext = Depends(get_ctx),
 def merge_identity(identity_id: int, body: MergeIdentityRequest,
                    ctx: WebContext = Depends(get_ctx), user: User = Depends(writer)
                    ) -> IdentityOut:
-    try:
-        review = ctx.gallery.review
-        src, dst = review.identity(identity_id).name, review.identity(body.into).name
-        with acting_as(user.audit_name):
-            review.merge_identities(src, dst)
-        return identity_out(review.identity(body.into))
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    review = ctx.gallery.review
+    src, dst = review.identity(identity_id).name, review.identity(body.into).name
+    with acting_as(user.audit_name):
+        review.merge_identities(src, dst)
+    return identity_out(review.identity(body.into))
 
 
 @router.post("/api/identities/{identity_id}/templates", response_model=Enrolled,
@@ -140,22 +125,16 @@ def merge_identity(identity_id: int, body: MergeIdentityRequest,
 async def add_templates(identity_id: int, photos: list[UploadFile] = File(...),
                         ctx: WebContext = Depends(get_ctx),
                         user: User = Depends(writer)) -> Enrolled:
-    try:
-        name = ctx.gallery.review.identity(identity_id).name
-        return Enrolled.of(await enroll_uploads(ctx, user, name, photos))
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    name = ctx.gallery.review.identity(identity_id).name
+    return Enrolled.of(await enroll_uploads(ctx, user, name, photos))
 
 
 @router.delete("/api/templates/{template_id}", status_code=204, response_class=Response,
                summary="Delete one template")
 def delete_template(template_id: int, ctx: WebContext = Depends(get_ctx),
                     user: User = Depends(writer)) -> Response:
-    try:
-        with acting_as(user.audit_name):
-            ctx.gallery.review.delete_template(template_id)
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    with acting_as(user.audit_name):
+        ctx.gallery.review.delete_template(template_id)
     return Response(status_code=204)
 
 
@@ -164,8 +143,5 @@ def delete_template(template_id: int, ctx: WebContext = Depends(get_ctx),
             responses={200: {"content": {"image/jpeg": {}}}})
 def template_crop(template_id: int, ctx: WebContext = Depends(get_ctx),
                   _user: User = Depends(current_user)) -> Response:
-    try:
-        data = ctx.gallery.review.template_crop_jpeg(template_id)
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    data = ctx.gallery.review.template_crop_jpeg(template_id)
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": CROP_CACHE})

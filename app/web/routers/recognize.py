@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.web.auth import User
 from app.web.context import WebContext
-from app.web.deps import current_user, get_ctx, http_error, read_upload, user_errors
+from app.web.deps import current_user, get_ctx, read_upload
 from app.web.models import CandidateOut, FaceOut, RecognizeOut, VerifyOut
 
 log = logging.getLogger(__name__)
@@ -21,11 +21,8 @@ router = APIRouter(prefix="/api", tags=["recognition"])
 async def recognize(image: UploadFile = File(...), top: int = Query(3, ge=1, le=20),
                     ctx: WebContext = Depends(get_ctx),
                     _user: User = Depends(current_user)) -> RecognizeOut:
-    try:
-        img = await read_upload(ctx, image, "image")
-        faces = await run_in_threadpool(ctx.recognizer.recognize, img, top)
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    img = await read_upload(ctx, image, "image")
+    faces = await run_in_threadpool(ctx.recognizer.recognize, img, top)
     return RecognizeOut(
         faces=[FaceOut(box=list(f.box), detector_score=f.detector_score, identity=f.identity,
                        candidates=[CandidateOut(name=c.name, score=c.score)
@@ -38,10 +35,7 @@ async def recognize(image: UploadFile = File(...), top: int = Query(3, ge=1, le=
 async def verify(a: UploadFile = File(...), b: UploadFile = File(...),
                  ctx: WebContext = Depends(get_ctx),
                  _user: User = Depends(current_user)) -> VerifyOut:
-    try:
-        img_a, img_b = await read_upload(ctx, a, "image a"), await read_upload(ctx, b, "image b")
-        v = await run_in_threadpool(ctx.recognizer.verify, img_a, img_b)
-    except user_errors() as exc:
-        raise http_error(exc) from exc
+    img_a, img_b = await read_upload(ctx, a, "image a"), await read_upload(ctx, b, "image b")
+    v = await run_in_threadpool(ctx.recognizer.verify, img_a, img_b)
     return VerifyOut(same=v.same, score=v.score, threshold=v.threshold, box_a=list(v.box_a),
                      box_b=list(v.box_b))
