@@ -278,7 +278,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = _config(args)
     embedder = _embedder(cfg)
     recognizer = Recognizer(make_detector(cfg), embedder, None, threshold(cfg, embedder))
-    v = recognizer.verify(a, b)
+    v = recognizer.verify(a, b, (args.a, args.b))
     verdict = "same person" if v.same else "different people"
     _out(args, {"a": args.a, "b": args.b, **v.as_json()},
          f"{verdict}: cosine {v.score:.3f} (threshold {v.threshold:.3f})")

@@ -122,11 +122,12 @@ class Recognizer:
                                   named, cands))
         return out
 
-    def verify(self, a: np.ndarray, b: np.ndarray) -> Verification:
+    def verify(self, a: np.ndarray, b: np.ndarray,
+               names: tuple[str, str] = ("the first image", "the second image")) -> Verification:
         """The largest face of each image: cosine similarity, and same person when it
-        reaches the threshold."""
+        reaches the threshold. `names` name the images in errors."""
         found = []
-        for label, image in (("the first image", a), ("the second image", b)):
+        for label, image in zip(names, (a, b), strict=True):
             dets, vecs = self.faces(image)
             det = choose_face(dets, "largest", label)  # FaceError when there is none
             found.append((tuple(float(v) for v in det.bbox[:4]), vecs[dets.index(det)]))

@@ -47,6 +47,8 @@ def test_verify_needs_a_face_in_each_image(recognizer: Recognizer, lin):
     blank = lin * 0
     with pytest.raises(FaceError, match="^no face found in the second image$"):
         recognizer.verify(lin, blank)
+    with pytest.raises(FaceError, match="^no face found in grey.jpg$"):
+        recognizer.verify(lin, blank, ("lin.png", "grey.jpg"))
 
 
 def _png_header(width: int, height: int) -> bytes:
