@@ -39,6 +39,11 @@ class StoredEvent:
         return {**self.event.to_json(), "id": self.id, "uid": self.event.id,
                 "crops": self.crops, "stored_at": self.created_at.isoformat()}
 
+    @classmethod
+    def of(cls, row: EventRow, crops: int) -> StoredEvent:
+        """The stored event of an `events` row with `crops` kept crops."""
+        return cls(row.id, _event_of(row), int(crops), as_utc(row.created_at))
+
 
 def _event_of(r: EventRow) -> Event:
     # rows stored before events had ids get a stable one derived from the row
@@ -127,7 +132,7 @@ class EventStore:
         with self._store.db.read("read events") as session:
             rows = list(session.execute(query).all())
         rows.reverse()
-        return [StoredEvent(r.id, _event_of(r), int(n), as_utc(r.created_at)) for r, n in rows]
+        return [StoredEvent.of(r, n) for r, n in rows]
 
     def crops(self, event_id: int) -> tuple[StoredEvent, list[tuple[float, np.ndarray]]]:
         """An event and its kept aligned crops (quality, uint8[S, S, 3] BGR), best first."""
@@ -139,7 +144,7 @@ class EventStore:
                 select(EventCropRow.quality, EventCropRow.crop)
                 .where(EventCropRow.event_id == row.id)
                 .order_by(EventCropRow.quality.desc(), EventCropRow.id)).all())
-            stored = StoredEvent(row.id, _event_of(row), len(crops), as_utc(row.created_at))
+            stored = StoredEvent.of(row, len(crops))
         what = f"event {event_id}"
         return stored, [(float(q), decode_crop(self._store.sealer.unseal(c, CROP), what))
                         for q, c in crops]

@@ -27,7 +27,7 @@ from app.gallery.db import (
     utcnow,
 )
 from app.gallery.errors import GalleryError, plural
-from app.gallery.events import StoredEvent, _event_of
+from app.gallery.events import StoredEvent
 from app.gallery.seal import CROP, VECTOR
 from app.gallery.store import Store
 
@@ -121,7 +121,7 @@ class Review:
             if count:
                 total = int(session.scalar(
                     select(func.count()).select_from(self._event_query(f).subquery())) or 0)
-        return [StoredEvent(r.id, _event_of(r), crops.get(r.id, 0), as_utc(r.created_at))
+        return [StoredEvent.of(r, crops.get(r.id, 0))
                 for r in rows], total
 
     @staticmethod
@@ -139,7 +139,7 @@ class Review:
             if row is None:
                 raise GalleryError(f"no event {event_id}")
             n = self._crop_counts(session, [row.id]).get(row.id, 0)
-            return StoredEvent(row.id, _event_of(row), n, as_utc(row.created_at))
+            return StoredEvent.of(row, n)
 
     def cameras(self) -> list[str]:
         with self._store.db.read("list cameras") as session:
