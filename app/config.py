@@ -31,8 +31,6 @@ from trainer.config import ConfigError  # re-exported
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = paths.default_config()  # as at import; load_config() looks again each call
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(

@@ -455,7 +455,6 @@ class Daemon:
         self._snapshots = (SnapshotSink(snaps.dir, snaps.retention_days) if snaps.dir
                            else None)
         self._routes = self._open_sinks()
-        self._sinks = {r.name: r.sink for r in self._routes}
         self._sink_failures: dict[str, tuple[float, str]] = {}  # sink -> (monotonic, reason)
         self._failures_lock = threading.Lock()
         self.web_auth = self._web_auth() if cfg.daemon.web else None
@@ -471,6 +470,11 @@ class Daemon:
 
     def matcher(self):
         return self._matcher()
+
+    @property
+    def _sinks(self) -> dict[str, Sink]:
+        """The open sinks by name, in the order they are written."""
+        return {r.name: r.sink for r in self._routes}
 
     def _pipeline(self, cc: CameraConfig) -> FacePipeline:
         """A camera's pipeline: the shared detector, embedder, matcher and embedding batch,

@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from app.config import DEFAULT_CONFIG, AppConfig, load_config  # noqa: E402
+from app.config import AppConfig, load_config  # noqa: E402
 from app.embed import Embedder  # noqa: E402
 from app.match import Matcher  # noqa: E402
 from app.pipeline import FacePipeline  # noqa: E402
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--model-dir", default=None, help="embedder artifact (default: config)")
     parser.add_argument("--sizes", type=float, nargs="+", default=[16, 20, 24, 32])
     parser.add_argument("--segments", type=int, default=24, help="segments per size (even)")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--config", help="app config (default: the shipped configs/app.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. detector.upscale=2")
     args = parser.parse_args()
