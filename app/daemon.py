@@ -40,7 +40,14 @@ from app.gallery import Gallery
 from app.mqtt import MqttSink
 from app.pipeline import EmbedBatch, FacePipeline, StageTimes
 from app.records import EVENT_TYPES, Event, Frame, TrackedFace
-from app.runtime import GalleryMatcher, make_detector, make_embedder, open_gallery, threshold
+from app.runtime import (
+    GalleryMatcher,
+    make_detector,
+    make_embedder,
+    open_gallery,
+    open_set,
+    threshold,
+)
 from app.sinks import (
     GallerySink,
     RotatingJsonlSink,
@@ -441,7 +448,8 @@ class Daemon:
                 "snapshots are plain JPEG files; remove snapshots.dir or set "
                 "snapshots.allow_unencrypted: true")
         self.threshold = threshold(cfg, self.embedder)
-        self._matcher = GalleryMatcher(self.gallery, self.threshold)
+        self.open_set = open_set(cfg, self.embedder)
+        self._matcher = GalleryMatcher(self.gallery, self.open_set)
         self.metrics = Metrics()
         self.stopping = threading.Event()
         self.wake = threading.Event()
@@ -591,7 +599,7 @@ class Daemon:
         while not self.stopping.is_set():
             if self.reload.is_set():
                 self.reload.clear()
-                self._matcher = GalleryMatcher(self.gallery, self.threshold)
+                self._matcher = GalleryMatcher(self.gallery, self.open_set)
                 log.info("gallery reloaded (version %s)", self._matcher().version)
             busy = False
             for cam in self.cameras:

@@ -44,6 +44,8 @@ class ImageLimits:
     max_pixels: int = MAX_PIXELS  # a decoded image above this is refused
     min_quality: float = 0.01  # faces below this quality are not enrolled
     warn_quality: float = 0.1  # faces below this are enrolled with a warning
+    min_det_score: float = 0.75  # the face-quality gate (embed.min_det_score, min_exposure)
+    min_exposure: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -139,8 +141,17 @@ def faces_from_array(
     try:
         found = aligned_face(image, detector, "only" if face is None else face, STORE,
                              source=source, max_side=limits.max_side)
-        enrolled = _kept(found.detection, found.crop, source)
+        q = score_quality(found.detection, found.crop)
+        enrolled = EnrollFace(found.crop, q.score, source)
         quality = enrolled.quality
+        if q.exposure < limits.min_exposure:
+            raise EnrollError(f"the face in {source} is too dark or flat to carry identity "
+                              f"(exposure {q.exposure:.2f} < {limits.min_exposure:g}, "
+                              "embed.min_exposure); use a well-lit photo")
+        if q.det_score < limits.min_det_score:
+            raise EnrollError(f"the detector is unsure {source} shows a face (score "
+                              f"{q.det_score:.2f} < {limits.min_det_score:g}, "
+                              "embed.min_det_score); use a clear photo of the face")
         if quality < limits.min_quality:
             raise EnrollError(f"the face in {source} has quality {quality:.3f}, below the "
                               f"minimum {limits.min_quality:g} (enroll.min_quality); use a "

@@ -14,6 +14,7 @@ from app.config import AppConfig
 from app.detect import FaceDetector
 from app.embed import Embedder
 from app.gallery import Gallery
+from app.openset import OpenSet
 from app.pipeline import FacePipeline, StageTimes
 from app.records import Event
 from app.runtime import GalleryMatcher
@@ -38,6 +39,7 @@ class ProcessSummary:
     stages: dict[str, float] = field(default_factory=dict)
     backend: str = ""
     model: str = ""
+    rule: str = ""  # the open-set rule at the start (app.openset)
     annotated: str | None = None
 
     def as_json(self) -> dict:
@@ -57,6 +59,7 @@ class ProcessSummary:
             "stages": self.stages,
             "backend": self.backend,
             "model": self.model,
+            "rule": self.rule,
             "annotated": self.annotated,
         }
 
@@ -67,7 +70,7 @@ def process_video(
     detector: FaceDetector,
     embedder: Embedder,
     gallery: Gallery,
-    threshold: float,
+    threshold: float | OpenSet,
     *,
     events_jsonl: str | None = None,
     annotate: str | None = None,
@@ -76,9 +79,8 @@ def process_video(
 ) -> ProcessSummary:
     camera = camera or Path(video).stem
     times = StageTimes()
-    pipeline = FacePipeline(
-        camera, cfg, detector, embedder, GalleryMatcher(gallery, threshold), times
-    )
+    matcher = GalleryMatcher(gallery, threshold)
+    pipeline = FacePipeline(camera, cfg, detector, embedder, matcher, times)
     sinks: list[Sink] = []
     if cfg.output.events_sqlite:
         sinks.append(GallerySink(gallery.event_store, crops=cfg.output.event_crops))
@@ -89,8 +91,10 @@ def process_video(
         camera=camera,
         backend=embedder.backend.name,
         model=embedder.model,
+        rule=matcher().open_set.describe(matcher().identities),
         annotated=annotate,
     )
+    log.info("%s: %s", camera, summary.rule)
     started = time.perf_counter()
     writer = None
     source = open_source(video, camera)
