@@ -68,7 +68,8 @@ class Rejection:
     @property
     def reason(self) -> str:
         return (f"cosine {self.similarity:.3f} to the medoid template is below "
-                f"{self.bound:.3f} (the median similarity minus the margin)")
+                f"{self.bound:.3f} (the median similarity minus the margin, at least the "
+                "model's pair threshold)")
 
     def as_json(self) -> dict:
         return {"source": self.source, "quality": round(self.quality, 3),
@@ -96,11 +97,13 @@ def find_outliers(
     *,
     margin: float | None = FIXED_OUTLIER_MARGIN,
     min_templates: int = OUTLIER_MIN_TEMPLATES,
+    floor: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Outlier templates of one identity: (mask of those to reject, cosine of each template to
     the medoid, the bound). The medoid is the template with the highest summed cosine to the
     others (a robust centre that is itself a real face); a template is rejected when its cosine
-    to the medoid is below the median cosine of the non-medoid templates minus `margin`. Only
+    to the medoid is below the median cosine of the non-medoid templates minus `margin`, or
+    below `floor` (the model's own pair threshold: the model says it is someone else). Only
     with >= `min_templates` templates and a non-None margin; the medoid is never rejected."""
     vecs = np.asarray(vectors, dtype=np.float32)
     n = len(vecs)
@@ -113,6 +116,8 @@ def find_outliers(
     to_medoid = sims[medoid].astype(np.float32)
     others = np.delete(to_medoid, medoid)
     bound = float(np.median(others)) - float(margin)
+    if floor is not None:
+        bound = max(bound, float(floor))
     reject = to_medoid < bound
     reject[medoid] = False
     return reject, to_medoid, bound
@@ -304,10 +309,12 @@ def enroll(
                        tracking=tracking)
              + faces_from_events(gallery, list(events or [])))
     vectors = np.asarray(embedder.embed_kept([f.crop for f in faces]), dtype=np.float32)
+    floor = None
     if outlier_margin == "auto":
         outlier_margin = auto_outlier_margin(embedder.recommended_threshold)
+        floor = embedder.recommended_threshold
     reject, sims, bound = find_outliers(vectors, margin=outlier_margin,
-                                        min_templates=min_templates)
+                                        min_templates=min_templates, floor=floor)
     rejected = [Rejection(f.source, f.quality, float(sims[i]), bound)
                 for i, f in enumerate(faces) if reject[i]]
     for r in rejected:

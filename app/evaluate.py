@@ -346,10 +346,12 @@ def eval_open_set(
         results[label] = {}
         for n in sizes:
             inside = mated_ids < n
-            rates = ({r: replace(rule, rate=r).threshold(n, res) for r in (0.01, 0.001)}
-                     if rule.calibrated else {})
-            results[label][f"N={n}"] = open_set_identification(
-                gallery[:n], mated[inside], mated_ids[inside], strangers, rates)
+            row = open_set_identification(gallery[:n], mated[inside], mated_ids[inside],
+                                          strangers)
+            for r in (0.01, 0.001) if rule.calibrated else ():
+                row.update(_rule_rates(replace(rule, rate=r), gallery[:n], mated[inside],
+                                       mated_ids[inside], strangers, res))
+            results[label][f"N={n}"] = row
     return {
         "benchmark": "openset",
         "model": embedder.model,
@@ -360,3 +362,23 @@ def eval_open_set(
         "no_face": len(missing),
         "results": results,
     }
+
+
+def _rule_rates(rule, gallery: np.ndarray, mated: np.ndarray, mated_ids: np.ndarray,
+                strangers: np.ndarray, res: int | None) -> dict[str, float]:
+    """FPIR and FNIR (%) of the open-set rule (`app.match.Matcher` with `rule`: threshold
+    and margin) for a gallery of one photo per person; probes' faces at `res` px."""
+    from app.match import Matcher
+
+    names = [str(i) for i in range(len(gallery))]
+    matcher = Matcher(names, gallery, rule)
+    def named(probes: np.ndarray) -> list[str | None]:
+        return [matcher.match(p, res).identity for p in probes]
+
+    hits = named(mated)
+    fnir = np.mean([h != str(i) for h, i in zip(hits, mated_ids, strict=True)]) * 100
+    fpir = np.mean([h is not None for h in named(strangers)]) * 100
+    key = f"rule_{rule.rate:g}"
+    return {f"{key}_threshold": matcher.threshold_at(res),
+            f"{key}_margin": rule.margin(len(gallery), res),
+            f"{key}_fpir": round(float(fpir), 2), f"{key}_fnir": round(float(fnir), 2)}

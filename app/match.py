@@ -135,7 +135,9 @@ class Matcher:
                          else OpenSet(fixed=float(threshold)))
         self.identities = len(set(self.names))  # a stranger's chances: one per person
         self.threshold = self.open_set.threshold(self.identities)  # for sharp faces
-        self._by_px: dict[int, float] = {}
+        self._by_px: dict[int | None, tuple[float, float]] = {}
+        # identity index of each template row (the margin rule's second-best person)
+        _, self._owner = np.unique(np.asarray(self.names, dtype=object), return_inverse=True)
         self.version = version
         if normalised and mat.dtype == np.float32 and mat.flags.c_contiguous:
             self._matrix = mat
@@ -163,11 +165,16 @@ class Matcher:
 
     def threshold_at(self, face_px: float | None) -> float:
         """The threshold for a probe whose face has this resolution (None: a sharp photo)."""
-        if face_px is None or not self.open_set.calibrated:
-            return self.threshold
-        px = int(round(face_px))
+        return self._rule(face_px)[0]
+
+    def _rule(self, face_px: float | None) -> tuple[float, float]:
+        """(threshold, margin) for a face at this resolution (`app.openset`)."""
+        if not self.open_set.calibrated:
+            return self.threshold, float("inf")
+        px = None if face_px is None else int(round(face_px))
         if px not in self._by_px:
-            self._by_px[px] = self.open_set.threshold(self.identities, px)
+            self._by_px[px] = (self.open_set.threshold(self.identities, px),
+                               self.open_set.margin(self.identities, px))
         return self._by_px[px]
 
     def match(self, template: np.ndarray, face_px: float | None = None) -> Match:
@@ -184,26 +191,35 @@ class Matcher:
             )
         norm = float(np.sqrt(np.dot(probe, probe)))
         probe = probe / max(norm, 1e-12)
+        rule = self._rule(face_px)
         if self._coarse is not None:
-            cand = self._coarse.search(probe[None, :])
-            return self._rescore(probe[None, :], cand, self.threshold_at(face_px))[0]
+            return self._rescore(probe[None, :], self._coarse.search(probe[None, :]), rule)[0]
         scores = self._matrix @ probe  # [M] gemv
         j = int(np.argmax(scores))
-        return self._decide(j, float(scores[j]), self.threshold_at(face_px))
+        return self._decide(j, scores, np.arange(len(scores)), rule)
 
-    def _decide(self, row: int, score: float, threshold: float) -> Match:
-        name = self.names[row]
-        return Match(name if score >= threshold else None, score, name)
+    def _decide(self, row: int, scores: np.ndarray, rows: np.ndarray,
+                rule: tuple[float, float]) -> Match:
+        """The match of template `row`, given the scores of the template `rows` searched:
+        named at `rule`'s threshold, or at the floor with `rule`'s margin over the best
+        template of any other person."""
+        name, score = self.names[row], float(scores[rows == row][0])
+        threshold, margin = rule
+        named = score >= threshold
+        if not named and np.isfinite(margin) and score >= self.open_set.floor:
+            others = scores[self._owner[rows] != self._owner[row]]
+            named = score - (float(others.max()) if len(others) else -1.0) >= margin
+        return Match(name if named else None, score, name)
 
-    def _rescore(self, probes: np.ndarray, rows: np.ndarray, threshold: float) -> list[Match]:
+    def _rescore(self, probes: np.ndarray, rows: np.ndarray,
+                 rule: tuple[float, float]) -> list[Match]:
         """Exact float32 scores of each probe's candidate rows; the best one decides."""
         out = []
         for probe, cand in zip(probes, rows, strict=True):
             scores = self._matrix[cand] @ probe
             # the lowest row index among equal scores, as np.argmax over all rows would pick
             best = np.flatnonzero(scores == scores.max())
-            j = int(cand[best].min())
-            out.append(self._decide(j, float(scores[best[0]]), threshold))
+            out.append(self._decide(int(cand[best].min()), scores, cand, rule))
         return out
 
     def match_many(self, templates: np.ndarray) -> list[Match]:
@@ -218,10 +234,11 @@ class Matcher:
                 f"template dim {probes.shape[1]} != gallery dim {self._matrix.shape[1]}"
             )
         probes = _normalise(probes)
+        rule = self._rule(None)
         if self._coarse is not None:
-            return self._rescore(probes, self._coarse.search(probes), self.threshold)
+            return self._rescore(probes, self._coarse.search(probes), rule)
         scores = probes @ self._matrix.T  # [K, M]; argmax over templates
         # is argmax over identities of the per-identity max (see the class docstring)
         best = np.argmax(scores, axis=1)
-        return [self._decide(int(j), float(scores[k, j]), self.threshold)
-                for k, j in enumerate(best)]
+        rows = np.arange(scores.shape[1])
+        return [self._decide(int(j), scores[k], rows, rule) for k, j in enumerate(best)]

@@ -41,28 +41,39 @@ def facemoe(*args: str) -> subprocess.CompletedProcess:
     return r
 
 
-def lfw_people(data: Path, n: int, seed: int) -> list[Path]:
-    """One photo each of `n` LFW evaluation identities (seeded), none from the videos."""
+def lfw_people(data: Path, seed: int) -> list[Path]:
+    """The first photo of every LFW evaluation identity in a seeded order, none from the
+    videos."""
     names = [x for x in (data / "lfw" / "eval_identities.txt").read_text().split()
              if not any(v in x for v in IN_VIDEOS)]
     rng = np.random.default_rng(seed)
-    chosen = [names[i] for i in rng.permutation(len(names))[:n]]
+    chosen = [names[i] for i in rng.permutation(len(names))]
     return [data / "lfw" / "lfw-deepfunneled" / x / f"{x}_0001.jpg" for x in chosen]
 
 
-def enroll_many(photos: list[Path], db: str, config: Path) -> None:
-    """`facemoe enroll NAME PHOTO` for each photo, in one process (the model loads once)."""
+def enroll_many(photos: list[Path], n: int, db: str, config: Path) -> int:
+    """`facemoe enroll NAME PHOTO` for the first `n` photos that enroll (a profile photo is
+    refused as a user would see it, and the next person taken), in one process (the model
+    loads once); returns how many were refused."""
     sys.path.insert(0, str(REPO))
     from app.config import load_config
-    from app.enroll import enroll
+    from app.enroll import EnrollError, enroll
     from app.runtime import make_detector, make_embedder, open_gallery
 
     cfg = load_config(str(config))
     detector, embedder = make_detector(cfg), make_embedder(cfg)
+    done = refused = 0
     with open_gallery(db, embedder) as gallery:
         for p in photos:
-            enroll(p.parent.name.replace("_", " "), [str(p)], detector, embedder, gallery,
-                   face=0)  # LFW: the labelled face is the largest
+            if done == n:
+                break
+            try:  # LFW: the labelled face is the largest
+                enroll(p.parent.name.replace("_", " "), [str(p)], detector, embedder, gallery,
+                       face=0)
+                done += 1
+            except EnrollError:
+                refused += 1
+    return refused
 
 
 def run(model: str | None, people: int, seed: int, work: Path) -> dict:
@@ -78,13 +89,14 @@ def run(model: str | None, people: int, seed: int, work: Path) -> dict:
     config.write_text(yaml.safe_dump(cfg))
     extra = ["--config", str(config)]
     t0 = time.perf_counter()
-    enroll_many(lfw_people(data, people, seed), db, config)
+    refused = enroll_many(lfw_people(data, seed), people, db, config)
     facemoe("enroll", ENROLLED[0], str(data / "videos" / "lin-manuel-miranda.png"),
             "--gallery", db, *extra)
     facemoe("enroll", ENROLLED[1], str(data / "videos" / "alex-lacamoire.png"),
             "--gallery", db, *extra)
     enrolled_s = time.perf_counter() - t0
-    report: dict = {"people": people + 2, "videos": {}, "strangers_named": []}
+    report: dict = {"people": people + 2, "photos_refused": refused, "videos": {},
+                    "strangers_named": []}
     for v in videos:
         out = work / f"{v.stem}.jsonl"
         facemoe("process", str(v), "--gallery", db, "--events", str(out), "--no-progress",

@@ -122,3 +122,45 @@ def threshold_for(calibration: dict[str, Any], rate: float, identities: int,
     pxs = [c["face_px"] for c in curves]
     values = [at(c) for c in curves]
     return min(float(np.interp(px, pxs, values)), 1.0)
+
+
+def _survival(calibration: dict[str, Any], face_px: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(thresholds ascending, FAR at each) of the curve for this face resolution, interpolated
+    between the calibrated resolutions like `threshold_for`."""
+    curves = sorted(calibration["curves"], key=lambda c: c["face_px"])
+    px = float(NATIVE_PX if face_px is None else min(max(face_px, curves[0]["face_px"]),
+                                                     curves[-1]["face_px"]))
+    pxs = [c["face_px"] for c in curves]
+    t = np.array([np.interp(px, pxs, [c["threshold"][i] for c in curves])
+                  for i in range(len(GRID))])
+    keep = np.concatenate([[True], np.diff(t) > 1e-6]) & (t < 1.0)  # strictly increasing
+    return t[keep], 10.0 ** GRID[keep]
+
+
+def stranger_margin_rate(calibration: dict[str, Any], identities: int, floor: float,
+                         margin: float, face_px: float | None = None) -> float:
+    """The share of strangers that a gallery of `identities` people names by the margin rule:
+    best score >= `floor` and ahead of the second-best person by >= `margin`. With the N
+    impostor scores independent draws of the calibrated FAR curve S (density f = -S'):
+    P = N * integral over x >= floor of f(x) (1 - S(x - margin))^(N - 1) dx. Below the curve's
+    grid (FAR > 0.1) S is taken as 0.1, which can only overstate P."""
+    n = max(int(identities), 1)
+    t, far = _survival(calibration, face_px)
+    x = np.linspace(floor, 1.0, 600)
+    log_s = np.interp(x, t, np.log10(far), right=-12.0)  # FAR at x (the grid's first is 0.1)
+    s = 10.0 ** log_s
+    density = -np.gradient(s, x)
+    below = 10.0 ** np.interp(x - margin, t, np.log10(far), left=-1.0, right=-12.0)
+    return float(n * np.trapezoid(np.clip(density, 0, None) * (1.0 - below) ** (n - 1), x))
+
+
+def margin_for(calibration: dict[str, Any], rate: float, identities: int, floor: float,
+               face_px: float | None = None) -> float:
+    """The smallest lead over the second-best person (0.005 steps) for which the margin rule
+    names strangers at most at `rate` (inf when even the largest does not)."""
+    if identities < 2:
+        return float("inf")
+    for m in np.arange(0.0, 0.6, 0.005):
+        if stranger_margin_rate(calibration, identities, floor, float(m), face_px) <= rate:
+            return round(float(m), 3)
+    return float("inf")

@@ -142,7 +142,6 @@ def open_set_identification(
     mated: np.ndarray,
     mated_ids: np.ndarray,
     nonmated: np.ndarray,
-    rule_thresholds: dict[float, float] | None = None,
     fpirs: tuple[float, ...] = (0.01, 0.001),
 ) -> dict[str, float]:
     """1:N open-set identification (NIST FRVT 1:N terms). `gallery`: one unit row per person
@@ -150,8 +149,7 @@ def open_set_identification(
     of people not enrolled. FPIR(t): share of non-mated probes whose best score reaches t;
     FNIR(t): share of mated probes not named correctly at t (wrong best identity, or below t).
     Reports FNIR at the thresholds where FPIR is each of `fpirs` (read off the non-mated
-    scores), rank-1 accuracy, and for each rule threshold (`rule_thresholds`: rate -> t) the
-    FPIR and FNIR it gives."""
+    scores) and rank-1 accuracy."""
     m_scores = mated @ gallery.T
     m_best = m_scores.argmax(1)
     m_top = m_scores[np.arange(len(mated)), m_best]
@@ -168,8 +166,4 @@ def open_set_identification(
         t = float(np.nextafter(desc[k], np.inf)) if k < len(desc) else float(desc[-1])
         out[f"fnir_at_fpir_{f:g}"] = round(fnir(t), 2)
         out[f"threshold_at_fpir_{f:g}"] = round(t, 4)
-    for rate, t in (rule_thresholds or {}).items():
-        out[f"rule_{rate:g}_threshold"] = round(float(t), 4)
-        out[f"rule_{rate:g}_fpir"] = round(float(np.mean(n_top >= t) * 100), 2)
-        out[f"rule_{rate:g}_fnir"] = round(fnir(t), 2)
     return out
