@@ -8,7 +8,7 @@ from scipy.stats import norm
 
 from app.match import Matcher
 from app.openset import OpenSet, face_px
-from trainer.calibrate import far_curve, fit_far_curves, pair_far, threshold_for
+from trainer.calibrate import far_curve, pair_far, threshold_for
 from trainer.evaluate import open_set_identification
 
 pytestmark = pytest.mark.unit
