@@ -8,7 +8,7 @@ from scipy.stats import norm
 
 from app.match import Matcher
 from app.openset import OpenSet, face_px
-from trainer.calibrate import far_curve, pair_far, threshold_for
+from trainer.calibrate import far_curve, fit_far_curves, pair_far, threshold_for
 from trainer.evaluate import open_set_identification
 
 pytestmark = pytest.mark.unit
@@ -126,3 +126,14 @@ def test_the_margin_rule_names_a_face_that_stands_out_and_not_a_close_call() -> 
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_fit_far_curves_orders_resolutions_and_refuses_too_little() -> None:
+    rng = np.random.default_rng(5)
+    g = _unit(rng.normal(size=(2000, 32)))
+    ids = np.arange(2000) % 400
+    cal = fit_far_curves(g, ids, {None: g, 16: _unit(g + rng.normal(size=g.shape))}, ids)
+    assert [c["face_px"] for c in cal["curves"]] == [112, 16]
+    assert cal["identities"] == 400 and cal["curves"][0]["pairs"] > 3_000_000
+    with pytest.raises(ValueError, match="too few"):
+        fit_far_curves(g[:100], ids[:100], {None: g[:100]}, ids[:100])
