@@ -700,7 +700,7 @@ class Daemon:
         import uvicorn
         from fastapi.responses import JSONResponse, Response
 
-        from app.web.app import create_app
+        from app.web.app import create_app, uvicorn_config
         from app.web.context import WebContext
 
         d = self.cfg.daemon
@@ -718,8 +718,7 @@ class Daemon:
         def healthz() -> JSONResponse:
             return JSONResponse(self.health())
 
-        self.web = uvicorn.Server(uvicorn.Config(app, host=d.metrics_host, port=d.metrics_port,
-                                                 log_level="warning", access_log=False))
+        self.web = uvicorn.Server(uvicorn_config(app, host=d.metrics_host, port=d.metrics_port))
         threading.Thread(target=self.web.run, name="web", daemon=True).start()
         log.info("review UI on http://%s:%d/, metrics on /metrics, health on /healthz",
                  d.metrics_host, d.metrics_port)
