@@ -137,28 +137,11 @@ def cmd_gallery(args: argparse.Namespace) -> int:
                 or "(empty gallery)",
             )
         elif args.action == "remove":
-            from app.erasure import erase_outputs
+            from app.erasure import Outputs, erase
 
-            stored = gallery.stored_events(identity=args.name)
-            events = gallery.remove(args.name)
-            d = cfg.daemon
-            erased = erase_outputs(
-                args.name, event_ids={s.event.id for s in stored if s.event.id},
-                snapshot_paths={s.event.snapshot for s in stored if s.event.snapshot},
-                jsonl_paths=[p for p in (d.jsonl.path, cfg.output.events_jsonl,
-                                         *(args.events_jsonl or [])) if p],
-                snapshot_dir=d.snapshots.dir)
-            _out(
-                args,
-                {"removed": args.name, "events_deleted": events, **erased.as_json()},
-                f"removed {args.name!r} with its templates, crops and {events} event(s); "
-                f"{erased.jsonl_lines_removed} JSONL line(s) removed and "
-                f"{erased.jsonl_candidates_cleared} candidate mention(s) cleared in "
-                f"{len(erased.jsonl_files_rewritten)} file(s); "
-                f"{len(erased.snapshots_deleted)} snapshot(s) deleted"
-                + "".join(f"\nnot erased: {e}" for e in erased.errors),
-            )
-            if erased.errors:
+            erased = erase(gallery, Outputs.of(cfg, args.events_jsonl or ()), name=args.name)
+            _out(args, erased.as_json(), erased.summary())
+            if erased.unfinished:
                 return 1
         elif args.action == "rename":
             gallery.rename(args.name, args.new_name)

@@ -335,3 +335,40 @@ class MqttSink:
                 pass
         self._client.disconnect()
         self._client.loop_stop()
+
+
+def clear_retained(cfg: MqttConfig, names: Iterable[str], timeout: float = 10.0) -> int:
+    """For an erasure: delete the retained state topic (`<prefix>/identities/<slug>`) and
+    the discovery config of each of `names` (an empty retained message deletes one). Returns
+    the topics cleared; SinkError when the broker cannot be reached within `timeout`."""
+    import paho.mqtt.client as mqtt
+
+    prefix = cfg.prefix.rstrip("/")
+    topics = [t for n in names for t in (
+        f"{prefix}/identities/{slug(n)}",
+        f"{cfg.discovery.prefix}/sensor/facemoe_{slug(n)}/config")]
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{cfg.client_id}-erase")
+    if cfg.username is not None:
+        client.username_pw_set(cfg.username, cfg.password.get_secret_value()
+                               if cfg.password is not None else None)
+    if cfg.tls is not None:
+        client.tls_set(ca_certs=cfg.tls.ca_certs, certfile=cfg.tls.certfile,
+                       keyfile=cfg.tls.keyfile, cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_insecure_set(cfg.tls.insecure)
+    where = f"MQTT {cfg.host}:{cfg.port}"
+    try:
+        client.connect(cfg.host, cfg.port, keepalive=max(5, int(timeout)))
+    except (OSError, ValueError) as exc:
+        raise SinkError(f"{where}: cannot clear retained topics: {exc}") from exc
+    client.loop_start()
+    try:
+        infos = [client.publish(t, b"", qos=1, retain=True) for t in topics]
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+            if not info.is_published():
+                raise SinkError(f"{where}: the broker did not confirm clearing {info.mid}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return len(topics)

@@ -31,7 +31,9 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Text,
     create_engine,
+    delete,
     event,
     insert,
     inspect,
@@ -141,6 +143,36 @@ class EventRow(Base):
     zones: Mapped[str | None] = mapped_column(String(1024), nullable=True)  # JSON list of names
 
 
+class IdentityNameRow(Base):
+    """Every name an identity has carried (enroll, rename, merge), so an erasure finds the
+    traces that still name it by an old name. No foreign key: the rows outlive the identity
+    until its erasure has finished."""
+
+    __tablename__ = "identity_names"
+
+    identity_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH), primary_key=True, index=True)
+
+
+class ErasureRow(Base):
+    """A tombstone: an identity whose database rows are gone but whose traces outside the
+    database (JSONL lines, snapshots, retained MQTT topics) may not be erased yet. Written in
+    the transaction that deletes the rows; deleted when the erasure has finished."""
+
+    __tablename__ = "erasures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    identity_id: Mapped[int] = mapped_column(Integer, index=True)
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH))  # its name when erased
+    names: Mapped[str] = mapped_column(Text)  # JSON list: names only it carried
+    event_uids: Mapped[str] = mapped_column(Text)  # JSON list of its events' own ids
+    snapshots: Mapped[str] = mapped_column(Text)  # JSON list of its events' snapshot paths
+    events_deleted: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    last_error: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+
+
 # Columns of `events` that galleries of release 0.2 lack (migration 0002 adds them on open).
 EVENT_COLUMNS_ADDED = ("uid", "time", "snapshot", "candidate", "candidate_score", "zones")
 TEMPLATE_COLUMNS_ADDED = ("checksum",)  # and of `templates` (also migration 0002)
@@ -230,7 +262,25 @@ def add_identities(session: Session, names: dict[str, datetime | None]) -> dict[
             [{"name": n, "created_at": names[n] or now} for n in missing],
         )
         ids.update((name, iid) for name, iid in result)
+        record_names(session, {ids[n]: n for n in missing})
     return ids
+
+
+def record_names(session: Session, names: dict[int, str]) -> None:
+    """Remember that identity id carried name (`IdentityNameRow`), once each."""
+    for iid, name in names.items():
+        if session.get(IdentityNameRow, (iid, name)) is None:
+            session.add(IdentityNameRow(identity_id=iid, name=name))
+
+
+def move_names(session: Session, source: int, target: int) -> None:
+    """The names identity `source` carried now belong to `target` too (a merge)."""
+    names = session.scalars(select(IdentityNameRow.name)
+                            .where(IdentityNameRow.identity_id == source)).all()
+    for n in names:
+        if session.get(IdentityNameRow, (target, n)) is None:
+            session.add(IdentityNameRow(identity_id=target, name=n))
+    session.execute(delete(IdentityNameRow).where(IdentityNameRow.identity_id == source))
 
 
 def template_dim(session: Session, model_name: str, model_version: str) -> int | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.gallery.audit import AuditEntry
@@ -36,9 +36,11 @@ from app.gallery.db import (
     TemplateRow,
     add_identities,
     as_utc,
+    record_names,
     template_dim,
     utcnow,
 )
+from app.gallery.erasures import Erasures
 from app.gallery.errors import GalleryError, names_preview, plural
 from app.gallery.events import EventStore, StoredEvent
 from app.gallery.reembed import EmbedderLike, ReembedReport, reembed
@@ -162,6 +164,7 @@ class Gallery(Closing):
                            adopt_model=adopt_model)
         self.event_store = EventStore(self.store)
         self.review = Review(self.store)  # pages, clusters and edits of the review UI
+        self.erasures = Erasures(self.store)  # tombstones of erasures (app.erasure)
         self.corrupt_templates: list[CorruptTemplate] = []  # left out by the last `matrix()`
         log.debug("opened gallery %s for model %s", self.location, self.model)
 
@@ -402,27 +405,16 @@ class Gallery(Closing):
     # --- changes ------------------------------------------------------------------------------
 
     def remove(self, name: str, *, compact: bool = True) -> int:
-        """Delete an identity with its templates, crops and the events that name it, then
-        compact the file so nothing of it is left behind. Returns the events deleted."""
-        store = self.store
-
-        def work(session: Session) -> tuple[str, int]:
-            identity = _find(session, name)
-            templates = session.execute(
-                delete(TemplateRow).where(TemplateRow.identity_id == identity.id)).rowcount
-            events = EventStore.delete_named(session, identity.name)
-            session.delete(identity)
-            store.audit.record(session, "remove", identity.name,
-                               f"{plural(templates, 'template')}, {plural(events, 'event')} "
-                               f"deleted")
-            store.db.bump_version(session)
-            return identity.name, events
-
-        clean, events = store.db.write(f"remove {normalise_name(name)!r}", work)
-        log.info("removed %r (and %d event(s)) from %s", clean, events, self.location)
+        """The database part of erasing a person (`Erasures.begin`): the identity, its
+        templates, crops and the events that name it go, a tombstone stays until the traces
+        outside the gallery are erased too (`app.erasure.erase` does both; `gallery check`
+        lists unfinished ones). Compacts the file. Returns the events deleted."""
+        tomb = self.erasures.begin(name=name)
+        log.info("removed %r (and %d event(s)) from %s", tomb.name, tomb.events_deleted,
+                 self.location)
         if compact:
             self.compact()
-        return events
+        return tomb.events_deleted
 
     def rename(self, old: str, new: str) -> None:
         """Rename an identity (past events keep the old name)."""
@@ -437,6 +429,7 @@ class Gallery(Closing):
                 raise GalleryError(f"identity {clean!r} already exists")
             store.audit.record(session, "rename", identity.name, f"renamed to {clean!r}")
             identity.name = clean
+            record_names(session, {identity.id: clean})
             store.db.bump_version(session)
 
         store.db.write(f"rename {normalise_name(old)!r}", work)

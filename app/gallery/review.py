@@ -24,6 +24,7 @@ from app.gallery.db import (
     IdentityRow,
     TemplateRow,
     as_utc,
+    move_names,
     utcnow,
 )
 from app.gallery.errors import GalleryError, plural
@@ -499,6 +500,7 @@ class Review:
             events = session.execute(update(EventRow).where(EventRow.identity == src_name)
                                      .values(identity=dst_name)).rowcount
             session.execute(delete(IdentityRow).where(IdentityRow.id == ids[src_name]))
+            move_names(session, ids[src_name], ids[dst_name])  # an erasure of dst finds src's
             store.audit.record(session, "merge", dst_name,
                                f"{src_name!r} merged in: {plural(moved, 'template')}, "
                                f"{plural(events, 'event')} relabelled")
