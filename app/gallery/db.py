@@ -495,6 +495,8 @@ class Database:
         try:
             with self._reads.begin() as session:
                 yield session
+        except OverflowError as exc:  # an id past SQLite's 64-bit integers: nothing has it
+            raise GalleryError(f"no such item: an id is out of range ({what})") from exc
         except SQLAlchemyError as exc:
             raise GalleryError(
                 f"gallery {self.location}: {what} failed: {self._describe(exc)}"
@@ -516,6 +518,8 @@ class Database:
                 raise GalleryError(
                     f"gallery {self.location}: {what} failed: {self._describe(exc)}"
                 ) from exc
+            except OverflowError as exc:
+                raise GalleryError(f"no such item: an id is out of range ({what})") from exc
             except SQLAlchemyError as exc:
                 raise GalleryError(
                     f"gallery {self.location}: {what} failed: {self._describe(exc)}"

@@ -149,6 +149,8 @@ class Review:
 
     def event_crop_jpeg(self, event_id: int, index: int) -> bytes:
         """The `index`-th best kept crop of an event, as the stored JPEG."""
+        if int(index) < 0:
+            raise GalleryError(f"event {event_id} has no crop {index}")
         with self._store.db.read("read an event crop") as session:
             blob = session.scalar(
                 select(EventCropRow.crop).where(EventCropRow.event_id == int(event_id))
