@@ -52,7 +52,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.pool import StaticPool
 
 from app.fsutil import make_dirs
-from app.gallery.codec import MAX_NAME_LENGTH
+from app.gallery.codec import MAX_NAME_LENGTH, lookalike_key
 from app.gallery.errors import GalleryError, one_line
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,7 @@ def add_identities(session: Session, names: dict[str, datetime | None]) -> dict[
     ids = identity_ids(session, names)
     missing = [n for n in names if n not in ids]
     if missing:
+        refuse_lookalikes(session, missing)
         now = utcnow()
         result = session.execute(
             insert(IdentityRow).returning(IdentityRow.name, IdentityRow.id,
@@ -281,6 +282,21 @@ def move_names(session: Session, source: int, target: int) -> None:
         if session.get(IdentityNameRow, (target, n)) is None:
             session.add(IdentityNameRow(identity_id=target, name=n))
     session.execute(delete(IdentityNameRow).where(IdentityNameRow.identity_id == source))
+
+
+def refuse_lookalikes(session: Session, names: list[str], *, except_id: int | None = None
+                      ) -> None:
+    """GalleryError when a new name reads the same as an enrolled one (a case variant, the
+    same letters in fullwidth ...) or as another of `names`."""
+    seen: dict[str, str] = {}
+    for iid, existing in session.execute(select(IdentityRow.id, IdentityRow.name)).all():
+        if iid != except_id:
+            seen.setdefault(lookalike_key(existing), existing)
+    for name in names:
+        other = seen.setdefault(lookalike_key(name), name)
+        if other != name:
+            raise GalleryError(f"identity name {name!r} looks like the existing {other!r}: "
+                               f"use that one, or a name that reads differently")
 
 
 def template_dim(session: Session, model_name: str, model_version: str) -> int | None:

@@ -37,6 +37,7 @@ from app.gallery.db import (
     add_identities,
     as_utc,
     record_names,
+    refuse_lookalikes,
     template_dim,
     utcnow,
 )
@@ -405,11 +406,13 @@ class Gallery(Closing):
     # --- changes ------------------------------------------------------------------------------
 
     def remove(self, name: str, *, compact: bool = True) -> int:
-        """The database part of erasing a person (`Erasures.begin`): the identity, its
-        templates, crops and the events that name it go, a tombstone stays until the traces
-        outside the gallery are erased too (`app.erasure.erase` does both; `gallery check`
-        lists unfinished ones). Compacts the file. Returns the events deleted."""
+        """Erase a person from the gallery alone: the identity, its templates, crops and the
+        events that name it by any name it carried (`Erasures.begin`), then compact the file.
+        Returns the events deleted. The product's doors (CLI, web, API) call
+        `app.erasure.erase`, which also erases the JSONL lines, snapshots and MQTT state the
+        product wrote outside the gallery, and finishes on a rerun after a failure."""
         tomb = self.erasures.begin(name=name)
+        self.erasures.finish(tomb)
         log.info("removed %r (and %d event(s)) from %s", tomb.name, tomb.events_deleted,
                  self.location)
         if compact:
@@ -427,6 +430,7 @@ class Gallery(Closing):
                 return
             if session.scalar(select(IdentityRow.id).where(IdentityRow.name == clean)) is not None:
                 raise GalleryError(f"identity {clean!r} already exists")
+            refuse_lookalikes(session, [clean], except_id=identity.id)
             store.audit.record(session, "rename", identity.name, f"renamed to {clean!r}")
             identity.name = clean
             record_names(session, {identity.id: clean})
