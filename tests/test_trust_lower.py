@@ -51,8 +51,8 @@ def test_templates_of_release_0_2_get_checksums(tmp_path: Path) -> None:
     with sqlite3.connect(db) as c:  # as 0.2 / 0.3 left it
         c.execute("update templates set checksum = null")
         c.execute("update alembic_version set version_num = '0002'")
-        c.execute("drop table identity_names")
-        c.execute("drop table erasures")
+        c.execute("drop table if exists identity_names")
+        c.execute("drop table if exists erasures")
     with Gallery(db, "m", "1", create=False) as g:
         assert g.verify() == []
     with sqlite3.connect(db) as c:
@@ -80,8 +80,8 @@ def test_the_migration_finds_old_names_in_the_audit_log(tmp_path: Path) -> None:
         g.review.merge_identities("Bob", "Ada K")
     with sqlite3.connect(db) as c:
         c.execute("update alembic_version set version_num = '0002'")
-        c.execute("drop table identity_names")
-        c.execute("drop table erasures")
+        c.execute("drop table if exists identity_names")
+        c.execute("drop table if exists erasures")
     with Gallery(db, "m", "1", create=False):
         pass
     with sqlite3.connect(db) as c:

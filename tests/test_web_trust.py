@@ -235,3 +235,38 @@ def test_a_port_in_use_is_one_line() -> None:
             listen("127.0.0.1", port)
     finally:
         first.close()
+
+
+def test_a_stalled_body_is_ended(site: dict, models) -> None:
+    """A client that stops sending its body is answered 408 after web.body_timeout_s and
+    its connection closed (before: it stayed open as long as the client liked)."""
+    import socket
+    import time
+
+    import uvicorn
+
+    from app.web.app import uvicorn_config
+
+    c = client(site, models, body_timeout_s=1.0)
+    sock = listen("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn_config(c.app))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /api/recognize HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Content-Type: multipart/form-data; boundary=xx\r\n"
+                      b"Content-Length: 100000\r\n\r\n--xx\r\n")
+            t = time.monotonic()
+            answer = s.recv(4096)
+            waited = time.monotonic() - t
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert 0.8 < waited < 5, waited
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
