@@ -356,12 +356,24 @@ def clear_retained(cfg: MqttConfig, names: Iterable[str], timeout: float = 10.0)
                        keyfile=cfg.tls.keyfile, cert_reqs=ssl.CERT_REQUIRED)
         client.tls_insecure_set(cfg.tls.insecure)
     where = f"MQTT {cfg.host}:{cfg.port}"
+    connected = threading.Event()
+    refused: list[str] = []
+
+    def on_connect(client, userdata, flags, reason_code, properties=None) -> None:
+        if reason_code.is_failure:
+            refused.append(str(reason_code))
+        connected.set()
+
+    client.on_connect = on_connect
     try:
         client.connect(cfg.host, cfg.port, keepalive=max(5, int(timeout)))
     except (OSError, ValueError) as exc:
         raise SinkError(f"{where}: cannot clear retained topics: {exc}") from exc
     client.loop_start()
     try:
+        if not connected.wait(timeout) or refused:
+            raise SinkError(f"{where}: cannot clear retained topics: "
+                            f"{refused[0] if refused else 'no answer'}")
         infos = [client.publish(t, b"", qos=1, retain=True) for t in topics]
         deadline = time.monotonic() + timeout
         for info in infos:

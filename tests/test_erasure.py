@@ -173,3 +173,59 @@ def test_merged_names_are_erased_with_the_identity(site: Site) -> None:
         report = erase(g, Outputs((str(site.jsonl),), str(site.snaps)), name="Ada")
         assert report.jsonl_lines_removed == 2 and report.events_deleted == 2
     assert site.lines() == []
+
+
+def test_retained_mqtt_state_is_cleared_and_an_absent_broker_leaves_it_unfinished(
+        site: Site, tmp_path: Path) -> None:
+    """The broker keeps `<prefix>/identities/<slug>` (and the discovery config) of a person
+    after they are erased unless the erasure clears them; with the broker away the erasure
+    stays unfinished and a rerun clears them."""
+    import threading
+    import time
+
+    from app.config import MqttConfig
+    from tests.test_mqtt_sink import Broker, mqtt
+
+    broker = Broker(tmp_path, ["allow_anonymous true"])
+    cfg = MqttConfig(host="127.0.0.1", port=broker.port, prefix="facemoe")
+    topics = ["facemoe/identities/ada_l", "homeassistant/sensor/facemoe_ada_l/config",
+              "facemoe/identities/bob"]
+
+    def retained() -> set[str]:
+        seen: set[str] = set()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        client.on_message = lambda c, u, m: seen.add(m.topic) if m.payload else None
+        client.connect("127.0.0.1", broker.port)
+        client.subscribe([(t, 1) for t in topics])
+        client.loop_start()
+        time.sleep(1.0)
+        client.loop_stop()
+        client.disconnect()
+        return seen
+
+    with site.gallery() as g:
+        site.enroll(g, "Ada L")
+        site.enroll(g, "Bob")
+        outputs = Outputs((str(site.jsonl),), str(site.snaps), cfg)
+        report = erase(g, outputs, name="Ada L")  # no broker yet
+        assert report.unfinished and "MQTT" in report.errors[0]
+        assert [t.name for t in g.erasures.pending()] == ["Ada L"]
+        broker.start()
+        try:
+            publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+            up = threading.Event()
+            publisher.on_connect = lambda *a: up.set()
+            publisher.connect("127.0.0.1", broker.port)
+            publisher.loop_start()
+            assert up.wait(10)
+            for t in topics:
+                publisher.publish(t, '{"state": "present"}', qos=1, retain=True).wait_for_publish(5)
+            publisher.loop_stop()
+            publisher.disconnect()
+            assert retained() == set(topics)
+            report = erase(g, outputs, name="Ada L")  # the rerun
+            assert not report.unfinished and report.mqtt_topics_cleared == 2
+            assert retained() == {"facemoe/identities/bob"}
+            assert g.erasures.pending() == []
+        finally:
+            broker.stop()
