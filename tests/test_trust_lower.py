@@ -133,3 +133,35 @@ def test_validate_config_refuses_what_run_refuses(tmp_path: Path, capsys) -> Non
     ok = tmp_path / "ok.yaml"
     ok.write_text("cameras:\n  - {name: door, uri: /dev/video0}\n")
     assert main(["run", "--config", str(ok), "--validate-config"]) == 0
+
+
+def test_a_moved_template_and_a_corrupted_crop_are_found(tmp_path: Path) -> None:
+    """A template moved to another person outside FaceMoE would make recognition name the
+    wrong person, and a bit flipped in a stored crop still decodes: both passed `gallery
+    check` before; now both are reported and the moved one is left out of matching."""
+    db = tmp_path / "g.db"
+    rng = np.random.default_rng(3)
+    crops = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(2)]
+    with Gallery(db, "m", "1") as g:
+        g.enroll("Ada", unit(rng, 2, 16), ["a", "b"], [0.9] * 2, crops)
+        g.enroll("Bob", unit(rng, 1, 16), ["c"], [0.9])
+        g.review.merge_identities("Bob", "Ada")  # a move FaceMoE makes is no problem
+        assert g.verify() == []
+        g.enroll("Cy", unit(rng, 1, 16), ["d"], [0.9])
+    with sqlite3.connect(db) as c:
+        ada, cy = (c.execute("select id from identities where name = ?", (n,)).fetchone()[0]
+                   for n in ("Ada", "Cy"))
+        moved = c.execute("select id from templates where identity_id = ? order by id limit 1",
+                          (ada,)).fetchone()[0]
+        c.execute("update templates set identity_id = ? where id = ?", (cy, moved))
+        tid, crop = c.execute("select id, crop from templates where crop is not null "
+                              "and id != ? limit 1", (moved,)).fetchone()
+        flipped = bytearray(crop)
+        flipped[len(flipped) // 2] ^= 0x10  # in the entropy-coded data: still decodes
+        c.execute("update templates set crop = ? where id = ?", (bytes(flipped), tid))
+    with Gallery(db, "m", "1", create=False) as g:
+        problems = {(p.identity, p.template_id, p.problem.split(" (")[0]) for p in g.verify()}
+        assert problems == {("Cy", moved, "belongs to another identity"),
+                            ("Ada", tid, "crop checksum mismatch")}
+        names, _ = g.matrix()
+        assert names.count("Cy") == 1 and len(names) == 3  # the moved template is left out

@@ -72,6 +72,13 @@ def vector_checksum(stored: bytes) -> str:
     return hashlib.sha256(stored).hexdigest()
 
 
+def binding_checksum(identity_id: int, checksum: str) -> str:
+    """The `templates.binding` of a template: its vector checksum tied to its identity, so a
+    template moved to another person outside FaceMoE is found by `gallery check` (and left
+    out at load instead of naming the wrong person)."""
+    return hashlib.sha256(f"{int(identity_id)}:{checksum}".encode()).hexdigest()
+
+
 UNIT_TOLERANCE = 1e-3  # |norm - 1| of a stored vector beyond this means it was altered
 
 

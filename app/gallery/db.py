@@ -38,6 +38,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    update,
 )
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
@@ -52,7 +53,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.pool import StaticPool
 
 from app.fsutil import make_dirs
-from app.gallery.codec import MAX_NAME_LENGTH, lookalike_key
+from app.gallery.codec import MAX_NAME_LENGTH, binding_checksum, lookalike_key
 from app.gallery.errors import GalleryError, one_line
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,10 @@ class TemplateRow(Base):
     # sha256 hex of `vector` as stored (`codec.vector_checksum`): a flipped bit is found by
     # `gallery check` and the template is left out at load; NULL in rows of older releases
     checksum: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # sha256 hex of `crop` as stored, and `codec.binding_checksum` (identity id + checksum):
+    # a corrupted crop and a template moved to another identity are found (migration 0003)
+    crop_checksum: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    binding: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class EventRow(Base):
@@ -297,6 +302,18 @@ def refuse_lookalikes(session: Session, names: list[str], *, except_id: int | No
         if other != name:
             raise GalleryError(f"identity name {name!r} looks like the existing {other!r}: "
                                f"use that one, or a name that reads differently")
+
+
+def stamp_bindings(session: Session, *where) -> int:
+    """Recompute `templates.binding` of the rows matching `where` (after a change of their
+    identity or vector); returns how many."""
+    rows = session.execute(select(TemplateRow.id, TemplateRow.identity_id, TemplateRow.checksum)
+                           .where(TemplateRow.checksum.is_not(None), *where)).all()
+    if rows:
+        session.execute(update(TemplateRow), [
+            {"id": tid, "binding": binding_checksum(iid, checksum)}
+            for tid, iid, checksum in rows])
+    return len(rows)
 
 
 def template_dim(session: Session, model_name: str, model_version: str) -> int | None:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.gallery.audit import AuditEntry
 from app.gallery.codec import (
+    binding_checksum,
     clean_name,
     decode_crop,
     encode_crop,
@@ -134,6 +135,15 @@ def _prepare(e: Enrollment) -> _Prepared:
     return _Prepared(clean, vecs, [str(s) for s in e.sources], quals, jpegs)
 
 
+_MOVED = "belongs to another identity (moved outside FaceMoE: binding checksum mismatch)"
+
+
+def _bound(identity_id: int, checksum: str | None, binding: str | None) -> bool:
+    """Whether a template is where it was put (True for rows from before bindings)."""
+    return binding is None or checksum is None or \
+        binding_checksum(identity_id, checksum) == binding
+
+
 def _find(session: Session, name: str) -> IdentityRow:
     identity = session.scalar(select(IdentityRow).where(IdentityRow.name == normalise_name(name)))
     if identity is None:
@@ -237,13 +247,16 @@ class Gallery(Closing):
                 {
                     "identity_id": ids[name],
                     "vector": (blob := seal(vec.tobytes(), VECTOR)),
-                    "checksum": vector_checksum(blob),
+                    "checksum": (checksum := vector_checksum(blob)),
+                    "binding": binding_checksum(ids[name], checksum),
                     "dim": dim,
                     "model_name": store.model_name,
                     "model_version": store.model_version,
                     "source": source,
                     "quality": quality,
-                    "crop": seal(jpeg, CROP) if jpeg is not None and keep_crops else None,
+                    "crop": (crop := seal(jpeg, CROP) if jpeg is not None and keep_crops
+                             else None),
+                    "crop_checksum": vector_checksum(crop) if crop is not None else None,
                     "created_at": now,
                 }
                 for name, vecs, sources, quals, jpegs in prepared
@@ -309,7 +322,7 @@ class Gallery(Closing):
         """
         query = (
             select(TemplateRow.id, IdentityRow.name, TemplateRow.vector, TemplateRow.dim,
-                   TemplateRow.checksum)
+                   TemplateRow.checksum, TemplateRow.identity_id, TemplateRow.binding)
             .join(TemplateRow.identity)
             .where(TemplateRow.model_name == self.model_name)
             .where(TemplateRow.model_version == self.model_version)
@@ -317,11 +330,13 @@ class Gallery(Closing):
         )
         with self.store.db.read("read templates") as session:
             rows = session.execute(query).all()
-        dims = [dim for _, _, _, dim, _ in rows]
+        dims = [row[3] for row in rows]
         dim = max(set(dims), key=dims.count) if dims else 0  # the gallery's; others are corrupt
         names, vectors, corrupt = [], [], []
-        for tid, name, stored, row_dim, checksum in rows:
+        for tid, name, stored, row_dim, checksum, iid, binding in rows:
             vector, problem = self._verified_vector(stored, row_dim, checksum, dim)
+            if problem is None and not _bound(iid, checksum, binding):
+                vector, problem = b"", _MOVED
             if problem is None:
                 names.append(name)
                 vectors.append(vector)
@@ -357,7 +372,8 @@ class Gallery(Closing):
         dimension, finite unit vector, decodable crop of a kept size. Returns the problems."""
         query = (select(TemplateRow.id, IdentityRow.name, TemplateRow.vector, TemplateRow.dim,
                         TemplateRow.checksum, TemplateRow.crop, TemplateRow.model_name,
-                        TemplateRow.model_version)
+                        TemplateRow.model_version, TemplateRow.identity_id,
+                        TemplateRow.binding, TemplateRow.crop_checksum)
                  .join(TemplateRow.identity).order_by(TemplateRow.id))
         problems: list[CorruptTemplate] = []
         dims: dict[tuple[str, str], list[int]] = {}
@@ -369,9 +385,14 @@ class Gallery(Closing):
             model_dims = dims[(row.model_name, row.model_version)]
             dim = max(set(model_dims), key=model_dims.count)
             _, problem = self._verified_vector(row.vector, row.dim, row.checksum, dim)
+            if problem is None and not _bound(row.identity_id, row.checksum, row.binding):
+                problem = _MOVED
             if problem is not None:
                 problems.append(CorruptTemplate(row.name, row.id, problem))
-            if row.crop is not None:
+            if row.crop is not None and row.crop_checksum is not None \
+                    and vector_checksum(row.crop) != row.crop_checksum:
+                problems.append(CorruptTemplate(row.name, row.id, "crop checksum mismatch"))
+            elif row.crop is not None:
                 try:
                     decode_crop(self.store.sealer.unseal(row.crop, CROP), "crop")
                 except GalleryError as exc:
@@ -449,7 +470,8 @@ class Gallery(Closing):
             deleted = 0
             if delete_existing:
                 deleted = session.execute(
-                    update(TemplateRow).where(TemplateRow.crop.is_not(None)).values(crop=None)
+                    update(TemplateRow).where(TemplateRow.crop.is_not(None))
+                    .values(crop=None, crop_checksum=None)
                 ).rowcount
             store.audit.record(session, "settings", None,
                                f"store_crops={'on' if on else 'off'}, "

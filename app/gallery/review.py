@@ -25,6 +25,7 @@ from app.gallery.db import (
     TemplateRow,
     as_utc,
     move_names,
+    stamp_bindings,
     utcnow,
 )
 from app.gallery.errors import GalleryError, plural
@@ -503,6 +504,7 @@ class Review:
                                      .values(identity=dst_name)).rowcount
             session.execute(delete(IdentityRow).where(IdentityRow.id == ids[src_name]))
             move_names(session, ids[src_name], ids[dst_name])  # an erasure of dst finds src's
+            stamp_bindings(session, TemplateRow.identity_id == ids[dst_name])
             store.audit.record(session, "merge", dst_name,
                                f"{src_name!r} merged in: {plural(moved, 'template')}, "
                                f"{plural(events, 'event')} relabelled")

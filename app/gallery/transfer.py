@@ -25,7 +25,13 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from app.fsutil import make_dirs, temp_beside
-from app.gallery.codec import clean_name, decode_crop, unit_bytes, vector_checksum
+from app.gallery.codec import (
+    binding_checksum,
+    clean_name,
+    decode_crop,
+    unit_bytes,
+    vector_checksum,
+)
 from app.gallery.db import (
     IN_CHUNK,
     IdentityRow,
@@ -298,12 +304,15 @@ def import_file(
                 seen.setdefault(ids[name], set()).add(t.vector)
                 crops_dropped += t.jpeg is not None and not keep_crops
                 blob = seal(t.vector, VECTOR)
+                crop = seal(t.jpeg, CROP) if t.jpeg and keep_crops else None
+                checksum = vector_checksum(blob)
                 rows.append({
-                    "identity_id": ids[name], "vector": blob, "checksum": vector_checksum(blob),
+                    "identity_id": ids[name], "vector": blob, "checksum": checksum,
+                    "binding": binding_checksum(ids[name], checksum),
                     "dim": len(t.vector) // 4, "model_name": store.model_name,
                     "model_version": store.model_version, "source": t.source,
-                    "quality": t.quality, "created_at": t.created_at,
-                    "crop": seal(t.jpeg, CROP) if t.jpeg and keep_crops else None,
+                    "quality": t.quality, "created_at": t.created_at, "crop": crop,
+                    "crop_checksum": vector_checksum(crop) if crop is not None else None,
                 })
         if rows:
             session.execute(insert(TemplateRow), rows)

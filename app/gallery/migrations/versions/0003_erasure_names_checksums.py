@@ -1,6 +1,7 @@
 """Erasure by stable id: `identity_names` (every name an identity carried, filled from the
 identities and the audit log's renames and merges) and `erasures` (tombstones of erasures
-that have not finished); templates of release 0.2 get their checksum.
+that have not finished); templates of release 0.2 get their checksum, and every template a
+crop checksum and a binding to its identity (`templates.crop_checksum`, `.binding`).
 
 Revision ID: 0003
 Revises: 0002
@@ -19,6 +20,9 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
+# the vector checksum tied to the identity (codec.binding_checksum) and the crop's checksum
+TEMPLATE_COLUMNS = (sa.Column("crop_checksum", sa.String(length=64), nullable=True),
+                    sa.Column("binding", sa.String(length=64), nullable=True))
 _RENAMED = re.compile(r"renamed to '(.*)'$", re.S)
 _MERGED = re.compile(r"^'(.*)' merged in:", re.S)
 
@@ -80,12 +84,33 @@ def upgrade() -> None:
     if new:
         conn.execute(sa.text("INSERT INTO identity_names (identity_id, name) VALUES (:i, :n)"),
                      new)
+    have = {c["name"] for c in sa.inspect(conn).get_columns("templates")}
+    missing = [c for c in TEMPLATE_COLUMNS if c.name not in have]
+    if missing:
+        with op.batch_alter_table("templates") as batch:
+            for column in missing:
+                batch.add_column(sa.Column(column.name, column.type, nullable=True))
     rows = conn.execute(sa.text("SELECT id, vector FROM templates WHERE checksum IS NULL")).all()
     if rows:
         conn.execute(sa.text("UPDATE templates SET checksum = :c WHERE id = :i"),
-                     [{"i": i, "c": hashlib.sha256(bytes(v)).hexdigest()} for i, v in rows])
+                     [{"i": i, "c": _sha(v)} for i, v in rows])
+    rows = conn.execute(sa.text("SELECT id, identity_id, checksum, crop FROM templates "
+                                "WHERE binding IS NULL")).all()
+    if rows:
+        conn.execute(sa.text("UPDATE templates SET binding = :b, crop_checksum = :c "
+                             "WHERE id = :i"),
+                     [{"i": i, "b": hashlib.sha256(f"{int(iid)}:{checksum}".encode()).hexdigest(),
+                       "c": _sha(crop) if crop is not None else None}
+                      for i, iid, checksum, crop in rows])
+
+
+def _sha(blob: bytes) -> str:
+    return hashlib.sha256(bytes(blob)).hexdigest()
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("templates") as batch:
+        for column in TEMPLATE_COLUMNS:
+            batch.drop_column(column.name)
     op.drop_table("erasures")
     op.drop_table("identity_names")
