@@ -170,9 +170,7 @@ def faces_from_array(
 
 
 def _kept(det: Detection, crop: np.ndarray, source: str) -> EnrollFace:
-    """A face as enrollment keeps it: its crop in the kept geometry (`STORE`) and quality.
-    A file name that is not UTF-8 (its bytes as surrogates) is kept with them escaped."""
-    source = source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A face as enrollment keeps it: its crop in the kept geometry (`STORE`) and quality."""
     return EnrollFace(crop, score_quality(det, crop).score, source)
 
 

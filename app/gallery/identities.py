@@ -132,7 +132,10 @@ def _prepare(e: Enrollment) -> _Prepared:
     except (TypeError, ValueError) as exc:
         raise GalleryError(f"enroll qualities must be numbers: {exc}") from exc
     jpegs = [encode_crop(c) for c in e.crops] if e.crops is not None else [None] * count
-    return _Prepared(clean, vecs, [str(s) for s in e.sources], quals, jpegs)
+    # a file name that is not UTF-8 (its bytes as surrogates) is stored with them escaped
+    sources = [str(s).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+               for s in e.sources]
+    return _Prepared(clean, vecs, sources, quals, jpegs)
 
 
 _MOVED = "belongs to another identity (moved outside FaceMoE: binding checksum mismatch)"
