@@ -138,8 +138,10 @@ def test_daemon_container_health_events_and_clean_sigterm(image, enrolled, data_
     config = tmp_path / "app.yaml"
     config.write_text(yaml.safe_dump({
         "cameras": [{"name": "stage", "uri": "/videos/short_hamilton_clip.mp4", "loop": True}],
+        # a loaded 2-core CI machine may drop over 20% of a 30 fps file's frames (degraded);
+        # this checks that the daemon and its HEALTHCHECK answer, not how fast the machine is
         "daemon": {"metrics_port": port, "jsonl": {"path": "daemon.jsonl"},
-                   "sqlite_commit_s": 0.5},
+                   "sqlite_commit_s": 0.5, "health": {"max_drop_rate": 1.0}},
     }))
     config.chmod(0o644)
     name = f"facemoe-test-{uuid.uuid4().hex[:8]}"
@@ -149,9 +151,12 @@ def test_daemon_container_health_events_and_clean_sigterm(image, enrolled, data_
            "-v", f"{data_dir / 'videos'}:/videos:ro",
            "-v", f"{config}:/etc/facemoe/app.yaml:ro", image)
     try:
-        status, body = wait_for("/healthz answer", lambda: healthz(port), 60, name)
-        startup = time.monotonic() - started
-        assert status == 200 and body["status"] == "ok", body
+        answer = wait_for("/healthz answer", lambda: healthz(port), 60, name)
+        answered = time.monotonic() - started
+        status, body = wait_for("/healthz 200 (camera running)", lambda: (
+            (got := healthz(port)) and got[0] == 200 and got), 60, name)
+        ok = time.monotonic() - started
+        assert body["status"] == "ok" and answer[1]["status"] in ("ok", "degraded"), body
         assert podman("healthcheck", "run", name, check=False).returncode == 0
         jsonl = enrolled / "daemon.jsonl"
         wait_for(f"event naming {PERSON}", lambda: PERSON in identities(jsonl), 120, name)
@@ -159,6 +164,7 @@ def test_daemon_container_health_events_and_clean_sigterm(image, enrolled, data_
         code = podman("wait", name, timeout=60).stdout.strip()
         logs = podman("logs", name).stderr
         assert code == "0", logs[-3000:]
-        print(f"daemon container: /healthz 200 {startup:.1f} s after `podman run`")
+        print(f"\ndaemon container: /healthz answered {answered:.1f} s and 200 ok {ok:.1f} s "
+              "after `podman run -d`")
     finally:
         podman("rm", "-f", name, check=False)
