@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The container image on a CI machine (podman; ../shared/STACK.md, "Containers"):
-#   .ci/container.sh setup   podman, runc and debootstrap from Debian (as root), when missing
+#   .ci/container.sh setup   podman, runc, debootstrap and podman-compose from Debian (as root)
 #   .ci/container.sh base    docker.io/library/debian:bookworm-slim made with debootstrap (no
 #                            image registry is reachable here), unless podman already has it
 #   .ci/container.sh build   podman build of the Dockerfile as facemoe-edge:latest (layers reused)
@@ -24,6 +24,9 @@ setup() {
     command -v podman >/dev/null || missing+=(podman)
     command -v runc >/dev/null || missing+=(runc)
     command -v debootstrap >/dev/null || missing+=(debootstrap)
+    command -v podman-compose >/dev/null || missing+=(podman-compose)
+    # name resolution between compose services on podman 4.3's CNI networks
+    [ -x /usr/lib/cni/dnsname ] || missing+=(golang-github-containernetworking-plugin-dnsname)
     ((${#missing[@]})) || return 0
     [ "$(id -u)" = 0 ] || { say "not root: cannot install ${missing[*]}"; return 1; }
     inst() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"; }

@@ -168,3 +168,69 @@ def test_daemon_container_health_events_and_clean_sigterm(image, enrolled, data_
               "after `podman run -d`")
     finally:
         podman("rm", "-f", name, check=False)
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_compose_runs_daemon_review_ui_and_broker(image, data_dir, tmp_path):
+    """compose.yaml as a user starts it (podman-compose, its mounted config, the environment),
+    with the camera a file from the shared videos: the daemon answers /healthz on its published
+    port, the review UI its login page, the daemon's MQTT messages reach the mosquitto service,
+    and `stop` (SIGTERM) ends the daemon with exit code 0."""
+    import paho.mqtt.client as mqtt
+
+    if shutil.which("podman-compose") is None:
+        pytest.skip("podman-compose is not installed (`.ci/container.sh setup` installs it)")
+    busy = [p for p in (9464, 8080, 1883) if port_in_use(p)]
+    if busy:
+        pytest.skip(f"127.0.0.1 ports {busy}, which compose.yaml publishes, are in use")
+    override = tmp_path / "videos.yaml"  # the shared videos, for a file camera
+    override.write_text(yaml.safe_dump(
+        {"services": {"facemoe": {"volumes": [f"{data_dir / 'videos'}:/videos:ro"]}}}))
+    project = f"fmtest{uuid.uuid4().hex[:6]}"
+    env = {**_env(), "FACEMOE_CAMERA_URI": "/videos/short_hamilton_clip.mp4",
+           "FACEMOE_WEB_PASSWORD": "ci-password"}
+
+    def compose(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["podman-compose", "-p", project, "-f", str(REPO_ROOT / "compose.yaml"),
+             "-f", str(override), *args],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    daemon = f"{project}_facemoe_1"
+    topics: set[str] = set()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.on_connect = lambda c, *_: c.subscribe("#")
+    client.on_message = lambda c, u, msg: topics.add(msg.topic)
+    try:
+        up = compose("up", "-d")
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+        got = wait_for("/healthz answer", lambda: healthz(9464), 60, daemon)
+        assert "camera1" in got[1]["cameras"], got
+        login = wait_for("review UI login page", lambda: _status("http://127.0.0.1:8080/login")
+                         == 200, 60, f"{project}_review_1")
+        assert login
+        client.connect("127.0.0.1", 1883)
+        client.loop_start()
+        wait_for("the daemon's MQTT messages", lambda: {
+            "facemoe/availability", "facemoe/cameras/camera1"} <= topics, 60, daemon)
+        stop = compose("stop")
+        assert stop.returncode == 0, stop.stderr[-2000:]
+        code = podman("inspect", "-f", "{{.State.ExitCode}}", daemon).stdout.strip()
+        assert code == "0", podman("logs", daemon).stderr[-3000:]
+    finally:
+        client.loop_stop()
+        compose("down", "-v")
+
+
+def _status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
