@@ -7,8 +7,9 @@
 # The `shared` build context is a folder holding the YuNet detector
 # (face_detection_yunet_2026may.onnx, MIT), which install.sh takes from ../shared/models; it is
 # read during the build (checksum verified by install.sh) and nothing else of ../shared is used.
-# Everything else comes from Debian and PyPI (torch, used only to export the model to ONNX,
-# from the PyTorch CPU index unless pip is told where a CPU wheel is: FACEMOE_TORCH_INDEX).
+# Everything else comes from Debian and PyPI, and torch (only to export the model to ONNX) as
+# install.sh takes it: a CPU wheel pip finds (CI gives the build its machine's pip sources,
+# .ci/container.sh), else the PyTorch CPU index (FACEMOE_TORCH_INDEX).
 
 FROM docker.io/library/debian:bookworm-slim
 ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8

@@ -116,6 +116,10 @@ build() {
 }
 
 (($#)) || set -- setup base build
+# one at a time on a machine: a second call (the test's, while CI's background build runs)
+# waits for the first, then finds every layer built
+exec 9> "${TMPDIR:-/tmp}/facemoe-container.lock"
+flock 9
 for step; do
     case "$step" in
         setup) setup ;;

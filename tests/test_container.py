@@ -224,6 +224,7 @@ def test_compose_runs_daemon_review_ui_and_broker(image, data_dir, tmp_path):
     finally:
         client.loop_stop()
         compose("down", "-v")
+        podman("network", "rm", "-f", f"{project}_default", check=False)  # down leaves it
 
 
 def _status(url: str) -> int | None:
