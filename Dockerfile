@@ -37,7 +37,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 # The product, installed by install.sh as on a Debian machine (the YuNet detector, checksum
 # verified, and the default model's ONNX export). torch, which only exports the model, is
-# removed in the same step: the image runs the model with ONNX Runtime.
+# removed in the same step: the image runs the model with ONNX Runtime. As in a wheel, only the
+# default model (configs/app.yaml's) ships; install.sh's downloads it was made from do not.
 ARG FACEMOE_TORCH_INDEX=https://download.pytorch.org/whl/cpu
 COPY . /opt/facemoe/
 RUN --mount=type=cache,target=/root/.cache/pip \
@@ -46,6 +47,11 @@ RUN --mount=type=cache,target=/root/.cache/pip \
  && FACEMOE_SHARED=/opt/shared FACEMOE_EXTRAS=mqtt ./install.sh \
  && .venv/bin/pip uninstall -q -y torch sympy mpmath networkx \
  && ! .venv/bin/python -c 'import torch' 2>/dev/null \
+ && default="$(.venv/bin/python -c 'from app.config import load_config; print(load_config().model.dir)')" \
+ && [ -f "$default/manifest.json" ] \
+ && find models -mindepth 1 -maxdepth 1 -type d ! -name detector ! -path "models/${default##*/}" \
+      -exec rm -rf {} + \
+ && rm -rf .venv/share/facemoe \
  && .venv/bin/python -m compileall -q app engine trainer
 
 # FACEMOE_HOME: relative paths of the config (gallery.db, events, snapshots) and the user's own
