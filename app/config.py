@@ -507,17 +507,19 @@ class WebConfig(_Strict):
 
 
 class AppConfig(_Strict):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    # validate_default: a section the file leaves out gets its relative paths resolved too
+    # (app.paths), not left relative to the working directory
+    model: ModelConfig = Field(default_factory=ModelConfig, validate_default=True)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig, validate_default=True)
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
     embed: EmbedPolicy = Field(default_factory=EmbedPolicy)
     matching: MatchConfig = Field(default_factory=MatchConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
-    gallery: GalleryConfig = Field(default_factory=GalleryConfig)
+    gallery: GalleryConfig = Field(default_factory=GalleryConfig, validate_default=True)
     enroll: EnrollConfig = Field(default_factory=EnrollConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     cameras: list[CameraConfig] = Field(default_factory=list)
-    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig, validate_default=True)
     web: WebConfig = Field(default_factory=WebConfig)
 
     @field_validator("model")
