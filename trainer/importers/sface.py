@@ -163,6 +163,7 @@ def import_sface_torch(
     `architecture` `sface` is the network as is; `facemoe-sface` adds FaceMoE blocks that start
     as the identity (equal to SFace at step 0), for fine-tuning."""
     import onnx
+    import torch
 
     from trainer.artifact import save_artifact
     from trainer.models import create_model, model_config
@@ -172,7 +173,9 @@ def import_sface_torch(
     src = Path(src) if src else default_onnx()
     check_file(src)
     arch = model_config(architecture)
-    model = create_model(architecture).eval()
+    with torch.random.fork_rng():  # the new FaceMoE blocks' initial values: the same every import
+        torch.manual_seed(0)
+        model = create_model(architecture).eval()
     load_sface_weights(model, onnx.load(str(src)))
     return save_artifact(
         model,
