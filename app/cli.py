@@ -402,6 +402,16 @@ def cmd_import(args: argparse.Namespace) -> int:
             path = import_dlib(out, args.dat, architecture=args.architecture, name=args.name)
         except (DlibFormatError, KeyError, ValueError) as e:
             raise UserError(str(e)) from e
+    elif args.source == "sface":
+        from trainer.importers.sface import import_sface_torch
+
+        # not models/sface: that is install.sh's ONNX-only artifact of the same file
+        default = "sface-torch" if args.architecture == "sface" else args.architecture
+        out = args.out or f"models/{default}"
+        try:
+            path = import_sface_torch(out, args.src, architecture=args.architecture, name=args.name)
+        except (OSError, ValueError) as e:
+            raise UserError(str(e)) from e
     else:
         from trainer.importers.onnx_model import OnnxImportError, import_onnx
 
@@ -842,6 +852,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="dlib-resnet-v1 (as is) or facemoe-r29 (FaceMoE blocks added, equal at step 0)",
     )
     i.add_argument("--out", help="artifact directory (default models/ARCHITECTURE)")
+    i.add_argument("--name")
+    i.add_argument("--json", action="store_true")
+    i = isub.add_parser("sface", help="OpenCV Zoo's SFace (Apache-2.0) in PyTorch, optionally "
+                        "upcycled, for fine-tuning")
+    i.add_argument("--src", help="face_recognition_sface_2021dec.onnx (default: the installed one)")
+    i.add_argument(
+        "--architecture", default="sface", choices=("sface", "facemoe-sface"),
+        help="sface (as is) or facemoe-sface (FaceMoE blocks added, equal at step 0)",
+    )
+    i.add_argument("--out", help="artifact directory (default models/sface-torch or "
+                                 "models/facemoe-sface)")
     i.add_argument("--name")
     i.add_argument("--json", action="store_true")
     i = isub.add_parser("onnx", help="any ONNX face embedder (e.g. SFace, an ArcFace model)")
