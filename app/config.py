@@ -454,6 +454,17 @@ class WebUser(_Strict):
     )
 
 
+class WebApiKey(_Strict):
+    """A key of the CompreFace-compatible API (`x-api-key` header on /api/v1/...), kept as a
+    hash; `read_only` keys recognise, verify, detect and list, but change nothing."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    key_hash: str = Field(
+        pattern=r"^sha256\$[0-9a-f]{64}$", description="`facemoe serve --hash-token` prints one"
+    )
+    read_only: bool = False
+
+
 class WebConfig(_Strict):
     """`facemoe serve` (and the daemon with `daemon.web: true`): the review UI and REST API.
 
@@ -466,6 +477,9 @@ class WebConfig(_Strict):
     users: list[WebUser] = Field(default_factory=list)
     token_hashes: list[str] = Field(
         default_factory=list, description="bearer tokens, as `facemoe serve --hash-token` prints"
+    )
+    api_keys: list[WebApiKey] = Field(
+        default_factory=list, description="keys of the CompreFace-compatible API (/api/v1)"
     )
     session_hours: float = Field(12.0, gt=0, description="a login lasts this long")
     max_upload_mb: float = Field(10.0, gt=0, le=100, description="largest accepted image")

@@ -27,7 +27,7 @@ from app.web.auth import COOKIE, AuthConfigError, Authenticator
 from app.web.context import WebContext
 from app.web.deps import NotAuthenticated, http_error, user_errors
 from app.web.guard import HostGuard, json_answer
-from app.web.routers import cameras, clusters, events, identities, pages, recognize
+from app.web.routers import cameras, clusters, compreface, events, identities, pages, recognize
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -139,7 +139,7 @@ def create_app(ctx: WebContext) -> FastAPI:
                               "tokens); the API takes `Authorization: Bearer TOKEN`.")
     app.state.ctx = ctx
     for r in (events.router, clusters.router, identities.router, recognize.router,
-              cameras.router, pages.router):
+              compreface.router, cameras.router, pages.router):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
