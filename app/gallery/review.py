@@ -143,6 +143,16 @@ class Review:
             n = self._crop_counts(session, [row.id]).get(row.id, 0)
             return StoredEvent.of(row, n)
 
+    def stored(self, event_ids: Sequence[int]) -> dict[int, StoredEvent]:
+        """The events among `event_ids` that exist, by id."""
+        out: dict[int, StoredEvent] = {}
+        with self._store.db.read("read events") as session:
+            for chunk in _chunks(event_ids):
+                rows = session.scalars(select(EventRow).where(EventRow.id.in_(chunk))).all()
+                crops = self._crop_counts(session, [r.id for r in rows])
+                out.update((r.id, StoredEvent.of(r, crops.get(r.id, 0))) for r in rows)
+        return out
+
     def cameras(self) -> list[str]:
         with self._store.db.read("list cameras") as session:
             return list(session.scalars(select(EventRow.camera).distinct()

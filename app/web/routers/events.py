@@ -6,6 +6,7 @@ import logging
 from datetime import datetime
 
 from fastapi import APIRouter, Depends, Query, Response
+from starlette.concurrency import run_in_threadpool
 
 from app.gallery import StoredEvent
 from app.gallery.audit import acting_as
@@ -14,7 +15,17 @@ from app.recognize import Candidate
 from app.web.auth import User
 from app.web.context import WebContext
 from app.web.deps import current_user, get_ctx, writer
-from app.web.models import Enrolled, EventOut, EventPage, NameRequest, Nearest
+from app.web.models import (
+    Enrolled,
+    EventOut,
+    EventPage,
+    NameRequest,
+    Nearest,
+    NotPersonOut,
+    NotPersonRequest,
+    RelabelRequest,
+    ReprocessOut,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/events", tags=["events"])
@@ -81,3 +92,55 @@ def name_event(event_id: int, body: NameRequest, ctx: WebContext = Depends(get_c
     with acting_as(user.audit_name):
         r = ctx.review.name_event(event_id, body.name)
     return Enrolled.of(r)
+
+
+@router.patch("/{event_id}", response_model=EventOut,
+              summary="Relabel an event (an enrolled name, or null: unknown) without enrolling")
+def relabel_event(event_id: int, body: RelabelRequest, ctx: WebContext = Depends(get_ctx),
+                  user: User = Depends(writer)) -> EventOut:
+    with acting_as(user.audit_name):
+        ctx.review.corrections.relabel(event_id, body.identity)
+    return get_event(event_id, ctx, user)
+
+
+@router.post("/{event_id}/not", response_model=NotPersonOut,
+             summary="Not this person: unknown, never that name again, its templates deleted")
+def not_person(event_id: int, body: NotPersonRequest, ctx: WebContext = Depends(get_ctx),
+               user: User = Depends(writer)) -> NotPersonOut:
+    with acting_as(user.audit_name):
+        name, removed = ctx.review.corrections.not_person(event_id, body.identity)
+    return NotPersonOut(event=get_event(event_id, ctx, user), not_identity=name,
+                        templates_deleted=removed)
+
+
+@router.delete("/{event_id}", status_code=204, response_class=Response,
+               summary="Delete an event with its crops")
+def delete_event(event_id: int, ctx: WebContext = Depends(get_ctx),
+                 user: User = Depends(writer)) -> Response:
+    with acting_as(user.audit_name):
+        ctx.review.corrections.delete([event_id])
+    return Response(status_code=204)
+
+
+@router.post("/reprocess", response_model=ReprocessOut,
+             summary="Re-run stored events (newest first) against the current gallery")
+async def reprocess(
+    camera: str | None = None,
+    identity: str | None = None,
+    since: datetime | None = Query(None, description="stored at or after (ISO 8601)"),
+    until: datetime | None = Query(None, description="stored before (ISO 8601)"),
+    named: bool = Query(False, description="also named events (their names may change)"),
+    before: int | None = Query(None, description="only events with a smaller id (continue)"),
+    limit: int = Query(200, ge=1, le=2000),
+    ctx: WebContext = Depends(get_ctx),
+    user: User = Depends(writer),
+) -> ReprocessOut:
+    f = EventFilter(camera, identity, False, since, until)
+
+    def work():
+        with acting_as(user.audit_name):
+            return ctx.review.reprocess(f, named=named, before=before, limit=limit)
+
+    r = await run_in_threadpool(work)
+    return ReprocessOut(checked=r.checked, changed=r.changed, without_crops=r.without_crops,
+                        next_before=r.next_before)

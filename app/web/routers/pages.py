@@ -5,6 +5,7 @@ API route and the CLI, then redirects (post/redirect/get) with a message or an e
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlencode
@@ -27,6 +28,7 @@ from app.web.routers.identities import enroll_uploads, identity_detail
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 NAME_CHOICES = 500  # galleries up to this size offer their names in the "this is" field
+REPROCESS_BATCH, REPROCESS_BUDGET_S = 200, 30.0  # "re-run against the gallery": per step, at most
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent.parent / "templates"))
 
 
@@ -141,7 +143,9 @@ def event_page(request: Request, event_id: int, user: User = Depends(current_use
         out = event_out(e, ctx.review.nearest([e]).get(e.id))
     except user_errors() as exc:
         return back("/events", error=_one_line(exc))
-    return page(request, "event.html", user, e=out, threshold=ctx.threshold)
+    known, total = ctx.gallery.review.identities(limit=NAME_CHOICES)
+    return page(request, "event.html", user, e=out, threshold=ctx.threshold,
+                names=[i.name for i in known] if total <= NAME_CHOICES else [])
 
 
 @router.post("/events/{event_id}/name")
@@ -157,6 +161,70 @@ def name_event_page(event_id: int, name: str = Form(...), user: User = Depends(w
                 f"{len(r.rejected)} rejected as outlier(s)")
 
 
+@router.post("/events/{event_id}/relabel")
+def relabel_event_page(event_id: int, name: str = Form(""), user: User = Depends(writer),
+                       ctx: WebContext = Depends(get_ctx)) -> Response:
+    here = f"/events/{event_id}"
+    try:
+        with acting_as(user.audit_name):
+            old, removed = ctx.review.corrections.relabel(event_id, name.strip() or None)
+    except user_errors() as exc:
+        return back(here, error=_one_line(exc))
+    msg = f"event {event_id}: {old or 'unknown'} → {name.strip() or 'unknown'}"
+    return back(here, msg=msg + (f" ({removed} template(s) from it deleted from {old})"
+                                 if removed else ""))
+
+
+@router.post("/events/{event_id}/not")
+def not_person_page(event_id: int, user: User = Depends(writer),
+                    ctx: WebContext = Depends(get_ctx)) -> Response:
+    here = f"/events/{event_id}"
+    try:
+        with acting_as(user.audit_name):
+            name, removed = ctx.review.corrections.not_person(event_id)
+    except user_errors() as exc:
+        return back(here, error=_one_line(exc))
+    return back(here, msg=f"event {event_id} is not {name}: unknown now, and never {name} "
+                f"again; {removed} template(s) from it deleted")
+
+
+@router.post("/events/{event_id}/delete")
+def delete_event_page(event_id: int, confirm: str = Form(""), user: User = Depends(writer),
+                      ctx: WebContext = Depends(get_ctx)) -> Response:
+    if confirm != "yes":
+        return back(f"/events/{event_id}", error="tick the box to confirm the deletion")
+    try:
+        with acting_as(user.audit_name):
+            ctx.review.corrections.delete([event_id])
+    except user_errors() as exc:
+        return back("/events", error=_one_line(exc))
+    return back("/events", msg=f"event {event_id} deleted with its crops")
+
+
+@router.post("/events/reprocess")
+def reprocess_page(camera: str = Form(""), identity: str = Form(""), since: str = Form(""),
+                   until: str = Form(""), named: str = Form(""), user: User = Depends(writer),
+                   ctx: WebContext = Depends(get_ctx)) -> Response:
+    query = {"camera": camera or None, "identity": identity or None, "since": since or None,
+             "until": until or None}
+    try:
+        f = EventFilter(camera or None, identity or None, False, _time(since), _time(until))
+        checked = changed = 0
+        before, deadline = None, time.monotonic() + REPROCESS_BUDGET_S
+        with acting_as(user.audit_name):
+            while True:
+                r = ctx.review.reprocess(f, named=named == "yes", before=before,
+                                         limit=REPROCESS_BATCH)
+                checked, changed, before = checked + r.checked, changed + r.changed, r.next_before
+                if before is None or time.monotonic() > deadline:
+                    break
+    except (ValueError, *user_errors()) as exc:
+        return back("/events", **query, error=_one_line(exc))
+    more = " (more remain: narrow the time range)" if before is not None else ""
+    return back("/events", **query, msg=f"re-ran {checked} event(s) against the gallery: "
+                f"{changed} changed name{more}")
+
+
 # --- clusters ---------------------------------------------------------------------------------
 
 
@@ -169,7 +237,8 @@ def clusters_page(request: Request, state: str = Query("open", pattern="^(open|i
     known, total = ctx.gallery.review.identities(limit=NAME_CHOICES)
     names = [i.name for i in known] if total <= NAME_CHOICES else []  # offered while typing
     return page(request, "clusters.html", user, data=data, state=state, offset=offset,
-                size=size, names=names)
+                size=size, names=names, merge_choices=ctx.review.merge_choices(
+                    [c.id for c in data.clusters], {c.id: c.members for c in data.clusters}))
 
 
 @router.post("/clusters/{cluster_id}/name")
@@ -182,7 +251,9 @@ def name_cluster(cluster_id: int, name: str = Form(...), user: User = Depends(wr
         return back("/clusters", error=_one_line(exc))
     e = r.enrollment
     msg = (f"cluster {cluster_id} is {e.name}: {len(e.faces)} template(s) enrolled, "
-           f"{len(e.rejected)} rejected as outlier(s), {r.events_named} event(s) named")
+           f"{len(e.rejected)} rejected as outlier(s), {r.events_named} event(s) named"
+           + (f", {r.events_left} left unknown (rejected or not matching)" if r.events_left
+              else ""))
     return back("/clusters", msg=msg)
 
 

@@ -1,0 +1,163 @@
+"""Corrections through the REST API on a real gallery (Alex Lacamoire enrolled, the Hamilton and
+Intel clips processed): relabel, "not this person", delete and re-running stored events against
+the gallery; faces seen at the same time never share a group; naming a group names only the
+faces it accepted; groups offered for merging by similarity."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the web extra is not installed (pip install -e .[web])")
+pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx (the dev extra)")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from app.clusters import _co_occurring, span_of  # noqa: E402
+from app.config import WebConfig, load_config  # noqa: E402
+from app.runtime import make_detector, make_embedder, open_gallery, threshold  # noqa: E402
+from app.web.app import create_app  # noqa: E402
+from app.web.auth import Authenticator  # noqa: E402
+from app.web.context import WebContext  # noqa: E402
+from tests.web_helpers import ALEX, LIN, build_gallery, close_up  # noqa: E402
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("no_gallery_key")]
+
+
+@pytest.fixture(scope="module")
+def models():
+    cfg = load_config(None)
+    return make_detector(cfg), make_embedder(cfg)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, data_dir: Path) -> Path:
+    os.environ.pop("FACEMOE_GALLERY_KEY", None)
+    os.environ.pop("FACEMOE_GALLERY_KEY_FILE", None)
+    return build_gallery(tmp_path_factory.mktemp("corrections") / "gallery.db",
+                         data_dir / "videos")
+
+
+@pytest.fixture
+def db(built: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "gallery.db"
+    shutil.copy(built, copy)
+    return copy
+
+
+def make_client(db: Path, models, **web) -> TestClient:
+    cfg = load_config(None)
+    cfg = cfg.model_copy(update={"web": WebConfig(**web)})
+    detector, embedder = models
+    ctx = WebContext(cfg, open_gallery(db, embedder), detector, embedder,
+                     threshold(cfg, embedder), Authenticator(cfg.web, "127.0.0.1", env={}))
+    return TestClient(create_app(ctx), base_url="http://127.0.0.1:8080")
+
+
+def events(c: TestClient, **query) -> list[dict]:
+    r = c.get("/api/events", params={"limit": 500, **query})
+    assert r.status_code == 200, r.text
+    return r.json()["events"]
+
+
+def test_relabel_not_this_person_delete_and_reprocess(db: Path, models) -> None:
+    c = make_client(db, models)
+    ctx = c.app.state.ctx
+    lin = close_up(events(c))
+    assert c.post(f"/api/events/{lin['id']}/name", json={"name": LIN}).status_code == 200
+    unknown = [e for e in events(c, unknown="true") if e["crops"]]
+    # re-run the unknown events against the gallery that now holds Lin: his other tracks
+    r = c.post("/api/events/reprocess")
+    assert r.status_code == 200, r.text
+    assert r.json()["checked"] == len(unknown) and r.json()["changed"] >= 1
+    others = [e for e in events(c, identity=LIN) if e["id"] != lin["id"]]
+    assert 1 <= len(others) <= r.json()["changed"]
+    other = others[0]
+    # "not this person": unknown now, and never Lin again, even when named events are re-run
+    r = c.post(f"/api/events/{other['id']}/not", json={})
+    assert r.status_code == 200, r.text
+    assert r.json()["not_identity"] == LIN and r.json()["event"]["identity"] is None
+    nearest = r.json()["event"]["nearest"]  # it still looks like him ...
+    assert nearest["name"] == LIN and nearest["score"] >= ctx.threshold
+    c.post("/api/events/reprocess", params={"named": "true"})
+    assert c.get(f"/api/events/{other['id']}").json()["identity"] != LIN  # ... but is not
+    assert {e["id"] for e in events(c, identity=LIN)} >= {e["id"] for e in others[1:]}
+    # on the event Lin was enrolled from, his templates from it are deleted
+    lin_id = c.get("/api/identities", params={"search": LIN}).json()["identities"][0]["id"]
+    enrolled = c.get(f"/api/identities/{lin_id}").json()["templates"]
+    r = c.post(f"/api/events/{lin['id']}/not", json={})
+    assert r.json()["templates_deleted"] == enrolled > 0
+    assert c.get(f"/api/identities/{lin_id}").json()["templates"] == 0
+    # relabel without enrolling: only enrolled names, one-line errors
+    r = c.patch(f"/api/events/{other['id']}", json={"identity": ALEX})
+    assert r.status_code == 200 and r.json()["identity"] == ALEX
+    r = c.patch(f"/api/events/{other['id']}", json={"identity": "Nobody Known"})
+    assert r.status_code == 404
+    assert r.json()["detail"] == "no such identity: 'Nobody Known' (enroll it first)"
+    r = c.patch(f"/api/events/{other['id']}", json={"identity": None})
+    assert r.json()["identity"] is None
+    # delete: the event and its crops are gone
+    assert c.delete(f"/api/events/{other['id']}").status_code == 204
+    assert c.get(f"/api/events/{other['id']}").status_code == 404
+    assert c.get(f"/api/events/{other['id']}/crops/0").status_code == 404
+    assert c.delete(f"/api/events/{other['id']}").status_code == 404
+    audit = [(a.action, a.detail) for a in ctx.gallery.audit()]
+    actions = [a for a, _ in audit]
+    for action in ("reprocess", "not_person", "relabel", "delete_events"):
+        assert action in actions, audit
+    assert any(d == f"1 event deleted: {other['id']}" for a, d in audit if a == "delete_events")
+
+
+def test_faces_seen_together_never_share_a_group(db: Path, models) -> None:
+    """At a loose grouping threshold (0.5) dlib's descriptors of different people are similar
+    enough to join; tracks seen at the same time on one camera must still stay apart."""
+    c = make_client(db, models, cluster_threshold=0.5)
+    ctx = c.app.state.ctx
+    assert c.get("/api/clusters").status_code == 200  # groups every unknown event
+    stored = ctx.gallery.review.stored([e["id"] for e in events(c)])
+    ids = sorted(stored)
+    pairs = [(ids[i], ids[j]) for i, j in _co_occurring([span_of(stored[e]) for e in ids])]
+    assert len(pairs) >= 5
+    vecs = ctx.gallery.review.embeddings(ids, ctx.review.model)
+    alike = [p for p in pairs if float(vecs[p[0]][0] @ vecs[p[1]][0]) >= 0.5]
+    assert alike, "no co-occurring pair similar enough to test the rule"
+    assert all(vecs[a][1] != vecs[b][1] for a, b in pairs)
+
+
+def test_naming_a_group_names_only_the_faces_it_accepted(db: Path, models) -> None:
+    c = make_client(db, models, cluster_threshold=0.5)
+    ctx = c.app.state.ctx
+    lin = close_up(events(c))
+    clusters = c.get("/api/clusters").json()["clusters"]
+    group = next(g for g in clusters
+                 if lin["id"] in ctx.gallery.review.cluster_events(g["id"]))
+    members = ctx.gallery.review.cluster_events(group["id"])
+    r = c.post(f"/api/clusters/{group['id']}/name", json={"name": LIN})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    after = {e: ctx.gallery.review.event(e).event.identity for e in members}
+    named = [e for e, name in after.items() if name == LIN]
+    left = [e for e, name in after.items() if name is None]
+    assert len(named) == body["events_named"] >= 1 and lin["id"] in named
+    assert len(left) == body["events_left"] >= 1 and len(named) + len(left) == len(members)
+    rejected = {int(x["source"].split(":")[0].split()[1]) for x in body["enrolled"]["rejected"]}
+    assert rejected <= set(left)
+    # the faces it left out did not match the name; the next grouping takes them again
+    vecs = ctx.gallery.review.embeddings(left, ctx.review.model)
+    near = ctx.recognizer.nearest(np.stack([vecs[e][0] for e in left]), top=1)
+    assert all(not n or n[0].name != LIN or n[0].score < ctx.threshold for n in near)
+    # merge by picking: every other group on the page is offered, most similar first
+    page = c.get("/clusters").text
+    shown = [g["id"] for g in c.get("/api/clusters").json()["clusters"]]
+    choices = ctx.review.merge_choices(shown, {})
+    for cid, offered in choices.items():
+        assert {o.id for o in offered} <= set(shown) - {cid}
+        assert len(offered) == min(10, len(shown) - 1)
+        sims = [o.similarity for o in offered]
+        assert sims == sorted(sims, reverse=True)
+    if len(shown) > 1:
+        assert f'<option value="{choices[shown[0]][0].id}">' in page
