@@ -183,14 +183,22 @@ class FaceReview:
         return cached
 
     def nearest(self, events: list[StoredEvent]) -> dict[int, Candidate]:
-        """The nearest enrolled identity of each unknown event, even below the threshold."""
+        """The nearest enrolled identity of each unknown event, even below the threshold (not
+        one it was marked "not this person")."""
         ids = [e.id for e in events if e.event.identity is None and e.crops]
         vecs = self.embeddings(ids)
         order = [i for i in ids if i in vecs]
         if not order:
             return {}
-        cands = self.recognizer.nearest(np.stack([vecs[i] for i in order]), top=1)
-        return {i: c[0] for i, c in zip(order, cands, strict=True) if c}
+        refused = self.corrections.rejected(order)
+        top = 1 + max((len(v) for v in refused.values()), default=0)
+        cands = self.recognizer.nearest(np.stack([vecs[i] for i in order]), top=top)
+        out = {}
+        for i, found in zip(order, cands, strict=True):
+            best = next((c for c in found if c.name not in refused.get(i, ())), None)
+            if best is not None:
+                out[i] = best
+        return out
 
     # --- clusters -----------------------------------------------------------------------------
 

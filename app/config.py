@@ -489,6 +489,15 @@ class WebConfig(_Strict):
         "higher splits one person into more clusters, lower merges different people",
     )
     page_size: int = Field(48, ge=1, le=500)
+    timezone: str | None = Field(
+        None, description="IANA zone the pages show times in and read filter times without an "
+        "offset in (e.g. Europe/Paris); default the machine's"
+    )
+    refresh_s: float = Field(
+        30.0, ge=0,
+        description="group new unknown events in the background this often (0: only when the "
+        "unknown-faces page loads); faster pages, a little CPU while cameras run",
+    )
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="host names (Host header) the server answers besides loopback names, IP "
@@ -513,11 +522,19 @@ class WebConfig(_Strict):
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or network") from None
         return v
-    refresh_s: float = Field(
-        30.0, ge=0,
-        description="group new unknown events in the background this often (0: only when the "
-        "unknown-faces page loads); faster pages, a little CPU while cameras run",
-    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str | None) -> str | None:
+        if v:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(v)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {v!r} (an IANA name such as Europe/Paris)"
+                                 ) from None
+        return v
 
 
 class AppConfig(_Strict):

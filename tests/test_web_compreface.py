@@ -218,6 +218,8 @@ def test_compreface_sdk_against_facemoe_serve(sdk_python: Path, tmp_path: Path,
         server.terminate()
         server.wait(10)
         log.close()
+    started = (tmp_path / "serve.log").read_text()
+    assert f"serving the review UI on http://127.0.0.1:{port}/" in started  # serve says where
     obama, biden = out["add"]["image_id"], out["add_bytes"]["image_id"]
     assert out["add"]["subject"] == "Barack Obama" and obama != biden
     assert sorted((f["image_id"], f["subject"]) for f in out["faces"]["faces"]) == sorted(

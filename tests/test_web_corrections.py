@@ -1,12 +1,14 @@
 """Corrections through the REST API on a real gallery (Alex Lacamoire enrolled, the Hamilton and
 Intel clips processed): relabel, "not this person", delete and re-running stored events against
 the gallery; faces seen at the same time never share a group; naming a group names only the
-faces it accepted; groups offered for merging by similarity."""
+faces it accepted; groups offered for merging by similarity; times in the configured zone with
+their offsets, one-line errors for bad filter values, an HTML 404 page, short scores."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from app.runtime import make_detector, make_embedder, open_gallery, threshold  #
 from app.web.app import create_app  # noqa: E402
 from app.web.auth import Authenticator  # noqa: E402
 from app.web.context import WebContext  # noqa: E402
-from tests.web_helpers import ALEX, LIN, build_gallery, close_up  # noqa: E402
+from tests.web_helpers import ALEX, LIN, build_gallery, close_up, facemoe  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("no_gallery_key")]
 
@@ -81,10 +83,9 @@ def test_relabel_not_this_person_delete_and_reprocess(db: Path, models) -> None:
     r = c.post(f"/api/events/{other['id']}/not", json={})
     assert r.status_code == 200, r.text
     assert r.json()["not_identity"] == LIN and r.json()["event"]["identity"] is None
-    nearest = r.json()["event"]["nearest"]  # it still looks like him ...
-    assert nearest["name"] == LIN and nearest["score"] >= ctx.threshold
-    c.post("/api/events/reprocess", params={"named": "true"})
-    assert c.get(f"/api/events/{other['id']}").json()["identity"] != LIN  # ... but is not
+    assert (r.json()["event"]["nearest"] or {}).get("name") != LIN  # not "looks like Lin"
+    c.post("/api/events/reprocess", params={"named": "true"})  # it matched Lin above, but ...
+    assert c.get(f"/api/events/{other['id']}").json()["identity"] != LIN
     assert {e["id"] for e in events(c, identity=LIN)} >= {e["id"] for e in others[1:]}
     # on the event Lin was enrolled from, his templates from it are deleted
     lin_id = c.get("/api/identities", params={"search": LIN}).json()["identities"][0]["id"]
@@ -161,3 +162,44 @@ def test_naming_a_group_names_only_the_faces_it_accepted(db: Path, models) -> No
         assert sims == sorted(sims, reverse=True)
     if len(shown) > 1:
         assert f'<option value="{choices[shown[0]][0].id}">' in page
+
+
+def test_local_times_offsets_one_line_errors_and_small_things(db: Path, models) -> None:
+    c = make_client(db, models, timezone="Asia/Kolkata")
+    newest = events(c)[0]
+    stored = datetime.fromisoformat(newest["stored_at"]).astimezone(timezone.utc)
+    plus5 = timezone(timedelta(hours=5))
+    # offsets are honoured: a minute before and after the event, written at +05:00
+    before = (stored - timedelta(minutes=1)).astimezone(plus5).isoformat()
+    after = (stored + timedelta(minutes=1)).astimezone(plus5).isoformat()
+    assert newest["id"] in [e["id"] for e in events(c, since=before)]
+    assert newest["id"] not in [e["id"] for e in events(c, since=after)]
+    assert newest["id"] in [e["id"] for e in events(c, until=after)]
+    # ... and a time without one is in web.timezone (+05:30)
+    kolkata = (stored + timedelta(minutes=1)).astimezone(timezone(timedelta(hours=5, minutes=30)))
+    naive = kolkata.replace(tzinfo=None).isoformat(timespec="minutes")
+    assert newest["id"] not in [e["id"] for e in events(c, since=naive)]
+    # bad values: one line, for the API and the page
+    r = c.get("/api/events", params={"since": "garbage"})
+    assert r.status_code == 400
+    assert r.json()["detail"].startswith("since: 'garbage' is not a date and time")
+    page = c.get("/events", params={"since": "garbage"}).text
+    assert "from: &#39;garbage&#39; is not a date and time" in page
+    assert "isoformat" not in page and "Traceback" not in page
+    # pages show local time with its offset
+    shown = stored.astimezone(timezone(timedelta(hours=5, minutes=30)))
+    assert shown.strftime("%Y-%m-%d %H:%M:%S +05:30") in c.get(f"/events/{newest['id']}").text
+    # unknown pages are an HTML page, unknown API paths JSON
+    r = c.get("/no/such/page")
+    assert r.status_code == 404 and r.headers["content-type"].startswith("text/html")
+    assert 'id="not-found"' in r.text
+    r = c.get("/api/no/such")
+    assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+    # scores to 4 digits, not 13
+    for e in events(c):
+        for value in (e["score"], (e["nearest"] or {}).get("score", 0.0)):
+            assert value == round(value, 4)
+    # help texts of the CLI
+    out = facemoe("gallery", "--help").stdout
+    assert "every identity with its template count" in out and "rename a person" in out
+    assert "no progress bar" in facemoe("process", "--help").stdout

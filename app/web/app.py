@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from http.cookies import CookieError, SimpleCookie
@@ -15,9 +16,9 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import HTTPException
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -150,8 +151,12 @@ def create_app(ctx: WebContext) -> FastAPI:
                                 headers={"WWW-Authenticate": "Bearer"})
         return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> Response:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404 and not request.url.path.startswith("/api/"):
+            response = pages.page(request, "404.html", None, path=request.url.path)
+            response.status_code = 404
+            return response
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
@@ -231,8 +236,8 @@ def serve(cfg: AppConfig, gallery_path: str | None = None, host: str | None = No
     if not ctx.auth.required:
         log.warning("no web users or tokens configured: anyone on this machine can use "
                     "http://%s:%d/", host, port)
-    log.info("serving the review UI on http://%s:%d/ (API docs at /docs), gallery %s",
-             host, port, ctx.gallery.location)
+    print(f"facemoe: serving the review UI on http://{host}:{port}/ (API docs at /docs), "
+          f"gallery {ctx.gallery.location}", file=sys.stderr, flush=True)
     stop = threading.Event()
     ctx.start_refresher(stop)
     try:

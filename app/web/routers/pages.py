@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -24,12 +23,14 @@ from app.web.deps import current_user, get_ctx, same_site, user_errors, writer
 from app.web.routers.clusters import list_clusters
 from app.web.routers.events import event_out, list_events
 from app.web.routers.identities import enroll_uploads, identity_detail
+from app.web.timefmt import local, parse_time
 
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 NAME_CHOICES = 500  # galleries up to this size offer their names in the "this is" field
 REPROCESS_BATCH, REPROCESS_BUDGET_S = 200, 30.0  # "re-run against the gallery": per step, at most
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent.parent / "templates"))
+templates.env.filters["local"] = local
 
 
 def page(request: Request, name: str, user: User | None, **values) -> HTMLResponse:
@@ -37,6 +38,7 @@ def page(request: Request, name: str, user: User | None, **values) -> HTMLRespon
     return templates.TemplateResponse(request, name, {
         "user": user, "csrf": user.csrf if user else "", "version": __version__,
         "auth_required": ctx.auth.required, "has_cameras": ctx.cameras is not None,
+        "tz": ctx.tz,
         "msg": request.query_params.get("msg"), "error": request.query_params.get("error"),
         **values})
 
@@ -102,10 +104,6 @@ def logout(request: Request, _user: User = Depends(writer)) -> Response:
 # --- events -----------------------------------------------------------------------------------
 
 
-def _time(text: str | None) -> datetime | None:
-    return datetime.fromisoformat(text) if text else None
-
-
 @router.get("/", include_in_schema=False)
 def home() -> RedirectResponse:
     return RedirectResponse("/events", status_code=303)
@@ -118,7 +116,8 @@ def events_page(request: Request, camera: str = "", identity: str = "", unknown:
                 ctx: WebContext = Depends(get_ctx)) -> HTMLResponse:
     error = None
     try:
-        f = EventFilter(camera or None, identity or None, unknown, _time(since), _time(until),
+        f = EventFilter(camera or None, identity or None, unknown,
+                        parse_time(since, "from", ctx.tz), parse_time(until, "to", ctx.tz),
                         cluster)
         events, total, nearest = list_events(ctx, f, before, ctx.cfg.web.page_size)
     except (ValueError, *user_errors()) as exc:
@@ -208,7 +207,8 @@ def reprocess_page(camera: str = Form(""), identity: str = Form(""), since: str 
     query = {"camera": camera or None, "identity": identity or None, "since": since or None,
              "until": until or None}
     try:
-        f = EventFilter(camera or None, identity or None, False, _time(since), _time(until))
+        f = EventFilter(camera or None, identity or None, False,
+                        parse_time(since, "from", ctx.tz), parse_time(until, "to", ctx.tz))
         checked = changed = 0
         before, deadline = None, time.monotonic() + REPROCESS_BUDGET_S
         with acting_as(user.audit_name):
