@@ -199,7 +199,33 @@ def test_local_times_offsets_one_line_errors_and_small_things(db: Path, models) 
     for e in events(c):
         for value in (e["score"], (e["nearest"] or {}).get("score", 0.0)):
             assert value == round(value, 4)
+    # the API page: code spans as code, no generated form-body names
+    docs = c.get("/docs").text
+    assert "<code>Authorization: Bearer TOKEN</code>" in docs
+    assert "`" not in docs and "Body_" not in docs
     # help texts of the CLI
     out = facemoe("gallery", "--help").stdout
     assert "every identity with its template count" in out and "rename a person" in out
     assert "no progress bar" in facemoe("process", "--help").stdout
+
+
+def test_events_pages_link_older_and_newer(db: Path, models) -> None:
+    c = make_client(db, models, page_size=5)
+
+    def ids_and_links(url: str) -> tuple[list[str], dict[str, str]]:
+        page = c.get(url).text
+        ids = [part.split('"', 1)[0] for part in page.split('data-event="')[1:]]
+        links = {k: page.split(f'id="{k}"')[0].rsplit('href="', 1)[1].split('"', 1)[0]
+                 .replace("&amp;", "&") for k in ("next-page", "newer-page")
+                 if f'id="{k}"' in page}
+        return ids, links
+
+    first, links = ids_and_links("/events")
+    assert len(first) == 5 and "newer-page" not in links
+    second, links = ids_and_links(links["next-page"])
+    assert len(second) == 5 and int(second[0]) < int(first[-1])
+    back, links_back = ids_and_links(links["newer-page"])
+    assert back == first and "newer-page" not in links_back and "next-page" in links_back
+    third, links = ids_and_links(links["next-page"])
+    again, _ = ids_and_links(links["newer-page"])
+    assert again == second

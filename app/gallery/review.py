@@ -109,15 +109,22 @@ class Review:
         return q
 
     def events(self, f: EventFilter, *, before: int | None = None, limit: int = 50,
-               count: bool = True) -> tuple[list[StoredEvent], int | None]:
+               count: bool = True, after: int | None = None
+               ) -> tuple[list[StoredEvent], int | None]:
         """Newest first: a page of up to `limit` events with ids below `before` (keyset
-        pagination), and how many events match the filter (None without `count`)."""
+        pagination), or the `limit` oldest with ids above `after` (the newer page), and how
+        many events match the filter (None without `count`)."""
         q = self._event_query(f)
         if before is not None:
             q = q.where(EventRow.id < before)
-        q = q.order_by(EventRow.id.desc()).limit(limit)
+        if after is not None:
+            q = q.where(EventRow.id > after).order_by(EventRow.id.asc()).limit(limit)
+        else:
+            q = q.order_by(EventRow.id.desc()).limit(limit)
         with self._store.db.read("read events") as session:
             rows = list(session.scalars(q).all())
+            if after is not None:
+                rows.reverse()
             crops = self._crop_counts(session, [r.id for r in rows])
             total = None
             if count:

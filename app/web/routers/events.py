@@ -60,9 +60,10 @@ def event_out(e: StoredEvent, nearest: Candidate | None = None) -> EventOut:
 
 
 def list_events(ctx: WebContext, f: EventFilter, before: int | None, limit: int,
+                after: int | None = None,
                 ) -> tuple[list[StoredEvent], int | None, dict[int, Candidate]]:
     """A page of events and the nearest identity of its unknown ones."""
-    events, total = ctx.gallery.review.events(f, before=before, limit=limit)
+    events, total = ctx.gallery.review.events(f, before=before, limit=limit, after=after)
     return events, total, ctx.review.nearest(events)
 
 

@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup, escape
 
 from app import __version__
 from app.erasure import Outputs, erase
@@ -112,25 +113,33 @@ def home() -> RedirectResponse:
 @router.get("/events", response_class=HTMLResponse)
 def events_page(request: Request, camera: str = "", identity: str = "", unknown: bool = False,
                 since: str = "", until: str = "", cluster: int | None = None,
-                before: int | None = None, user: User = Depends(current_user),
+                before: int | None = None, after: int | None = None,
+                user: User = Depends(current_user),
                 ctx: WebContext = Depends(get_ctx)) -> HTMLResponse:
     error = None
     try:
         f = EventFilter(camera or None, identity or None, unknown,
                         parse_time(since, "from", ctx.tz), parse_time(until, "to", ctx.tz),
                         cluster)
-        events, total, nearest = list_events(ctx, f, before, ctx.cfg.web.page_size)
+        events, total, nearest = list_events(ctx, f, before, ctx.cfg.web.page_size, after)
     except (ValueError, *user_errors()) as exc:
         events, total, nearest, error = [], 0, {}, _one_line(exc)
     rows = [event_out(e, nearest.get(e.id)) for e in events]
     query = {k: v for k, v in {"camera": camera, "identity": identity,
                                "unknown": "true" if unknown else "", "since": since,
                                "until": until, "cluster": cluster}.items() if v}
+    size = ctx.cfg.web.page_size
     more = (urlencode({**query, "before": rows[-1].id})
-            if len(rows) == ctx.cfg.web.page_size else None)
+            if rows and (len(rows) == size or after is not None) else None)
+    # a newer page: after an "older" step, or after a "newer" one when more are newer still
+    newer = (urlencode({**query, "after": rows[0].id})
+             if rows and (before is not None or (after is not None and ctx.gallery.review.events(
+                 f, after=rows[0].id, limit=1, count=False)[0]))
+             else None)
     return page(request, "events.html", user, events=rows, total=total,
                 cameras=ctx.gallery.review.cameras(), filters=query, camera=camera,
                 identity=identity, unknown=unknown, since=since, until=until, more=more,
+                newer=newer,
                 page_error=error, threshold=ctx.threshold)
 
 
@@ -419,15 +428,17 @@ def delete_template_page(template_id: int, identity: int = Form(...),
 def api_docs(request: Request, user: User = Depends(current_user)) -> HTMLResponse:
     """The REST API's routes from its OpenAPI schema (/openapi.json), as a page."""
     spec = request.app.openapi()
+    schemas = spec.get("components", {}).get("schemas", {})
     routes = [
         {"method": method.upper(), "path": path, "summary": op.get("summary", ""),
          "tag": (op.get("tags") or [""])[0],
          "params": [(x["name"], x["in"], x.get("required", False),
                      x.get("description") or x.get("schema", {}).get("description", ""))
                     for x in op.get("parameters", [])],
-         "body": _body_of(op), "response": _response_of(op)}
+         "body": _body_of(op, schemas), "response": _response_of(op)}
         for path, ops in spec["paths"].items() for method, op in ops.items()]
-    return page(request, "docs.html", user, routes=routes, spec=spec)
+    named = {k: v for k, v in schemas.items() if not k.startswith("Body_")}
+    return page(request, "docs.html", user, routes=routes, spec=spec, schemas=named)
 
 
 def _ref_name(schema: dict) -> str:
@@ -436,9 +447,26 @@ def _ref_name(schema: dict) -> str:
     return f"list[{name}]" if name and "items" in schema else name or schema.get("type", "")
 
 
-def _body_of(op: dict) -> str:
+def _body_of(op: dict, schemas: dict) -> str:
+    """The request body: a named model, or the fields of a form (FastAPI names those models
+    Body_<function>_<path>, which says nothing to a reader)."""
     content = op.get("requestBody", {}).get("content", {})
-    return ", ".join(f"{kind}: {_ref_name(c.get('schema', {}))}" for kind, c in content.items())
+    out = []
+    for kind, c in content.items():
+        name = _ref_name(c.get("schema", {}))
+        if name.startswith("Body_"):
+            fields = schemas.get(name, {}).get("properties", {})
+            name = "fields " + ", ".join(fields) if fields else "a form"
+        out.append(f"{kind}: {name}")
+    return ", ".join(out)
+
+
+def ticks(text: object) -> Markup:
+    """Text with `code` spans (as the API's descriptions write them) shown as code."""
+    parts = str(escape(str(text or ""))).split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick stays as it is
+        parts[-2:] = ["`".join(parts[-2:])]
+    return Markup("".join(p if k % 2 == 0 else f"<code>{p}</code>" for k, p in enumerate(parts)))
 
 
 def _response_of(op: dict) -> str:
@@ -456,3 +484,6 @@ def cameras_page(request: Request, user: User = Depends(current_user),
                  ctx: WebContext = Depends(get_ctx)) -> HTMLResponse:
     cams = ctx.cameras() if ctx.cameras is not None else None
     return page(request, "cameras.html", user, cameras=cams)
+
+
+templates.env.filters["ticks"] = ticks
