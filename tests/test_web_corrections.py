@@ -77,6 +77,7 @@ def test_relabel_not_this_person_delete_and_reprocess(db: Path, models) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["checked"] == len(unknown) and r.json()["changed"] >= 1
     others = [e for e in events(c, identity=LIN) if e["id"] != lin["id"]]
+    assert events(c, identity=LIN.lower()) == events(c, identity=LIN)  # any case
     assert 1 <= len(others) <= r.json()["changed"]
     other = others[0]
     # "not this person": unknown now, and never Lin again, even when named events are re-run

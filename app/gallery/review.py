@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.gallery.codec import clean_name, normalise_name
@@ -95,8 +95,10 @@ class Review:
         q = select(EventRow)
         if f.camera:
             q = q.where(EventRow.camera == f.camera)
-        if f.identity:
-            q = q.where(EventRow.identity == normalise_name(f.identity))
+        if f.identity:  # any case: the enrolled names that match it, or the name as given
+            wanted = normalise_name(f.identity).strip()
+            known = select(IdentityRow.name).where(func.lower(IdentityRow.name) == wanted.lower())
+            q = q.where(or_(EventRow.identity == wanted, EventRow.identity.in_(known)))
         if f.unknown:
             q = q.where(EventRow.identity.is_(None))
         if f.since is not None:

@@ -335,8 +335,10 @@ def identity_page(request: Request, identity_id: int, user: User = Depends(curre
         return back("/gallery", error=_one_line(exc))
     events, _ = ctx.gallery.review.events(EventFilter(identity=detail.name), limit=12,
                                           count=False)
+    known, total = ctx.gallery.review.identities(limit=NAME_CHOICES)
     return page(request, "identity.html", user, i=detail,
-                events=[event_out(e) for e in events])
+                events=[event_out(e) for e in events],
+                names=[k.name for k in known] if total <= NAME_CHOICES else [])
 
 
 @router.post("/gallery/{identity_id}/photos")
