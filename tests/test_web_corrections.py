@@ -204,6 +204,14 @@ def test_local_times_offsets_one_line_errors_and_small_things(db: Path, models) 
     docs = c.get("/docs").text
     assert "<code>Authorization: Bearer TOKEN</code>" in docs
     assert "`" not in docs and "Body_" not in docs
+    # OpenAPI says how to authenticate and what errors look like
+    spec = c.get("/openapi.json").json()
+    assert set(spec["components"]["securitySchemes"]) == {"bearer", "session", "apiKey"}
+    ops = [(path, op) for path, item in spec["paths"].items() if path.startswith("/api/")
+           for op in item.values()]
+    assert all({"400", "401", "403", "404"} <= set(op["responses"]) and op["security"]
+               for _, op in ops)
+    assert all({"apiKey": []} in op["security"] for path, op in ops if path.startswith("/api/v1"))
     # help texts of the CLI
     out = facemoe("gallery", "--help").stdout
     assert "every identity with its template count" in out and "rename a person" in out

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.config import AppConfig
+from app.web import openapi
 from app.web.auth import COOKIE, AuthConfigError, Authenticator
 from app.web.context import WebContext
 from app.web.deps import NotAuthenticated, http_error, user_errors
@@ -139,6 +140,7 @@ def create_app(ctx: WebContext) -> FastAPI:
                               "and verify faces. Pages use a session cookie (with CSRF "
                               "tokens); the API takes `Authorization: Bearer TOKEN`.")
     app.state.ctx = ctx
+    openapi.install(app)
     for r in (events.router, clusters.router, identities.router, recognize.router,
               compreface.router, cameras.router, pages.router):
         app.include_router(r)
