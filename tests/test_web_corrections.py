@@ -97,6 +97,8 @@ def test_relabel_not_this_person_delete_and_reprocess(db: Path, models) -> None:
     # relabel without enrolling: only enrolled names, one-line errors
     r = c.patch(f"/api/events/{other['id']}", json={"identity": ALEX})
     assert r.status_code == 200 and r.json()["identity"] == ALEX
+    assert r.json()["score"] < ctx.threshold  # so its page says so, not a green-looking score
+    assert "(named by hand)" in c.get(f"/events/{other['id']}").text
     r = c.patch(f"/api/events/{other['id']}", json={"identity": "Nobody Known"})
     assert r.status_code == 404
     assert r.json()["detail"] == "no such identity: 'Nobody Known' (enroll it first)"

@@ -39,7 +39,7 @@ def page(request: Request, name: str, user: User | None, **values) -> HTMLRespon
     return templates.TemplateResponse(request, name, {
         "user": user, "csrf": user.csrf if user else "", "version": __version__,
         "auth_required": ctx.auth.required, "has_cameras": ctx.cameras is not None,
-        "tz": ctx.tz,
+        "tz": ctx.tz, "threshold": ctx.threshold,
         "msg": request.query_params.get("msg"), "error": request.query_params.get("error"),
         **values})
 
