@@ -202,6 +202,16 @@ def test_local_times_offsets_one_line_errors_and_small_things(db: Path, models) 
     for e in events(c):
         for value in (e["score"], (e["nearest"] or {}).get("score", 0.0)):
             assert value == round(value, 4)
+    # merging two identities from the page needs its confirmation
+    alex = c.get("/api/identities", params={"search": ALEX}).json()["identities"][0]
+    c.post("/api/events/1/name", json={"name": "Somebody Else"})
+    other = c.get("/api/identities", params={"search": "Somebody"}).json()["identities"][0]
+    r = c.post(f"/gallery/{other['id']}/merge", data={"into": ALEX}, follow_redirects=False)
+    assert "tick+the+box" in r.headers["location"]
+    assert c.get(f"/api/identities/{other['id']}").status_code == 200
+    r = c.post(f"/gallery/{other['id']}/merge", data={"into": ALEX, "confirm": "yes"})
+    assert r.status_code == 200 and c.get(f"/api/identities/{other['id']}").status_code == 404
+    assert c.get(f"/api/identities/{alex['id']}").json()["templates"] > alex["templates"]
     # the API page: code spans as code, no generated form-body names
     docs = c.get("/docs").text
     assert "<code>Authorization: Bearer TOKEN</code>" in docs

@@ -368,9 +368,11 @@ def rename_page(identity_id: int, name: str = Form(...), user: User = Depends(wr
 
 
 @router.post("/gallery/{identity_id}/merge")
-def merge_page(identity_id: int, into: str = Form(...), user: User = Depends(writer),
-               ctx: WebContext = Depends(get_ctx)) -> Response:
+def merge_page(identity_id: int, into: str = Form(...), confirm: str = Form(""),
+               user: User = Depends(writer), ctx: WebContext = Depends(get_ctx)) -> Response:
     here = f"/gallery/{identity_id}"
+    if confirm != "yes":
+        return back(here, error="tick the box to confirm the merge")
     try:
         src = ctx.gallery.review.identity(identity_id).name
         with acting_as(user.audit_name):
