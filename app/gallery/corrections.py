@@ -4,12 +4,14 @@ events against the current gallery. Every change writes an audit row in its tran
 "Not this person" (and any relabel away from a name) is remembered per event as the identity
 ids it is not, so that re-running the event never gives it that name again and enrolling a
 group leaves it out; the templates enrolled from the event's crops into that identity are
-deleted. The ids are kept in the meta table (`not_person:EVENT` -> comma-separated identity
-ids) until a schema revision gives them a table of their own; they go with the event.
+deleted. The ids are kept in the meta table (`not_person:` + a digest of the event's own id,
+which is never reused, unlike row ids -> comma-separated identity ids) until a schema revision
+gives them a table of their own; deleting the event deletes them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from app.gallery.codec import clean_name, normalise_name
 from app.gallery.db import (
+    IN_CHUNK,
     EventCropRow,
     EventEmbeddingRow,
     EventRow,
@@ -43,8 +46,12 @@ class Relabel:
     candidate_score: float | None
 
 
-def _key(event_id: int) -> str:
-    return f"{_KEY}{int(event_id)}"
+def _key(uid: str | None, event_id: int) -> str:
+    """The meta key of an event's corrections: a digest of its uid, within the key column's 64
+    characters whatever the uid's length (rows of release 0.2 have none: their row id)."""
+    if not uid:
+        return f"{_KEY}row-{int(event_id)}"
+    return _KEY + hashlib.sha256(uid.encode()).hexdigest()[:40]
 
 
 def _event(session: Session, event_id: int) -> EventRow:
@@ -63,18 +70,20 @@ class Corrections:
     # --- what an event is not -----------------------------------------------------------------
 
     @staticmethod
-    def _not_ids(session: Session, event_id: int) -> set[int]:
-        row = session.get(MetaRow, _key(event_id))
+    def _not_ids(session: Session, key: str) -> set[int]:
+        row = session.get(MetaRow, key)
         return {int(v) for v in row.value.split(",") if v} if row is not None else set()
 
-    def _remember_not(self, session: Session, event_id: int, identity: str) -> int:
+    def _remember_not(self, session: Session, event: EventRow, identity: str) -> int:
         """Record that the event is not `identity` and delete the templates enrolled from
         its crops into it; returns the templates deleted."""
         iid = session.scalar(select(IdentityRow.id).where(IdentityRow.name == identity))
         if iid is None:
             return 0
-        ids = self._not_ids(session, event_id) | {int(iid)}
-        self._store.db.set_meta(session, _key(event_id), ",".join(map(str, sorted(ids))))
+        key = _key(event.uid, event.id)
+        ids = self._not_ids(session, key) | {int(iid)}
+        self._store.db.set_meta(session, key, ",".join(map(str, sorted(ids))))
+        event_id = event.id
         removed = session.execute(
             delete(TemplateRow).where(TemplateRow.identity_id == iid)
             .where(TemplateRow.source.like(f"event {int(event_id)}: %"))).rowcount
@@ -84,10 +93,15 @@ class Corrections:
 
     def rejected(self, event_ids: Sequence[int]) -> dict[int, set[str]]:
         """The names each of these events has been marked as not being."""
-        keys = {_key(e): int(e) for e in event_ids}
-        if not keys:
+        wanted_ids = sorted({int(e) for e in event_ids})
+        if not wanted_ids:
             return {}
         with self._store.db.read("read corrections") as session:
+            keys = {}
+            for i in range(0, len(wanted_ids), IN_CHUNK):
+                keys.update((_key(uid, eid), eid) for eid, uid in session.execute(
+                    select(EventRow.id, EventRow.uid)
+                    .where(EventRow.id.in_(wanted_ids[i:i + IN_CHUNK]))).all())
             rows = session.execute(select(MetaRow.key, MetaRow.value)
                                    .where(MetaRow.key.in_(list(keys)))).all()
             ids = {k: {int(v) for v in value.split(",") if v} for k, value in rows}
@@ -112,7 +126,7 @@ class Corrections:
                 raise GalleryError(f"no such identity: {name!r} (enroll it first)")
             if old == name:
                 return old, 0
-            removed = self._remember_not(session, row.id, old) if old else 0
+            removed = self._remember_not(session, row, old) if old else 0
             row.identity = name
             store.audit.record(session, "relabel", name or old,
                                f"event {row.id} relabelled from {old or 'unknown'!s} to "
@@ -136,7 +150,7 @@ class Corrections:
                 raise GalleryError(f"event {event_id} is unknown: say which person it is not")
             if not session.scalar(select(IdentityRow.id).where(IdentityRow.name == name)):
                 raise GalleryError(f"no such identity: {name!r}")
-            removed = self._remember_not(session, row.id, name)
+            removed = self._remember_not(session, row, name)
             if row.identity == name:
                 row.identity = None
             store.audit.record(session, "not_person", name,
@@ -152,13 +166,15 @@ class Corrections:
         store = self._store
 
         def work(session: Session) -> int:
-            found = list(session.scalars(select(EventRow.id).where(EventRow.id.in_(ids))).all())
+            found = dict(session.execute(select(EventRow.id, EventRow.uid)
+                                         .where(EventRow.id.in_(ids))).all())
             missing = sorted(set(ids) - set(found))
             if missing:
                 raise GalleryError(f"no event {missing[0]}")
             session.execute(delete(EventCropRow).where(EventCropRow.event_id.in_(ids)))
             session.execute(delete(EventEmbeddingRow).where(EventEmbeddingRow.event_id.in_(ids)))
-            session.execute(delete(MetaRow).where(MetaRow.key.in_([_key(e) for e in ids])))
+            session.execute(delete(MetaRow).where(
+                MetaRow.key.in_([_key(uid, e) for e, uid in found.items()])))
             n = session.execute(delete(EventRow).where(EventRow.id.in_(ids))).rowcount
             store.audit.record(session, "delete_events", None,
                                f"{plural(n, 'event')} deleted: "
