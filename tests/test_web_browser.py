@@ -64,24 +64,27 @@ def shots() -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, data_dir: Path) -> Iterator[tuple[str, WebContext]]:
     """`facemoe serve`'s app under uvicorn on a free loopback port, with a password."""
-    yield from _serve(tmp_path_factory.mktemp("browser"), data_dir, WebConfig())
+    yield from _serve(tmp_path_factory.mktemp("browser"), data_dir)
 
 
 @pytest.fixture(scope="module")
 def loose_server(tmp_path_factory, data_dir: Path) -> Iterator[tuple[str, WebContext]]:
-    """The same with a loose grouping threshold (0.5): groups hold more than one person."""
-    yield from _serve(tmp_path_factory.mktemp("loose"), data_dir, WebConfig(cluster_threshold=0.5))
+    """The same with a loose grouping threshold (half the match threshold): groups hold more
+    than one person."""
+    yield from _serve(tmp_path_factory.mktemp("loose"), data_dir, loose=True)
 
 
-def _serve(tmp: Path, data_dir: Path, web: WebConfig) -> Iterator[tuple[str, WebContext]]:
+def _serve(tmp: Path, data_dir: Path, *, loose: bool = False
+           ) -> Iterator[tuple[str, WebContext]]:
     import uvicorn
 
     os.environ.pop("FACEMOE_GALLERY_KEY", None)
     os.environ.pop("FACEMOE_GALLERY_KEY_FILE", None)
     db = build_gallery(tmp / "gallery.db", data_dir / "videos")
     cfg = load_config(None)
-    cfg = cfg.model_copy(update={"web": web})
     embedder = make_embedder(cfg)
+    web = WebConfig(cluster_threshold=round(0.5 * threshold(cfg, embedder), 3) if loose else None)
+    cfg = cfg.model_copy(update={"web": web})
     ctx = WebContext(cfg, open_gallery(db, embedder), make_detector(cfg), embedder,
                      threshold(cfg, embedder),
                      Authenticator(cfg.web, "127.0.0.1", env={"FACEMOE_WEB_PASSWORD": PASSWORD}))
