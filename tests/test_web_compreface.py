@@ -33,7 +33,7 @@ from app.web.context import WebContext  # noqa: E402
 from tests.web_helpers import REPO  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("no_gallery_key")]
-KEY, READ_ONLY_KEY = "cf-write-7d1e", "cf-read-2b9c"
+KEY, READ_ONLY_KEY, TOKEN = "cf-write-7d1e", "cf-read-2b9c", "product-token-5e"
 API_KEYS = [{"name": "doubletake", "key_hash": hash_token(KEY)},
             {"name": "viewer", "key_hash": hash_token(READ_ONLY_KEY), "read_only": True}]
 SDK = "compreface-sdk==0.6.0"
@@ -50,7 +50,8 @@ def models():
 @pytest.fixture
 def client(models, tmp_path: Path) -> TestClient:
     cfg = load_config(None)
-    cfg = cfg.model_copy(update={"web": WebConfig(api_keys=API_KEYS)})
+    cfg = cfg.model_copy(update={"web": WebConfig(api_keys=API_KEYS,
+                                                  token_hashes=[hash_token(TOKEN)])})
     detector, embedder = models
     ctx = WebContext(cfg, open_gallery(tmp_path / "gallery.db", embedder), detector, embedder,
                      threshold(cfg, embedder), Authenticator(cfg.web, "127.0.0.1", env={}))
@@ -75,11 +76,15 @@ def two_faces(data_dir: Path) -> bytes:
 
 
 def test_keys_read_only_and_one_line_errors(client: TestClient, data_dir: Path) -> None:
-    r = client.post("/api/v1/recognition/recognize", files=photo(data_dir, "obama2.jpg"))
+    r = client.get("/api/v1/recognition/faces")
     assert r.status_code == 401 and r.json()["message"] == "an x-api-key header is required"
+    r = client.post("/api/v1/recognition/recognize", files=photo(data_dir, "obama2.jpg"))
+    assert r.status_code == 401  # refused before its body is read
+    r = client.get("/api/v1/recognition/faces", headers={"x-api-key": "guess"})
+    assert r.status_code == 401 and "not a key" in r.json()["message"]
     r = client.post("/api/v1/recognition/recognize", files=photo(data_dir, "obama2.jpg"),
                     headers={"x-api-key": "guess"})
-    assert r.status_code == 401 and "not a key" in r.json()["message"]
+    assert r.status_code == 401
     r = client.post("/api/v1/recognition/faces?subject=Obama", headers=R,
                     files=photo(data_dir, "obama.jpg"))
     assert r.status_code == 403 and r.json() == {"message": "this API key is read-only",
@@ -93,6 +98,9 @@ def test_keys_read_only_and_one_line_errors(client: TestClient, data_dir: Path) 
                  client.post("/api/v1/recognition/subjects", json={"subject": "X"}, headers=R)):
         assert call.status_code == 403
     r = client.post("/api/v1/recognition/recognize", headers=R, files=photo(data_dir, "obama2.jpg"))
+    assert r.status_code == 200 and r.json()["result"][0]["subjects"][0]["subject"] == "Obama"
+    r = client.post("/api/v1/recognition/recognize", files=photo(data_dir, "obama2.jpg"),
+                    headers={"Authorization": f"Bearer {TOKEN}"})  # the product's own token
     assert r.status_code == 200 and r.json()["result"][0]["subjects"][0]["subject"] == "Obama"
     # bad values and images: one line, CompreFace's error shape; no face is code 28
     r = client.post("/api/v1/recognition/recognize?limit=-1", headers=W,
@@ -196,8 +204,9 @@ def test_compreface_sdk_against_facemoe_serve(sdk_python: Path, tmp_path: Path,
     server = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--config", str(config), "--port", str(port),
          "--gallery", str(tmp_path / "gallery.db")], cwd=REPO, stdout=log,
-        stderr=subprocess.STDOUT, env={k: v for k, v in os.environ.items()
-                                       if not k.startswith("FACEMOE_WEB_")})
+        stderr=subprocess.STDOUT, env={**{k: v for k, v in os.environ.items()
+                                          if not k.startswith("FACEMOE_WEB_")},
+                                       "FACEMOE_WEB_TOKEN": TOKEN})  # so keys pass the auth check
     try:
         deadline = time.monotonic() + 90
         while True:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hmac
 import logging
 import socket
 import sys
@@ -25,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import __version__
 from app.config import AppConfig
 from app.web import openapi
-from app.web.auth import COOKIE, AuthConfigError, Authenticator
+from app.web.auth import COOKIE, AuthConfigError, Authenticator, hash_token
 from app.web.context import WebContext
 from app.web.deps import NotAuthenticated, http_error, user_errors
 from app.web.guard import HostGuard, json_answer
@@ -53,8 +54,9 @@ class BodyLimit:
     for `timeout_s` -> 408. Adds the security headers to every answer."""
 
     def __init__(self, app: ASGIApp, limit: int, auth: Authenticator,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, api_key_hashes: tuple[str, ...] = ()) -> None:
         self.app, self.limit, self.auth, self.timeout_s = app, limit, auth, timeout_s
+        self.api_key_hashes = api_key_hashes  # the x-api-keys of /api/v1 (web.api_keys)
 
     def _refusal(self, scope: Scope, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
         length = headers.get(b"content-length")
@@ -74,7 +76,11 @@ class BodyLimit:
         return None
 
     def _credentials(self, headers: dict[bytes, bytes]) -> bool:
-        """A valid bearer token or session cookie (checked again by the route)."""
+        """A valid bearer token, session cookie or x-api-key (checked again by the route)."""
+        key = headers.get(b"x-api-key")
+        if key is not None:
+            got = hash_token(key.decode("latin-1").strip())
+            return any(hmac.compare_digest(got, h) for h in self.api_key_hashes)
         bearer = headers.get(b"authorization", b"").decode("latin-1")
         if bearer.lower().startswith("bearer "):
             return self.auth.check_token(bearer[7:].strip())
@@ -172,7 +178,8 @@ def create_app(ctx: WebContext) -> FastAPI:
         app.add_exception_handler(error, _user_error)
     web = ctx.cfg.web
     app.add_middleware(BodyLimit, limit=ctx.max_upload_bytes * 4 + 2**16, auth=ctx.auth,
-                       timeout_s=web.body_timeout_s)
+                       timeout_s=web.body_timeout_s,
+                       api_key_hashes=tuple(k.key_hash for k in web.api_keys))
     # outermost: a request for another host name is refused before anything else runs
     app.add_middleware(HostGuard, allowed=web.allowed_hosts, bind_host=ctx.auth.host,
                        check_origin=not ctx.auth.required)

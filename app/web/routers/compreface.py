@@ -43,6 +43,7 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse
 
 from app.enroll import faces_from_array
+from app.erasure import Outputs, erase
 from app.faces import UPLOAD_MAX_PIXELS, decode_image, detect_faces
 from app.gallery.audit import acting_as
 from app.gallery.collection import FaceCollection
@@ -392,8 +393,11 @@ async def rename_subject(subject: str, request: Request, ctx: WebContext = Depen
 def delete_subject(subject: str, ctx: WebContext = Depends(get_ctx),
                    who: Caller = Depends(changer)) -> dict:
     with acting_as(who.user.audit_name):
-        ctx.gallery.remove(subject)
-    return {"subject": subject.strip()}
+        r = erase(ctx.gallery, Outputs.of(ctx.cfg), name=subject)
+    if r.unfinished:
+        raise CompreFaceError(500, f"{r.removed} deleted, but not everything was erased "
+                                   f"({r.errors[0] if r.errors else 'see the log'}): delete again")
+    return {"subject": r.removed or subject.strip()}
 
 
 # --- verification and detection ---------------------------------------------------------------
