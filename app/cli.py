@@ -199,8 +199,10 @@ def cmd_process(args: argparse.Namespace) -> int:
         )
     payload = summary.as_json()
     lines = [
-        f"{e.camera} track {e.track_id}: {e.identity or 'unknown'} ({e.score:.3f}) "
-        f"{e.start:.2f}-{e.end:.2f}s, {e.frames} frames"
+        f"{e.camera} track {e.track_id}: "
+        + (f"{e.identity} ({e.score:.3f})" if e.identity else
+           f"unknown (nearest {e.candidate} {e.score:.3f})" if e.candidate else "unknown")
+        + f" {e.start:.2f}-{e.end:.2f}s, {e.frames} frames"
         for e in summary.events
     ]
     lines.append(
@@ -743,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("gallery", help="manage the gallery: list, remove, export, import, ...")
     gsub = sp.add_subparsers(dest="action", required=True)
-    g = gsub.add_parser("list")
+    g = gsub.add_parser("list", help="every identity with its template count")
     common(g)
     g = gsub.add_parser("remove", help="delete a person: templates, crops, stored events, and "
                         "their lines in the configured JSONL files and their snapshots")
@@ -752,9 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another events JSONL file to erase the person from (e.g. one written "
                         "by `process --events`); repeatable")
     common(g)
-    g = gsub.add_parser("rename")
-    g.add_argument("name")
-    g.add_argument("new_name")
+    g = gsub.add_parser("rename", help="rename a person (past events keep the old name)")
+    g.add_argument("name", help="the current name")
+    g.add_argument("new_name", help="the new name (must not exist yet)")
     common(g)
     add_gallery_actions(gsub, common)
     sp.set_defaults(func=cmd_gallery)
@@ -764,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--events", help="append events as JSON lines to this file")
     sp.add_argument("--annotate", help="write the video with boxes, track ids and names (mp4)")
     sp.add_argument("--camera", help="camera name in events (default: the file name)")
-    sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     sp.add_argument("--validate-config", action="store_true", help="check the config and exit")
     sp.add_argument(
         "--allow-empty-gallery",

@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import tzinfo
 from typing import Any
 
 from app.clusters import FaceReview, RefreshReport
@@ -15,6 +16,7 @@ from app.embed import Embedder
 from app.gallery import Gallery, GalleryError
 from app.recognize import Recognizer
 from app.web.auth import Authenticator
+from app.web.timefmt import zone
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,11 @@ class WebContext:
     def __post_init__(self) -> None:
         self.recognizer = Recognizer(self.detector, self.embedder, self.gallery, self.threshold)
         self.review = FaceReview(self.gallery, self.recognizer, self.cfg.web.cluster_threshold)
+
+    @property
+    def tz(self) -> tzinfo:
+        """The zone of times on the pages and of filter times without an offset."""
+        return zone(self.cfg.web.timezone)
 
     @property
     def max_upload_bytes(self) -> int:
