@@ -189,13 +189,13 @@ def create_app(ctx: WebContext) -> FastAPI:
 def build_context(cfg: AppConfig, gallery_path: str | None = None, *, host: str | None = None,
                   cameras: Callable[[], list[dict[str, Any]]] | None = None) -> WebContext:
     """Load the models and open the gallery as the CLI does (key from the environment)."""
-    from app.runtime import make_detector, make_embedder, open_gallery, threshold
+    from app.runtime import make_detector, make_embedder, open_gallery, open_set, threshold
 
     auth = Authenticator(cfg.web, host or cfg.web.host)  # refuse a bad set-up before loading
     embedder = make_embedder(cfg)
     gallery = open_gallery(gallery_path or cfg.gallery.path, embedder, create=True)
     return WebContext(cfg, gallery, make_detector(cfg), embedder, threshold(cfg, embedder),
-                      auth, cameras)
+                      auth, cameras, open_set(cfg, embedder))
 
 
 def listen(host: str, port: int) -> socket.socket:
