@@ -999,7 +999,10 @@ def test_key_file_is_accepted_where_the_key_is_needed(tmp_path: Path, data_dir: 
     done = _cli("process", str(videos / "intel_head-pose-face-detection-female.mp4"),
                 "--gallery", db, "--key-file", str(key), "--no-progress", timeout=300)
     assert done.returncode == 0, done.stderr
-    done = _cli("run", "--validate-config", "--key-file", str(key))
+    config = tmp_path / "daemon.yaml"
+    config.write_text(f"gallery:\n  path: {db}\ncameras:\n  - name: door\n    uri: "
+                      f"{videos / 'intel_head-pose-face-detection-female.mp4'}\n")
+    done = _cli("run", "--validate-config", "--config", str(config), "--key-file", str(key))
     assert done.returncode == 0, done.stderr
 
 
