@@ -83,10 +83,12 @@ def test_a_gallery_of_this_release_opens_in_the_next(tmp_path: Path,
     migrations = tmp_path / "migrations"
     shutil.copytree(gallery_schema.MIGRATIONS, migrations,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    (migrations / "versions" / "0003_next.py").write_text(
+    nxt = f"{int(gallery_schema.HEAD) + 1:04d}"
+    (migrations / "versions" / f"{nxt}_next.py").write_text(
         '"""next release: events.note"""\n'
         "import sqlalchemy as sa\nfrom alembic import op\n\n"
-        "revision = '0003'\ndown_revision = '0002'\nbranch_labels = None\ndepends_on = None\n\n\n"
+        f"revision = '{nxt}'\ndown_revision = '{gallery_schema.HEAD}'\nbranch_labels = None\n"
+        "depends_on = None\n\n\n"
         "def upgrade():\n"
         "    with op.batch_alter_table('events') as b:\n"
         "        b.add_column(sa.Column('note', sa.String(256), nullable=True))\n\n\n"
@@ -94,10 +96,10 @@ def test_a_gallery_of_this_release_opens_in_the_next(tmp_path: Path,
         "    with op.batch_alter_table('events') as b:\n"
         "        b.drop_column('note')\n")
     monkeypatch.setattr(gallery_schema, "MIGRATIONS", migrations)
-    monkeypatch.setattr(gallery_schema, "HEAD", "0003")
+    monkeypatch.setattr(gallery_schema, "HEAD", nxt)
     with Gallery(db, "m", "1", create=False) as g:
         assert len(g.stored_events()) == 1
-    assert _revision(db) == "0003"
+    assert _revision(db) == nxt
     with sqlite3.connect(db) as c:
         assert "note" in [r[1] for r in c.execute("pragma table_info(events)")]
 

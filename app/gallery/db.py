@@ -28,6 +28,7 @@ from sqlalchemy import (
     Engine,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -56,6 +57,14 @@ from app.gallery.errors import GalleryError, one_line
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
+# a database server (PostgreSQL): a connection attempt gives up after CONNECT_TIMEOUT_S; TCP
+# keepalives find a dead peer (server host gone, cable pulled) in about KEEPALIVE_IDLE_S +
+# KEEPALIVE_COUNT * KEEPALIVE_INTERVAL_S instead of the kernel's two hours; every pooled
+# connection is checked (pre-ping) before use, so a server restart costs one failed check,
+# not a failed transaction
+CONNECT_TIMEOUT_S = 5
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 3
+POOL_RECYCLE_S = 1800  # connections older than this are replaced (idle-killing firewalls)
 LOCK_RETRIES = 5  # attempts of a write that still finds the database locked after the timeout
 IN_CHUNK = 500  # values per SQL IN (...) list
 _PAGE_SIZE = 16384  # a 512-d template (2 KiB) per identity: ~2.6 KB on disk, not ~4.3 KB
@@ -132,8 +141,10 @@ class EventRow(Base):
         DateTime(timezone=True), default=utcnow, index=True
     )
     # Added after the first release: nullable, and added to older galleries when they are
-    # opened (migration 0002). `uid` is the event's own id (`Event.id`, a UUID string).
+    # opened (migration 0002). `uid` is the event's own id (`Event.id`, a UUID string), unique
+    # (migration 0003): a write retried or replayed from the outbox is stored once.
     uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    __table_args__ = (Index("ux_events_uid", "uid", unique=True),)
     time: Mapped[str | None] = mapped_column(String(40), nullable=True)  # ISO 8601, wall clock
     snapshot: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     candidate: Mapped[str | None] = mapped_column(String(256), nullable=True)
@@ -382,7 +393,22 @@ class Database:
     @staticmethod
     def _make_engine(url: URL) -> Engine:
         if url.get_backend_name() != "sqlite":
-            return create_engine(url)
+            kwargs = {"pool_pre_ping": True, "pool_recycle": POOL_RECYCLE_S}
+            if url.get_backend_name() == "postgresql" and url.get_driver_name() in (
+                    "psycopg", "psycopg2"):  # libpq's connection parameters
+                kwargs["connect_args"] = {
+                    "connect_timeout": CONNECT_TIMEOUT_S, "keepalives": 1,
+                    "keepalives_idle": KEEPALIVE_IDLE_S,
+                    "keepalives_interval": KEEPALIVE_INTERVAL_S,
+                    "keepalives_count": KEEPALIVE_COUNT,
+                    "tcp_user_timeout": (KEEPALIVE_IDLE_S + KEEPALIVE_COUNT
+                                         * KEEPALIVE_INTERVAL_S) * 1000,
+                }
+            try:
+                return create_engine(url, **kwargs)
+            except (ArgumentError, ImportError) as exc:  # e.g. an unknown dialect or driver
+                raise GalleryError(f"cannot open gallery {url.render_as_string()}: "
+                                   f"{one_line(exc)}") from exc
         kwargs: dict = {"connect_args": {"timeout": BUSY_TIMEOUT_MS / 1000}}
         if url.database in (None, "", ":memory:"):
             # One shared connection, or every checkout would see a fresh empty database.
