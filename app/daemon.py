@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import queue
 import signal
 import sys
 import threading
@@ -30,25 +29,29 @@ from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from app import paths
 from app.config import AppConfig, CameraConfig, ConfigError, DaemonConfig
 from app.gallery import Gallery
+from app.gallery.errors import one_line
 from app.mqtt import MqttSink
+from app.outbox import Outbox
 from app.pipeline import EmbedBatch, FacePipeline, StageTimes
 from app.records import EVENT_TYPES, Event, Frame, TrackedFace
-from app.runtime import GalleryMatcher, make_detector, make_embedder, open_gallery, threshold
+from app.runtime import GalleryWatch, make_detector, make_embedder, open_gallery, threshold
 from app.sinks import (
     GallerySink,
     RotatingJsonlSink,
     Sink,
-    SinkError,
     SnapshotSink,
     WebhookSink,
 )
+from app.sinkworker import SinkWorker
 from app.source import SourceError, init_gstreamer, open_source, redact_uri
 
 log = logging.getLogger(__name__)
@@ -123,6 +126,10 @@ class Metrics:
             registry=r)
         self.sink_pending = Gauge("facemoe_sink_pending", "messages waiting for delivery",
                                   ["sink"], registry=r)
+        self.sink_oldest = Gauge(
+            "facemoe_sink_oldest_seconds",
+            "age of the oldest event or message a sink has not delivered (0: none waits)",
+            ["sink"], registry=r)
         self.fps = Gauge("facemoe_fps", "processed frames per second", cam, registry=r)
         self.queue = Gauge("facemoe_queue_depth", "frames waiting", cam, registry=r)
         self.up = Gauge("facemoe_camera_up", "1 while the camera delivers frames", cam, registry=r)
@@ -405,19 +412,6 @@ class Camera:
         return (w[-1][1] - w[0][1]) / (w[-1][0] - w[0][0])
 
 
-@dataclasses.dataclass
-class _Route:
-    """A sink as the sink thread drives it: the event types it takes, and how long its events
-    may wait to be written together (the gallery's batched commits)."""
-
-    name: str
-    sink: Sink
-    types: tuple[str, ...]  # of EVENT_TYPES
-    every_s: float = 0.0  # 0: each pass's events are written at once
-    pending: list[Event] = dataclasses.field(default_factory=list)
-    last: float = 0.0  # monotonic time of the last write
-
-
 class Daemon:
     def __init__(self, cfg: AppConfig, key: bytes | None = None) -> None:
         self.cfg = cfg
@@ -441,22 +435,22 @@ class Daemon:
                 "snapshots are plain JPEG files; remove snapshots.dir or set "
                 "snapshots.allow_unencrypted: true")
         self.threshold = threshold(cfg, self.embedder)
-        self._matcher = GalleryMatcher(self.gallery, self.threshold)
+        # the worker's matcher: refreshed by a thread of its own, never on the video path
+        self.watch = GalleryWatch(self.gallery, self.threshold, cfg.daemon.gallery_poll_s)
         self.metrics = Metrics()
         self.stopping = threading.Event()
         self.wake = threading.Event()
-        self.reload = threading.Event()
+        self.fatal: str | None = None  # why a thread died: the daemon stops, exit code 1
         self.cameras = [Camera(c, self._pipeline(c), cfg.daemon, self.stopping, self.metrics,
                                self.wake.set) for c in cams]
-        self.events_out: queue.Queue = queue.Queue(maxsize=cfg.daemon.event_queue)
         self.started = time.monotonic()
         self.http: ThreadingHTTPServer | None = None
         self.web = None  # uvicorn.Server of the review UI (daemon.web)
         self._snapshots = (SnapshotSink(snaps.dir, snaps.retention_days) if snaps.dir
                            else None)
-        self._routes = self._open_sinks()
         self._sink_failures: dict[str, tuple[float, str]] = {}  # sink -> (monotonic, reason)
         self._failures_lock = threading.Lock()
+        self.workers = self._open_sinks()  # name -> its worker, in the order they are fed
         self.web_auth = self._web_auth() if cfg.daemon.web else None
 
     def _web_auth(self):
@@ -469,12 +463,12 @@ class Daemon:
             raise ConfigError(str(exc)) from exc
 
     def matcher(self):
-        return self._matcher()
+        return self.watch.matcher
 
     @property
     def _sinks(self) -> dict[str, Sink]:
         """The open sinks by name, in the order they are written."""
-        return {r.name: r.sink for r in self._routes}
+        return {name: w.sink for name, w in self.workers.items()}
 
     def _pipeline(self, cc: CameraConfig) -> FacePipeline:
         """A camera's pipeline: the shared detector, embedder, matcher and embedding batch,
@@ -487,37 +481,70 @@ class Daemon:
                             StageTimes(), self.embed_batch, settings=cc)
 
     # --- sinks ---------------------------------------------------------------------------
-    def _open_sinks(self) -> list[_Route]:
-        """The sinks in the order they are written: snapshots first (a message's snapshot
-        exists when it arrives), the gallery last (its commits are batched)."""
-        d, routes = self.cfg.daemon, []
-        if self._snapshots is not None:  # both messages of a track name the same file
-            routes.append(_Route("snapshots", self._snapshots, EVENT_TYPES))
-        gallery = None
-        if self.cfg.output.events_sqlite:  # one record per track
-            gallery = _Route("sqlite", GallerySink(self.gallery.event_store,
-                                                   crops=self.cfg.output.event_crops),
-                             ("end",), d.sqlite_commit_s)
+    def _open_sinks(self) -> dict[str, SinkWorker]:
+        """A worker (thread and queue) per sink. The snapshot sink, when on, is fed first and
+        hands each batch on to the others once its pictures are written (a message's snapshot
+        exists when it arrives); the others are fed side by side, none waits for another."""
+        d, specs = self.cfg.daemon, []
+        if self.cfg.output.events_sqlite:  # one record per track; batched commits
+            box = d.box
+            outbox = Outbox(d.outbox or self._default_outbox(box), self.gallery.store.sealer,
+                            crops=self.cfg.output.event_crops)
+            specs.append(("gallery", GallerySink(self.gallery.event_store,
+                                                 crops=self.cfg.output.event_crops,
+                                                 outbox=outbox, count=self._counter("gallery")),
+                          ("end",), d.sqlite_commit_s))
         jsonl = d.jsonl.path or self.cfg.output.events_jsonl
         if jsonl:  # one record per track
-            routes.append(_Route("jsonl", RotatingJsonlSink(jsonl, int(d.jsonl.max_mb * 1e6),
-                                                            d.jsonl.backups), ("end",)))
+            specs.append(("jsonl", RotatingJsonlSink(jsonl, int(d.jsonl.max_mb * 1e6),
+                                                     d.jsonl.backups), ("end",), 0.0))
         if d.mqtt:  # every message
-            routes.append(_Route("mqtt", MqttSink(
-                d.mqtt, cameras=[c.name for c in self.cameras],
-                identities=lambda: [i.name for i in self.gallery.identities()],
+            specs.append(("mqtt", MqttSink(
+                d.mqtt, box=d.box, cameras=[c.name for c in self.cameras],
+                identities=lambda: sorted(set(self.watch.matcher.names)),
                 count=self._counter("mqtt"), close_timeout=d.shutdown_timeout_s / 2),
-                EVENT_TYPES))
+                EVENT_TYPES, 0.0))
         if d.webhook:  # the types it is configured for
             w = d.webhook
-            routes.append(_Route("webhook", WebhookSink(
+            specs.append(("webhook", WebhookSink(
                 w.url, w.timeout_s, secret=w.secret.get_secret_value() if w.secret else None,
                 queue=w.queue, retry_initial_s=w.retry_initial_s, retry_max_s=w.retry_max_s,
                 count=self._counter("webhook"), close_timeout=d.shutdown_timeout_s / 2),
-                tuple(w.types)))
-        if gallery is not None:
-            routes.append(gallery)
-        return routes
+                tuple(w.types), 0.0))
+        workers = {name: SinkWorker(name, sink, types, every_s=every, max_queue=d.event_queue,
+                                    failed=self._sink_failed) for name, sink, types, every in specs}
+        if self._snapshots is not None:  # both messages of a track name the same file
+            snaps = SinkWorker("snapshots", self._snapshots, EVENT_TYPES,
+                               max_queue=d.event_queue, failed=self._sink_failed,
+                               then=self._dispatch)
+            workers = {"snapshots": snaps, **workers}
+        return workers
+
+    def _default_outbox(self, box: str) -> Path:
+        """Next to a SQLite gallery file; else in the home (`app.paths`)."""
+        path = self.gallery.store.db.path
+        if path is not None:
+            return path.with_name(path.name + ".outbox")
+        return paths.home() / f"outbox-{box}.jsonl"
+
+    def stop_sinks(self, deadline: float) -> None:
+        """Let every sink write what it has queued and close it, by `deadline` (monotonic)."""
+        # the snapshots first: they hand their last events on to the others
+        stages = [[w for n, w in self.workers.items() if n == "snapshots"],
+                  [w for n, w in self.workers.items() if n != "snapshots"]]
+        for stage in stages:
+            for w in stage:
+                w.close()
+            for w in stage:
+                if not w.join(max(0.5, deadline - time.monotonic())):
+                    log.error("%s sink did not finish in time; %d event(s) not written",
+                              w.name, w.queued())
+
+    def _dispatch(self, events: list[Event]) -> None:
+        """Hand events to every sink but the snapshots (their worker calls this after it)."""
+        for name, w in self.workers.items():
+            if name != "snapshots":
+                w.put(events)
 
     def _counter(self, sink: str) -> Callable[[str, int], None]:
         def count(kind: str, n: int) -> None:
@@ -533,66 +560,28 @@ class Daemon:
             self._sink_failures[sink] = (time.monotonic(), reason)
 
     def _emit(self, cam: Camera, events: list[Event]) -> None:
-        """Queue a camera's events for the sink thread. With snapshots on, an event whose
-        track has a best-face picture names its snapshot file and carries the picture."""
+        """Queue a camera's events for the sinks. With snapshots on, an event whose track has
+        a best-face picture names its snapshot file and carries the picture."""
+        out = []
         for ev in events:
             crop = cam.snapshot(ev) if self._snapshots is not None else None
             if crop is not None:  # both messages of a track name the same file
                 ev = dataclasses.replace(ev, snapshot=self._snapshots.path(ev),
                                          snapshot_image=crop)
-            try:
-                self.events_out.put_nowait(ev)
-                at = cam.arrival(ev.end)
-                if at is not None and ev.type == "end":
-                    self.metrics.event_latency.labels(cam.name).observe(time.monotonic() - at)
-            except queue.Full:
-                self.metrics.events_dropped.inc()
-                log.error("sink queue full: event %s/%d dropped", ev.camera, ev.track_id)
-
-    def _sink_loop(self) -> None:
-        """Hand each sink the events of the types it takes, in the sinks' order; a sink that
-        batches (`_Route.every_s`) gets its events when the time is up, and at shutdown."""
-        for r in self._routes:
-            r.last = time.monotonic()
-        done = False
-        while not done:
-            batch: list[Event] = []
-            try:
-                item = self.events_out.get(timeout=0.2)
-                while True:
-                    if item is None:
-                        done = True
-                        break
-                    batch.append(item)
-                    item = self.events_out.get_nowait()
-            except queue.Empty:
-                pass
-            for r in self._routes:
-                r.pending.extend(ev for ev in batch if ev.type in r.types)
-                if r.pending and (done or time.monotonic() - r.last >= r.every_s):
-                    self._write(r.name, r.sink, r.pending)
-                    r.pending, r.last = [], time.monotonic()
-        for r in self._routes:
-            try:
-                r.sink.close()
-            except SinkError as exc:
-                log.error("closing %s sink: %s", r.name, exc)
-
-    def _write(self, name: str, sink: Sink, events: list[Event]) -> None:
-        try:
-            sink.write(events)
-        except SinkError as exc:
-            self._sink_failed(name, str(exc))
-            log.error("%s sink: %s (%d event(s) lost)", name, exc,
-                      len(events) if exc.lost is None else exc.lost)
+            out.append(ev)
+            at = cam.arrival(ev.end)
+            if at is not None and ev.type == "end":
+                self.metrics.event_latency.labels(cam.name).observe(time.monotonic() - at)
+        if not out:
+            return
+        if "snapshots" in self.workers:
+            self.workers["snapshots"].put(out)
+        else:
+            self._dispatch(out)
 
     # --- worker --------------------------------------------------------------------------
     def _work(self) -> None:
         while not self.stopping.is_set():
-            if self.reload.is_set():
-                self.reload.clear()
-                self._matcher = GalleryMatcher(self.gallery, self.threshold)
-                log.info("gallery reloaded (version %s)", self._matcher().version)
             busy = False
             for cam in self.cameras:
                 item = cam.take()
@@ -617,9 +606,10 @@ class Daemon:
         while not self.stopping.wait(1.0):
             now = time.monotonic()
             self.metrics.corrupt_templates.set(len(self.gallery.corrupt_templates))
-            for name, sink in self._sinks.items():
-                if hasattr(sink, "pending"):
-                    self.metrics.sink_pending.labels(name).set(sink.pending())
+            for name, w in self.workers.items():
+                self.metrics.sink_pending.labels(name).set(w.pending())
+                oldest = w.oldest()
+                self.metrics.sink_oldest.labels(name).set(0.0 if oldest is None else now - oldest)
             for cam in self.cameras:
                 cam.fps_window.append((now, cam.frames))
                 cam.drop_window.append((now, cam.frames, cam.dropped))
@@ -645,9 +635,8 @@ class Daemon:
                          f"events={cam.events} frame_ms p50/p95={f50 * 1e3:.1f}/{f95 * 1e3:.1f} "
                          f"detect_ms={d50 * 1e3:.1f}/{d95 * 1e3:.1f} "
                          f"embed_ms={e50 * 1e3:.1f}/{e95 * 1e3:.1f}")
-        pending = "".join(f" {name}_pending={s.pending()}" for name, s in self._sinks.items()
-                          if hasattr(s, "pending"))
-        return "; ".join(parts) + f"; sink_queue={self.events_out.qsize()}{pending}"
+        pending = "".join(f" {name}_pending={w.pending()}" for name, w in self.workers.items())
+        return "; ".join(parts) + f";{pending}"
 
     def health(self) -> dict:
         """"degraded" with a reason per camera and sink when a camera is not delivering
@@ -665,10 +654,29 @@ class Daemon:
             sinks[name] = {"last_failure_age_s": round(age, 1), "last_failure": reason}
             if age <= window:
                 reasons.append(f"sink {name}: failed {age:.0f} s ago ({reason})")
-        pending = {name: s.pending() for name, s in self._sinks.items() if hasattr(s, "pending")}
+        pending, bound = {}, self.cfg.daemon.health.max_sink_age_s
+        for name, w in self.workers.items():
+            pending[name] = w.pending()
+            oldest = w.oldest()
+            age = 0.0 if oldest is None else now - oldest
+            sinks.setdefault(name, {}).update(pending=pending[name], oldest_age_s=round(age, 1))
+            if age > bound:
+                reasons.append(f"sink {name}: oldest undelivered event {age:.0f} s old (bound "
+                               f"{bound:g} s; {pending[name]} waiting)")
+        gallery = self.watch.problem()
+        if gallery:
+            reasons.append(f"gallery: {gallery}")
         return {"status": "degraded" if reasons else "ok", "reasons": reasons,
                 "uptime_s": round(now - self.started, 1), "model": self.embedder.model,
+                "box": self.cfg.daemon.box,
+                "gallery": {"version": self.watch.matcher.version,
+                            "templates": len(self.watch.matcher), "problem": gallery},
                 "cameras": cams, "sinks": sinks, "sinks_pending": pending}
+
+    def healthz(self) -> tuple[int, dict]:
+        """The one /healthz answer of both HTTP servers: 200 "ok" or 503 "degraded"."""
+        health = self.health()
+        return (200 if health["status"] == "ok" else 503), health
 
     def camera_status(self) -> list[dict]:
         """Each camera's state and counters, for the review UI's cameras page."""
@@ -708,7 +716,8 @@ class Daemon:
 
         @app.get("/healthz", include_in_schema=False)
         def healthz() -> JSONResponse:
-            return JSONResponse(self.health())
+            code, health = self.healthz()
+            return JSONResponse(health, status_code=code)
 
         self.web = uvicorn.Server(uvicorn.Config(app, host=d.metrics_host, port=d.metrics_port,
                                                  log_level="warning", access_log=False))
@@ -732,9 +741,8 @@ class Daemon:
                     body = generate_latest(daemon.metrics.registry)
                     ctype, code = CONTENT_TYPE_LATEST, 200
                 elif path == "/healthz":
-                    health = daemon.health()
+                    code, health = daemon.healthz()
                     body, ctype = json.dumps(health).encode(), "application/json"
-                    code = 200 if health["status"] == "ok" else 503
                 else:
                     body, ctype, code = b"not found\n", "text/plain", 404
                 self.send_response(code)
@@ -756,42 +764,61 @@ class Daemon:
         """Run until SIGTERM/SIGINT; return the exit code."""
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGHUP, lambda *_: self.reload.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.watch.reload.set())
+        hook, threading.excepthook = threading.excepthook, self._thread_died
+        try:
+            return self._run()
+        finally:
+            threading.excepthook = hook
+
+    def _thread_died(self, args: threading.ExceptHookArgs) -> None:
+        """Any thread that ends on an exception stops the daemon with exit code 1, so that
+        systemd (Restart=on-failure) restarts it, rather than a process that lives on without
+        its worker or sinks."""
+        name = args.thread.name if args.thread is not None else "?"
+        log.critical("thread %s died: %s: %s", name, args.exc_type.__name__,
+                     one_line(args.exc_value) if args.exc_value is not None else "",
+                     exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        if self.fatal is None:
+            self.fatal = f"thread {name} died ({args.exc_type.__name__})"
+        self.stopping.set()
+
+    def _run(self) -> int:
         if self.cfg.daemon.metrics_port:
             self._serve_http()
-        sink_thread = threading.Thread(target=self._sink_loop, name="sinks", daemon=True)
         worker = threading.Thread(target=self._work, name="worker", daemon=True)
-        sink_thread.start()
+        for w in self.workers.values():
+            w.start()
         worker.start()
         threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
+        threading.Thread(target=self.watch.run, args=(self.stopping,), name="gallery-watch",
+                         daemon=True).start()
         for cam in self.cameras:
             cam.thread.start()
         log.info("daemon running: %d camera(s): %s", len(self.cameras),
                  ", ".join(f"{c.name}={redact_uri(c.cc.uri)}" for c in self.cameras))
         while not self.stopping.wait(0.5):
             pass
-        return self.shutdown(worker, sink_thread)
+        return self.shutdown(worker)
 
-    def shutdown(self, worker: threading.Thread, sink_thread: threading.Thread) -> int:
+    def shutdown(self, worker: threading.Thread) -> int:
         deadline = time.monotonic() + self.cfg.daemon.shutdown_timeout_s
-        log.info("shutting down")
+        log.info("shutting down%s", f": {self.fatal}" if self.fatal else "")
         for cam in self.cameras:
             cam.stop()
         self.wake.set()
+        self.watch.reload.set()
         worker.join(max(0.1, deadline - time.monotonic()))
         if worker.is_alive():
             log.error("worker did not stop in time; open tracks are lost")
         else:
             for cam in self.cameras:  # frames still queued are dropped; open tracks end now
-                self._emit(cam, cam.flush())
-        try:
-            self.events_out.put(None, timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Full:
-            log.error("sink queue full at shutdown")
-        sink_thread.join(max(0.5, deadline - time.monotonic()))
-        if sink_thread.is_alive():
-            log.error("sinks did not finish in time; %d event(s) not written",
-                      self.events_out.qsize())
+                try:
+                    self._emit(cam, cam.flush())
+                except Exception as exc:  # noqa: BLE001  (after a dead worker: log, go on)
+                    log.error("camera %s: open tracks lost at shutdown: %s", cam.name,
+                              one_line(exc))
+        self.stop_sinks(deadline)
         for cam in self.cameras:
             cam.thread.join(max(0.0, deadline - time.monotonic()))
         log.info("stats %s", self.stats_line())
@@ -800,6 +827,9 @@ class Daemon:
         if self.web is not None:
             self.web.should_exit = True
         self.gallery.close()
+        if self.fatal:
+            log.critical("stopped: %s (exit code 1)", self.fatal)
+            return 1
         log.info("stopped")
         return 0
 
