@@ -57,9 +57,12 @@ def _model_id(cfg) -> tuple[str, str]:
 
 
 def _gallery_path(args: argparse.Namespace, cfg) -> str:
-    return (
-        str(Path(args.gallery).expanduser()) if getattr(args, "gallery", None) else cfg.gallery.path
-    )
+    """--gallery (a file path, or a database URL such as postgresql+psycopg://...: never made
+    into a path, which would create a SQLite file named like the URL), else the config's."""
+    given = getattr(args, "gallery", None)
+    if not given:
+        return cfg.gallery.path
+    return given if "://" in given else str(Path(given).expanduser())
 
 
 # --- enroll / gallery -----------------------------------------------------------------------

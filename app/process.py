@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -61,6 +63,29 @@ class ProcessSummary:
         }
 
 
+def video_fingerprint(video: str) -> str:
+    """What identifies a video's content cheaply: sha256 of its size, first and last MiB (the
+    URI itself for a stream)."""
+    path = Path(video)
+    if not path.is_file():
+        return video
+    size, chunk = path.stat().st_size, 1 << 20
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(chunk))
+        if size > chunk:
+            fh.seek(max(chunk, size - chunk))
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def event_id(fingerprint: str, camera: str, track_id: int) -> str:
+    """The id of a `process` event: derived from the video and the track, so processing the
+    same file again gives the same ids and the gallery stores its events once."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL,
+                          f"facemoe-process:{fingerprint}:{camera}:{int(track_id)}"))
+
+
 def process_video(
     video: str,
     cfg: AppConfig,
@@ -93,6 +118,7 @@ def process_video(
     )
     started = time.perf_counter()
     writer = None
+    fingerprint = video_fingerprint(video)
     source = open_source(video, camera)
     try:
         total = None
@@ -116,9 +142,9 @@ def process_video(
                     writer.write(
                         draw(frame.image, result.faces, result.labels, result.predicted)
                     )
-            _emit(sinks, result.events, summary, times)
+            _emit(sinks, _ids(result.events, fingerprint), summary, times)
             bar.update(1)
-        _emit(sinks, pipeline.flush(), summary, times)
+        _emit(sinks, _ids(pipeline.flush(), fingerprint), summary, times)
         bar.close()
         if writer is not None:
             with times("annotate"):
@@ -137,6 +163,10 @@ def process_video(
     summary.embedded_crops = pipeline.aggregator.embedded_total
     summary.stages = times.as_dict()
     return summary
+
+
+def _ids(events: list[Event], fingerprint: str) -> list[Event]:
+    return [replace(e, id=event_id(fingerprint, e.camera, e.track_id)) for e in events]
 
 
 def _emit(

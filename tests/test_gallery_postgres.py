@@ -150,3 +150,40 @@ def test_an_older_gallery_gains_the_event_columns(pg_url: str) -> None:
         assert old.track_id == 1 and old.time is None and old.id
         g.add_events([new])
         assert g.events()[1] == new
+
+
+def test_events_are_stored_once_per_id(pg_url: str) -> None:
+    """A batch written again (a retry after a lost connection, an outbox replay) and an event
+    twice in one batch are stored once (ON CONFLICT DO NOTHING on the unique events.uid)."""
+    rng = np.random.default_rng(5)
+    with Gallery(pg_url, *MODEL) as g:
+        batch = [replace(event(i), crops=((0.9, crops(rng, 1)[0]),)) for i in range(3)]
+        assert g.event_store.add(batch, crops=1) == 3
+        assert g.event_store.add(batch + [event(7)] * 2, crops=1) == 1
+        assert len(g.events()) == 4 and g.info()["event_crops"] == 3
+
+
+@pytest.mark.slow
+def test_cli_gallery_takes_a_database_url(pg_url: str, tmp_path: Path, data_dir: Path) -> None:
+    """`--gallery URL` opens that database in every command (it once made a SQLite file named
+    like the URL and said "no such gallery" in `gallery list`)."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    r = cli("enroll", "Ada", str(data_dir / "videos" / "obama.jpg"), "--gallery", pg_url)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("gallery", "list", "--gallery", pg_url, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [i["name"] for i in json.loads(r.stdout)["identities"]] == ["Ada"]
+    assert list(tmp_path.iterdir()) == []  # no file named like the URL
+    r = cli("gallery", "list", "--gallery", "nosuchdb://x/y")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+    assert "cannot open gallery nosuchdb://x/y" in r.stderr
