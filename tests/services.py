@@ -109,16 +109,19 @@ MOSQUITTO = shutil.which("mosquitto") or (
 
 
 class Mosquitto:
-    """A mosquitto broker on a free 127.0.0.1 port, run as this user, anonymous clients."""
+    """A mosquitto broker on a free 127.0.0.1 port, run as this user, anonymous clients;
+    `persistent`: sessions and queued messages survive a restart (persistence file in
+    `folder`)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, persistent: bool = False) -> None:
         if MOSQUITTO is None:
             pytest.skip("no mosquitto broker installed (Debian package mosquitto)")
         self.port, self.folder, self.proc = free_port(), folder, None
         folder.mkdir(parents=True, exist_ok=True)
         self.conf = folder / "mosquitto.conf"
+        extra = f"persistence true\npersistence_location {folder}/\n" if persistent else ""
         self.conf.write_text(f"user {getpass.getuser()}\nlistener {self.port} 127.0.0.1\n"
-                             "allow_anonymous true\n")
+                             f"allow_anonymous true\n{extra}")
         self.start()
 
     def start(self) -> None:
