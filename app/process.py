@@ -13,13 +13,14 @@ from tqdm import tqdm
 
 from app.annotate import draw
 from app.config import AppConfig
+from app.daemon.sinks import open_sinks
 from app.detect import FaceDetector
 from app.embed import Embedder
 from app.gallery import Gallery
 from app.pipeline import FacePipeline, StageTimes
 from app.records import Event
 from app.runtime import GalleryMatcher
-from app.sinks import GallerySink, JsonlSink, Sink
+from app.sinks import Sink
 from app.source import VideoWriter, open_source
 
 log = logging.getLogger(__name__)
@@ -104,11 +105,7 @@ def process_video(
     pipeline = FacePipeline(
         camera, cfg, detector, embedder, GalleryMatcher(gallery, threshold), times
     )
-    sinks: list[Sink] = []
-    if cfg.output.events_sqlite:
-        sinks.append(GallerySink(gallery.event_store, crops=cfg.output.event_crops))
-    if events_jsonl:
-        sinks.append(JsonlSink(events_jsonl))
+    sinks: list[Sink] = [s.sink for s in open_sinks(cfg, gallery, events_jsonl=events_jsonl)]
     summary = ProcessSummary(
         video=str(video),
         camera=camera,

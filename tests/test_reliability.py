@@ -952,11 +952,11 @@ def test_stalled_http_clients_are_dropped_without_tracebacks(
     import socket
     import threading
 
-    import app.daemon as daemon_module
+    import app.daemon.http as daemon_http
     from app.config import AppConfig
     from app.daemon import Daemon
 
-    monkeypatch.setattr(daemon_module, "_HTTP_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(daemon_http, "_HTTP_TIMEOUT_S", 1.0)
     port = free_port()
     daemon = Daemon(AppConfig.model_validate({
         "model": {"dir": str(tiny_model_dir), "threads": 1},

@@ -1,7 +1,8 @@
-"""A sink driven by a thread and a queue of its own (the daemon runs one per sink), so a slow
-or failing sink (a locked database, a broker away) delays only itself, never the video path
-or the other sinks, and says how old its oldest undelivered event is (`oldest`), which
-/healthz compares with `health.max_sink_age_s`."""
+"""Where events go: `open_sinks` builds the sinks a config asks for, for the daemon and for
+`facemoe process` alike; `SinkWorker` drives one of the daemon's sinks from a thread and a
+queue of its own, so a slow or failing sink (a locked database, a broker away) delays only
+itself, never the video path or the other sinks, and says how old its oldest undelivered
+event is (`oldest`), which /healthz compares with `health.max_sink_age_s`."""
 
 from __future__ import annotations
 
@@ -10,13 +11,72 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from app.records import Event
-from app.sinks import Sink, SinkError
+from app.config import AppConfig
+from app.gallery import Gallery
+from app.outbox import Outbox
+from app.records import EVENT_TYPES, Event
+from app.sinks import Count, GallerySink, JsonlSink, RotatingJsonlSink, Sink, SinkError, WebhookSink
 
 log = logging.getLogger(__name__)
 
 RETRY_INITIAL_S, RETRY_MAX_S = 1.0, 10.0  # a sink with a `retry()` (the gallery's outbox)
+
+
+@dataclass(frozen=True)
+class SinkSpec:
+    """A sink with the event types it takes and how long its events may wait to be written
+    together (the gallery's batched commits in the daemon)."""
+
+    name: str
+    sink: Sink
+    types: tuple[str, ...]  # of EVENT_TYPES
+    every_s: float = 0.0
+
+
+def open_sinks(cfg: AppConfig, gallery: Gallery, *, events_jsonl: str | None,
+               live: bool = False, outbox: Outbox | None = None, box: str | None = None,
+               cameras: list[str] = (), identities: Callable[[], list[str]] = lambda: [],
+               count: Callable[[str], Count] | None = None) -> list[SinkSpec]:
+    """The event sinks of `cfg`: the gallery's events table (`output.events_sqlite`; with
+    `outbox`, events it refuses wait there) and `events_jsonl` (one record per track); with
+    `live` (the daemon) the JSONL file rotates (`daemon.jsonl`), the gallery commits in
+    batches and MQTT and the webhook (`daemon.mqtt`, `daemon.webhook`) are opened too, with
+    `box`, the `cameras` and enrolled `identities` (MQTT discovery) and `count(name)`, the
+    incident counter of each. If one cannot be opened, those opened are closed again."""
+    d, specs = cfg.daemon, []
+    counter = count or (lambda name: None)
+    try:
+        if cfg.output.events_sqlite:  # one record per track
+            specs.append(SinkSpec("gallery", GallerySink(
+                gallery.event_store, crops=cfg.output.event_crops, outbox=outbox,
+                count=counter("gallery")), ("end",), d.sqlite_commit_s if live else 0.0))
+        if events_jsonl:  # one record per track
+            sink = (RotatingJsonlSink(events_jsonl, int(d.jsonl.max_mb * 1e6), d.jsonl.backups)
+                    if live else JsonlSink(events_jsonl))
+            specs.append(SinkSpec("jsonl", sink, ("end",)))
+        if live and d.mqtt:  # every message
+            from app.mqtt import MqttSink
+
+            specs.append(SinkSpec("mqtt", MqttSink(
+                d.mqtt, box=box, cameras=list(cameras), identities=identities,
+                count=counter("mqtt"), close_timeout=d.shutdown_timeout_s / 2), EVENT_TYPES))
+        if live and d.webhook:  # the types it is configured for
+            w = d.webhook
+            specs.append(SinkSpec("webhook", WebhookSink(
+                w.url, w.timeout_s, secret=w.secret.get_secret_value() if w.secret else None,
+                queue=w.queue, retry_initial_s=w.retry_initial_s, retry_max_s=w.retry_max_s,
+                count=counter("webhook"), close_timeout=d.shutdown_timeout_s / 2),
+                tuple(w.types)))
+    except BaseException:
+        for spec in specs:
+            try:
+                spec.sink.close()
+            except SinkError as exc:
+                log.error("closing %s sink: %s", spec.name, exc)
+        raise
+    return specs
 
 
 class SinkWorker:
