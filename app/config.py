@@ -441,6 +441,9 @@ class DaemonConfig(_Strict):
     gallery_poll_s: float = Field(
         2.0, gt=0, le=3600, description="how often the gallery is checked for changes (enroll, "
         "rename, remove by another process); the video path never waits for the database")
+    heartbeat_s: float = Field(
+        10.0, gt=0, le=3600, description="how often this box writes its heartbeat (state and "
+        "cameras) to the gallery database, for `facemoe fleet`")
     outbox: str | None = Field(
         None, description="events the gallery database could not take wait in this file (0600, "
         "in order) until it is back; default <home>/outbox-<box>.jsonl")

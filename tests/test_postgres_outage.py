@@ -3,7 +3,8 @@
 `pg_ctl restart -m fast`, a broker restart and a stopped database; the events a box could not
 store wait in its outbox and are stored once the server is back, /healthz says "degraded"
 (naming the gallery and its sink) while it is away; a person enrolled meanwhile reaches both
-boxes; every event produced (each box's JSONL file) is stored exactly once and published.
+boxes; both boxes and their cameras show in `facemoe fleet` (heartbeats in the database);
+every event produced (each box's JSONL file) is stored exactly once and published.
 The servers are ones this test starts and restarts itself (tests/services.py); it skips with a
 reason where they cannot be started."""
 
@@ -47,7 +48,7 @@ class Box:
         self.log = folder / "daemon.log"
         daemon = {"box": name, "metrics_port": self.port, "stats_interval_s": 5,
                   "jsonl": {"path": str(self.jsonl)}, "sqlite_commit_s": 0.5,
-                  "gallery_poll_s": 0.5, "outbox": str(self.outbox),
+                  "gallery_poll_s": 0.5, "outbox": str(self.outbox), "heartbeat_s": 1,
                   # two daemons on a loaded 2-core machine drop frames: not what is tested here
                   "health": {"max_sink_age_s": 3, "max_drop_rate": 1.0},
                   "shutdown_timeout_s": 10}
@@ -82,6 +83,13 @@ class Box:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+
+def _fleet(box: Box) -> dict[str, dict]:
+    done = subprocess.run([sys.executable, "-m", "app.cli", "fleet", "--config", str(box.config),
+                           "--json"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode in (0, 1), done.stderr[-2000:]
+    return {b["box"]: b for b in json.loads(done.stdout)["boxes"]}
 
 
 def test_a_site_of_two_boxes_survives_database_and_broker_restarts(
@@ -165,8 +173,16 @@ def test_a_site_of_two_boxes_survives_database_and_broker_restarts(
               lambda: all(b.health()["gallery"]["templates"] == 1 for b in boxes), 10)
         reach_s = time.monotonic() - t
 
+        # 5. the fleet: both boxes and their cameras, from the database
+        fleet = _wait("both boxes in `facemoe fleet`", lambda: (f := _fleet(boxes[0])) and len(
+            f) == 2 and all(b["state"] == "ok" and b["cameras"] for b in f.values()) and f, 20)
+        assert [c["name"] for c in fleet["box-a"]["cameras"]] == ["stage-a"]
+        assert [c["name"] for c in fleet["box-b"]["cameras"]] == ["stage-b"]
+        assert fleet["box-b"]["cameras"][0]["frames"] > 0 and not fleet["box-a"]["silent"]
+
         for b in boxes:
             assert b.stop() == 0, b.log.read_text()[-3000:]
+        assert {b["state"] for b in _fleet(boxes[0]).values()} == {"stopped"}
         assert "Exception in thread" not in "".join(b.log.read_text() for b in boxes)
     finally:
         for b in boxes:

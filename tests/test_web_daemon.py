@@ -46,6 +46,7 @@ def test_the_daemon_serves_the_review_ui_with_a_cameras_page(tmp_path: Path,
                      "uri": str(data_dir / "videos" / "intel_face-demographics-walking.mp4")},
                     {"name": "gone", "uri": str(tmp_path / "no-such-camera.mp4")}],
         "daemon": {"metrics_port": port, "web": True, "sqlite_commit_s": 0.2,
+                   "frame_queue": 64,  # all 35 frames are processed, even on a busy machine
                    "shutdown_timeout_s": 5},
     }
     AppConfig.model_validate(cfg)

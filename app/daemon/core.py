@@ -19,7 +19,8 @@ from app.daemon.http import serve_http, serve_web
 from app.daemon.metrics import Metrics
 from app.daemon.sinks import SinkWorker, open_sinks
 from app.gallery import Gallery
-from app.gallery.errors import one_line
+from app.gallery.errors import GalleryError, one_line
+from app.gallery.fleet import Fleet
 from app.outbox import Outbox
 from app.pipeline import EmbedBatch, FacePipeline, StageTimes
 from app.records import EVENT_TYPES, Event
@@ -62,6 +63,9 @@ class Daemon:
         self.stopping = threading.Event()
         self.wake = threading.Event()
         self.fatal: str | None = None  # why a thread died: the daemon stops, exit code 1
+        self.fleet = Fleet(self.gallery.store)
+        self.started_at = datetime.now(timezone.utc)
+        self._conflicts: dict[str, str] = {}  # camera -> another live box that has it too
         self.cameras = [Camera(c, self._pipeline(c), cfg.daemon, self.stopping, self.metrics,
                                self.wake.set) for c in cams]
         self.started = time.monotonic()
@@ -271,6 +275,9 @@ class Daemon:
         gallery = self.watch.problem()
         if gallery:
             reasons.append(f"gallery: {gallery}")
+        for cam, box in sorted(self._conflicts.items()):
+            reasons.append(f"camera {cam}: box {box} has a camera of that name too (camera "
+                           "names must be unique on a site)")
         return {"status": "degraded" if reasons else "ok", "reasons": reasons,
                 "uptime_s": round(now - self.started, 1), "model": self.embedder.model,
                 "box": self.cfg.daemon.box,
@@ -282,6 +289,37 @@ class Daemon:
         """The one /healthz answer of both HTTP servers: 200 "ok" or 503 "degraded"."""
         health = self.health()
         return (200 if health["status"] == "ok" else 503), health
+
+    def _heartbeats(self) -> None:
+        """Write this box's heartbeat every `daemon.heartbeat_s` (and "stopped" at the end);
+        a database that is away is reported by the gallery watch, not here."""
+        every = self.cfg.daemon.heartbeat_s
+        while True:
+            stopped = self.stopping.wait(every)
+            self.beat("stopped" if stopped else None)
+            if stopped:
+                return
+
+    def beat(self, state: str | None = None) -> None:
+        """One heartbeat: state, cameras and reasons; camera name clashes are remembered for
+        /healthz and logged once."""
+        health = self.health()
+        cams = [{**{k: v for k, v in c.items() if k != "last_event"},
+                 "last_event": c["last_event"].isoformat() if c["last_event"] else None}
+                for c in self.camera_status()]
+        try:
+            clashes = self.fleet.beat(self.cfg.daemon.box, self.started_at,
+                                      state or health["status"], cams, health["reasons"],
+                                      live_s=max(60.0, 3 * self.cfg.daemon.heartbeat_s))
+        except GalleryError as exc:
+            log.debug("heartbeat not written: %s", exc)
+            return
+        for cam, box in clashes.items():
+            if self._conflicts.get(cam) != box:
+                log.error("camera %s: box %s has a camera of that name too; camera names must "
+                          "be unique on a site (events of both are told apart by box only in "
+                          "the logs)", cam, box)
+        self._conflicts = clashes
 
     def camera_status(self) -> list[dict]:
         """Each camera's state and counters, for the review UI's cameras page."""
@@ -339,6 +377,9 @@ class Daemon:
         threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
         threading.Thread(target=self.watch.run, args=(self.stopping,), name="gallery-watch",
                          daemon=True).start()
+        heartbeats = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        heartbeats.start()
+        self._heartbeat_thread = heartbeats
         for cam in self.cameras:
             cam.thread.start()
         log.info("daemon running: %d camera(s): %s", len(self.cameras),
@@ -367,6 +408,9 @@ class Daemon:
         self.stop_sinks(deadline)
         for cam in self.cameras:
             cam.thread.join(max(0.0, deadline - time.monotonic()))
+        beats = getattr(self, "_heartbeat_thread", None)
+        if beats is not None:  # its last heartbeat says "stopped"
+            beats.join(max(0.5, deadline - time.monotonic()))
         log.info("stats %s", self.stats_line())
         if self.http is not None:
             self.http.shutdown()

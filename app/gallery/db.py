@@ -32,6 +32,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Text,
     create_engine,
     event,
     insert,
@@ -203,6 +204,19 @@ class MetaRow(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(1024))
+
+
+class BoxRow(Base):
+    """A daemon's heartbeat, one row per box of the site (`app.gallery.fleet`): when it started
+    and was last heard of, its state and its cameras' counters (JSON, no faces or names)."""
+
+    __tablename__ = "boxes"
+
+    box: Mapped[str] = mapped_column(String(64), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    state: Mapped[str] = mapped_column(String(16))  # ok | degraded | stopped
+    detail: Mapped[str] = mapped_column(Text)  # JSON: {"cameras": [...], "reasons": [...]}
 
 
 class AuditRow(Base):
