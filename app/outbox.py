@@ -157,6 +157,22 @@ class Outbox:
         if not self._entries and self._fd >= 0:
             os.ftruncate(self._fd, 0)
 
+    def reject(self, event: Event, reason: str) -> None:
+        """Set an event the database refuses (while it answers) aside, with the reason, in
+        `<path>.rejected` (0600, one JSON object a line), for an operator to look at."""
+        path = self.path.with_name(self.path.name + ".rejected")
+        line = json.dumps({"reason": reason, "event": event.to_json()}, ensure_ascii=False)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, line.encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OutboxError(f"cannot write {path}: {_reason(exc)}") from exc
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

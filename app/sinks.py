@@ -217,7 +217,11 @@ class GallerySink:
                       exc, len(events), self.outbox.path)
 
     def retry(self) -> bool:
-        """Replay the outbox into the database, oldest first; True when it is empty."""
+        """Replay the outbox into the database, oldest first; True when it is empty.
+
+        A batch refused while the database answers (a read works) is stored event by event,
+        and an event it refuses on its own is set aside in the outbox's `.rejected` file
+        (logged, counted as dropped), so that one bad event cannot hold up the others."""
         if self.outbox is None or self._store is None:
             return True
         replayed = 0
@@ -226,16 +230,36 @@ class GallerySink:
             try:
                 self.stored += self._store.add(events, crops=self.crops)
             except GalleryError as exc:
-                if str(exc) != self.error:
-                    log.warning("outbox replay: %s (%d event(s) wait)", exc, len(self.outbox))
-                self.error = str(exc)
-                return False
+                if not self._store.reachable() or not self._one_by_one(events):
+                    if str(exc) != self.error:
+                        log.warning("outbox replay: %s (%d event(s) wait)", exc,
+                                    len(self.outbox))
+                    self.error = str(exc)
+                    return False
             self.outbox.consume(n)
             replayed += n
         if replayed:
             log.warning("gallery database back: %d event(s) replayed from the outbox %s",
                         replayed, self.outbox.path)
         self.error = ""
+        return True
+
+    def _one_by_one(self, events: list[Event]) -> bool:
+        """Store `events` singly, setting aside those refused; False if the database went
+        away meanwhile (those stored are skipped when the batch is replayed again)."""
+        for ev in events:
+            try:
+                self.stored += self._store.add([ev], crops=self.crops)
+            except GalleryError as exc:
+                if not self._store.reachable():
+                    return False
+                try:
+                    self.outbox.reject(ev, str(exc))
+                except OutboxError as err:
+                    log.error("%s", err)
+                self._count("dropped", 1)
+                log.error("gallery refuses event %s (%s/%d): %s; set aside in %s.rejected",
+                          ev.id, ev.camera, ev.track_id, exc, self.outbox.path)
         return True
 
     def pending(self) -> int:

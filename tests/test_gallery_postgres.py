@@ -187,3 +187,27 @@ def test_cli_gallery_takes_a_database_url(pg_url: str, tmp_path: Path, data_dir:
     r = cli("gallery", "list", "--gallery", "nosuchdb://x/y")
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
     assert "cannot open gallery nosuchdb://x/y" in r.stderr
+
+
+def test_an_event_the_database_refuses_is_set_aside_not_blocking_the_outbox(
+        pg_url: str, tmp_path: Path) -> None:
+    """PostgreSQL refuses an event on its own (a camera name longer than the column): with the
+    database up, the outbox replays the others and sets that one aside in `.rejected`."""
+    import json
+
+    from app.outbox import Outbox
+    from app.sinks import GallerySink
+
+    with Gallery(pg_url, *MODEL) as g:
+        sink = GallerySink(g.event_store, outbox=Outbox(tmp_path / "o.jsonl"))
+        bad = replace(event(1), camera="c" * 300)
+        sink.write([event(2), bad, event(3)])  # the batch is refused: all wait
+        assert sink.pending() == 3 and "too long" in sink.error
+        sink.write([event(4)])  # behind them; the replay stores them one by one
+        assert sink.pending() == 0 and sink.retry()
+        assert sorted(e.track_id for e in g.events()) == [2, 3, 4]
+        rejected = [json.loads(x) for x in (tmp_path / "o.jsonl.rejected").read_text()
+                    .splitlines()]
+        assert [r["event"]["id"] for r in rejected] == [bad.id] and "too long" in \
+            rejected[0]["reason"]
+        sink.close()
