@@ -167,6 +167,18 @@ class SnapshotSink:
         """Nothing to release: each picture is written whole by `write`."""
 
 
+def _refused_for_good(exc: BaseException) -> bool:
+    """Whether a database error is about the data written (SQLAlchemy's DataError or
+    IntegrityError in its causes), which a retry cannot cure."""
+    from sqlalchemy.exc import DataError, IntegrityError
+
+    while exc is not None:
+        if isinstance(exc, DataError | IntegrityError):
+            return True
+        exc = exc.__cause__
+    return False
+
+
 class GallerySink:
     """Stores events in the gallery's event store (`Gallery.event_store`), one transaction
     per `write`.
@@ -219,9 +231,10 @@ class GallerySink:
     def retry(self) -> bool:
         """Replay the outbox into the database, oldest first; True when it is empty.
 
-        A batch refused while the database answers (a read works) is stored event by event,
-        and an event it refuses on its own is set aside in the outbox's `.rejected` file
-        (logged, counted as dropped), so that one bad event cannot hold up the others."""
+        A batch the database refuses for its data (a value it cannot take, not an outage, a
+        lock or a read-only server) is stored event by event, and an event refused on its own
+        is set aside in the outbox's `.rejected` file (logged, counted as dropped), so that one
+        bad event cannot hold up the others."""
         if self.outbox is None or self._store is None:
             return True
         replayed = 0
@@ -230,7 +243,7 @@ class GallerySink:
             try:
                 self.stored += self._store.add(events, crops=self.crops)
             except GalleryError as exc:
-                if not self._store.reachable() or not self._one_by_one(events):
+                if not _refused_for_good(exc) or not self._one_by_one(events):
                     if str(exc) != self.error:
                         log.warning("outbox replay: %s (%d event(s) wait)", exc,
                                     len(self.outbox))
@@ -251,7 +264,7 @@ class GallerySink:
             try:
                 self.stored += self._store.add([ev], crops=self.crops)
             except GalleryError as exc:
-                if not self._store.reachable():
+                if not _refused_for_good(exc):
                     return False
                 try:
                     self.outbox.reject(ev, str(exc))

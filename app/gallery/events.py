@@ -137,14 +137,6 @@ class EventStore:
                      store.location, len(events) - new, len(events))
         return new
 
-    def reachable(self) -> bool:
-        """Whether the database answers a read now (to tell a refused write from an outage)."""
-        try:
-            self._store.db.version()
-            return True
-        except GalleryError:
-            return False
-
     def stored(
         self,
         limit: int | None = None,
