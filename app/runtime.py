@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from app.config import AppConfig
 from app.detect import FaceDetector, find_detector_model
 from app.embed import Embedder
+from app.fsutil import atomic_write
 from app.gallery import Gallery, GalleryError
 from app.match import Matcher
 
@@ -37,9 +41,11 @@ def make_embedder(cfg: AppConfig) -> Embedder:
 
 
 def open_gallery(path: str | Path, embedder: Embedder, *, create: bool = True,
-                 key: bytes | None = None) -> Gallery:
-    """The gallery for `embedder`'s model; `key` None reads it from the environment."""
-    return Gallery(path, embedder.model_name, embedder.model_version, create=create, key=key)
+                 key: bytes | None = None, defer_open: bool = False) -> Gallery:
+    """The gallery for `embedder`'s model; `key` None reads it from the environment;
+    `defer_open`: see `Store`."""
+    return Gallery(path, embedder.model_name, embedder.model_version, create=create, key=key,
+                   defer_open=defer_open)
 
 
 def threshold(cfg: AppConfig, embedder: Embedder) -> float:
@@ -72,13 +78,18 @@ class GalleryWatch:
     `problem()` says since when, and the next successful check picks up what changed.
     """
 
-    def __init__(self, gallery: Gallery, threshold: float, poll_s: float) -> None:
-        self.gallery, self.threshold, self.poll_s = gallery, threshold, poll_s
-        self.matcher = Matcher.from_gallery(gallery, threshold)  # the first copy: must load
+    def __init__(self, gallery: Gallery, threshold: float, poll_s: float,
+                 cache: Path | None = None) -> None:
+        self.gallery, self.threshold, self.poll_s, self.cache = gallery, threshold, poll_s, cache
         self.reload = threading.Event()
         self.failing_since: float | None = None  # monotonic time of the first failed check
         self.error = ""
         self.checks = self.failures = 0
+        if gallery.store.opened:
+            self._rebuild()  # the first copy: must load
+        else:  # the database is away: start from the copy saved when it was last read
+            self.matcher = self._load()
+            self.failing_since, self.error = time.monotonic(), "unreachable at start"
 
     def __call__(self) -> Matcher:
         return self.matcher
@@ -97,8 +108,10 @@ class GalleryWatch:
         `force`); False when the database could not be read (the old matcher is kept)."""
         self.checks += 1
         try:
-            if force or self.gallery.version() != self.matcher.version:
-                self.matcher = Matcher.from_gallery(self.gallery, self.threshold)
+            first = not self.gallery.store.opened
+            self.gallery.store.open()  # a gallery whose database was away at start: once
+            if first or force or self.gallery.version() != self.matcher.version:
+                self._rebuild()
                 log.info("gallery reloaded (version %s, %d templates)", self.matcher.version,
                          len(self.matcher))
         except GalleryError as exc:
@@ -115,6 +128,52 @@ class GalleryWatch:
                         time.monotonic() - self.failing_since)
             self.failing_since, self.error = None, ""
         return True
+
+    _PURPOSE = b"gallery-copy"
+
+    def _rebuild(self) -> None:
+        """A matcher of the gallery as it is now (as `Matcher.from_gallery`: the version is
+        read first, so a race costs an extra rebuild, never a missed one), kept on disk too."""
+        version = self.gallery.version()
+        names, matrix = self.gallery.matrix()
+        self.matcher = Matcher(names, matrix, self.threshold, version=version, normalised=True)
+        self._save(names, matrix, version)
+
+    def _save(self, names: list[str], matrix: np.ndarray, version: int) -> None:
+        """Keep a copy of the templates on disk (0600, sealed with the gallery's key when it
+        has one), so that the daemon can start while the database is away."""
+        if self.cache is None:
+            return
+        buf = io.BytesIO()
+        np.savez(buf, names=np.array(names, dtype=str), matrix=matrix, version=np.int64(version),
+                 about=np.array([self.gallery.location, self.gallery.model]))
+        try:
+            with atomic_write(self.cache) as fh:
+                fh.write(self.gallery.store.sealer.seal(buf.getvalue(), self._PURPOSE))
+        except OSError as exc:
+            log.warning("cannot keep a copy of the gallery in %s: %s", self.cache,
+                        exc.strerror or exc)
+
+    def _load(self) -> Matcher:
+        """The matcher saved by `_save` for this gallery and model; GalleryError if none."""
+        where, model = self.gallery.location, self.gallery.model
+        why = f"gallery {where} cannot be reached and no copy of it is kept"
+        if self.cache is None or not self.cache.is_file():
+            raise GalleryError(f"{why} ({self.cache or 'no copy configured'})")
+        try:
+            raw = self.gallery.store.sealer.unseal(self.cache.read_bytes(), self._PURPOSE)
+            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+                about = [str(x) for x in z["about"]]
+                names, matrix = [str(x) for x in z["names"]], z["matrix"].astype(np.float32)
+                version = int(z["version"])
+        except (OSError, ValueError, KeyError, GalleryError) as exc:
+            raise GalleryError(f"{why}: the copy {self.cache} is unreadable ({exc})") from exc
+        if about != [where, model]:
+            raise GalleryError(f"{why}: the copy {self.cache} is of {about[0]} ({about[1]})")
+        log.warning("gallery %s cannot be reached: matching with the copy of version %d kept "
+                    "in %s (%d templates) until it answers", where, version, self.cache,
+                    len(names))
+        return Matcher(names, matrix, self.threshold, version=version, normalised=True)
 
     def problem(self) -> str | None:
         """Why matching is degraded (the gallery cannot be read), or None."""

@@ -42,7 +42,7 @@ class Box:
     """A daemon subprocess (`facemoe run`) of one box with one looped file camera."""
 
     def __init__(self, name: str, folder: Path, cfg: dict) -> None:
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)  # a box started again keeps its files
         self.name, self.port = name, free_port()
         self.jsonl, self.outbox = folder / "events.jsonl", folder / "outbox.jsonl"
         self.log = folder / "daemon.log"
@@ -56,7 +56,7 @@ class Box:
         AppConfig.model_validate(cfg)
         self.config = folder / "daemon.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
-        with self.log.open("w") as out:
+        with self.log.open("a") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "app.cli", "run", "--config", str(self.config)],
                 cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
@@ -160,7 +160,8 @@ def test_a_site_of_two_boxes_survives_database_and_broker_restarts(
         _wait("/healthz ok on both boxes once the database is back",
               lambda: all(b.health().get("status") == "ok" for b in boxes), 30)
         recover_s = time.monotonic() - t
-        assert all(b.outbox.stat().st_size == 0 for b in degraded)  # replayed and emptied
+        _wait("the outboxes replayed and emptied",
+              lambda: all(b.outbox.stat().st_size == 0 for b in degraded), 30)
 
         # 4. a gallery change reaches both boxes
         enroll = subprocess.run(
@@ -200,3 +201,51 @@ def test_a_site_of_two_boxes_survives_database_and_broker_restarts(
           f"{len(ends)} events produced = stored = published ({len(ids) - len(set(ids))} "
           f"duplicate MQTT deliveries), 0 stored duplicates; healthy {recover_s:.1f} s after "
           f"the database came back; an enrollment reached both boxes in {reach_s:.1f} s")
+
+
+def test_a_box_starts_while_its_database_is_down(tmp_path, data_dir, tiny_model_dir,
+                                                 yunet_path, pg, no_gallery_key):
+    """The box keeps a copy of the gallery it last read (0600): started again while the
+    database is stopped, it processes video matching with that copy, says so in /healthz,
+    keeps its events in the outbox, and stores them all once the database is back."""
+    cfg = {
+        "model": {"dir": str(tiny_model_dir), "threads": 1, "batch_size": 8},
+        "detector": {"model": str(yunet_path)},
+        "tracker": {"max_missed": 3},
+        "gallery": {"path": pg.url},
+        "cameras": [{"name": "stage", "loop": True, "detect_every_n": 2,
+                     "uri": str(data_dir / "videos" / VIDEO)}],
+        "daemon": {},
+    }
+    folder = tmp_path / "box"
+    box = Box("box-s", folder, cfg)
+    try:
+        _wait("the box running", lambda: box.frames() > 10, 90)
+        enroll = subprocess.run(
+            [sys.executable, "-m", "app.cli", "enroll", "Ada",
+             str(data_dir / "videos" / "obama.jpg"), "--config", str(box.config)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert enroll.returncode == 0, enroll.stderr[-2000:]
+        _wait("the enrollment", lambda: box.health()["gallery"]["templates"] == 1, 10)
+        assert box.stop() == 0
+        copy = folder / "gallery-box-s.copy"
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+
+        pg.stop()
+        box = Box("box-s", folder, cfg)
+        _wait("video while the database is down", lambda: box.frames() > 20, 90)
+        h = box.health()
+        assert h["status"] == "degraded" and h["gallery"]["templates"] == 1
+        assert any(r.startswith("gallery: unreachable") for r in h["reasons"]), h["reasons"]
+        _wait("events kept in the outbox", lambda: box.outbox.exists()
+              and len(box.outbox.read_text().splitlines()) >= 2, 60)
+        pg.start()
+        _wait("/healthz ok once the database is back",
+              lambda: box.health().get("status") == "ok", 30)
+        _wait("the outbox replayed", lambda: box.outbox.stat().st_size == 0, 30)
+        assert box.stop() == 0, box.log.read_text()[-3000:]
+    finally:
+        box.kill()
+    ends = [e["id"] for e in box.produced() if e["type"] == "end"]
+    uids = [r[0] for r in pg.sql("select uid from events")]
+    assert sorted(uids) == sorted(ends) and len(uids) == len(set(uids))

@@ -44,11 +44,9 @@ class Daemon:
         self.detector, self.embedder = make_detector(cfg), make_embedder(cfg)
         # one embedding batch for every camera: crops from all of them fill each embedder call
         self.embed_batch = EmbedBatch(self.embedder)
+        # a gallery on a database server that is away starts from the copy kept on disk
         self.gallery: Gallery = open_gallery(cfg.gallery.path, self.embedder, create=True,
-                                             key=key)
-        if not self.gallery.identities():
-            log.warning("the gallery %s is empty: every face will be reported as unknown",
-                        cfg.gallery.path)
+                                             key=key, defer_open=True)
         snaps = cfg.daemon.snapshots
         if snaps.dir and self.gallery.store.sealer.encrypted and not snaps.allow_unencrypted:
             self.gallery.close()
@@ -58,7 +56,16 @@ class Daemon:
                 "snapshots.allow_unencrypted: true")
         self.threshold = threshold(cfg, self.embedder)
         # the worker's matcher: refreshed by a thread of its own, never on the video path
-        self.watch = GalleryWatch(self.gallery, self.threshold, cfg.daemon.gallery_poll_s)
+        try:
+            self.watch = GalleryWatch(
+                self.gallery, self.threshold, cfg.daemon.gallery_poll_s,
+                cache=None if self.gallery.store.db.is_sqlite else self._state_file("gallery"))
+        except GalleryError:
+            self.gallery.close()
+            raise
+        if self.gallery.store.opened and not self.watch.matcher.names:
+            log.warning("the gallery %s is empty: every face will be reported as unknown",
+                        self.gallery.location)
         self.metrics = Metrics()
         self.stopping = threading.Event()
         self.wake = threading.Event()
@@ -111,7 +118,7 @@ class Daemon:
         hands each batch on to the others once its pictures are written (a message's snapshot
         exists when it arrives); the others are fed side by side, none waits for another."""
         d = self.cfg.daemon
-        outbox = (Outbox(d.outbox or self._default_outbox(d.box), self.gallery.store.sealer,
+        outbox = (Outbox(self._state_file("outbox"), self.gallery.store.sealer,
                          crops=self.cfg.output.event_crops)
                   if self.cfg.output.events_sqlite else None)
         specs = open_sinks(self.cfg, self.gallery, live=True, outbox=outbox, box=d.box,
@@ -129,12 +136,19 @@ class Daemon:
             workers = {"snapshots": snaps, **workers}
         return workers
 
-    def _default_outbox(self, box: str) -> Path:
-        """Next to a SQLite gallery file; else in the home (`app.paths`)."""
+    def _state_file(self, what: str) -> Path:
+        """Where this box keeps its outbox (`daemon.outbox`; default next to a SQLite gallery
+        file, else in the home, `app.paths`) and, beside it, its copy of a database server's
+        gallery (`gallery-<box>.copy`)."""
+        d = self.cfg.daemon
         path = self.gallery.store.db.path
-        if path is not None:
-            return path.with_name(path.name + ".outbox")
-        return paths.home() / f"outbox-{box}.jsonl"
+        if d.outbox:
+            outbox = Path(d.outbox)
+        elif path is not None:
+            outbox = path.with_name(path.name + ".outbox")
+        else:
+            outbox = paths.home() / f"outbox-{d.box}.jsonl"
+        return outbox if what == "outbox" else outbox.with_name(f"gallery-{d.box}.copy")
 
     def stop_sinks(self, deadline: float) -> None:
         """Let every sink write what it has queued and close it, by `deadline` (monotonic)."""
