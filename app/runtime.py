@@ -95,13 +95,54 @@ class GalleryWatch:
         return self.matcher
 
     def run(self, stopping: threading.Event) -> None:
-        """Check until `stopping` is set (set `reload` too, to wake it at once)."""
-        while not stopping.is_set():
-            forced = self.reload.wait(self.poll_s)
-            if stopping.is_set():
-                break
-            self.reload.clear()
-            self.check(force=forced)
+        """Check until `stopping` is set (set `reload` too, to wake it at once). On
+        PostgreSQL a change NOTIFYed by the writer (`Database.bump_version`) wakes it at once;
+        the poll every `poll_s` stays, for other databases and for a lost listener."""
+        listener = None
+        try:
+            while not stopping.is_set():
+                if listener is None:
+                    listener = self._listen()
+                forced = self._wait(listener)
+                if forced is None:  # the listener broke: poll until it is back
+                    listener = None
+                    forced = self.reload.wait(self.poll_s)
+                if stopping.is_set():
+                    break
+                self.reload.clear()
+                self.check(force=forced)
+        finally:
+            if listener is not None:
+                listener.close()
+
+    def _listen(self):  # noqa: ANN202
+        try:
+            return self.gallery.store.db.listen()
+        except GalleryError as exc:
+            log.debug("%s; polling", exc)
+            return None
+
+    def _wait(self, listener) -> bool | None:  # noqa: ANN001
+        """Wait up to `poll_s` for a change notice or `reload`: True when reload was set,
+        False otherwise; None when the listener failed."""
+        if listener is None:
+            return self.reload.wait(self.poll_s)
+        deadline = time.monotonic() + self.poll_s
+        try:
+            while not self.reload.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if list(listener.notifies(timeout=min(left, 0.5), stop_after=1)):
+                    return False  # changed: check now
+        except Exception as exc:  # noqa: BLE001  (psycopg.Error, a closed connection)
+            log.debug("gallery change listener: %s", exc)
+            try:
+                listener.close()
+            except Exception:  # noqa: BLE001
+                pass
+            return None
+        return True
 
     def check(self, *, force: bool = False) -> bool:
         """Compare the gallery's version with the matcher's, rebuilding it on a change (or when

@@ -211,3 +211,30 @@ def test_an_event_the_database_refuses_is_set_aside_not_blocking_the_outbox(
         assert [r["event"]["id"] for r in rejected] == [bad.id] and "too long" in \
             rejected[0]["reason"]
         sink.close()
+
+
+def test_a_change_reaches_the_gallery_watch_at_once(pg_url: str) -> None:
+    """On PostgreSQL a change is NOTIFYed: the daemon's gallery watch rebuilds its matcher at
+    once, not at its next poll (60 s here)."""
+    import threading
+    import time
+
+    from app.runtime import GalleryWatch
+
+    rng = np.random.default_rng(6)
+    with Gallery(pg_url, *MODEL) as box, Gallery(pg_url, *MODEL) as writer:
+        watch, stop = GalleryWatch(box, 0.5, poll_s=60.0), threading.Event()
+        thread = threading.Thread(target=watch.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            time.sleep(1.0)  # listening
+            t = time.monotonic()
+            writer.enroll("alice", unit(rng, 1), ["a.jpg"], [0.7])
+            while not watch.matcher.names and time.monotonic() - t < 10:
+                time.sleep(0.05)
+            took = time.monotonic() - t
+            assert watch.matcher.names == ["alice"] and took < 3, took
+        finally:
+            stop.set()
+            watch.reload.set()
+            thread.join(5)

@@ -38,6 +38,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
@@ -58,6 +59,7 @@ from app.gallery.errors import GalleryError, one_line
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
+CHANGES_CHANNEL = "facemoe_gallery"  # PostgreSQL NOTIFY channel of `bump_version`
 # a database server (PostgreSQL): a connection attempt gives up after CONNECT_TIMEOUT_S; TCP
 # keepalives find a dead peer (server host gone, cable pulled) in about KEEPALIVE_IDLE_S +
 # KEEPALIVE_COUNT * KEEPALIVE_INTERVAL_S instead of the kernel's two hours; every pooled
@@ -529,9 +531,33 @@ class Database:
 
     @staticmethod
     def bump_version(session: Session) -> None:
-        """Advance the change counter read by `version()` (in the change's transaction)."""
+        """Advance the change counter read by `version()` (in the change's transaction); on
+        PostgreSQL also NOTIFY `CHANGES_CHANNEL` (sent at commit) for `listen`ers."""
         value = Database.get_meta(session, "version")
         Database.set_meta(session, "version", str(int(value) + 1 if value else 1))
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text(f"NOTIFY {CHANGES_CHANNEL}"))
+
+    def listen(self):  # noqa: ANN201  (a psycopg.Connection, or None)
+        """A connection of its own (not from the pool) that LISTENs for gallery changes, on
+        PostgreSQL through psycopg 3; None for other databases (they keep the poll). Wait on
+        it with `conn.notifies(timeout=..., stop_after=1)`; close it when done."""
+        url = self._engine.url
+        if url.get_backend_name() != "postgresql" or url.get_driver_name() != "psycopg":
+            return None
+        import psycopg
+
+        try:
+            conn = psycopg.connect(
+                url.set(drivername="postgresql").render_as_string(hide_password=False),
+                autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, keepalives=1,
+                keepalives_idle=KEEPALIVE_IDLE_S, keepalives_interval=KEEPALIVE_INTERVAL_S,
+                keepalives_count=KEEPALIVE_COUNT)
+            conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+        except psycopg.Error as exc:
+            raise GalleryError(f"gallery {self.location}: listen for changes failed: "
+                               f"{one_line(exc)}") from exc
+        return conn
 
     def version(self) -> int:
         """Change counter: differs after every enroll, remove or rename (0 when never written)."""
