@@ -263,8 +263,10 @@ class Daemon:
 
     def health(self) -> dict:
         """"degraded" with a reason per camera and sink when a camera is not delivering
-        (reconnecting) or drops more than `health.max_drop_rate` of its frames, or a sink
-        failed within `health.window_s`; else "ok"."""
+        (reconnecting) or drops more than `health.max_drop_rate` of its frames, a sink failed
+        within `health.window_s` or its oldest undelivered event is older than
+        `health.max_sink_age_s`, the gallery cannot be read (matching goes on with the last
+        good copy), or another live box has a camera of the same name; else "ok"."""
         now = time.monotonic()
         window = self.cfg.daemon.health.window_s
         cams = {c.name: c.health(now) for c in self.cameras}
