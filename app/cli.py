@@ -76,7 +76,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     e = cfg.enroll
     limits = ImageLimits(e.max_side, e.max_pixels,
                          e.min_quality if args.min_quality is None else args.min_quality,
-                         e.warn_quality)
+                         e.warn_quality, cfg.embed.min_det_score, cfg.embed.min_exposure)
     detector, embedder = make_detector(cfg), _embedder(cfg)
     with open_gallery(_gallery_path(args, cfg), embedder, key=_key(args)) as gallery:
         report = enroll(
@@ -180,7 +180,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 
 def cmd_process(args: argparse.Namespace) -> int:
     from app.process import process_video
-    from app.runtime import make_detector, open_gallery, threshold
+    from app.runtime import make_detector, open_gallery, open_set
 
     cfg = _config(args)
     if args.validate_config:
@@ -209,7 +209,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             detector,
             embedder,
             gallery,
-            threshold(cfg, embedder),
+            open_set(cfg, embedder),
             events_jsonl=args.events or cfg.output.events_jsonl,
             annotate=args.annotate,
             camera=args.camera,
@@ -265,12 +265,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _recognizer(args: argparse.Namespace):
     from app.recognize import Recognizer
-    from app.runtime import make_detector, open_gallery, threshold
+    from app.runtime import make_detector, open_gallery, open_set
 
     cfg = _config(args)
     detector, embedder = make_detector(cfg), _embedder(cfg)
     gallery = open_gallery(_gallery_path(args, cfg), embedder, create=False)
-    return Recognizer(detector, embedder, gallery, threshold(cfg, embedder)), gallery
+    return Recognizer(detector, embedder, gallery, open_set(cfg, embedder)), gallery
 
 
 def cmd_recognize(args: argparse.Namespace) -> int:
@@ -500,6 +500,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for k, v in report["results"].items()
     )
     _out(args, report, text)
+    return 0
+
+
+def cmd_eval_openset(args: argparse.Namespace) -> int:
+    from app.evaluate import eval_open_set
+
+    cfg = _config(args)
+    try:
+        report = eval_open_set(
+            cfg, Path(args.root), Path(args.eval_list), tuple(args.size or (100, 1000)),
+            args.probe_res, model_dir=args.model, progress=not args.json and sys.stderr.isatty(),
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(str(e)) from e
+    lines = [f"{report['model']}: {report['rule']}; {report['mated_probes']} mated, "
+             f"{report['nonmated_probes']} non-mated probes"]
+    for res, by_n in report["results"].items():
+        for n, r in by_n.items():
+            rule = "".join(
+                f"  rule {rate}: FPIR {r[f'rule_{rate}_fpir']:.2f}% "
+                f"FNIR {r[f'rule_{rate}_fnir']:.2f}%"
+                for rate in ("0.01", "0.001") if f"rule_{rate}_fpir" in r)
+            lines.append(f"{res} {n}: rank-1 {r['rank1']:.2f}%  FNIR@FPIR1% "
+                         f"{r['fnir_at_fpir_0.01']:.2f}%  FNIR@FPIR0.1% "
+                         f"{r['fnir_at_fpir_0.001']:.2f}%{rule}")
+    _out(args, report, "\n".join(lines))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from app.calibrate import calibrate, write
+
+    cfg = _config(args)
+    model = args.model or cfg.model.dir
+    root = Path(args.data)
+    if not (root / "teacher" / "dlib_resnet_v1.npz").is_file():
+        raise UserError(f"no training-side face list at {root}/teacher/dlib_resnet_v1.npz "
+                        "(--data: the shared data folder)")
+    try:
+        result = calibrate(model, root, cfg.model.backend, progress=not args.json
+                           and sys.stderr.isatty())
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if args.write:
+        write(model, result)
+    curves = result["calibration"]["curves"]
+    lines = [f"{result['model']}: pair threshold at FAR 1e-3: "
+             f"{result['recommended_threshold']:.4f}"] + [
+        f"  {c['face_px']:>3} px: FAR 1e-3 -> {c['threshold'][8]:.3f}, 1e-5 -> "
+        f"{c['threshold'][16]:.3f}, 1e-7 -> {c['threshold'][24]:.3f} ({c['pairs']} pairs)"
+        for c in curves]
+    _out(args, result, "\n".join(lines))
     return 0
 
 
@@ -761,6 +813,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_soup)
 
+    sp = sub.add_parser(
+        "calibrate", help="measure a model's open-set FAR curves per face resolution on "
+        "training-side identities (for models that did not train on them)")
+    sp.add_argument("--model", help="model artifact (default: the config's)")
+    sp.add_argument("--data", default=str(Path("..", "shared", "data")),
+                    help="the shared data folder (teacher/, celeba299/, lfw/)")
+    sp.add_argument("--write", action="store_true",
+                    help="store the calibration and FAR 1e-3 threshold in the manifest")
+    common(sp, gallery=False)
+    sp.set_defaults(func=cmd_calibrate)
+
     sp = sub.add_parser("import", help="make a model artifact from a pretrained face network")
     isub = sp.add_subparsers(dest="source", required=True)
     i = isub.add_parser("dlib", help="dlib's face ResNet v1 (public domain), optionally upcycled")
@@ -824,6 +887,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(e, gallery=False)
     sp.set_defaults(func=cmd_eval)
+
+    e = esub.add_parser(
+        "openset", help="1:N identification with strangers: FNIR at FPIR 1%% and 0.1%% for "
+        "galleries of N people (NIST FRVT 1:N style), and the calibrated rule's FPIR")
+    e.add_argument("--root", required=True, help="LFW image root (lfw-deepfunneled)")
+    e.add_argument("--eval-list", required=True,
+                   help="lfw/eval_identities.txt: the identities it may use (evaluation only)")
+    e.add_argument("--size", type=int, action="append",
+                   help="gallery size N (repeatable; default 100 and 1000)")
+    e.add_argument("--probe-res", type=int, action="append", default=None,
+                   help="also probe with faces at NxN (repeatable)")
+    e.add_argument("--model", help="model artifact (default: the config's)")
+    common(e, gallery=False)
+    e.set_defaults(func=cmd_eval_openset)
 
     e = esub.add_parser(
         "ident", help="closed-set rank-N identification (first image per identity = gallery)"

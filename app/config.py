@@ -13,7 +13,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -29,6 +29,9 @@ from pydantic import (
 
 from app import paths
 from trainer.config import ConfigError  # re-exported
+
+if TYPE_CHECKING:
+    from app.records import Quality
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ ZoneName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0
 
 
 class ModelConfig(_Strict):
-    dir: str = "models/dlib-resnet-v1"
+    dir: str = "models/sface"
     backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
     threads: int = Field(0, ge=0, description="inference threads; 0 = all cores")
     batch_size: int = Field(32, ge=1, le=256, description="crops per embedding call")
@@ -189,6 +192,22 @@ class EmbedPolicy(_Strict):
     """Longest (media seconds) a crop waits for a full embedder batch. Lower: a face is
     recognised sooner, at the cost of smaller, less efficient batches."""
 
+    min_det_score: float = Field(0.75, ge=0, le=1)
+    """The face-quality gate, with `min_exposure`: a crop the detector scored below this is
+    not taken for a face that carries identity (on the shared videos: fists and hands scored
+    0.61-0.73, faces 0.75-0.95); it is never embedded, kept with the event, enrolled or
+    grouped. Higher: fewer non-faces, and fewer dim or small real faces."""
+
+    min_exposure: float = Field(0.25, ge=0, le=1)
+    """A crop whose face region is this dark or flat (`app.quality.exposure`, 0-1) carries no
+    identity (a face in a dark audience, a black blob). Higher: only well-lit faces."""
+
+    def carries_identity(self, quality: Quality | None) -> bool:
+        """The face-quality gate: a crop may be embedded, kept, enrolled and grouped (an
+        unscored crop has nothing against it)."""
+        return quality is None or (quality.det_score >= self.min_det_score
+                                   and quality.exposure >= self.min_exposure)
+
     def should_embed(
         self, embedded: int, best_quality: float, since_last: int, quality: float
     ) -> bool:
@@ -217,7 +236,12 @@ def _threshold_sanity(value: float | str | None, where: str) -> None:
 class MatchConfig(_Strict):
     threshold: float | Literal["auto"] = Field(
         "auto", description="cosine similarity a match needs, in (-1, 1); auto: the model "
-        "manifest's recommended threshold; lower names more people (and more wrongly)")
+        "manifest's open-set calibration at false_alarm_rate (or its recommended threshold "
+        "when it has no calibration); lower names more people (and more wrongly)")
+    false_alarm_rate: float = Field(
+        0.001, gt=0, lt=0.5, description="with threshold auto and a calibrated model: the "
+        "share of strangers' tracks that may be named; the threshold follows from it for the "
+        "gallery's number of people and each face's resolution (app/openset.py)")
     min_frames: int = Field(2, ge=1, description="tracks seen in fewer frames make no event")
 
     @field_validator("threshold")

@@ -44,6 +44,8 @@ class ImageLimits:
     max_pixels: int = MAX_PIXELS  # a decoded image above this is refused
     min_quality: float = 0.01  # faces below this quality are not enrolled
     warn_quality: float = 0.1  # faces below this are enrolled with a warning
+    min_det_score: float = 0.75  # the face-quality gate (embed.min_det_score, min_exposure)
+    min_exposure: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class Rejection:
     @property
     def reason(self) -> str:
         return (f"cosine {self.similarity:.3f} to the medoid template is below "
-                f"{self.bound:.3f} (the median similarity minus the margin)")
+                f"{self.bound:.3f} (the median similarity minus the margin, at least the "
+                "model's pair threshold)")
 
     def as_json(self) -> dict:
         return {"source": self.source, "quality": round(self.quality, 3),
@@ -94,11 +97,13 @@ def find_outliers(
     *,
     margin: float | None = FIXED_OUTLIER_MARGIN,
     min_templates: int = OUTLIER_MIN_TEMPLATES,
+    floor: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Outlier templates of one identity: (mask of those to reject, cosine of each template to
     the medoid, the bound). The medoid is the template with the highest summed cosine to the
     others (a robust centre that is itself a real face); a template is rejected when its cosine
-    to the medoid is below the median cosine of the non-medoid templates minus `margin`. Only
+    to the medoid is below the median cosine of the non-medoid templates minus `margin`, or
+    below `floor` (the model's own pair threshold: the model says it is someone else). Only
     with >= `min_templates` templates and a non-None margin; the medoid is never rejected."""
     vecs = np.asarray(vectors, dtype=np.float32)
     n = len(vecs)
@@ -111,6 +116,8 @@ def find_outliers(
     to_medoid = sims[medoid].astype(np.float32)
     others = np.delete(to_medoid, medoid)
     bound = float(np.median(others)) - float(margin)
+    if floor is not None:
+        bound = max(bound, float(floor))
     reject = to_medoid < bound
     reject[medoid] = False
     return reject, to_medoid, bound
@@ -139,8 +146,17 @@ def faces_from_array(
     try:
         found = aligned_face(image, detector, "only" if face is None else face, STORE,
                              source=source, max_side=limits.max_side)
-        enrolled = _kept(found.detection, found.crop, source)
+        q = score_quality(found.detection, found.crop)
+        enrolled = EnrollFace(found.crop, q.score, source)
         quality = enrolled.quality
+        if q.exposure < limits.min_exposure:
+            raise EnrollError(f"the face in {source} is too dark or flat to carry identity "
+                              f"(exposure {q.exposure:.2f} < {limits.min_exposure:g}, "
+                              "embed.min_exposure); use a well-lit photo")
+        if q.det_score < limits.min_det_score:
+            raise EnrollError(f"the detector is unsure {source} shows a face (score "
+                              f"{q.det_score:.2f} < {limits.min_det_score:g}, "
+                              "embed.min_det_score); use a clear photo of the face")
         if quality < limits.min_quality:
             raise EnrollError(f"the face in {source} has quality {quality:.3f}, below the "
                               f"minimum {limits.min_quality:g} (enroll.min_quality); use a "
@@ -293,10 +309,12 @@ def enroll(
                        tracking=tracking)
              + faces_from_events(gallery, list(events or [])))
     vectors = np.asarray(embedder.embed_kept([f.crop for f in faces]), dtype=np.float32)
+    floor = None
     if outlier_margin == "auto":
         outlier_margin = auto_outlier_margin(embedder.recommended_threshold)
+        floor = embedder.recommended_threshold
     reject, sims, bound = find_outliers(vectors, margin=outlier_margin,
-                                        min_templates=min_templates)
+                                        min_templates=min_templates, floor=floor)
     rejected = [Rejection(f.source, f.quality, float(sims[i]), bound)
                 for i, f in enumerate(faces) if reject[i]]
     for r in rejected:

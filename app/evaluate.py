@@ -33,9 +33,15 @@ log = logging.getLogger(__name__)
 def find_pair_faces(
     root: Path, pairs: list[Pair], detector: FaceDetector
 ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """`find_faces` of every image in `pairs`."""
+    return find_faces(root, sorted({p.left for p in pairs} | {p.right for p in pairs}), detector)
+
+
+def find_faces(
+    root: Path, names: list[str], detector: FaceDetector
+) -> tuple[dict[str, np.ndarray], list[str]]:
     """Landmarks float32[5, 2] per image (the most central face: LFW is centred), and the
     faceless images. Cached by content hash in the user cache (detection is the slow part)."""
-    names = sorted({p.left for p in pairs} | {p.right for p in pairs})
     key = hashlib.sha256(("\n".join(names) + str(root.resolve())).encode()).hexdigest()[:16]
     cache = (
         Path(os.environ.get("FACEMOE_CACHE", Path.home() / ".cache" / "facemoe"))
@@ -275,3 +281,104 @@ def eval_identification(
         "unreadable": len(unreadable),
         "results": results,
     }
+
+
+# --- `facemoe eval openset`: 1:N identification with strangers (NIST FRVT 1:N style) -----------
+
+
+def eval_open_set(
+    cfg: AppConfig,
+    root: Path,
+    eval_list: Path,
+    sizes: tuple[int, ...] = (100, 1000),
+    probe_res: list[int] | None = None,
+    model_dir: str | None = None,
+    mated_per_id: int = 4,
+    nonmated: int = 3000,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """A gallery of N people (one photo each), mated probes (up to `mated_per_id` other photos
+    of each) and `nonmated` probes of people not enrolled, all LFW evaluation identities
+    (`eval_list`, measurement only). Probes at native and `probe_res` face resolutions, the
+    gallery sharp. Reports FNIR at FPIR 1% and 0.1% (thresholds read off the non-mated probes'
+    best scores, as FRVT does) and what the model's calibrated open-set rule (`app.openset`,
+    fitted on other people) gives at rates 1% and 0.1%: its threshold, FPIR and FNIR."""
+    from dataclasses import replace
+
+    from app.runtime import open_set
+    from trainer.evaluate import open_set_identification
+
+    m = cfg.model if model_dir is None else cfg.model.model_copy(update={"dir": model_dir})
+    embedder = Embedder.from_config(m.dir, m.backend, m.threads, m.batch_size)
+    wanted = set(eval_list.read_text().split())
+    by_id = {k: v for k, v in identity_images(root).items() if k in wanted}
+    rng = np.random.default_rng(seed)
+    multi = sorted(k for k, v in by_id.items() if len(v) >= 2)
+    if len(multi) < max(sizes):
+        raise ValueError(f"{len(multi)} identities with 2+ photos under {root}; "
+                         f"a gallery of {max(sizes)} needs as many")
+    enrolled = [multi[i] for i in rng.permutation(len(multi))[:max(sizes)]]
+    others = sorted(set(by_id) - set(enrolled))
+    stranger_photos = [p for k in others for p in by_id[k]]
+    stranger_photos = [stranger_photos[i] for i in sorted(
+        rng.choice(len(stranger_photos), min(nonmated, len(stranger_photos)), replace=False))]
+    gallery_photos = [by_id[k][0] for k in enrolled]
+    mated_photos = [(p, i) for i, k in enumerate(enrolled) for p in by_id[k][1:1 + mated_per_id]]
+    names = sorted(set(gallery_photos) | {p for p, _ in mated_photos} | set(stranger_photos))
+    marks, missing = find_faces(root, names, make_detector(cfg))
+    kept = {}
+    for n in tqdm(names, desc="align", unit="img", disable=not progress):
+        image = _read(root, n)
+        kept[n] = align_face(np.zeros((250, 250, 3), np.uint8) if image is None else image,
+                             marks[n], STORE)
+    gallery = embedder.embed_kept(np.stack([kept[n] for n in gallery_photos]))
+    mated_ids = np.array([i for _, i in mated_photos])
+    rule = open_set(cfg, embedder)
+    results: dict[str, dict] = {}
+    for res in [None, *(probe_res or [])]:
+        def emb(photos: list[str], res: int | None = res) -> np.ndarray:
+            crops = [kept[n] if res is None else degrade_to(kept[n], res) for n in photos]
+            return embedder.embed_kept(crops)
+
+        mated, strangers = emb([p for p, _ in mated_photos]), emb(stranger_photos)
+        label = "native" if res is None else f"{res}px"
+        results[label] = {}
+        for n in sizes:
+            inside = mated_ids < n
+            row = open_set_identification(gallery[:n], mated[inside], mated_ids[inside],
+                                          strangers)
+            for r in (0.01, 0.001) if rule.calibrated else ():
+                row.update(_rule_rates(replace(rule, rate=r), gallery[:n], mated[inside],
+                                       mated_ids[inside], strangers, res))
+            results[label][f"N={n}"] = row
+    return {
+        "benchmark": "openset",
+        "model": embedder.model,
+        "rule": rule.describe(max(sizes)),
+        "gallery_photos": max(sizes),
+        "mated_probes": int(len(mated_photos)),
+        "nonmated_probes": len(stranger_photos),
+        "no_face": len(missing),
+        "results": results,
+    }
+
+
+def _rule_rates(rule, gallery: np.ndarray, mated: np.ndarray, mated_ids: np.ndarray,
+                strangers: np.ndarray, res: int | None) -> dict[str, float]:
+    """FPIR and FNIR (%) of the open-set rule (`app.match.Matcher` with `rule`: threshold
+    and margin) for a gallery of one photo per person; probes' faces at `res` px."""
+    from app.match import Matcher
+
+    names = [str(i) for i in range(len(gallery))]
+    matcher = Matcher(names, gallery, rule)
+    def named(probes: np.ndarray) -> list[str | None]:
+        return [matcher.match(p, res).identity for p in probes]
+
+    hits = named(mated)
+    fnir = np.mean([h != str(i) for h, i in zip(hits, mated_ids, strict=True)]) * 100
+    fpir = np.mean([h is not None for h in named(strangers)]) * 100
+    key = f"rule_{rule.rate:g}"
+    return {f"{key}_threshold": matcher.threshold_at(res),
+            f"{key}_margin": rule.margin(len(gallery), res),
+            f"{key}_fpir": round(float(fpir), 2), f"{key}_fnir": round(float(fnir), 2)}

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from app.openset import OpenSet
 from app.records import Match
 
 if TYPE_CHECKING:
@@ -99,8 +100,10 @@ class Matcher:
     The score of an identity is the maximum cosine similarity over its templates (an
     identity enrolled from several poses matches on its closest one), so the best
     identity is the owner of the single most similar template. A probe is `identity`
-    when that score is >= `threshold`, else unknown (None); `candidate` always names the
-    best identity. `version` is the gallery version the snapshot was read at, if known.
+    when that score is >= the threshold, else unknown (None); `candidate` always names the
+    best identity. `threshold` is a number, or an `OpenSet` rule whose threshold follows
+    from the number of people in this snapshot and the probe's face resolution (`face_px`
+    of `match`). `version` is the gallery version the snapshot was read at, if known.
 
     Search is one matrix-vector product over a pre-normalised C-contiguous float32 [M, D]
     matrix followed by an argmax over template rows: the per-identity max needs no
@@ -118,7 +121,7 @@ class Matcher:
         self,
         names: list[str],
         matrix: np.ndarray,
-        threshold: float,
+        threshold: float | OpenSet,
         *,
         version: int | None = None,
         normalised: bool = False,
@@ -128,7 +131,13 @@ class Matcher:
         if mat.ndim != 2 or mat.shape[0] != len(names):
             raise ValueError(f"{len(names)} names but a matrix of shape {list(mat.shape)}")
         self.names = list(names)
-        self.threshold = float(threshold)
+        self.open_set = (threshold if isinstance(threshold, OpenSet)
+                         else OpenSet(fixed=float(threshold)))
+        self.identities = len(set(self.names))  # a stranger's chances: one per person
+        self.threshold = self.open_set.threshold(self.identities)  # for sharp faces
+        self._by_px: dict[int | None, tuple[float, float]] = {}
+        # identity index of each template row (the margin rule's second-best person)
+        _, self._owner = np.unique(np.asarray(self.names, dtype=object), return_inverse=True)
         self.version = version
         if normalised and mat.dtype == np.float32 and mat.flags.c_contiguous:
             self._matrix = mat
@@ -141,7 +150,7 @@ class Matcher:
         )
 
     @classmethod
-    def from_gallery(cls, gallery: Gallery, threshold: float) -> Matcher:
+    def from_gallery(cls, gallery: Gallery, threshold: float | OpenSet) -> Matcher:
         """Snapshot the gallery's templates (read the version first so a race only
         causes an extra refresh, never a missed one)."""
         version = gallery.version()
@@ -154,8 +163,23 @@ class Matcher:
         """Number of templates."""
         return len(self.names)
 
-    def match(self, template: np.ndarray) -> Match:
-        """Decide one float32[D] template (one matrix-vector product and an argmax)."""
+    def threshold_at(self, face_px: float | None) -> float:
+        """The threshold for a probe whose face has this resolution (None: a sharp photo)."""
+        return self._rule(face_px)[0]
+
+    def _rule(self, face_px: float | None) -> tuple[float, float]:
+        """(threshold, margin) for a face at this resolution (`app.openset`)."""
+        if not self.open_set.calibrated:
+            return self.threshold, float("inf")
+        px = None if face_px is None else int(round(face_px))
+        if px not in self._by_px:
+            self._by_px[px] = (self.open_set.threshold(self.identities, px),
+                               self.open_set.margin(self.identities, px))
+        return self._by_px[px]
+
+    def match(self, template: np.ndarray, face_px: float | None = None) -> Match:
+        """Decide one float32[D] template (one matrix-vector product and an argmax); its
+        face resolution `face_px` (None: sharp) chooses the threshold of a calibrated rule."""
         probe = np.asarray(template, dtype=np.float32)
         if probe.ndim != 1:
             return self.match_many(probe[None, :])[0]  # raises the shape error
@@ -167,25 +191,35 @@ class Matcher:
             )
         norm = float(np.sqrt(np.dot(probe, probe)))
         probe = probe / max(norm, 1e-12)
+        rule = self._rule(face_px)
         if self._coarse is not None:
-            return self._rescore(probe[None, :], self._coarse.search(probe[None, :]))[0]
+            return self._rescore(probe[None, :], self._coarse.search(probe[None, :]), rule)[0]
         scores = self._matrix @ probe  # [M] gemv
         j = int(np.argmax(scores))
-        return self._decide(j, float(scores[j]))
+        return self._decide(j, scores, np.arange(len(scores)), rule)
 
-    def _decide(self, row: int, score: float) -> Match:
-        name = self.names[row]
-        return Match(name if score >= self.threshold else None, score, name)
+    def _decide(self, row: int, scores: np.ndarray, rows: np.ndarray,
+                rule: tuple[float, float]) -> Match:
+        """The match of template `row`, given the scores of the template `rows` searched:
+        named at `rule`'s threshold, or at the floor with `rule`'s margin over the best
+        template of any other person."""
+        name, score = self.names[row], float(scores[rows == row][0])
+        threshold, margin = rule
+        named = score >= threshold
+        if not named and np.isfinite(margin) and score >= self.open_set.floor:
+            others = scores[self._owner[rows] != self._owner[row]]
+            named = score - (float(others.max()) if len(others) else -1.0) >= margin
+        return Match(name if named else None, score, name)
 
-    def _rescore(self, probes: np.ndarray, rows: np.ndarray) -> list[Match]:
+    def _rescore(self, probes: np.ndarray, rows: np.ndarray,
+                 rule: tuple[float, float]) -> list[Match]:
         """Exact float32 scores of each probe's candidate rows; the best one decides."""
         out = []
         for probe, cand in zip(probes, rows, strict=True):
             scores = self._matrix[cand] @ probe
             # the lowest row index among equal scores, as np.argmax over all rows would pick
             best = np.flatnonzero(scores == scores.max())
-            j = int(cand[best].min())
-            out.append(self._decide(j, float(scores[best[0]])))
+            out.append(self._decide(int(cand[best].min()), scores, cand, rule))
         return out
 
     def match_many(self, templates: np.ndarray) -> list[Match]:
@@ -200,9 +234,11 @@ class Matcher:
                 f"template dim {probes.shape[1]} != gallery dim {self._matrix.shape[1]}"
             )
         probes = _normalise(probes)
+        rule = self._rule(None)
         if self._coarse is not None:
-            return self._rescore(probes, self._coarse.search(probes))
+            return self._rescore(probes, self._coarse.search(probes), rule)
         scores = probes @ self._matrix.T  # [K, M]; argmax over templates
         # is argmax over identities of the per-identity max (see the class docstring)
         best = np.argmax(scores, axis=1)
-        return [self._decide(int(j), float(scores[k, j])) for k, j in enumerate(best)]
+        rows = np.arange(scores.shape[1])
+        return [self._decide(int(j), scores[k], rows, rule) for k, j in enumerate(best)]

@@ -8,7 +8,7 @@ Two places are looked in:
   pyproject.toml: `./install.sh`, `pip install -e .`, PYTHONPATH), the checkout itself; else
   (a wheel, `pip install .`) `$XDG_DATA_HOME/facemoe`, by default ~/.local/share/facemoe;
 - the shipped files, read-only: in a checkout the checkout itself; in an installed copy the
-  package data app/_shipped/ (configs/app.yaml, models/dlib-resnet-v1/, models/detector/; the
+  package data app/_shipped/ (configs/app.yaml, models/sface/, models/detector/; the
   wheel build copies them in, see setup.py).
 
 A relative path names home/path when that exists, else the shipped path when that exists, else

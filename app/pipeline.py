@@ -297,7 +297,8 @@ class FacePipeline:
                 template = self.aggregator.template(tid)
                 if template is None or tid not in self.aggregator.open_tracks():
                     continue
-                m = self.labels[tid] = self._decide(matcher.match(template))
+                m = self.labels[tid] = self._decide(
+                    matcher.match(template, self.aggregator.face_px(tid)))
                 st = self._state.get(tid)
                 if st is not None and self.announcer.decide(tid, m, st.good, self._pts):
                     summary = self.aggregator.summary(tid)
@@ -318,7 +319,7 @@ class FacePipeline:
                 if summary.frames < self.cfg.matching.min_frames or summary.template is None:
                     self._state.pop(tid, None)
                     continue
-                m = self._decide(matcher.match(summary.template))
+                m = self._decide(matcher.match(summary.template, summary.face_px))
                 events.append(self._event(summary, m, "end"))
                 self._state.pop(tid, None)
         return events

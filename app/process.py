@@ -17,6 +17,7 @@ from app.daemon.sinks import open_sinks
 from app.detect import FaceDetector
 from app.embed import Embedder
 from app.gallery import Gallery
+from app.openset import OpenSet
 from app.pipeline import FacePipeline, StageTimes
 from app.records import Event
 from app.runtime import GalleryMatcher
@@ -41,6 +42,7 @@ class ProcessSummary:
     stages: dict[str, float] = field(default_factory=dict)
     backend: str = ""
     model: str = ""
+    rule: str = ""  # the open-set rule at the start (app.openset)
     annotated: str | None = None
 
     def as_json(self) -> dict:
@@ -60,6 +62,7 @@ class ProcessSummary:
             "stages": self.stages,
             "backend": self.backend,
             "model": self.model,
+            "rule": self.rule,
             "annotated": self.annotated,
         }
 
@@ -93,7 +96,7 @@ def process_video(
     detector: FaceDetector,
     embedder: Embedder,
     gallery: Gallery,
-    threshold: float,
+    threshold: float | OpenSet,
     *,
     events_jsonl: str | None = None,
     annotate: str | None = None,
@@ -102,17 +105,18 @@ def process_video(
 ) -> ProcessSummary:
     camera = camera or Path(video).stem
     times = StageTimes()
-    pipeline = FacePipeline(
-        camera, cfg, detector, embedder, GalleryMatcher(gallery, threshold), times
-    )
+    matcher = GalleryMatcher(gallery, threshold)
+    pipeline = FacePipeline(camera, cfg, detector, embedder, matcher, times)
     sinks: list[Sink] = [s.sink for s in open_sinks(cfg, gallery, events_jsonl=events_jsonl)]
     summary = ProcessSummary(
         video=str(video),
         camera=camera,
         backend=embedder.backend.name,
         model=embedder.model,
+        rule=matcher().open_set.describe(matcher().identities),
         annotated=annotate,
     )
+    log.info("%s: %s", camera, summary.rule)
     started = time.perf_counter()
     writer = None
     fingerprint = video_fingerprint(video)

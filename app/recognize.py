@@ -18,6 +18,7 @@ from app.detect import FaceDetector
 from app.embed import Embedder
 from app.faces import choose_face, detect_faces
 from app.gallery import Gallery
+from app.openset import OpenSet, face_px
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,14 @@ class Recognizer:
     serialised."""
 
     def __init__(self, detector: FaceDetector, embedder: Embedder, gallery: Gallery | None,
-                 threshold: float) -> None:
+                 threshold: float | OpenSet) -> None:
+        """`threshold`: a number, or the open-set rule (`app.openset`), whose threshold for
+        one pair decides `verify` and for the gallery's people and the face's resolution
+        decides `recognize`."""
         self.detector, self.embedder, self.gallery = detector, embedder, gallery
-        self.threshold = float(threshold)
+        self.open_set = (threshold if isinstance(threshold, OpenSet)
+                         else OpenSet(fixed=float(threshold)))
+        self.threshold = self.open_set.threshold(1)  # one pair (verify)
         self.model_lock = threading.Lock()  # the detector is not thread-safe
         self._snapshot: tuple[int, list[str], np.ndarray] | None = None
 
@@ -115,9 +121,13 @@ class Recognizer:
 
     def recognize(self, image: np.ndarray, top: int = 3) -> list[FaceResult]:
         dets, vecs = self.faces(image)
+        people = len(set(self._templates()[0]))
         out = []
         for det, cands in zip(dets, self.nearest(vecs, top), strict=True):
-            named = cands[0].name if cands and cands[0].score >= self.threshold else None
+            marks = np.asarray(det.landmarks, np.float64).reshape(5, 2)
+            needed = self.open_set.threshold(
+                people, face_px(float(np.linalg.norm(marks[1] - marks[0]))))
+            named = cands[0].name if cands and cands[0].score >= needed else None
             out.append(FaceResult(tuple(float(v) for v in det.bbox[:4]), float(det.score),
                                   named, cands))
         return out

@@ -56,6 +56,7 @@ class Quality:
     blur: float  # variance of the Laplacian of the aligned crop
     pose: float  # frontalness in [0, 1] from the landmarks (1 = frontal)
     det_score: float
+    exposure: float = 1.0  # brightness and contrast of the face in [0, 1] (0: near black, flat)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ class TrackSummary:
     best_quality: float
     # the track's best aligned crops, best first: (quality score, uint8[112,112,3] BGR)
     crops: tuple[tuple[float, np.ndarray], ...] = field(default=(), repr=False)
+    # resolution of the largest embedded face (`app.openset.face_px`); None: nothing embedded
+    face_px: float | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from app.embed import Embedder
 from app.fsutil import atomic_write
 from app.gallery import Gallery, GalleryError
 from app.match import Matcher
+from app.openset import OpenSet
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,26 @@ def open_gallery(path: str | Path, embedder: Embedder, *, create: bool = True,
 
 
 def threshold(cfg: AppConfig, embedder: Embedder) -> float:
+    """The one pair threshold (1:1 verification, a photo's score shown against it)."""
     t = cfg.matching.threshold
     if t == "auto":
         return embedder.recommended_threshold or FALLBACK_THRESHOLD
     return float(t)
 
 
+def open_set(cfg: AppConfig, embedder: Embedder) -> OpenSet:
+    """The 1:N rule: the model's calibration at `matching.false_alarm_rate` with threshold
+    auto, else the fixed `threshold`."""
+    calibration = embedder.backend.manifest.get("calibration")
+    if cfg.matching.threshold == "auto" and calibration:
+        return OpenSet(calibration=calibration, rate=cfg.matching.false_alarm_rate)
+    return OpenSet(fixed=threshold(cfg, embedder))
+
+
 class GalleryMatcher:
     """A matcher that rebuilds itself when the gallery changes (another process enrolled)."""
 
-    def __init__(self, gallery: Gallery, threshold: float) -> None:
+    def __init__(self, gallery: Gallery, threshold: float | OpenSet) -> None:
         self.gallery, self.threshold = gallery, threshold
         self._matcher = Matcher.from_gallery(gallery, threshold)
 
@@ -78,7 +89,7 @@ class GalleryWatch:
     `problem()` says since when, and the next successful check picks up what changed.
     """
 
-    def __init__(self, gallery: Gallery, threshold: float, poll_s: float,
+    def __init__(self, gallery: Gallery, threshold: float | OpenSet, poll_s: float,
                  cache: Path | None = None) -> None:
         self.gallery, self.threshold, self.poll_s, self.cache = gallery, threshold, poll_s, cache
         self.reload = threading.Event()

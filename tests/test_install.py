@@ -21,7 +21,7 @@ from app.detect import DETECTOR_FILE
 pytestmark = pytest.mark.unit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = ModelConfig().dir  # models/dlib-resnet-v1
+DEFAULT_MODEL = ModelConfig().dir  # models/sface
 
 
 @pytest.fixture

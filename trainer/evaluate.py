@@ -135,3 +135,35 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], out: str | Path) 
     fig.savefig(out)
     plt.close(fig)
     return Path(out)
+
+
+def open_set_identification(
+    gallery: np.ndarray,
+    mated: np.ndarray,
+    mated_ids: np.ndarray,
+    nonmated: np.ndarray,
+    fpirs: tuple[float, ...] = (0.01, 0.001),
+) -> dict[str, float]:
+    """1:N open-set identification (NIST FRVT 1:N terms). `gallery`: one unit row per person
+    (row i = identity i); `mated`: probes of enrolled people (`mated_ids`); `nonmated`: probes
+    of people not enrolled. FPIR(t): share of non-mated probes whose best score reaches t;
+    FNIR(t): share of mated probes not named correctly at t (wrong best identity, or below t).
+    Reports FNIR at the thresholds where FPIR is each of `fpirs` (read off the non-mated
+    scores) and rank-1 accuracy."""
+    m_scores = mated @ gallery.T
+    m_best = m_scores.argmax(1)
+    m_top = m_scores[np.arange(len(mated)), m_best]
+    right = m_best == mated_ids
+    n_top = (nonmated @ gallery.T).max(1)
+    out: dict[str, float] = {"rank1": round(float(right.mean() * 100), 2)}
+
+    def fnir(t: float) -> float:
+        return float(np.mean(~(right & (m_top >= t))) * 100)
+
+    desc = np.sort(n_top)[::-1]
+    for f in fpirs:
+        k = int(np.floor(f * len(desc)))  # non-mated probes allowed at or above t
+        t = float(np.nextafter(desc[k], np.inf)) if k < len(desc) else float(desc[-1])
+        out[f"fnir_at_fpir_{f:g}"] = round(fnir(t), 2)
+        out[f"threshold_at_fpir_{f:g}"] = round(t, 4)
+    return out

@@ -24,7 +24,14 @@ from app.gallery.fleet import Fleet
 from app.outbox import Outbox
 from app.pipeline import EmbedBatch, FacePipeline, StageTimes
 from app.records import EVENT_TYPES, Event
-from app.runtime import GalleryWatch, make_detector, make_embedder, open_gallery, threshold
+from app.runtime import (
+    GalleryWatch,
+    make_detector,
+    make_embedder,
+    open_gallery,
+    open_set,
+    threshold,
+)
 from app.sinks import (
     Sink,
     SnapshotSink,
@@ -55,10 +62,11 @@ class Daemon:
                 "snapshots are plain JPEG files; remove snapshots.dir or set "
                 "snapshots.allow_unencrypted: true")
         self.threshold = threshold(cfg, self.embedder)
+        self.open_set = open_set(cfg, self.embedder)  # the 1:N rule (app.openset)
         # the worker's matcher: refreshed by a thread of its own, never on the video path
         try:
             self.watch = GalleryWatch(
-                self.gallery, self.threshold, cfg.daemon.gallery_poll_s,
+                self.gallery, self.open_set, cfg.daemon.gallery_poll_s,
                 cache=None if self.gallery.store.db.is_sqlite else self._state_file("gallery"))
         except GalleryError:
             self.gallery.close()
