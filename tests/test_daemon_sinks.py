@@ -44,7 +44,8 @@ def test_a_locked_gallery_delays_only_its_own_sink(tmp_path, data_dir, no_galler
         "tracker": {"max_missed": 3},
         "cameras": [{"name": "hall", "uri": str(data_dir / "videos" / WALKING), "loop": True}],
         "daemon": {"box": "hall-box", "metrics_port": port, "jsonl": {"path": str(jsonl)},
-                   "sqlite_commit_s": 0.2, "health": {"max_sink_age_s": 2},
+                   # frames a busy machine drops are not what is tested here
+                   "sqlite_commit_s": 0.2, "health": {"max_sink_age_s": 2, "max_drop_rate": 1},
                    "mqtt": {"host": "127.0.0.1", "port": broker.port},
                    "shutdown_timeout_s": 10},
     }
