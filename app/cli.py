@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+import unicodedata
 from pathlib import Path
 
 from app import __version__
@@ -140,28 +141,11 @@ def cmd_gallery(args: argparse.Namespace) -> int:
                 or "(empty gallery)",
             )
         elif args.action == "remove":
-            from app.erasure import erase_outputs
+            from app.erasure import Outputs, erase
 
-            stored = gallery.stored_events(identity=args.name)
-            events = gallery.remove(args.name)
-            d = cfg.daemon
-            erased = erase_outputs(
-                args.name, event_ids={s.event.id for s in stored if s.event.id},
-                snapshot_paths={s.event.snapshot for s in stored if s.event.snapshot},
-                jsonl_paths=[p for p in (d.jsonl.path, cfg.output.events_jsonl,
-                                         *(args.events_jsonl or [])) if p],
-                snapshot_dir=d.snapshots.dir)
-            _out(
-                args,
-                {"removed": args.name, "events_deleted": events, **erased.as_json()},
-                f"removed {args.name!r} with its templates, crops and {events} event(s); "
-                f"{erased.jsonl_lines_removed} JSONL line(s) removed and "
-                f"{erased.jsonl_candidates_cleared} candidate mention(s) cleared in "
-                f"{len(erased.jsonl_files_rewritten)} file(s); "
-                f"{len(erased.snapshots_deleted)} snapshot(s) deleted"
-                + "".join(f"\nnot erased: {e}" for e in erased.errors),
-            )
-            if erased.errors:
+            erased = erase(gallery, Outputs.of(cfg, args.events_jsonl or ()), name=args.name)
+            _out(args, erased.as_json(), erased.summary())
+            if erased.unfinished:
                 return 1
         elif args.action == "rename":
             gallery.rename(args.name, args.new_name)
@@ -192,6 +176,7 @@ def cmd_process(args: argparse.Namespace) -> int:
                          ("--events", args.events or cfg.output.events_jsonl)):
         if target and Path(target).expanduser().is_dir():
             raise UserError(f"{what} {target} is a directory; give a file name")
+    camera = _camera_name(args.camera, args.video)
     detector, embedder = make_detector(cfg), _embedder(cfg)
     path = _gallery_path(args, cfg)
     with open_gallery(path, embedder, create=args.allow_empty_gallery,
@@ -212,7 +197,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             open_set(cfg, embedder),
             events_jsonl=args.events or cfg.output.events_jsonl,
             annotate=args.annotate,
-            camera=args.camera,
+            camera=camera,
             progress=not args.no_progress and sys.stderr.isatty(),
         )
     payload = summary.as_json()
@@ -251,6 +236,58 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     _out(args, {"gallery": str(path), "boxes": boxes},
          "\n".join(lines) or f"no box has written a heartbeat to {path}")
     return 1 if any(b["silent"] for b in boxes) else 0
+def _camera_name(given: str | None, video: str) -> str:
+    """The camera name of `process`'s events: --camera, else the file name's stem; one that
+    would break a line of output (control, format or line-separator characters) is refused."""
+    name = given if given is not None else Path(video).stem
+    shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if not 1 <= len(name) <= 256 or name != shown or any(
+            unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+        where = "--camera" if given is not None else f"the file name of {shown!r}"
+        raise UserError(f"{where}: a camera name is 1 to 256 printable characters, got "
+                        f"{shown.encode('ascii', 'backslashreplace').decode()!r}"
+                        + ("" if given is not None else "; give one with --camera NAME"))
+    return name
+
+
+def _check_run(cfg, key: bytes | None) -> None:
+    """What `run` refuses at start besides the config's own validation, checked without
+    starting anything (so `run --validate-config` agrees with `run`): UserError (one line)."""
+    import importlib.util
+    import os
+
+    d = cfg.daemon
+    if not any(c.enabled for c in cfg.cameras):
+        raise UserError("no enabled camera in the config (add a `cameras:` list)")
+    if d.snapshots.dir and key is not None and not d.snapshots.allow_unencrypted:
+        raise UserError("daemon.snapshots.dir: the gallery is encrypted but snapshots are plain "
+                        "JPEG files; remove snapshots.dir or set snapshots.allow_unencrypted: "
+                        "true")
+    if d.web:
+        from app.web.auth import AuthConfigError, Authenticator
+
+        try:
+            Authenticator(cfg.web, d.metrics_host)
+        except AuthConfigError as exc:
+            raise UserError(str(exc)) from exc
+    jsonl = d.jsonl.path or cfg.output.events_jsonl
+    if jsonl:
+        path = Path(jsonl).expanduser()
+        if path.is_dir() or path.is_symlink():
+            raise UserError(f"cannot open events file {path}: it is a "
+                            f"{'directory' if path.is_dir() else 'symbolic link'}")
+        parent = path.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"cannot write events file {path}: {parent} is not writable")
+    if d.mqtt is not None:
+        if importlib.util.find_spec("paho") is None:
+            raise UserError("MQTT output needs paho-mqtt (pip install 'facemoe-edge[mqtt]')")
+        for what in ("ca_certs", "certfile", "keyfile"):
+            name = getattr(d.mqtt.tls, what, None) if d.mqtt.tls is not None else None
+            if name is not None and not os.path.isfile(name):
+                raise UserError(f"MQTT TLS {what} file not found: {name}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -258,6 +295,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if args.validate_config:
+        from app.gallery import load_key
+
+        _check_run(cfg, load_key(getattr(args, "key_file", None)))
         _out(args, {"config": "ok"}, "config ok")
         return 0
     return run_daemon(cfg, key=_key(args))
@@ -1015,6 +1055,9 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     _setup_logging(args)
     if args.command == "process" and not args.video and not args.validate_config:

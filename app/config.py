@@ -501,6 +501,30 @@ class WebConfig(_Strict):
         "higher splits one person into more clusters, lower merges different people",
     )
     page_size: int = Field(48, ge=1, le=500)
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="host names (Host header) the server answers besides loopback names, IP "
+        "addresses and the bound host; others are refused (DNS rebinding); '*' allows any",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses (or networks) of reverse proxies whose X-Forwarded-For names "
+        "the client; from anyone else the header is ignored",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must keep arriving: a pause this long ends it")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return v
     refresh_s: float = Field(
         30.0, ge=0,
         description="group new unknown events in the background this often (0: only when the "

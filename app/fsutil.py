@@ -8,6 +8,7 @@ write; the finished file replaces the target with `os.replace`.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,19 @@ def refuse_directory(path: str | Path, what: str) -> Path:
     if p.is_dir():
         raise IsADirectoryError(f"cannot write {what} {p}: it is a directory")
     return p
+
+
+def private_file(fd: int, what: str) -> None:
+    """An opened file that names people stays private: a regular file must be ours and gets
+    mode 0600 (a group/other bit left by whoever made it is removed); OSError (one line)
+    otherwise. Devices and pipes (/dev/stdout) are written as they are."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return
+    if st.st_uid != os.geteuid():
+        raise OSError(f"cannot write {what}: it belongs to another user (uid {st.st_uid})")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.fchmod(fd, 0o600)
 
 
 def make_dirs(path: str | Path, private: bool = True) -> None:

@@ -239,6 +239,14 @@ def _check(_args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | No
     result = gallery.integrity_check()
     if result != "ok":
         raise GalleryError(f"gallery {gallery.location} is corrupt: {result}")
+    unfinished = gallery.erasures.pending()
+    if unfinished:
+        raise GalleryError(
+            f"gallery {gallery.location} has {len(unfinished)} unfinished erasure(s) (run "
+            f"facemoe gallery remove NAME again to finish each): "
+            + "; ".join(f"{t.name!r} since {t.created_at:%Y-%m-%d %H:%M}"
+                        + (f" ({t.last_error})" if t.last_error else "")
+                        for t in unfinished[:20]))
     corrupt = gallery.verify()
     if corrupt:
         raise GalleryError(

@@ -355,3 +355,70 @@ class MqttSink:
                 pass
         self._client.disconnect()
         self._client.loop_stop()
+
+
+def clear_retained(cfg: MqttConfig, names: Iterable[str], timeout: float = 10.0) -> int:
+    """For an erasure: delete the retained state topic (`<prefix>/identities/<slug>`) and
+    the discovery configs of each of `names`: every box's (found among the retained configs
+    by their state topic) and the one of releases before boxes (an empty retained message
+    deletes one). Returns the topics cleared; SinkError when the broker cannot be reached
+    within `timeout`."""
+    import paho.mqtt.client as mqtt
+
+    prefix = cfg.prefix.rstrip("/")
+    topics = [t for n in names for t in (
+        f"{prefix}/identities/{slug(n)}",
+        f"{cfg.discovery.prefix}/sensor/facemoe_{slug(n)}/config")]
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                         client_id=f"{cfg.client_id or 'facemoe'}-erase-{os.getpid()}")
+    states, per_box = {f"{prefix}/identities/{slug(n)}" for n in names}, set()
+
+    def on_message(client, userdata, msg) -> None:  # a retained discovery config
+        try:
+            config = json.loads(msg.payload)
+        except ValueError:
+            return
+        if isinstance(config, dict) and config.get("state_topic") in states:
+            per_box.add(msg.topic)
+
+    client.on_message = on_message
+    if cfg.username is not None:
+        client.username_pw_set(cfg.username, cfg.password.get_secret_value()
+                               if cfg.password is not None else None)
+    if cfg.tls is not None:
+        client.tls_set(ca_certs=cfg.tls.ca_certs, certfile=cfg.tls.certfile,
+                       keyfile=cfg.tls.keyfile, cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_insecure_set(cfg.tls.insecure)
+    where = f"MQTT {cfg.host}:{cfg.port}"
+    connected = threading.Event()
+    refused: list[str] = []
+
+    def on_connect(client, userdata, flags, reason_code, properties=None) -> None:
+        if reason_code.is_failure:
+            refused.append(str(reason_code))
+        connected.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(cfg.host, cfg.port, keepalive=max(5, int(timeout)))
+    except (OSError, ValueError) as exc:
+        raise SinkError(f"{where}: cannot clear retained topics: {exc}") from exc
+    client.loop_start()
+    try:
+        if not connected.wait(timeout) or refused:
+            raise SinkError(f"{where}: cannot clear retained topics: "
+                            f"{refused[0] if refused else 'no answer'}")
+        client.subscribe(f"{cfg.discovery.prefix}/sensor/+/+/config", qos=1)
+        time.sleep(min(1.0, timeout))  # the broker sends the retained configs at once
+        client.unsubscribe(f"{cfg.discovery.prefix}/sensor/+/+/config")
+        topics += sorted(per_box - set(topics))
+        infos = [client.publish(t, b"", qos=1, retain=True) for t in topics]
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+            if not info.is_published():
+                raise SinkError(f"{where}: the broker did not confirm clearing {info.mid}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return len(topics)

@@ -3,6 +3,7 @@ MQTT in app.mqtt)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
@@ -17,7 +18,7 @@ from typing import Protocol
 
 import cv2
 
-from app.fsutil import atomic_write, make_dirs
+from app.fsutil import atomic_write, make_dirs, private_file
 from app.gallery import EventStore, GalleryError
 from app.outbox import Outbox, OutboxError
 from app.records import Event
@@ -62,10 +63,17 @@ class JsonlSink:
         if self.path.is_dir():
             raise SinkError(f"cannot open events file {self.path}: it is a directory")
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                               0o600)
+            # O_NOFOLLOW: a symlink planted at the name is refused, not followed
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                               | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
-            raise SinkError(f"cannot open events file {self.path}: {_reason(exc)}") from exc
+            why = ("it is a symbolic link" if exc.errno == errno.ELOOP else _reason(exc))
+            raise SinkError(f"cannot open events file {self.path}: {why}") from exc
+        try:
+            private_file(self._fd, f"events file {self.path}")
+        except OSError as exc:
+            os.close(self._fd)
+            raise SinkError(str(exc)) from exc
         log.debug("appending events to %s", self.path)
 
     @property

@@ -83,11 +83,12 @@ def test_a_gallery_of_this_release_opens_in_the_next(tmp_path: Path,
     migrations = tmp_path / "migrations"
     shutil.copytree(gallery_schema.MIGRATIONS, migrations,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    nxt = f"{int(gallery_schema.HEAD) + 1:04d}"
+    head = gallery_schema.HEAD
+    nxt = f"{int(head) + 1:04d}"
     (migrations / "versions" / f"{nxt}_next.py").write_text(
         '"""next release: events.note"""\n'
         "import sqlalchemy as sa\nfrom alembic import op\n\n"
-        f"revision = '{nxt}'\ndown_revision = '{gallery_schema.HEAD}'\nbranch_labels = None\n"
+        f"revision = '{nxt}'\ndown_revision = '{head}'\nbranch_labels = None\n"
         "depends_on = None\n\n\n"
         "def upgrade():\n"
         "    with op.batch_alter_table('events') as b:\n"

@@ -413,3 +413,30 @@ def test_two_boxes_on_one_broker_keep_their_own_identity(tmp_path, brokers):
     assert len({c["unique_id"] for c in configs}) == len(configs) == 4
     assert {c["device"]["identifiers"][0] for c in configs} == {"facemoe_box_a", "facemoe_box_b"}
     assert "already connected" not in (tmp_path / "broker.log").read_text()  # no id clash
+
+
+def test_erasure_clears_every_boxs_discovery_config(tmp_path, brokers):
+    """`clear_retained` (the erasure service's MQTT step) finds each box's retained sensor of
+    the person by its state topic and deletes it with the state topic."""
+    from app.mqtt import clear_retained
+
+    broker = brokers(tmp_path, ["allow_anonymous true"])
+    cfg = mqtt_config(broker.port, discovery={"enabled": True}).daemon.mqtt
+    for box in ("box-a", "box-b"):
+        sink = MqttSink(cfg, box=box, identities=lambda: ["Ada", "Bob"])
+        try:
+            sink.write([event(1, "Ada"), event(2, "Bob")])
+            assert sink.flush(5)
+        finally:
+            sink.close()
+    before = Watcher(broker.port, ["homeassistant/#", "facemoe/identities/#"])
+    before.wait(lambda m: len(m) == 8)  # 2 boxes x 3 sensors (Ada, Bob, camera), 2 states
+    before.close()
+    assert clear_retained(cfg, ["Ada"]) == 4  # state, legacy config, 2 box configs
+    after = Watcher(broker.port, ["homeassistant/#", "facemoe/identities/#"])
+    time.sleep(1.0)
+    after.close()
+    left = {t for t, p, _ in after.messages if p}
+    assert left == {"facemoe/identities/bob"} | {
+        f"homeassistant/sensor/facemoe_{b}/facemoe_{b}_{s}/config"
+        for b in ("box_a", "box_b") for s in ("bob", "camera_door")}

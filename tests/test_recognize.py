@@ -40,7 +40,7 @@ def test_a_large_photo_gives_one_face(recognizer: Recognizer, lin):
     iw, ih = min(x + w, sx + sw) - max(x, sx), min(y + h, sy + sh) - max(y, sy)
     assert iw > 0 and ih > 0 and iw * ih / (w * h + sw * sh - iw * ih) > 0.7  # the same face
     v = recognizer.verify(big, lin)
-    assert v.same and v.score > 0.97
+    assert v.same and v.score > 0.95  # the same photo at twice the size
 
 
 def test_verify_needs_a_face_in_each_image(recognizer: Recognizer, lin):

@@ -838,9 +838,68 @@ def test_import_refuses_a_zip_bomb_from_the_directory(tmp_path: Path, data_dir: 
     assert bomb.stat().st_size < 4 << 20
     result, seconds, rss = _import_in_child(bomb, tmp_path / "dst.db")
     assert result == (f"export {bomb} is not a valid FaceMoE gallery export: member {crop} "
-                      f"would unpack to {1 << 30} bytes (at most {4 << 20})")
+                      f"would unpack to {1 << 30} bytes (at most {1 << 20} in an archive of "
+                      f"4 entries)")
     assert seconds < 5 and rss < 100, (seconds, rss)
     assert _import_in_child(good, tmp_path / "ok.db")[0] == "ok"
+
+
+def _with_manifest(src: Path, dest: Path, manifest: bytes) -> Path:
+    """`src` with its manifest replaced by `manifest` (deflated), whole-file sum redone."""
+    import hashlib
+    import zipfile
+
+    from app.gallery.transfer import _TRAILER
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            if info.filename != "manifest.json":
+                zout.writestr(info.filename, zin.read(info))
+        zout.writestr("manifest.json", manifest)
+        zout.comment = _TRAILER + b"0" * 64
+    data = bytearray(dest.read_bytes())
+    data[-64:] = hashlib.sha256(bytes(data[:-64])).hexdigest().encode()
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+@pytest.mark.slow
+def test_import_bounds_the_manifest_to_the_archive(tmp_path: Path, data_dir: Path,
+                                                   no_gallery_key) -> None:
+    """A ~130 KB archive whose manifest inflates to 128 MB of `{},` is refused from the zip
+    directory (before: json.loads of all of it, 3.36 GB); one nested 2,000 deep is refused
+    in one line (before: a RecursionError traceback)."""
+    good = _real_export(tmp_path, data_dir)
+    bomb = _with_manifest(good, tmp_path / "manifest-bomb.zip",
+                          b"[" + b"{}," * ((128 << 20) // 3) + b"{}]")
+    assert bomb.stat().st_size < 1 << 20
+    result, seconds, rss = _import_in_child(bomb, tmp_path / "a.db")
+    assert result.startswith(f"export {bomb} is not a valid FaceMoE gallery export: member "
+                             f"manifest.json would unpack to "), result
+    assert seconds < 5 and rss < 100, (seconds, rss)
+
+    levels = "".join(f'["{k:08x}{k * 2654435761 % 2**32:08x}",' for k in range(2000))
+    nested = _with_manifest(good, tmp_path / "nested.zip", (levels + "]" * 2000).encode())
+    result, _, _ = _import_in_child(nested, tmp_path / "b.db")
+    assert result == (f"export {nested} is not a valid FaceMoE gallery export: its manifest "
+                      f"nests deeper than 16 levels")
+
+
+@pytest.mark.slow
+def test_import_refuses_padded_crops(tmp_path: Path, data_dir: Path, no_gallery_key) -> None:
+    """Crops padded with zeros up to the crop limit deflate to almost nothing: refused by
+    their inflation from the directory (before: 1.3 MB of them took 1.13 GB)."""
+    import zipfile
+
+    good = _real_export(tmp_path, data_dir)
+    with zipfile.ZipFile(good) as zf:
+        crops = {n: zf.read(n) for n in zf.namelist() if n.endswith(".jpg")}
+    padded = _tampered(good, tmp_path / "padded.zip",
+                       replace={n: jpeg + bytes((1 << 20) - len(jpeg) - 1)
+                                for n, jpeg in crops.items()})
+    result, seconds, rss = _import_in_child(padded, tmp_path / "dst.db")
+    assert "would inflate" in result and "(at most 4)" in result, result
+    assert "\n" not in result and seconds < 5 and rss < 50, (seconds, rss)
 
 
 @pytest.mark.parametrize("case, message", [

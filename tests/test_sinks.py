@@ -227,3 +227,23 @@ def test_snapshots_older_than_the_retention_are_purged(tmp_path: Path,
     assert sink.purge() == 1
     assert not Path(old.snapshot).exists() and Path(new.snapshot).is_file()
     assert sink.purge(now=time.time() + 3 * 86400) == 1 and not Path(new.snapshot).exists()
+
+
+def test_jsonl_refuses_a_planted_symlink_and_keeps_the_file_private(tmp_path: Path) -> None:
+    """A symlink planted at the events file's name is not followed (before: the events went
+    to its target); a file someone left readable by others becomes 0600 (before: 0644)."""
+    target = tmp_path / "victim.txt"
+    target.write_text("")
+    link = tmp_path / "events.jsonl"
+    link.symlink_to(target)
+    with pytest.raises(SinkError) as err:
+        JsonlSink(link)
+    assert str(err.value) == f"cannot open events file {link}: it is a symbolic link"
+    assert target.read_text() == ""
+    loose = tmp_path / "loose.jsonl"
+    loose.write_text("")
+    loose.chmod(0o644)
+    sink = JsonlSink(loose)
+    sink.write([event(1, "ada")])
+    sink.close()
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o600

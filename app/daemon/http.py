@@ -64,7 +64,7 @@ def serve_web(daemon: Daemon):
     import uvicorn
     from fastapi.responses import JSONResponse, Response
 
-    from app.web.app import create_app
+    from app.web.app import create_app, uvicorn_config
     from app.web.context import WebContext
 
     d = daemon.cfg.daemon
@@ -83,12 +83,12 @@ def serve_web(daemon: Daemon):
         code, health = daemon.healthz()
         return JSONResponse(health, status_code=code)
 
-    server = uvicorn.Server(uvicorn.Config(app, host=d.metrics_host, port=d.metrics_port,
-                                             log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn_config(app, host=d.metrics_host, port=d.metrics_port))
     threading.Thread(target=server.run, name="web", daemon=True).start()
     log.info("review UI on http://%s:%d/, metrics on /metrics, health on /healthz",
              d.metrics_host, d.metrics_port)
     return server
+
 
 def serve_http(daemon: Daemon) -> ThreadingHTTPServer:
     """/metrics and /healthz on `daemon.metrics_port`, in a thread; the server."""

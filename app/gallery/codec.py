@@ -42,15 +42,41 @@ def clean_name(name: str) -> str:
     # look alike or reorder a line of output
     hidden = sorted({f"U+{ord(c):04X}" for i, c in enumerate(clean)
                      if unicodedata.category(c) == "Cf" and not _joiner_in_script(clean, i)})
+    shown = clean.encode('ascii', 'backslashreplace').decode()
     if hidden:
-        raise GalleryError(f"identity name {clean.encode('ascii', 'backslashreplace').decode()!r} "
+        raise GalleryError(f"identity name {shown!r} "
                            f"contains invisible format characters ({', '.join(hidden)})")
+    blank = sorted({f"U+{ord(c):04X}" for c in clean if ord(c) in _BLANK_LETTERS})
+    if blank:
+        raise GalleryError(f"identity name {shown!r} contains invisible filler characters "
+                           f"({', '.join(blank)})")
+    plain = unicodedata.normalize("NFKC", clean)
+    if plain != clean:
+        raise GalleryError(f"identity name {shown!r} uses compatibility characters (fullwidth, "
+                           f"ligature, special spaces ...): write it as {plain!r}")
     return clean
+
+
+# letters that render as nothing (Hangul fillers, Braille blank, Mongolian vowel separator)
+_BLANK_LETTERS = frozenset({0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800, 0x180E, 0x17B4, 0x17B5})
+
+
+def lookalike_key(name: str) -> str:
+    """What two names that a person would read as the same share: compatibility forms
+    folded, case folded, runs of white space as one space."""
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
 
 
 def vector_checksum(stored: bytes) -> str:
     """The `templates.checksum` of a vector blob as stored (sealed when encrypted)."""
     return hashlib.sha256(stored).hexdigest()
+
+
+def binding_checksum(identity_id: int, checksum: str) -> str:
+    """The `templates.binding` of a template: its vector checksum tied to its identity, so a
+    template moved to another person outside FaceMoE is found by `gallery check` (and left
+    out at load instead of naming the wrong person)."""
+    return hashlib.sha256(f"{int(identity_id)}:{checksum}".encode()).hexdigest()
 
 
 UNIT_TOLERANCE = 1e-3  # |norm - 1| of a stored vector beyond this means it was altered

@@ -34,11 +34,13 @@ from sqlalchemy import (
     String,
     Text,
     create_engine,
+    delete,
     event,
     insert,
     inspect,
     select,
     text,
+    update,
 )
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
@@ -53,7 +55,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.pool import StaticPool
 
 from app.fsutil import make_dirs
-from app.gallery.codec import MAX_NAME_LENGTH
+from app.gallery.codec import MAX_NAME_LENGTH, binding_checksum, lookalike_key
 from app.gallery.errors import GalleryError, one_line
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,10 @@ class TemplateRow(Base):
     # sha256 hex of `vector` as stored (`codec.vector_checksum`): a flipped bit is found by
     # `gallery check` and the template is left out at load; NULL in rows of older releases
     checksum: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # sha256 hex of `crop` as stored, and `codec.binding_checksum` (identity id + checksum):
+    # a corrupted crop and a template moved to another identity are found (migration 0003)
+    crop_checksum: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    binding: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class EventRow(Base):
@@ -145,7 +151,7 @@ class EventRow(Base):
     )
     # Added after the first release: nullable, and added to older galleries when they are
     # opened (migration 0002). `uid` is the event's own id (`Event.id`, a UUID string), unique
-    # (migration 0003): a write retried or replayed from the outbox is stored once.
+    # (migration 0004): a write retried or replayed from the outbox is stored once.
     uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     __table_args__ = (Index("ux_events_uid", "uid", unique=True),)
     time: Mapped[str | None] = mapped_column(String(40), nullable=True)  # ISO 8601, wall clock
@@ -153,6 +159,36 @@ class EventRow(Base):
     candidate: Mapped[str | None] = mapped_column(String(256), nullable=True)
     candidate_score: Mapped[float | None] = mapped_column(Float, nullable=True)
     zones: Mapped[str | None] = mapped_column(String(1024), nullable=True)  # JSON list of names
+
+
+class IdentityNameRow(Base):
+    """Every name an identity has carried (enroll, rename, merge), so an erasure finds the
+    traces that still name it by an old name. No foreign key: the rows outlive the identity
+    until its erasure has finished."""
+
+    __tablename__ = "identity_names"
+
+    identity_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH), primary_key=True, index=True)
+
+
+class ErasureRow(Base):
+    """A tombstone: an identity whose database rows are gone but whose traces outside the
+    database (JSONL lines, snapshots, retained MQTT topics) may not be erased yet. Written in
+    the transaction that deletes the rows; deleted when the erasure has finished."""
+
+    __tablename__ = "erasures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    identity_id: Mapped[int] = mapped_column(Integer, index=True)
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH))  # its name when erased
+    names: Mapped[str] = mapped_column(Text)  # JSON list: names only it carried
+    event_uids: Mapped[str] = mapped_column(Text)  # JSON list of its events' own ids
+    snapshots: Mapped[str] = mapped_column(Text)  # JSON list of its events' snapshot paths
+    events_deleted: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    last_error: Mapped[str | None] = mapped_column(String(2048), nullable=True)
 
 
 # Columns of `events` that galleries of release 0.2 lack (migration 0002 adds them on open).
@@ -250,6 +286,7 @@ def add_identities(session: Session, names: dict[str, datetime | None]) -> dict[
     ids = identity_ids(session, names)
     missing = [n for n in names if n not in ids]
     if missing:
+        refuse_lookalikes(session, missing)
         now = utcnow()
         result = session.execute(
             insert(IdentityRow).returning(IdentityRow.name, IdentityRow.id,
@@ -257,7 +294,52 @@ def add_identities(session: Session, names: dict[str, datetime | None]) -> dict[
             [{"name": n, "created_at": names[n] or now} for n in missing],
         )
         ids.update((name, iid) for name, iid in result)
+        record_names(session, {ids[n]: n for n in missing})
     return ids
+
+
+def record_names(session: Session, names: dict[int, str]) -> None:
+    """Remember that identity id carried name (`IdentityNameRow`), once each."""
+    for iid, name in names.items():
+        if session.get(IdentityNameRow, (iid, name)) is None:
+            session.add(IdentityNameRow(identity_id=iid, name=name))
+
+
+def move_names(session: Session, source: int, target: int) -> None:
+    """The names identity `source` carried now belong to `target` too (a merge)."""
+    names = session.scalars(select(IdentityNameRow.name)
+                            .where(IdentityNameRow.identity_id == source)).all()
+    for n in names:
+        if session.get(IdentityNameRow, (target, n)) is None:
+            session.add(IdentityNameRow(identity_id=target, name=n))
+    session.execute(delete(IdentityNameRow).where(IdentityNameRow.identity_id == source))
+
+
+def refuse_lookalikes(session: Session, names: list[str], *, except_id: int | None = None
+                      ) -> None:
+    """GalleryError when a new name reads the same as an enrolled one (a case variant, the
+    same letters in fullwidth ...) or as another of `names`."""
+    seen: dict[str, str] = {}
+    for iid, existing in session.execute(select(IdentityRow.id, IdentityRow.name)).all():
+        if iid != except_id:
+            seen.setdefault(lookalike_key(existing), existing)
+    for name in names:
+        other = seen.setdefault(lookalike_key(name), name)
+        if other != name:
+            raise GalleryError(f"identity name {name!r} looks like the existing {other!r}: "
+                               f"use that one, or a name that reads differently")
+
+
+def stamp_bindings(session: Session, *where) -> int:
+    """Recompute `templates.binding` of the rows matching `where` (after a change of their
+    identity or vector); returns how many."""
+    rows = session.execute(select(TemplateRow.id, TemplateRow.identity_id, TemplateRow.checksum)
+                           .where(TemplateRow.checksum.is_not(None), *where)).all()
+    if rows:
+        session.execute(update(TemplateRow), [
+            {"id": tid, "binding": binding_checksum(iid, checksum)}
+            for tid, iid, checksum in rows])
+    return len(rows)
 
 
 def template_dim(session: Session, model_name: str, model_version: str) -> int | None:
@@ -487,6 +569,8 @@ class Database:
         try:
             with self._reads.begin() as session:
                 yield session
+        except OverflowError as exc:  # an id past SQLite's 64-bit integers: nothing has it
+            raise GalleryError(f"no such item: an id is out of range ({what})") from exc
         except SQLAlchemyError as exc:
             raise GalleryError(
                 f"gallery {self.location}: {what} failed: {self._describe(exc)}"
@@ -508,6 +592,8 @@ class Database:
                 raise GalleryError(
                     f"gallery {self.location}: {what} failed: {self._describe(exc)}"
                 ) from exc
+            except OverflowError as exc:
+                raise GalleryError(f"no such item: an id is out of range ({what})") from exc
             except SQLAlchemyError as exc:
                 raise GalleryError(
                     f"gallery {self.location}: {what} failed: {self._describe(exc)}"

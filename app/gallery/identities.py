@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.gallery.audit import AuditEntry
 from app.gallery.codec import (
+    binding_checksum,
     clean_name,
     decode_crop,
     encode_crop,
@@ -36,9 +37,12 @@ from app.gallery.db import (
     TemplateRow,
     add_identities,
     as_utc,
+    record_names,
+    refuse_lookalikes,
     template_dim,
     utcnow,
 )
+from app.gallery.erasures import Erasures
 from app.gallery.errors import GalleryError, names_preview, plural
 from app.gallery.events import EventStore, StoredEvent
 from app.gallery.reembed import EmbedderLike, ReembedReport, reembed
@@ -128,7 +132,19 @@ def _prepare(e: Enrollment) -> _Prepared:
     except (TypeError, ValueError) as exc:
         raise GalleryError(f"enroll qualities must be numbers: {exc}") from exc
     jpegs = [encode_crop(c) for c in e.crops] if e.crops is not None else [None] * count
-    return _Prepared(clean, vecs, [str(s) for s in e.sources], quals, jpegs)
+    # a file name that is not UTF-8 (its bytes as surrogates) is stored with them escaped
+    sources = [str(s).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+               for s in e.sources]
+    return _Prepared(clean, vecs, sources, quals, jpegs)
+
+
+_MOVED = "belongs to another identity (moved outside FaceMoE: binding checksum mismatch)"
+
+
+def _bound(identity_id: int, checksum: str | None, binding: str | None) -> bool:
+    """Whether a template is where it was put (True for rows from before bindings)."""
+    return binding is None or checksum is None or \
+        binding_checksum(identity_id, checksum) == binding
 
 
 def _find(session: Session, name: str) -> IdentityRow:
@@ -163,6 +179,7 @@ class Gallery(Closing):
                            adopt_model=adopt_model, defer_open=defer_open)
         self.event_store = EventStore(self.store)
         self.review = Review(self.store)  # pages, clusters and edits of the review UI
+        self.erasures = Erasures(self.store)  # tombstones of erasures (app.erasure)
         self.corrupt_templates: list[CorruptTemplate] = []  # left out by the last `matrix()`
         log.debug("opened gallery %s for model %s", self.location, self.model)
 
@@ -234,13 +251,16 @@ class Gallery(Closing):
                 {
                     "identity_id": ids[name],
                     "vector": (blob := seal(vec.tobytes(), VECTOR)),
-                    "checksum": vector_checksum(blob),
+                    "checksum": (checksum := vector_checksum(blob)),
+                    "binding": binding_checksum(ids[name], checksum),
                     "dim": dim,
                     "model_name": store.model_name,
                     "model_version": store.model_version,
                     "source": source,
                     "quality": quality,
-                    "crop": seal(jpeg, CROP) if jpeg is not None and keep_crops else None,
+                    "crop": (crop := seal(jpeg, CROP) if jpeg is not None and keep_crops
+                             else None),
+                    "crop_checksum": vector_checksum(crop) if crop is not None else None,
                     "created_at": now,
                 }
                 for name, vecs, sources, quals, jpegs in prepared
@@ -306,7 +326,7 @@ class Gallery(Closing):
         """
         query = (
             select(TemplateRow.id, IdentityRow.name, TemplateRow.vector, TemplateRow.dim,
-                   TemplateRow.checksum)
+                   TemplateRow.checksum, TemplateRow.identity_id, TemplateRow.binding)
             .join(TemplateRow.identity)
             .where(TemplateRow.model_name == self.model_name)
             .where(TemplateRow.model_version == self.model_version)
@@ -314,11 +334,13 @@ class Gallery(Closing):
         )
         with self.store.db.read("read templates") as session:
             rows = session.execute(query).all()
-        dims = [dim for _, _, _, dim, _ in rows]
+        dims = [row[3] for row in rows]
         dim = max(set(dims), key=dims.count) if dims else 0  # the gallery's; others are corrupt
         names, vectors, corrupt = [], [], []
-        for tid, name, stored, row_dim, checksum in rows:
+        for tid, name, stored, row_dim, checksum, iid, binding in rows:
             vector, problem = self._verified_vector(stored, row_dim, checksum, dim)
+            if problem is None and not _bound(iid, checksum, binding):
+                vector, problem = b"", _MOVED
             if problem is None:
                 names.append(name)
                 vectors.append(vector)
@@ -354,7 +376,8 @@ class Gallery(Closing):
         dimension, finite unit vector, decodable crop of a kept size. Returns the problems."""
         query = (select(TemplateRow.id, IdentityRow.name, TemplateRow.vector, TemplateRow.dim,
                         TemplateRow.checksum, TemplateRow.crop, TemplateRow.model_name,
-                        TemplateRow.model_version)
+                        TemplateRow.model_version, TemplateRow.identity_id,
+                        TemplateRow.binding, TemplateRow.crop_checksum)
                  .join(TemplateRow.identity).order_by(TemplateRow.id))
         problems: list[CorruptTemplate] = []
         dims: dict[tuple[str, str], list[int]] = {}
@@ -366,9 +389,14 @@ class Gallery(Closing):
             model_dims = dims[(row.model_name, row.model_version)]
             dim = max(set(model_dims), key=model_dims.count)
             _, problem = self._verified_vector(row.vector, row.dim, row.checksum, dim)
+            if problem is None and not _bound(row.identity_id, row.checksum, row.binding):
+                problem = _MOVED
             if problem is not None:
                 problems.append(CorruptTemplate(row.name, row.id, problem))
-            if row.crop is not None:
+            if row.crop is not None and row.crop_checksum is not None \
+                    and vector_checksum(row.crop) != row.crop_checksum:
+                problems.append(CorruptTemplate(row.name, row.id, "crop checksum mismatch"))
+            elif row.crop is not None:
                 try:
                     decode_crop(self.store.sealer.unseal(row.crop, CROP), "crop")
                 except GalleryError as exc:
@@ -403,27 +431,18 @@ class Gallery(Closing):
     # --- changes ------------------------------------------------------------------------------
 
     def remove(self, name: str, *, compact: bool = True) -> int:
-        """Delete an identity with its templates, crops and the events that name it, then
-        compact the file so nothing of it is left behind. Returns the events deleted."""
-        store = self.store
-
-        def work(session: Session) -> tuple[str, int]:
-            identity = _find(session, name)
-            templates = session.execute(
-                delete(TemplateRow).where(TemplateRow.identity_id == identity.id)).rowcount
-            events = EventStore.delete_named(session, identity.name)
-            session.delete(identity)
-            store.audit.record(session, "remove", identity.name,
-                               f"{plural(templates, 'template')}, {plural(events, 'event')} "
-                               f"deleted")
-            store.db.bump_version(session)
-            return identity.name, events
-
-        clean, events = store.db.write(f"remove {normalise_name(name)!r}", work)
-        log.info("removed %r (and %d event(s)) from %s", clean, events, self.location)
+        """Erase a person from the gallery alone: the identity, its templates, crops and the
+        events that name it by any name it carried (`Erasures.begin`), then compact the file.
+        Returns the events deleted. The product's doors (CLI, web, API) call
+        `app.erasure.erase`, which also erases the JSONL lines, snapshots and MQTT state the
+        product wrote outside the gallery, and finishes on a rerun after a failure."""
+        tomb = self.erasures.begin(name=name)
+        self.erasures.finish(tomb)
+        log.info("removed %r (and %d event(s)) from %s", tomb.name, tomb.events_deleted,
+                 self.location)
         if compact:
             self.compact()
-        return events
+        return tomb.events_deleted
 
     def rename(self, old: str, new: str) -> None:
         """Rename an identity (past events keep the old name)."""
@@ -436,8 +455,10 @@ class Gallery(Closing):
                 return
             if session.scalar(select(IdentityRow.id).where(IdentityRow.name == clean)) is not None:
                 raise GalleryError(f"identity {clean!r} already exists")
+            refuse_lookalikes(session, [clean], except_id=identity.id)
             store.audit.record(session, "rename", identity.name, f"renamed to {clean!r}")
             identity.name = clean
+            record_names(session, {identity.id: clean})
             store.db.bump_version(session)
 
         store.db.write(f"rename {normalise_name(old)!r}", work)
@@ -453,7 +474,8 @@ class Gallery(Closing):
             deleted = 0
             if delete_existing:
                 deleted = session.execute(
-                    update(TemplateRow).where(TemplateRow.crop.is_not(None)).values(crop=None)
+                    update(TemplateRow).where(TemplateRow.crop.is_not(None))
+                    .values(crop=None, crop_checksum=None)
                 ).rowcount
             store.audit.record(session, "settings", None,
                                f"store_crops={'on' if on else 'off'}, "

@@ -15,7 +15,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.gallery.codec import decode_crop, unit_vectors, vector_checksum
-from app.gallery.db import IN_CHUNK, IdentityRow, TemplateRow
+from app.gallery.db import IN_CHUNK, IdentityRow, TemplateRow, stamp_bindings
 from app.gallery.errors import GalleryError, names_preview, plural
 from app.gallery.seal import CROP, VECTOR
 from app.gallery.store import Store
@@ -96,6 +96,8 @@ def reembed(store: Store, embedder: EmbedderLike, *, drop_missing: bool = False,
                  "model_name": embedder.model_name, "model_version": embedder.model_version}
                 for (tid, _, _), vec in zip(have, vectors, strict=True)
             ])
+            for i in range(0, len(have), IN_CHUNK):
+                stamp_bindings(session, TemplateRow.id.in_([t for t, _, _ in have[i:i + IN_CHUNK]]))
         for i in range(0, len(missing), IN_CHUNK):
             ids = [tid for tid, _ in missing[i:i + IN_CHUNK]]
             session.execute(delete(TemplateRow).where(TemplateRow.id.in_(ids)))

@@ -24,6 +24,8 @@ from app.gallery.db import (
     IdentityRow,
     TemplateRow,
     as_utc,
+    move_names,
+    stamp_bindings,
     utcnow,
 )
 from app.gallery.errors import GalleryError, plural
@@ -148,6 +150,8 @@ class Review:
 
     def event_crop_jpeg(self, event_id: int, index: int) -> bytes:
         """The `index`-th best kept crop of an event, as the stored JPEG."""
+        if int(index) < 0:
+            raise GalleryError(f"event {event_id} has no crop {index}")
         with self._store.db.read("read an event crop") as session:
             blob = session.scalar(
                 select(EventCropRow.crop).where(EventCropRow.event_id == int(event_id))
@@ -499,6 +503,8 @@ class Review:
             events = session.execute(update(EventRow).where(EventRow.identity == src_name)
                                      .values(identity=dst_name)).rowcount
             session.execute(delete(IdentityRow).where(IdentityRow.id == ids[src_name]))
+            move_names(session, ids[src_name], ids[dst_name])  # an erasure of dst finds src's
+            stamp_bindings(session, TemplateRow.identity_id == ids[dst_name])
             store.audit.record(session, "merge", dst_name,
                                f"{src_name!r} merged in: {plural(moved, 'template')}, "
                                f"{plural(events, 'event')} relabelled")

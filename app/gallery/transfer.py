@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import unicodedata
 import zipfile
 from dataclasses import dataclass, field
@@ -24,7 +25,13 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from app.fsutil import make_dirs, temp_beside
-from app.gallery.codec import clean_name, decode_crop, unit_bytes, vector_checksum
+from app.gallery.codec import (
+    binding_checksum,
+    clean_name,
+    decode_crop,
+    unit_bytes,
+    vector_checksum,
+)
 from app.gallery.db import (
     IN_CHUNK,
     IdentityRow,
@@ -297,12 +304,15 @@ def import_file(
                 seen.setdefault(ids[name], set()).add(t.vector)
                 crops_dropped += t.jpeg is not None and not keep_crops
                 blob = seal(t.vector, VECTOR)
+                crop = seal(t.jpeg, CROP) if t.jpeg and keep_crops else None
+                checksum = vector_checksum(blob)
                 rows.append({
-                    "identity_id": ids[name], "vector": blob, "checksum": vector_checksum(blob),
+                    "identity_id": ids[name], "vector": blob, "checksum": checksum,
+                    "binding": binding_checksum(ids[name], checksum),
                     "dim": len(t.vector) // 4, "model_name": store.model_name,
                     "model_version": store.model_version, "source": t.source,
-                    "quality": t.quality, "created_at": t.created_at,
-                    "crop": seal(t.jpeg, CROP) if t.jpeg and keep_crops else None,
+                    "quality": t.quality, "created_at": t.created_at, "crop": crop,
+                    "crop_checksum": vector_checksum(crop) if crop is not None else None,
                 })
         if rows:
             session.execute(insert(TemplateRow), rows)
@@ -345,37 +355,76 @@ def _existing_vectors(store: Store, session: Session,
 
 # What an import reads at most: sizes come from the zip directory and are checked before
 # anything is decompressed, then reads are bounded by them (a small file can hold a member
-# that inflates to gigabytes).
+# that inflates to gigabytes). The limits are relative to the archive: our exports store
+# vectors and crops uncompressed (a re-zipped one compresses them little), and the manifest
+# describes the other members (a few hundred bytes each; at most MANIFEST_BYTES_PER_MEMBER).
 MAX_MANIFEST_BYTES = 256 << 20
+MANIFEST_BASE_BYTES = 64 << 10
+MANIFEST_BYTES_PER_MEMBER = 8 << 10  # a 1024-character source and a 256-character name
+MAX_MANIFEST_RATIO = 100  # a JSON manifest deflates ~10x; `{},{},...` ~1000x
+MAX_MEMBER_RATIO = 4  # vectors (float32) and JPEG crops hardly compress
 MAX_VECTOR_BYTES = 4 * 8192 + 64  # float32[<= 8192], plus the AES-GCM nonce and tag
-MAX_CROP_BYTES = 4 << 20
+MAX_CROP_BYTES = 1 << 20  # a kept crop is a JPEG of at most 192 x 192 pixels (tens of KB)
 MAX_TOTAL_BYTES = 8 << 30
+MAX_MANIFEST_DEPTH = 16  # the manifest's JSON nests 5 deep
 MAX_SOURCE_LENGTH = 1024  # templates.source
 _DATES = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC))
 
 
-def _member_limit(name: str) -> int:
+def _member_limit(name: str, members: int = 0) -> int:
     if name == "manifest.json":
-        return MAX_MANIFEST_BYTES
+        return min(MAX_MANIFEST_BYTES, MANIFEST_BASE_BYTES + MANIFEST_BYTES_PER_MEMBER * members)
     return MAX_VECTOR_BYTES if name.endswith(".f32") else MAX_CROP_BYTES
 
 
-def _check_sizes(zf: zipfile.ZipFile, bad: str) -> None:
-    """Refuse members larger than their kind allows, from the zip directory alone."""
+def _check_sizes(zf: zipfile.ZipFile, bad: str) -> int:
+    """Refuse members larger than their kind allows or that inflate more than their kind
+    does, from the zip directory alone; returns the number of members besides the manifest."""
+    infos = zf.infolist()
+    members = sum(i.filename != "manifest.json" for i in infos)
     total = 0
-    for info in zf.infolist():
-        limit = _member_limit(info.filename)
+    for info in infos:
+        limit = _member_limit(info.filename, members)
         if info.file_size > limit:
             raise GalleryError(f"{bad}: member {info.filename} would unpack to "
-                               f"{info.file_size} bytes (at most {limit})")
+                               f"{info.file_size} bytes (at most {limit} in an archive of "
+                               f"{members} entries)")
+        ratio = MAX_MANIFEST_RATIO if info.filename == "manifest.json" else MAX_MEMBER_RATIO
+        if info.file_size > 4096 + ratio * info.compress_size:
+            raise GalleryError(f"{bad}: member {info.filename} would inflate "
+                               f"{info.file_size / max(1, info.compress_size):.0f} times "
+                               f"(at most {ratio})")
         total += info.file_size
     if total > MAX_TOTAL_BYTES:
         raise GalleryError(f"{bad}: it would unpack to {total} bytes (at most {MAX_TOTAL_BYTES})")
+    return members
 
 
-def _read_member(zf: zipfile.ZipFile, name: str, bad: str) -> bytes:
+def _parse_manifest(data: bytes, bad: str) -> dict:
+    """The manifest's JSON: a JSON object nested at most MAX_MANIFEST_DEPTH deep."""
+    depth = deepest = 0
+    for match in _JSON_NESTING.finditer(data):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_MANIFEST_DEPTH:
+                raise GalleryError(f"{bad}: its manifest nests deeper than "
+                                   f"{MAX_MANIFEST_DEPTH} levels")
+        elif token in (b"]", b"}"):
+            depth -= 1
+    manifest = json.loads(data)
+    if not isinstance(manifest, dict):
+        raise GalleryError(f"{bad}: its manifest is not a JSON object")
+    return manifest
+
+
+_JSON_NESTING = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, bad: str, members: int = 0) -> bytes:
     """A member's bytes, read in chunks and never beyond its kind's limit."""
-    limit = _member_limit(name)
+    limit = _member_limit(name, members)
     chunks, size = [], 0
     with zf.open(name) as fh:
         while chunk := fh.read(min(1 << 20, limit + 1 - size)):
@@ -417,8 +466,8 @@ def _read_export(sealer: Sealer, src: Path
     bad = f"export {src} is not a valid FaceMoE gallery export"
     try:
         with zipfile.ZipFile(src) as zf:
-            _check_sizes(zf, bad)
-            manifest = json.loads(_read_member(zf, "manifest.json", bad))
+            members = _check_sizes(zf, bad)
+            manifest = _parse_manifest(_read_member(zf, "manifest.json", bad, members), bad)
             if manifest.get("format") != EXPORT_FORMAT:
                 raise GalleryError(f"{bad}: unknown format {manifest.get('format')!r}")
             if manifest.get("format_version") != EXPORT_VERSION:

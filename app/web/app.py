@@ -3,9 +3,13 @@ builds it from the app config the way the CLI builds its services."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
+import socket
 import threading
 from collections.abc import Callable
+from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -14,13 +18,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.config import AppConfig
-from app.web.auth import Authenticator
+from app.web.auth import COOKIE, AuthConfigError, Authenticator
 from app.web.context import WebContext
 from app.web.deps import NotAuthenticated, http_error, user_errors
+from app.web.guard import HostGuard, json_answer
 from app.web.routers import cameras, clusters, events, identities, pages, recognize
 
 log = logging.getLogger(__name__)
@@ -35,41 +41,91 @@ _HEADERS = [
 ]
 
 
-class BodyLimit:
-    """Refuses request bodies over `limit` bytes (413) and bodies of unknown length (411)
-    before anything reads them; adds the security headers to every answer."""
+LOGIN_BODY_LIMIT = 2**16  # what a request without credentials may send (the login form)
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+
+class BodyLimit:
+    """Guards request bodies before anything reads them: over `limit` bytes -> 413 with the
+    size, of unknown length -> 411, a body from a client without credentials (when some are
+    required) -> 401, or over `LOGIN_BODY_LIMIT` on /login -> 413; a body that stops arriving
+    for `timeout_s` -> 408. Adds the security headers to every answer."""
+
+    def __init__(self, app: ASGIApp, limit: int, auth: Authenticator,
+                 timeout_s: float = 30.0) -> None:
+        self.app, self.limit, self.auth, self.timeout_s = app, limit, auth, timeout_s
+
+    def _refusal(self, scope: Scope, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
+        length = headers.get(b"content-length")
+        if length is None:
+            return (411, "a Content-Length is required") if headers.get(b"transfer-encoding") \
+                else None
+        if not length.isdigit():
+            return 400, "bad Content-Length"
+        size = int(length)
+        login = scope["path"] == "/login"
+        limit = LOGIN_BODY_LIMIT if login else self.limit
+        if size > limit:
+            return 413, (f"request body of {size / 2**20:.1f} MiB is over the limit of "
+                         f"{limit / 2**20:.1f} MiB")
+        if self.auth.required and not login and size and not self._credentials(headers):
+            return 401, "authentication required"
+        return None
+
+    def _credentials(self, headers: dict[bytes, bytes]) -> bool:
+        """A valid bearer token or session cookie (checked again by the route)."""
+        bearer = headers.get(b"authorization", b"").decode("latin-1")
+        if bearer.lower().startswith("bearer "):
+            return self.auth.check_token(bearer[7:].strip())
+        cookies = SimpleCookie()
+        try:
+            cookies.load(headers.get(b"cookie", b"").decode("latin-1"))
+        except CookieError:
+            return False
+        morsel = cookies.get(COOKIE)
+        return morsel is not None and self.auth.read_session(morsel.value) is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if scope["method"] in ("POST", "PUT", "PATCH"):
-            length = headers.get(b"content-length")
-            if length is None and headers.get(b"transfer-encoding"):
-                await _plain(send, 411, "a Content-Length is required")
+        if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            refusal = self._refusal(scope, headers)
+            if refusal is not None:
+                extra = [(b"www-authenticate", b"Bearer")] if refusal[0] == 401 else []
+                await json_answer(send, *refusal, [*extra, *_HEADERS])
                 return
-            if length is not None and (not length.isdigit() or int(length) > self.limit):
-                await _plain(send, 413, f"request body over {self.limit // 2**20} MiB")
-                return
+        state = {"started": False, "answered": False, "body_done": scope["method"] in
+                 ("GET", "HEAD", "OPTIONS")}
 
-        async def send_with_headers(message: dict) -> None:
+        async def timed_receive() -> Message:
+            if state["body_done"]:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                if not state["started"]:
+                    state["answered"] = True
+                    await json_answer(send, 408, f"the request body stopped arriving for "
+                                                 f"{self.timeout_s:g} s", list(_HEADERS))
+                return {"type": "http.disconnect"}
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                state["body_done"] = True
+            return message
+
+        async def send_with_headers(message: Message) -> None:
+            if state["answered"]:
+                return
             if message["type"] == "http.response.start":
+                state["started"] = True
                 message["headers"] = list(message.get("headers", [])) + _HEADERS
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
-
-
-async def _plain(send: Send, status: int, text: str) -> None:
-    body = f'{{"detail": "{text}"}}'.encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+        try:
+            await self.app(scope, timed_receive, send_with_headers)
+        except ClientDisconnect:
+            if not state["answered"]:
+                raise
 
 
 def create_app(ctx: WebContext) -> FastAPI:
@@ -107,7 +163,12 @@ def create_app(ctx: WebContext) -> FastAPI:
 
     for error in user_errors():
         app.add_exception_handler(error, _user_error)
-    app.add_middleware(BodyLimit, limit=ctx.max_upload_bytes * 4 + 2**16)
+    web = ctx.cfg.web
+    app.add_middleware(BodyLimit, limit=ctx.max_upload_bytes * 4 + 2**16, auth=ctx.auth,
+                       timeout_s=web.body_timeout_s)
+    # outermost: a request for another host name is refused before anything else runs
+    app.add_middleware(HostGuard, allowed=web.allowed_hosts, bind_host=ctx.auth.host,
+                       check_origin=not ctx.auth.required)
     return app
 
 
@@ -123,6 +184,36 @@ def build_context(cfg: AppConfig, gallery_path: str | None = None, *, host: str 
                       auth, cameras)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port; AuthConfigError (one line) when it cannot be had,
+    e.g. the port is in use, before any model is loaded."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise AuthConfigError(f"cannot serve on {host}:{port}: {exc.strerror}") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        why = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise AuthConfigError(f"cannot serve on {host}:{port}: {why}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def uvicorn_config(app: FastAPI, **kwargs: Any):
+    """uvicorn's settings for the app: X-Forwarded-For is left to the app, which trusts it
+    only from `web.trusted_proxies` (uvicorn would take it from any loopback peer)."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_level="warning", access_log=False, proxy_headers=False,
+                          **kwargs)
+
+
 def serve(cfg: AppConfig, gallery_path: str | None = None, host: str | None = None,
           port: int | None = None) -> int:
     """`facemoe serve`: run the app with uvicorn until interrupted."""
@@ -130,7 +221,13 @@ def serve(cfg: AppConfig, gallery_path: str | None = None, host: str | None = No
 
     host = host or cfg.web.host
     port = cfg.web.port if port is None else port
-    ctx = build_context(cfg, gallery_path, host=host)
+    Authenticator(cfg.web, host)  # a bad set-up is refused before the port is taken
+    sock = listen(host, port)
+    try:
+        ctx = build_context(cfg, gallery_path, host=host)
+    except BaseException:
+        sock.close()
+        raise
     if not ctx.auth.required:
         log.warning("no web users or tokens configured: anyone on this machine can use "
                     "http://%s:%d/", host, port)
@@ -139,9 +236,9 @@ def serve(cfg: AppConfig, gallery_path: str | None = None, host: str | None = No
     stop = threading.Event()
     ctx.start_refresher(stop)
     try:
-        uvicorn.run(create_app(ctx), host=host, port=port, log_level="warning",
-                    access_log=False)
+        uvicorn.Server(uvicorn_config(create_app(ctx))).run(sockets=[sock])
     finally:
         stop.set()
         ctx.gallery.close()
+        sock.close()
     return 0

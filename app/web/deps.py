@@ -3,10 +3,12 @@ and the mapping of service errors onto HTTP answers."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
 
 from app.faces import UPLOAD_MAX_PIXELS, FaceError, decode_image
 from app.gallery import GalleryError
@@ -64,12 +66,24 @@ async def writer(request: Request) -> User:
     return user
 
 
+_DECODES = asyncio.Semaphore(2)  # images decoded at once (each up to 40 MP: ~120 MB)
+
+
 async def read_upload(ctx: WebContext, upload: UploadFile, what: str):
-    """Decode an uploaded image within the size and pixel limits (FaceError otherwise)."""
-    limit = ctx.max_upload_bytes
+    """Decode an uploaded image within the size and pixel limits, off the event loop (413
+    with its size when too large, FaceError for what is not an acceptable image)."""
+    limit, label = ctx.max_upload_bytes, f"{what} ({upload.filename or 'upload'})"
     data = await upload.read(limit + 1)
-    return decode_image(data, f"{what} ({upload.filename or 'upload'})", max_bytes=limit,
-                        max_pixels=UPLOAD_MAX_PIXELS, known_formats=True)
+    if len(data) > limit:
+        size = max(upload.size or 0, len(data))
+        raise HTTPException(413, f"{label} is {_mib(size)}; at most {_mib(limit)} is accepted")
+    async with _DECODES:
+        return await run_in_threadpool(decode_image, data, label, max_bytes=limit,
+                                       max_pixels=UPLOAD_MAX_PIXELS, known_formats=True)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n < 10 * 2**20 else f"{n / 2**20:.1f} MiB"
 
 
 def http_error(exc: Exception) -> HTTPException:

@@ -136,6 +136,10 @@ class IdentityDetail(IdentityOut):
 class Removed(BaseModel):
     removed: str
     events_deleted: int
+    jsonl_lines_removed: int = 0
+    snapshots_deleted: int = 0
+    unfinished: bool = False  # some trace could not be erased: delete again to finish
+    errors: list[str] = []
 
 
 class CandidateOut(BaseModel):

@@ -1,5 +1,5 @@
 """`/api/identities` and `/api/templates`: the gallery: list, enroll from photos, rename,
-merge, delete (with the CLI's erasure), templates and their photos."""
+merge, delete (`app.erasure`, as the CLI), templates and their photos."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.enroll import EnrollReport, enroll, faces_from_array
+from app.erasure import Outputs, erase
 from app.gallery.audit import acting_as
 from app.gallery.review import IdentityRowInfo
 from app.web.auth import User
@@ -102,10 +103,12 @@ def rename_identity(identity_id: int, body: RenameRequest, ctx: WebContext = Dep
                summary="Delete an identity with its templates, crops and events (erasure)")
 def delete_identity(identity_id: int, ctx: WebContext = Depends(get_ctx),
                     user: User = Depends(writer)) -> Removed:
-    name = ctx.gallery.review.identity(identity_id).name
     with acting_as(user.audit_name):
-        events = ctx.gallery.remove(name)
-    return Removed(removed=name, events_deleted=events)
+        r = erase(ctx.gallery, Outputs.of(ctx.cfg), identity_id=identity_id)
+    return Removed(removed=r.removed, events_deleted=r.events_deleted,
+                   jsonl_lines_removed=r.jsonl_lines_removed,
+                   snapshots_deleted=len(r.snapshots_deleted), unfinished=r.unfinished,
+                   errors=r.errors)
 
 
 @router.post("/api/identities/{identity_id}/merge", response_model=IdentityOut,

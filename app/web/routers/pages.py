@@ -14,9 +14,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from app import __version__
+from app.erasure import Outputs, erase
 from app.gallery.audit import acting_as
 from app.gallery.review import EventFilter
-from app.web.auth import COOKIE, User
+from app.web.auth import COOKIE, LoginRefused, User
 from app.web.context import WebContext
 from app.web.deps import current_user, get_ctx, same_site, user_errors, writer
 from app.web.routers.clusters import list_clusters
@@ -68,28 +69,29 @@ def login(request: Request, username: str = Form(""), password: str = Form(""),
     ctx = get_ctx(request)
     if not same_site(request):
         raise HTTPException(403, "cross-site login refused")
-    client = request.client.host if request.client else "?"
-    wait = ctx.auth.login_wait(client)
-    if wait > 0:
-        response = page(request, "login.html", None, next=next,
-                        error=f"too many failed logins: try again in {wait / 60:.0f} min")
+    client = ctx.auth.client_address(request.client.host if request.client else None,
+                                     request.headers.get("x-forwarded-for"))
+    try:
+        cookie = ctx.auth.login(username, password, client)
+    except LoginRefused as exc:
+        response = page(request, "login.html", None, next=next, error=str(exc))
         response.status_code = 429
         return response
-    if not ctx.auth.check_password(username, password):
-        ctx.auth.login_failed(client)
+    if cookie is None:
         log.warning("failed web login for %r from %s", username, client)
         response = page(request, "login.html", None, next=next,
                         error="wrong user name or password")
         response.status_code = 401
         return response
     response = RedirectResponse(_local(next), status_code=303)
-    response.set_cookie(COOKIE, ctx.auth.new_session(username), httponly=True, samesite="strict",
+    response.set_cookie(COOKIE, cookie, httponly=True, samesite="strict",
                         max_age=int(ctx.auth.session_s), secure=request.url.scheme == "https")
     return response
 
 
 @router.post("/logout")
-def logout(_user: User = Depends(writer)) -> Response:
+def logout(request: Request, _user: User = Depends(writer)) -> Response:
+    get_ctx(request).auth.end_session(request.cookies.get(COOKIE))  # refused from now on
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE)
     return response
@@ -316,11 +318,14 @@ def delete_page(identity_id: int, confirm: str = Form(""), user: User = Depends(
             return back(f"/gallery/{identity_id}/delete",
                         error="type the name exactly to confirm the deletion")
         with acting_as(user.audit_name):
-            events = ctx.gallery.remove(name)
+            erased = erase(ctx.gallery, Outputs.of(ctx.cfg), identity_id=identity_id)
     except user_errors() as exc:
         return back("/gallery", error=_one_line(exc))
+    if erased.unfinished:
+        return back("/gallery", error=f"deleted {name}, but not everything was erased "
+                    f"({erased.errors[0]}): delete again to finish (facemoe gallery remove)")
     return back("/gallery", msg=f"deleted {name} with its templates, crops and "
-                f"{events} event(s)")
+                f"{erased.events_deleted} event(s)")
 
 
 @router.post("/templates/{template_id}/delete")

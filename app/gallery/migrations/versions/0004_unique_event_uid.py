@@ -4,8 +4,8 @@ inserts with ON CONFLICT DO NOTHING). Copies of one event stored before (the sam
 several rows: none are expected, ids were random) keep the oldest row; the later copies and
 their crops and embeddings are deleted first.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

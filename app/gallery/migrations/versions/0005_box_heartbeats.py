@@ -1,8 +1,8 @@
 """The `boxes` table: each daemon's heartbeat (box, started and last seen, state, its cameras'
 counters as JSON), for the fleet view of a site of several boxes on one database.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
