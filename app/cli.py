@@ -202,8 +202,10 @@ def cmd_process(args: argparse.Namespace) -> int:
         )
     payload = summary.as_json()
     lines = [
-        f"{e.camera} track {e.track_id}: {e.identity or 'unknown'} ({e.score:.3f}) "
-        f"{e.start:.2f}-{e.end:.2f}s, {e.frames} frames"
+        f"{e.camera} track {e.track_id}: "
+        + (f"{e.identity} ({e.score:.3f})" if e.identity else
+           f"unknown (nearest {e.candidate} {e.score:.3f})" if e.candidate else "unknown")
+        + f" {e.start:.2f}-{e.end:.2f}s, {e.frames} frames"
         for e in summary.events
     ]
     lines.append(
@@ -425,6 +427,16 @@ def cmd_import(args: argparse.Namespace) -> int:
         try:
             path = import_dlib(out, args.dat, architecture=args.architecture, name=args.name)
         except (DlibFormatError, KeyError, ValueError) as e:
+            raise UserError(str(e)) from e
+    elif args.source == "sface":
+        from trainer.importers.sface import import_sface_torch
+
+        # not models/sface: that is install.sh's ONNX-only artifact of the same file
+        default = "sface-torch" if args.architecture == "sface" else args.architecture
+        out = args.out or f"models/{default}"
+        try:
+            path = import_sface_torch(out, args.src, architecture=args.architecture, name=args.name)
+        except (OSError, ValueError) as e:
             raise UserError(str(e)) from e
     else:
         from trainer.importers.onnx_model import OnnxImportError, import_onnx
@@ -757,7 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("gallery", help="manage the gallery: list, remove, export, import, ...")
     gsub = sp.add_subparsers(dest="action", required=True)
-    g = gsub.add_parser("list")
+    g = gsub.add_parser("list", help="every identity with its template count")
     common(g)
     g = gsub.add_parser("remove", help="delete a person: templates, crops, stored events, and "
                         "their lines in the configured JSONL files and their snapshots")
@@ -766,9 +778,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another events JSONL file to erase the person from (e.g. one written "
                         "by `process --events`); repeatable")
     common(g)
-    g = gsub.add_parser("rename")
-    g.add_argument("name")
-    g.add_argument("new_name")
+    g = gsub.add_parser("rename", help="rename a person (past events keep the old name)")
+    g.add_argument("name", help="the current name")
+    g.add_argument("new_name", help="the new name (must not exist yet)")
     common(g)
     add_gallery_actions(gsub, common)
     sp.set_defaults(func=cmd_gallery)
@@ -778,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--events", help="append events as JSON lines to this file")
     sp.add_argument("--annotate", help="write the video with boxes, track ids and names (mp4)")
     sp.add_argument("--camera", help="camera name in events (default: the file name)")
-    sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     sp.add_argument("--validate-config", action="store_true", help="check the config and exit")
     sp.add_argument(
         "--allow-empty-gallery",
@@ -873,6 +885,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="dlib-resnet-v1 (as is) or facemoe-r29 (FaceMoE blocks added, equal at step 0)",
     )
     i.add_argument("--out", help="artifact directory (default models/ARCHITECTURE)")
+    i.add_argument("--name")
+    i.add_argument("--json", action="store_true")
+    i = isub.add_parser("sface", help="OpenCV Zoo's SFace (Apache-2.0) in PyTorch, optionally "
+                        "upcycled, for fine-tuning")
+    i.add_argument("--src", help="face_recognition_sface_2021dec.onnx (default: the installed one)")
+    i.add_argument(
+        "--architecture", default="sface", choices=("sface", "facemoe-sface"),
+        help="sface (as is) or facemoe-sface (FaceMoE blocks added, equal at step 0)",
+    )
+    i.add_argument("--out", help="artifact directory (default models/sface-torch or "
+                                 "models/facemoe-sface)")
     i.add_argument("--name")
     i.add_argument("--json", action="store_true")
     i = isub.add_parser("onnx", help="any ONNX face embedder (e.g. SFace, an ArcFace model)")

@@ -480,6 +480,17 @@ class WebUser(_Strict):
     )
 
 
+class WebApiKey(_Strict):
+    """A key of the CompreFace-compatible API (`x-api-key` header on /api/v1/...), kept as a
+    hash; `read_only` keys recognise, verify, detect and list, but change nothing."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    key_hash: str = Field(
+        pattern=r"^sha256\$[0-9a-f]{64}$", description="`facemoe serve --hash-token` prints one"
+    )
+    read_only: bool = False
+
+
 class WebConfig(_Strict):
     """`facemoe serve` (and the daemon with `daemon.web: true`): the review UI and REST API.
 
@@ -493,6 +504,9 @@ class WebConfig(_Strict):
     token_hashes: list[str] = Field(
         default_factory=list, description="bearer tokens, as `facemoe serve --hash-token` prints"
     )
+    api_keys: list[WebApiKey] = Field(
+        default_factory=list, description="keys of the CompreFace-compatible API (/api/v1)"
+    )
     session_hours: float = Field(12.0, gt=0, description="a login lasts this long")
     max_upload_mb: float = Field(10.0, gt=0, le=100, description="largest accepted image")
     cluster_threshold: float | None = Field(
@@ -501,6 +515,15 @@ class WebConfig(_Strict):
         "higher splits one person into more clusters, lower merges different people",
     )
     page_size: int = Field(48, ge=1, le=500)
+    timezone: str | None = Field(
+        None, description="IANA zone the pages show times in and read filter times without an "
+        "offset in (e.g. Europe/Paris); default the machine's"
+    )
+    refresh_s: float = Field(
+        30.0, ge=0,
+        description="group new unknown events in the background this often (0: only when the "
+        "unknown-faces page loads); faster pages, a little CPU while cameras run",
+    )
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="host names (Host header) the server answers besides loopback names, IP "
@@ -525,25 +548,35 @@ class WebConfig(_Strict):
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or network") from None
         return v
-    refresh_s: float = Field(
-        30.0, ge=0,
-        description="group new unknown events in the background this often (0: only when the "
-        "unknown-faces page loads); faster pages, a little CPU while cameras run",
-    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str | None) -> str | None:
+        if v:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(v)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {v!r} (an IANA name such as Europe/Paris)"
+                                 ) from None
+        return v
 
 
 class AppConfig(_Strict):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    # validate_default: a section the file leaves out gets its relative paths resolved too
+    # (app.paths), not left relative to the working directory
+    model: ModelConfig = Field(default_factory=ModelConfig, validate_default=True)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig, validate_default=True)
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
     embed: EmbedPolicy = Field(default_factory=EmbedPolicy)
     matching: MatchConfig = Field(default_factory=MatchConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
-    gallery: GalleryConfig = Field(default_factory=GalleryConfig)
+    gallery: GalleryConfig = Field(default_factory=GalleryConfig, validate_default=True)
     enroll: EnrollConfig = Field(default_factory=EnrollConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     cameras: list[CameraConfig] = Field(default_factory=list)
-    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig, validate_default=True)
     web: WebConfig = Field(default_factory=WebConfig)
 
     @field_validator("model")

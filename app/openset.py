@@ -18,6 +18,7 @@ give one fixed threshold, as before.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -36,12 +37,18 @@ def face_px(iod: float) -> float:
     return float(iod) * ARCFACE_112.size / _IOD_112
 
 
+@lru_cache(maxsize=4096)
+def _margin(rule: OpenSet, identities: int, px: int | None) -> float:
+    return margin_for(rule.calibration, rule.rate / 2, identities, rule.floor, px)
+
+
 @dataclass(frozen=True)
 class OpenSet:
     """`fixed`: one threshold for everything; else `calibration` (the manifest's) at `rate`."""
 
     fixed: float | None = None
-    calibration: dict[str, Any] | None = field(default=None, repr=False)
+    calibration: dict[str, Any] | None = field(default=None, repr=False, hash=False,
+                                               compare=False)
     rate: float = 1e-3
 
     def __post_init__(self) -> None:
@@ -67,10 +74,11 @@ class OpenSet:
 
     def margin(self, identities: int, px: float | None = None) -> float:
         """The lead over the second-best person with which a score of at least `floor` names
-        (inf: no margin rule, as with a fixed threshold or a gallery of one person)."""
+        (inf: no margin rule, as with a fixed threshold or a gallery of one person). Computed
+        at the face resolution rounded to 4 px (it moves by thousandths between them)."""
         if self.fixed is not None or identities < 2:
             return float("inf")
-        return margin_for(self.calibration, self.rate / 2, identities, self.floor, px)
+        return _margin(self, identities, None if px is None else 4 * max(1, round(px / 4)))
 
     def describe(self, identities: int) -> str:
         """One line for logs and --json summaries."""

@@ -107,11 +107,14 @@ class Recognizer:
             out.append([Candidate(n, s) for n, s in seen.items()])
         return out
 
-    def faces(self, image: np.ndarray) -> tuple[list, np.ndarray]:
-        """Detections (largest first) and their unit embeddings float32[N, D]."""
+    def faces(self, image: np.ndarray, *, min_score: float = 0.0,
+              limit: int = 0) -> tuple[list, np.ndarray]:
+        """Detections (largest first) and their unit embeddings float32[N, D]; only faces whose
+        detector score reaches `min_score`, and only the `limit` largest (0: all)."""
         with self.model_lock:
             dets = sorted(detect_faces(self.detector, image),
                           key=lambda d: -float(d.bbox[2] * d.bbox[3]))
+            dets = [d for d in dets if float(d.score) >= min_score][:limit or None]
             crops = [align_face(image, d.landmarks, STORE) for d in dets]
             vecs = self.embedder.embed_kept(crops) if crops else np.zeros((0, self.embedder.dim))
         vecs = np.asarray(vecs, np.float32)

@@ -118,3 +118,60 @@ def test_identity_pages_templates_and_merge(location: str) -> None:
             r.merge_identities("ada", "cy")
         actions = [x.action for x in g.audit()]
         assert "delete_template" in actions and "merge" in actions
+
+
+def test_corrections_and_the_face_collection(location: str) -> None:
+    from app.gallery.collection import FaceCollection
+    from app.gallery.corrections import Corrections, Relabel
+
+    rng = np.random.default_rng(2)
+    with _gallery(location) as g:
+        fix, faces = Corrections(g.store), FaceCollection(g.store)
+        named, _ = g.review.events(EventFilter(identity="ada"), limit=50)
+        first, second = named[0].id, named[1].id
+        g.enroll("ada", unit(rng, 1), [f"event {first}: camera cam0 track 0 crop 0"], [0.9])
+        with acting_as("ops (web)"):
+            assert fix.relabel(first, "bob") == ("ada", 1)  # its template leaves ada
+            assert fix.rejected([first, second]) == {first: {"ada"}}
+            assert fix.not_person(first) == ("bob", 0)
+            assert g.review.event(first).event.identity is None
+            assert fix.rejected([first]) == {first: {"ada", "bob"}}
+            with pytest.raises(GalleryError, match="is unknown: say which person"):
+                fix.not_person(first)
+            with pytest.raises(GalleryError, match="no such identity: 'zed'"):
+                fix.relabel(first, "zed")
+            assert fix.apply({second: Relabel(None, 0.41, "bob", 0.41)}) == 1
+            stored = g.review.event(second).event
+            assert (stored.identity, stored.candidate) == (None, "bob")
+            assert stored.candidate_score == pytest.approx(0.41)
+            assert fix.delete([first, second]) == 2
+            with pytest.raises(GalleryError, match=f"no event {first}"):
+                fix.delete([first])
+        assert fix.rejected([first]) == {}
+        # case-insensitive identity filter, and the page of newer events
+        assert g.review.events(EventFilter(identity="ADA"), limit=50)[1] == 3
+        page, _ = g.review.events(EventFilter(), limit=3)
+        older, _ = g.review.events(EventFilter(), before=page[-1].id, limit=3)
+        newer, _ = g.review.events(EventFilter(), after=older[0].id, limit=3)
+        assert [e.id for e in newer] == [e.id for e in page]
+        # the face collection: templates by id, subjects without faces
+        listed, total = faces.faces(limit=4)
+        assert total == 6 and len(listed) == 4 and listed[0].subject == "ada"
+        ref, vec = faces.vector(listed[0].id)
+        assert ref == listed[0] and abs(float(np.linalg.norm(vec)) - 1) < 1e-5
+        assert faces.faces(subject="bob")[1] == 2
+        assert faces.newest("bob").id == max(f.id for f in faces.faces(subject="bob")[0])
+        with acting_as("ops (web)"):
+            assert faces.add_subject(" dee ") == "dee"
+            with pytest.raises(GalleryError, match="already exists"):
+                faces.add_subject("dee")
+            assert faces.delete_faces("bob") == 2
+        assert {i.name: i.templates for i in g.identities()} == {"ada": 2, "bob": 0, "cy": 2,
+                                                                 "dee": 0}
+        with pytest.raises(GalleryError, match="'dee' has no face"):
+            faces.newest("dee")
+        with pytest.raises(GalleryError, match="no face with id"):
+            faces.vector(10_000)
+        actions = {x.action for x in g.audit() if x.user == "ops (web)"}
+        assert actions == {"relabel", "not_person", "reprocess", "delete_events", "add_identity",
+                           "delete_templates"}

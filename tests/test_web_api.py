@@ -95,7 +95,7 @@ def test_events_newest_first_with_filters_pages_and_crops(db: Path, models) -> N
     c = make_client(db, models)
     page = c.get("/api/events", params={"limit": 500}).json()
     events = page["events"]
-    assert page["total"] == len(events) >= 15
+    assert page["total"] == len(events) >= 10  # 13 with SFace and the quality gate, 17 with dlib
     assert [e["id"] for e in events] == sorted((e["id"] for e in events), reverse=True)
     cams = {e["camera"] for e in events}
     assert cams == {"short_hamilton_clip", "intel_face-demographics-walking"}

@@ -64,14 +64,27 @@ def shots() -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, data_dir: Path) -> Iterator[tuple[str, WebContext]]:
     """`facemoe serve`'s app under uvicorn on a free loopback port, with a password."""
+    yield from _serve(tmp_path_factory.mktemp("browser"), data_dir)
+
+
+@pytest.fixture(scope="module")
+def loose_server(tmp_path_factory, data_dir: Path) -> Iterator[tuple[str, WebContext]]:
+    """The same with a loose grouping threshold (half the match threshold): groups hold more
+    than one person."""
+    yield from _serve(tmp_path_factory.mktemp("loose"), data_dir, loose=True)
+
+
+def _serve(tmp: Path, data_dir: Path, *, loose: bool = False
+           ) -> Iterator[tuple[str, WebContext]]:
     import uvicorn
 
     os.environ.pop("FACEMOE_GALLERY_KEY", None)
     os.environ.pop("FACEMOE_GALLERY_KEY_FILE", None)
-    db = build_gallery(tmp_path_factory.mktemp("browser") / "gallery.db", data_dir / "videos")
+    db = build_gallery(tmp / "gallery.db", data_dir / "videos")
     cfg = load_config(None)
-    cfg = cfg.model_copy(update={"web": WebConfig()})
     embedder = make_embedder(cfg)
+    web = WebConfig(cluster_threshold=round(0.5 * threshold(cfg, embedder), 3) if loose else None)
+    cfg = cfg.model_copy(update={"web": web})
     ctx = WebContext(cfg, open_gallery(db, embedder), make_detector(cfg), embedder,
                      threshold(cfg, embedder),
                      Authenticator(cfg.web, "127.0.0.1", env={"FACEMOE_WEB_PASSWORD": PASSWORD}))
@@ -178,3 +191,67 @@ def test_review_ui_in_chromium(browser, server, shots: Path, data_dir: Path,
     browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     assert len(list(shots.glob("*.png"))) >= 11
     shutil.copy(shots / "clusters.png", tmp_path / "clusters.png")
+
+
+def test_corrections_and_groups_in_chromium(browser, loose_server, shots: Path) -> None:
+    """Merge a group by picking it, name a group that holds a face of someone else (that face's
+    event stays unknown), then "not this person", relabel and delete an event."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    base, ctx = loose_server
+    browser.delete_all_cookies()
+    _login(browser, base, PASSWORD)
+    WebDriverWait(browser, 120).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "section.cluster"))
+    review = ctx.gallery.review
+    target = close_up([e.as_json() for e in ctx.gallery.stored_events()])
+    cluster = review.embeddings([target["id"]], ctx.review.model)[target["id"]][1]
+    # merge: another group is picked from a list, most similar first, not typed by number
+    card = browser.find_element(By.ID, f"cluster-{cluster}")
+    pick = Select(card.find_element(By.CSS_SELECTOR, "select[name=other]"))
+    other = int(pick.options[0].get_attribute("value"))
+    pick.select_by_index(0)
+    card.find_element(By.CSS_SELECTOR, "form[action$='/merge'] button").click()
+    assert f"cluster {other} merged into {cluster}" in browser.find_element(By.ID, "msg").text
+    members = review.cluster_events(cluster)
+    card = browser.find_element(By.ID, f"cluster-{cluster}")
+    card.find_element(By.CSS_SELECTOR, "input[name=name]").send_keys(LIN)
+    card.find_element(By.CSS_SELECTOR, ".name-form button").click()
+    msg = browser.find_element(By.ID, "msg").text
+    assert f"cluster {cluster} is {LIN}" in msg and "left unknown" in msg, msg
+    names = {e: review.event(e).event.identity for e in members}
+    left = [e for e, n in names.items() if n is None]
+    assert left and target["id"] not in left and names[target["id"]] == LIN
+    browser.get(f"{base}/events/{left[0]}")
+    assert "unknown" in browser.find_element(By.TAG_NAME, "main").text
+
+    # "not this person" on a named event, then relabel it, then delete it
+    named = next(e for e, n in names.items() if n == LIN and e != target["id"])
+    browser.get(f"{base}/events/{named}")
+    browser.find_element(By.CSS_SELECTOR, "#not-person button").click()
+    assert f"is not {LIN}" in browser.find_element(By.ID, "msg").text
+    assert review.event(named).event.identity is None
+    assert not browser.find_elements(By.ID, "not-person")
+    browser.save_screenshot(str(shots / "event-corrected.png"))
+    form = browser.find_element(By.ID, "relabel-event")
+    form.find_element(By.NAME, "name").send_keys(LIN)
+    form.find_element(By.TAG_NAME, "button").click()
+    assert f"unknown → {LIN}" in browser.find_element(By.ID, "msg").text
+    assert review.event(named).event.identity == LIN
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
+    browser.get(f"{base}/events/{named}")
+    width = browser.execute_script("return document.documentElement.scrollWidth")
+    assert width <= 390, f"an event page scrolls sideways on a phone ({width} px)"
+    browser.save_screenshot(str(shots / "phone-event.png"))
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    form = browser.find_element(By.ID, "delete-event")
+    form.find_element(By.NAME, "confirm").click()
+    form.find_element(By.TAG_NAME, "button").click()
+    assert browser.current_url.split("?")[0].endswith("/events")
+    assert f"event {named} deleted" in browser.find_element(By.ID, "msg").text
+    browser.get(f"{base}/events/{named}")
+    assert f"no event {named}" in browser.find_element(By.ID, "error").text
+    actions = [a.action for a in ctx.gallery.audit()]
+    assert {"not_person", "relabel", "delete_events"} <= set(actions)

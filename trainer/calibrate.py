@@ -156,11 +156,21 @@ def stranger_margin_rate(calibration: dict[str, Any], identities: int, floor: fl
 
 def margin_for(calibration: dict[str, Any], rate: float, identities: int, floor: float,
                face_px: float | None = None) -> float:
-    """The smallest lead over the second-best person (0.005 steps) for which the margin rule
-    names strangers at most at `rate` (inf when even the largest does not)."""
+    """The smallest lead over the second-best person (to 0.005) for which the margin rule
+    names strangers at most at `rate` (inf when even a lead of 0.6 does not). Bisection: the
+    rate falls as the margin grows."""
     if identities < 2:
         return float("inf")
-    for m in np.arange(0.0, 0.6, 0.005):
-        if stranger_margin_rate(calibration, identities, floor, float(m), face_px) <= rate:
-            return round(float(m), 3)
-    return float("inf")
+
+    def ok(m: float) -> bool:
+        return stranger_margin_rate(calibration, identities, floor, m, face_px) <= rate
+
+    lo, hi = 0.0, 0.6
+    if not ok(hi):
+        return float("inf")
+    if ok(lo):
+        return 0.0
+    while hi - lo > 0.005:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return round(hi, 3)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.gallery.codec import clean_name, normalise_name
@@ -95,8 +95,10 @@ class Review:
         q = select(EventRow)
         if f.camera:
             q = q.where(EventRow.camera == f.camera)
-        if f.identity:
-            q = q.where(EventRow.identity == normalise_name(f.identity))
+        if f.identity:  # any case: the enrolled names that match it, or the name as given
+            wanted = normalise_name(f.identity).strip()
+            known = select(IdentityRow.name).where(func.lower(IdentityRow.name) == wanted.lower())
+            q = q.where(or_(EventRow.identity == wanted, EventRow.identity.in_(known)))
         if f.unknown:
             q = q.where(EventRow.identity.is_(None))
         if f.since is not None:
@@ -109,15 +111,22 @@ class Review:
         return q
 
     def events(self, f: EventFilter, *, before: int | None = None, limit: int = 50,
-               count: bool = True) -> tuple[list[StoredEvent], int | None]:
+               count: bool = True, after: int | None = None
+               ) -> tuple[list[StoredEvent], int | None]:
         """Newest first: a page of up to `limit` events with ids below `before` (keyset
-        pagination), and how many events match the filter (None without `count`)."""
+        pagination), or the `limit` oldest with ids above `after` (the newer page), and how
+        many events match the filter (None without `count`)."""
         q = self._event_query(f)
         if before is not None:
             q = q.where(EventRow.id < before)
-        q = q.order_by(EventRow.id.desc()).limit(limit)
+        if after is not None:
+            q = q.where(EventRow.id > after).order_by(EventRow.id.asc()).limit(limit)
+        else:
+            q = q.order_by(EventRow.id.desc()).limit(limit)
         with self._store.db.read("read events") as session:
             rows = list(session.scalars(q).all())
+            if after is not None:
+                rows.reverse()
             crops = self._crop_counts(session, [r.id for r in rows])
             total = None
             if count:
@@ -142,6 +151,16 @@ class Review:
                 raise GalleryError(f"no event {event_id}")
             n = self._crop_counts(session, [row.id]).get(row.id, 0)
             return StoredEvent.of(row, n)
+
+    def stored(self, event_ids: Sequence[int]) -> dict[int, StoredEvent]:
+        """The events among `event_ids` that exist, by id."""
+        out: dict[int, StoredEvent] = {}
+        with self._store.db.read("read events") as session:
+            for chunk in _chunks(event_ids):
+                rows = session.scalars(select(EventRow).where(EventRow.id.in_(chunk))).all()
+                crops = self._crop_counts(session, [r.id for r in rows])
+                out.update((r.id, StoredEvent.of(r, crops.get(r.id, 0))) for r in rows)
+        return out
 
     def cameras(self) -> list[str]:
         with self._store.db.read("list cameras") as session:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hmac
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from http.cookies import CookieError, SimpleCookie
@@ -15,19 +17,20 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import HTTPException
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.config import AppConfig
-from app.web.auth import COOKIE, AuthConfigError, Authenticator
+from app.web import openapi
+from app.web.auth import COOKIE, AuthConfigError, Authenticator, hash_token
 from app.web.context import WebContext
 from app.web.deps import NotAuthenticated, http_error, user_errors
 from app.web.guard import HostGuard, json_answer
-from app.web.routers import cameras, clusters, events, identities, pages, recognize
+from app.web.routers import cameras, clusters, compreface, events, identities, pages, recognize
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -51,8 +54,9 @@ class BodyLimit:
     for `timeout_s` -> 408. Adds the security headers to every answer."""
 
     def __init__(self, app: ASGIApp, limit: int, auth: Authenticator,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, api_key_hashes: tuple[str, ...] = ()) -> None:
         self.app, self.limit, self.auth, self.timeout_s = app, limit, auth, timeout_s
+        self.api_key_hashes = api_key_hashes  # the x-api-keys of /api/v1 (web.api_keys)
 
     def _refusal(self, scope: Scope, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
         length = headers.get(b"content-length")
@@ -72,7 +76,11 @@ class BodyLimit:
         return None
 
     def _credentials(self, headers: dict[bytes, bytes]) -> bool:
-        """A valid bearer token or session cookie (checked again by the route)."""
+        """A valid bearer token, session cookie or x-api-key (checked again by the route)."""
+        key = headers.get(b"x-api-key")
+        if key is not None:
+            got = hash_token(key.decode("latin-1").strip())
+            return any(hmac.compare_digest(got, h) for h in self.api_key_hashes)
         bearer = headers.get(b"authorization", b"").decode("latin-1")
         if bearer.lower().startswith("bearer "):
             return self.auth.check_token(bearer[7:].strip())
@@ -138,8 +146,9 @@ def create_app(ctx: WebContext) -> FastAPI:
                               "and verify faces. Pages use a session cookie (with CSRF "
                               "tokens); the API takes `Authorization: Bearer TOKEN`.")
     app.state.ctx = ctx
+    openapi.install(app)
     for r in (events.router, clusters.router, identities.router, recognize.router,
-              cameras.router, pages.router):
+              compreface.router, cameras.router, pages.router):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
@@ -150,8 +159,12 @@ def create_app(ctx: WebContext) -> FastAPI:
                                 headers={"WWW-Authenticate": "Bearer"})
         return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> Response:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404 and not request.url.path.startswith("/api/"):
+            response = pages.page(request, "404.html", None, path=request.url.path)
+            response.status_code = 404
+            return response
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
@@ -165,7 +178,8 @@ def create_app(ctx: WebContext) -> FastAPI:
         app.add_exception_handler(error, _user_error)
     web = ctx.cfg.web
     app.add_middleware(BodyLimit, limit=ctx.max_upload_bytes * 4 + 2**16, auth=ctx.auth,
-                       timeout_s=web.body_timeout_s)
+                       timeout_s=web.body_timeout_s,
+                       api_key_hashes=tuple(k.key_hash for k in web.api_keys))
     # outermost: a request for another host name is refused before anything else runs
     app.add_middleware(HostGuard, allowed=web.allowed_hosts, bind_host=ctx.auth.host,
                        check_origin=not ctx.auth.required)
@@ -175,13 +189,13 @@ def create_app(ctx: WebContext) -> FastAPI:
 def build_context(cfg: AppConfig, gallery_path: str | None = None, *, host: str | None = None,
                   cameras: Callable[[], list[dict[str, Any]]] | None = None) -> WebContext:
     """Load the models and open the gallery as the CLI does (key from the environment)."""
-    from app.runtime import make_detector, make_embedder, open_gallery, threshold
+    from app.runtime import make_detector, make_embedder, open_gallery, open_set, threshold
 
     auth = Authenticator(cfg.web, host or cfg.web.host)  # refuse a bad set-up before loading
     embedder = make_embedder(cfg)
     gallery = open_gallery(gallery_path or cfg.gallery.path, embedder, create=True)
     return WebContext(cfg, gallery, make_detector(cfg), embedder, threshold(cfg, embedder),
-                      auth, cameras)
+                      auth, cameras, open_set(cfg, embedder))
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -231,8 +245,8 @@ def serve(cfg: AppConfig, gallery_path: str | None = None, host: str | None = No
     if not ctx.auth.required:
         log.warning("no web users or tokens configured: anyone on this machine can use "
                     "http://%s:%d/", host, port)
-    log.info("serving the review UI on http://%s:%d/ (API docs at /docs), gallery %s",
-             host, port, ctx.gallery.location)
+    print(f"facemoe: serving the review UI on http://{host}:{port}/ (API docs at /docs), "
+          f"gallery {ctx.gallery.location}", file=sys.stderr, flush=True)
     stop = threading.Event()
     ctx.start_refresher(stop)
     try:

@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import tzinfo
 from typing import Any
 
 from app.clusters import FaceReview, RefreshReport
@@ -13,8 +14,10 @@ from app.config import AppConfig
 from app.detect import FaceDetector
 from app.embed import Embedder
 from app.gallery import Gallery, GalleryError
+from app.openset import OpenSet
 from app.recognize import Recognizer
 from app.web.auth import Authenticator
+from app.web.timefmt import zone
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +34,21 @@ class WebContext:
     threshold: float
     auth: Authenticator
     cameras: Callable[[], list[dict[str, Any]]] | None = None
+    # the 1:N rule for recognising photos (app.openset); None: `threshold` for everything
+    open_set: OpenSet | None = None
     recognizer: Recognizer = field(init=False)
     review: FaceReview = field(init=False)
     _refresh_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self) -> None:
-        self.recognizer = Recognizer(self.detector, self.embedder, self.gallery, self.threshold)
+        self.recognizer = Recognizer(self.detector, self.embedder, self.gallery,
+                                     self.open_set or self.threshold)
         self.review = FaceReview(self.gallery, self.recognizer, self.cfg.web.cluster_threshold)
+
+    @property
+    def tz(self) -> tzinfo:
+        """The zone of times on the pages and of filter times without an offset."""
+        return zone(self.cfg.web.timezone)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -106,6 +106,8 @@ class NamedCluster(BaseModel):
     cluster: int
     enrolled: Enrolled
     events_named: int
+    events_left: int = Field(0, description="left unknown: rejected, marked not this person, "
+                             "or not matching the name")
 
 
 class TemplateOut(BaseModel):
@@ -179,3 +181,32 @@ class CameraOut(BaseModel):
     last_frame_age_s: float | None
     last_event: datetime | None
     error: str | None
+
+
+# --- corrections of events --------------------------------------------------------------------
+
+
+class RelabelRequest(_Body):
+    identity: str | None = Field(
+        max_length=256, description="an enrolled identity, or null for unknown; the event is "
+        "remembered as not its former name"
+    )
+
+
+class NotPersonRequest(_Body):
+    identity: str | None = Field(
+        None, max_length=256, description="the person it is not (default: its current name)"
+    )
+
+
+class NotPersonOut(BaseModel):
+    event: EventOut
+    not_identity: str
+    templates_deleted: int = Field(description="templates enrolled from this event, deleted")
+
+
+class ReprocessOut(BaseModel):
+    checked: int = Field(description="events matched again (those with kept crops)")
+    changed: int = Field(description="events whose name changed")
+    without_crops: int
+    next_before: int | None = Field(None, description="pass as `before` to continue")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models.moe import MoEMLP
+from trainer.models.layers import FaceMoEBlock
 from trainer.models.registry import register_model
 from trainer.preprocess import CropTemplate
 
@@ -78,47 +78,6 @@ class ResBlock(nn.Module):
         if any(self.pad_short):
             short = F.pad(short, self.pad_short)
         return F.relu(y + short)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
-
-
-class FaceMoEBlock(nn.Module):
-    """Pre-norm transformer block over a feature map's positions, with a MoE MLP.
-
-    Its two residual branches end in zero-initialised projections (the attention output and
-    every expert's second layer), so a fresh block is the identity.
-    """
-
-    def __init__(self, dim: int, tokens: int, heads: int, mlp_ratio: float, moe: dict) -> None:
-        super().__init__()
-        self.pos = nn.Parameter(torch.zeros(1, tokens, dim))
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MoEMLP(dim, int(dim * mlp_ratio), **moe)
-        nn.init.zeros_(self.attn.proj.weight)
-        nn.init.zeros_(self.attn.proj.bias)
-        nn.init.zeros_(self.mlp.w2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        t = x.flatten(2).transpose(1, 2)
-        a = self.attn(self.norm1(t + self.pos))
-        t = t + a
-        t = t + self.mlp(self.norm2(t))
-        return t.transpose(1, 2).reshape(b, c, h, w)
 
 
 def stem_size(img_size: int) -> int:

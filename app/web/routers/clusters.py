@@ -45,7 +45,7 @@ def list_clusters(ctx: WebContext, state: str, offset: int, limit: int) -> Clust
 
 def naming_out(r: NamingReport) -> NamedCluster:
     return NamedCluster(cluster=r.cluster, events_named=r.events_named,
-                        enrolled=Enrolled.of(r.enrollment))
+                        events_left=r.events_left, enrolled=Enrolled.of(r.enrollment))
 
 
 @router.get("", response_model=ClusterPage, summary="Face clusters of unknown events")

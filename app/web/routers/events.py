@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from starlette.concurrency import run_in_threadpool
 
 from app.gallery import StoredEvent
 from app.gallery.audit import acting_as
@@ -14,28 +15,55 @@ from app.recognize import Candidate
 from app.web.auth import User
 from app.web.context import WebContext
 from app.web.deps import current_user, get_ctx, writer
-from app.web.models import Enrolled, EventOut, EventPage, NameRequest, Nearest
+from app.web.models import (
+    Enrolled,
+    EventOut,
+    EventPage,
+    NameRequest,
+    Nearest,
+    NotPersonOut,
+    NotPersonRequest,
+    RelabelRequest,
+    ReprocessOut,
+)
+from app.web.timefmt import parse_time
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/events", tags=["events"])
 CROP_CACHE = "private, max-age=86400"
+SCORE_DIGITS = 4  # cosines to 1e-4: more digits are noise of the float32 maths
+SINCE = ("stored at or after (ISO 8601; without an offset, in web.timezone, default the "
+         "machine's zone)")
+UNTIL = "stored before (ISO 8601, as `since`)"
+
+
+def times(ctx: WebContext, since: str | None, until: str | None
+          ) -> tuple[datetime | None, datetime | None]:
+    """The `since` and `until` filter values as UTC (400 with one line when not times)."""
+    try:
+        return parse_time(since, "since", ctx.tz), parse_time(until, "until", ctx.tz)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
 
 
 def event_out(e: StoredEvent, nearest: Candidate | None = None) -> EventOut:
     ev = e.event
     return EventOut(
-        id=e.id, camera=ev.camera, track_id=ev.track_id, identity=ev.identity, score=ev.score,
+        id=e.id, camera=ev.camera, track_id=ev.track_id, identity=ev.identity,
+        score=round(ev.score, SCORE_DIGITS),
         start=ev.start, end=ev.end, frames=ev.frames, best_bbox=list(ev.best_bbox),
         model=ev.model, crops=e.crops, stored_at=e.created_at,
-        nearest=Nearest(name=nearest.name, score=nearest.score) if nearest else None,
+        nearest=(Nearest(name=nearest.name, score=round(nearest.score, SCORE_DIGITS))
+                 if nearest else None),
         crop_urls=[f"/api/events/{e.id}/crops/{i}" for i in range(e.crops)],
     )
 
 
 def list_events(ctx: WebContext, f: EventFilter, before: int | None, limit: int,
+                after: int | None = None,
                 ) -> tuple[list[StoredEvent], int | None, dict[int, Candidate]]:
     """A page of events and the nearest identity of its unknown ones."""
-    events, total = ctx.gallery.review.events(f, before=before, limit=limit)
+    events, total = ctx.gallery.review.events(f, before=before, limit=limit, after=after)
     return events, total, ctx.review.nearest(events)
 
 
@@ -44,15 +72,15 @@ def get_events(
     camera: str | None = None,
     identity: str | None = None,
     unknown: bool = False,
-    since: datetime | None = Query(None, description="stored at or after (ISO 8601)"),
-    until: datetime | None = Query(None, description="stored before (ISO 8601)"),
+    since: str | None = Query(None, description=SINCE),
+    until: str | None = Query(None, description=UNTIL),
     cluster: int | None = Query(None, description="only the events of this face cluster"),
     before: int | None = Query(None, description="only events with a smaller id (next page)"),
     limit: int = Query(50, ge=1, le=500),
     ctx: WebContext = Depends(get_ctx),
     _user: User = Depends(current_user),
 ) -> EventPage:
-    f = EventFilter(camera, identity, unknown, since, until, cluster)
+    f = EventFilter(camera, identity, unknown, *times(ctx, since, until), cluster)
     events, total, nearest = list_events(ctx, f, before, limit)
     nxt = events[-1].id if len(events) == limit else None
     return EventPage(events=[event_out(e, nearest.get(e.id)) for e in events], total=total,
@@ -81,3 +109,55 @@ def name_event(event_id: int, body: NameRequest, ctx: WebContext = Depends(get_c
     with acting_as(user.audit_name):
         r = ctx.review.name_event(event_id, body.name)
     return Enrolled.of(r)
+
+
+@router.patch("/{event_id}", response_model=EventOut,
+              summary="Relabel an event (an enrolled name, or null: unknown) without enrolling")
+def relabel_event(event_id: int, body: RelabelRequest, ctx: WebContext = Depends(get_ctx),
+                  user: User = Depends(writer)) -> EventOut:
+    with acting_as(user.audit_name):
+        ctx.review.corrections.relabel(event_id, body.identity)
+    return get_event(event_id, ctx, user)
+
+
+@router.post("/{event_id}/not", response_model=NotPersonOut,
+             summary="Not this person: unknown, never that name again, its templates deleted")
+def not_person(event_id: int, body: NotPersonRequest, ctx: WebContext = Depends(get_ctx),
+               user: User = Depends(writer)) -> NotPersonOut:
+    with acting_as(user.audit_name):
+        name, removed = ctx.review.corrections.not_person(event_id, body.identity)
+    return NotPersonOut(event=get_event(event_id, ctx, user), not_identity=name,
+                        templates_deleted=removed)
+
+
+@router.delete("/{event_id}", status_code=204, response_class=Response,
+               summary="Delete an event with its crops")
+def delete_event(event_id: int, ctx: WebContext = Depends(get_ctx),
+                 user: User = Depends(writer)) -> Response:
+    with acting_as(user.audit_name):
+        ctx.review.corrections.delete([event_id])
+    return Response(status_code=204)
+
+
+@router.post("/reprocess", response_model=ReprocessOut,
+             summary="Re-run stored events (newest first) against the current gallery")
+async def reprocess(
+    camera: str | None = None,
+    identity: str | None = None,
+    since: str | None = Query(None, description=SINCE),
+    until: str | None = Query(None, description=UNTIL),
+    named: bool = Query(False, description="also named events (their names may change)"),
+    before: int | None = Query(None, description="only events with a smaller id (continue)"),
+    limit: int = Query(200, ge=1, le=2000),
+    ctx: WebContext = Depends(get_ctx),
+    user: User = Depends(writer),
+) -> ReprocessOut:
+    f = EventFilter(camera, identity, False, *times(ctx, since, until))
+
+    def work():
+        with acting_as(user.audit_name):
+            return ctx.review.reprocess(f, named=named, before=before, limit=limit)
+
+    r = await run_in_threadpool(work)
+    return ReprocessOut(checked=r.checked, changed=r.changed, without_crops=r.without_crops,
+                        next_before=r.next_before)

@@ -5,13 +5,14 @@ API route and the CLI, then redirects (post/redirect/get) with a message or an e
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+import time
 from pathlib import Path
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup, escape
 
 from app import __version__
 from app.erasure import Outputs, erase
@@ -23,11 +24,14 @@ from app.web.deps import current_user, get_ctx, same_site, user_errors, writer
 from app.web.routers.clusters import list_clusters
 from app.web.routers.events import event_out, list_events
 from app.web.routers.identities import enroll_uploads, identity_detail
+from app.web.timefmt import local, parse_time
 
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 NAME_CHOICES = 500  # galleries up to this size offer their names in the "this is" field
+REPROCESS_BATCH, REPROCESS_BUDGET_S = 200, 30.0  # "re-run against the gallery": per step, at most
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent.parent / "templates"))
+templates.env.filters["local"] = local
 
 
 def page(request: Request, name: str, user: User | None, **values) -> HTMLResponse:
@@ -35,6 +39,7 @@ def page(request: Request, name: str, user: User | None, **values) -> HTMLRespon
     return templates.TemplateResponse(request, name, {
         "user": user, "csrf": user.csrf if user else "", "version": __version__,
         "auth_required": ctx.auth.required, "has_cameras": ctx.cameras is not None,
+        "tz": ctx.tz, "threshold": ctx.threshold,
         "msg": request.query_params.get("msg"), "error": request.query_params.get("error"),
         **values})
 
@@ -100,10 +105,6 @@ def logout(request: Request, _user: User = Depends(writer)) -> Response:
 # --- events -----------------------------------------------------------------------------------
 
 
-def _time(text: str | None) -> datetime | None:
-    return datetime.fromisoformat(text) if text else None
-
-
 @router.get("/", include_in_schema=False)
 def home() -> RedirectResponse:
     return RedirectResponse("/events", status_code=303)
@@ -112,24 +113,33 @@ def home() -> RedirectResponse:
 @router.get("/events", response_class=HTMLResponse)
 def events_page(request: Request, camera: str = "", identity: str = "", unknown: bool = False,
                 since: str = "", until: str = "", cluster: int | None = None,
-                before: int | None = None, user: User = Depends(current_user),
+                before: int | None = None, after: int | None = None,
+                user: User = Depends(current_user),
                 ctx: WebContext = Depends(get_ctx)) -> HTMLResponse:
     error = None
     try:
-        f = EventFilter(camera or None, identity or None, unknown, _time(since), _time(until),
+        f = EventFilter(camera or None, identity or None, unknown,
+                        parse_time(since, "from", ctx.tz), parse_time(until, "to", ctx.tz),
                         cluster)
-        events, total, nearest = list_events(ctx, f, before, ctx.cfg.web.page_size)
+        events, total, nearest = list_events(ctx, f, before, ctx.cfg.web.page_size, after)
     except (ValueError, *user_errors()) as exc:
         events, total, nearest, error = [], 0, {}, _one_line(exc)
     rows = [event_out(e, nearest.get(e.id)) for e in events]
     query = {k: v for k, v in {"camera": camera, "identity": identity,
                                "unknown": "true" if unknown else "", "since": since,
                                "until": until, "cluster": cluster}.items() if v}
+    size = ctx.cfg.web.page_size
     more = (urlencode({**query, "before": rows[-1].id})
-            if len(rows) == ctx.cfg.web.page_size else None)
+            if rows and (len(rows) == size or after is not None) else None)
+    # a newer page: after an "older" step, or after a "newer" one when more are newer still
+    newer = (urlencode({**query, "after": rows[0].id})
+             if rows and (before is not None or (after is not None and ctx.gallery.review.events(
+                 f, after=rows[0].id, limit=1, count=False)[0]))
+             else None)
     return page(request, "events.html", user, events=rows, total=total,
                 cameras=ctx.gallery.review.cameras(), filters=query, camera=camera,
                 identity=identity, unknown=unknown, since=since, until=until, more=more,
+                newer=newer,
                 page_error=error, threshold=ctx.threshold)
 
 
@@ -141,7 +151,9 @@ def event_page(request: Request, event_id: int, user: User = Depends(current_use
         out = event_out(e, ctx.review.nearest([e]).get(e.id))
     except user_errors() as exc:
         return back("/events", error=_one_line(exc))
-    return page(request, "event.html", user, e=out, threshold=ctx.threshold)
+    known, total = ctx.gallery.review.identities(limit=NAME_CHOICES)
+    return page(request, "event.html", user, e=out, threshold=ctx.threshold,
+                names=[i.name for i in known] if total <= NAME_CHOICES else [])
 
 
 @router.post("/events/{event_id}/name")
@@ -157,6 +169,71 @@ def name_event_page(event_id: int, name: str = Form(...), user: User = Depends(w
                 f"{len(r.rejected)} rejected as outlier(s)")
 
 
+@router.post("/events/{event_id}/relabel")
+def relabel_event_page(event_id: int, name: str = Form(""), user: User = Depends(writer),
+                       ctx: WebContext = Depends(get_ctx)) -> Response:
+    here = f"/events/{event_id}"
+    try:
+        with acting_as(user.audit_name):
+            old, removed = ctx.review.corrections.relabel(event_id, name.strip() or None)
+    except user_errors() as exc:
+        return back(here, error=_one_line(exc))
+    msg = f"event {event_id}: {old or 'unknown'} → {name.strip() or 'unknown'}"
+    return back(here, msg=msg + (f" ({removed} template(s) from it deleted from {old})"
+                                 if removed else ""))
+
+
+@router.post("/events/{event_id}/not")
+def not_person_page(event_id: int, user: User = Depends(writer),
+                    ctx: WebContext = Depends(get_ctx)) -> Response:
+    here = f"/events/{event_id}"
+    try:
+        with acting_as(user.audit_name):
+            name, removed = ctx.review.corrections.not_person(event_id)
+    except user_errors() as exc:
+        return back(here, error=_one_line(exc))
+    return back(here, msg=f"event {event_id} is not {name}: unknown now, and never {name} "
+                f"again; {removed} template(s) from it deleted")
+
+
+@router.post("/events/{event_id}/delete")
+def delete_event_page(event_id: int, confirm: str = Form(""), user: User = Depends(writer),
+                      ctx: WebContext = Depends(get_ctx)) -> Response:
+    if confirm != "yes":
+        return back(f"/events/{event_id}", error="tick the box to confirm the deletion")
+    try:
+        with acting_as(user.audit_name):
+            ctx.review.corrections.delete([event_id])
+    except user_errors() as exc:
+        return back("/events", error=_one_line(exc))
+    return back("/events", msg=f"event {event_id} deleted with its crops")
+
+
+@router.post("/events/reprocess")
+def reprocess_page(camera: str = Form(""), identity: str = Form(""), since: str = Form(""),
+                   until: str = Form(""), named: str = Form(""), user: User = Depends(writer),
+                   ctx: WebContext = Depends(get_ctx)) -> Response:
+    query = {"camera": camera or None, "identity": identity or None, "since": since or None,
+             "until": until or None}
+    try:
+        f = EventFilter(camera or None, identity or None, False,
+                        parse_time(since, "from", ctx.tz), parse_time(until, "to", ctx.tz))
+        checked = changed = 0
+        before, deadline = None, time.monotonic() + REPROCESS_BUDGET_S
+        with acting_as(user.audit_name):
+            while True:
+                r = ctx.review.reprocess(f, named=named == "yes", before=before,
+                                         limit=REPROCESS_BATCH)
+                checked, changed, before = checked + r.checked, changed + r.changed, r.next_before
+                if before is None or time.monotonic() > deadline:
+                    break
+    except (ValueError, *user_errors()) as exc:
+        return back("/events", **query, error=_one_line(exc))
+    more = " (more remain: narrow the time range)" if before is not None else ""
+    return back("/events", **query, msg=f"re-ran {checked} event(s) against the gallery: "
+                f"{changed} changed name{more}")
+
+
 # --- clusters ---------------------------------------------------------------------------------
 
 
@@ -169,7 +246,8 @@ def clusters_page(request: Request, state: str = Query("open", pattern="^(open|i
     known, total = ctx.gallery.review.identities(limit=NAME_CHOICES)
     names = [i.name for i in known] if total <= NAME_CHOICES else []  # offered while typing
     return page(request, "clusters.html", user, data=data, state=state, offset=offset,
-                size=size, names=names)
+                size=size, names=names, merge_choices=ctx.review.merge_choices(
+                    [c.id for c in data.clusters], {c.id: c.members for c in data.clusters}))
 
 
 @router.post("/clusters/{cluster_id}/name")
@@ -182,7 +260,9 @@ def name_cluster(cluster_id: int, name: str = Form(...), user: User = Depends(wr
         return back("/clusters", error=_one_line(exc))
     e = r.enrollment
     msg = (f"cluster {cluster_id} is {e.name}: {len(e.faces)} template(s) enrolled, "
-           f"{len(e.rejected)} rejected as outlier(s), {r.events_named} event(s) named")
+           f"{len(e.rejected)} rejected as outlier(s), {r.events_named} event(s) named"
+           + (f", {r.events_left} left unknown (rejected or not matching)" if r.events_left
+              else ""))
     return back("/clusters", msg=msg)
 
 
@@ -255,8 +335,10 @@ def identity_page(request: Request, identity_id: int, user: User = Depends(curre
         return back("/gallery", error=_one_line(exc))
     events, _ = ctx.gallery.review.events(EventFilter(identity=detail.name), limit=12,
                                           count=False)
+    known, total = ctx.gallery.review.identities(limit=NAME_CHOICES)
     return page(request, "identity.html", user, i=detail,
-                events=[event_out(e) for e in events])
+                events=[event_out(e) for e in events],
+                names=[k.name for k in known] if total <= NAME_CHOICES else [])
 
 
 @router.post("/gallery/{identity_id}/photos")
@@ -286,9 +368,11 @@ def rename_page(identity_id: int, name: str = Form(...), user: User = Depends(wr
 
 
 @router.post("/gallery/{identity_id}/merge")
-def merge_page(identity_id: int, into: str = Form(...), user: User = Depends(writer),
-               ctx: WebContext = Depends(get_ctx)) -> Response:
+def merge_page(identity_id: int, into: str = Form(...), confirm: str = Form(""),
+               user: User = Depends(writer), ctx: WebContext = Depends(get_ctx)) -> Response:
     here = f"/gallery/{identity_id}"
+    if confirm != "yes":
+        return back(here, error="tick the box to confirm the merge")
     try:
         src = ctx.gallery.review.identity(identity_id).name
         with acting_as(user.audit_name):
@@ -348,15 +432,17 @@ def delete_template_page(template_id: int, identity: int = Form(...),
 def api_docs(request: Request, user: User = Depends(current_user)) -> HTMLResponse:
     """The REST API's routes from its OpenAPI schema (/openapi.json), as a page."""
     spec = request.app.openapi()
+    schemas = spec.get("components", {}).get("schemas", {})
     routes = [
         {"method": method.upper(), "path": path, "summary": op.get("summary", ""),
          "tag": (op.get("tags") or [""])[0],
          "params": [(x["name"], x["in"], x.get("required", False),
                      x.get("description") or x.get("schema", {}).get("description", ""))
                     for x in op.get("parameters", [])],
-         "body": _body_of(op), "response": _response_of(op)}
+         "body": _body_of(op, schemas), "response": _response_of(op)}
         for path, ops in spec["paths"].items() for method, op in ops.items()]
-    return page(request, "docs.html", user, routes=routes, spec=spec)
+    named = {k: v for k, v in schemas.items() if not k.startswith("Body_")}
+    return page(request, "docs.html", user, routes=routes, spec=spec, schemas=named)
 
 
 def _ref_name(schema: dict) -> str:
@@ -365,9 +451,26 @@ def _ref_name(schema: dict) -> str:
     return f"list[{name}]" if name and "items" in schema else name or schema.get("type", "")
 
 
-def _body_of(op: dict) -> str:
+def _body_of(op: dict, schemas: dict) -> str:
+    """The request body: a named model, or the fields of a form (FastAPI names those models
+    Body_<function>_<path>, which says nothing to a reader)."""
     content = op.get("requestBody", {}).get("content", {})
-    return ", ".join(f"{kind}: {_ref_name(c.get('schema', {}))}" for kind, c in content.items())
+    out = []
+    for kind, c in content.items():
+        name = _ref_name(c.get("schema", {}))
+        if name.startswith("Body_"):
+            fields = schemas.get(name, {}).get("properties", {})
+            name = "fields " + ", ".join(fields) if fields else "a form"
+        out.append(f"{kind}: {name}")
+    return ", ".join(out)
+
+
+def ticks(text: object) -> Markup:
+    """Text with `code` spans (as the API's descriptions write them) shown as code."""
+    parts = str(escape(str(text or ""))).split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick stays as it is
+        parts[-2:] = ["`".join(parts[-2:])]
+    return Markup("".join(p if k % 2 == 0 else f"<code>{p}</code>" for k, p in enumerate(parts)))
 
 
 def _response_of(op: dict) -> str:
@@ -385,3 +488,6 @@ def cameras_page(request: Request, user: User = Depends(current_user),
                  ctx: WebContext = Depends(get_ctx)) -> HTMLResponse:
     cams = ctx.cameras() if ctx.cameras is not None else None
     return page(request, "cameras.html", user, cameras=cams)
+
+
+templates.env.filters["ticks"] = ticks

@@ -24,8 +24,9 @@ async def recognize(image: UploadFile = File(...), top: int = Query(3, ge=1, le=
     img = await read_upload(ctx, image, "image")
     faces = await run_in_threadpool(ctx.recognizer.recognize, img, top)
     return RecognizeOut(
-        faces=[FaceOut(box=list(f.box), detector_score=f.detector_score, identity=f.identity,
-                       candidates=[CandidateOut(name=c.name, score=c.score)
+        faces=[FaceOut(box=[round(v, 1) for v in f.box],
+                       detector_score=round(f.detector_score, 4), identity=f.identity,
+                       candidates=[CandidateOut(name=c.name, score=round(c.score, 4))
                                    for c in f.candidates]) for f in faces],
         threshold=ctx.threshold, model=ctx.embedder.model)
 
@@ -37,5 +38,5 @@ async def verify(a: UploadFile = File(...), b: UploadFile = File(...),
                  _user: User = Depends(current_user)) -> VerifyOut:
     img_a, img_b = await read_upload(ctx, a, "image a"), await read_upload(ctx, b, "image b")
     v = await run_in_threadpool(ctx.recognizer.verify, img_a, img_b)
-    return VerifyOut(same=v.same, score=v.score, threshold=v.threshold, box_a=list(v.box_a),
-                     box_b=list(v.box_b))
+    return VerifyOut(same=v.same, score=round(v.score, 4), threshold=round(v.threshold, 4),
+                     box_a=[round(x, 1) for x in v.box_a], box_b=[round(x, 1) for x in v.box_b])
