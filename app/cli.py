@@ -58,9 +58,12 @@ def _model_id(cfg) -> tuple[str, str]:
 
 
 def _gallery_path(args: argparse.Namespace, cfg) -> str:
-    return (
-        str(Path(args.gallery).expanduser()) if getattr(args, "gallery", None) else cfg.gallery.path
-    )
+    """--gallery (a file path, or a database URL such as postgresql+psycopg://...: never made
+    into a path, which would create a SQLite file named like the URL), else the config's."""
+    given = getattr(args, "gallery", None)
+    if not given:
+        return cfg.gallery.path
+    return given if "://" in given else str(Path(given).expanduser())
 
 
 # --- enroll / gallery -----------------------------------------------------------------------
@@ -214,6 +217,27 @@ def cmd_process(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """Every box's last heartbeat; a box not heard of for --silent-after seconds is SILENT."""
+    from app.gallery import Store
+    from app.gallery.fleet import Fleet
+
+    cfg = _config(args)
+    path = _gallery_path(args, cfg)
+    with Store(path, *_model_id(cfg), create=False, key=_key(args), adopt_model=True) as store:
+        boxes = [b.as_json(args.silent_after) for b in Fleet(store).boxes()]
+    lines = []
+    for b in boxes:
+        flag = "SILENT " if b["silent"] else ""
+        lines.append(f"{b['box']}: {flag}{b['state']}, last heard of {b['last_seen_s']:.0f} s "
+                     f"ago" + "".join(f"; {r}" for r in b["reasons"]))
+        for c in b["cameras"]:
+            lines.append(f"  {c['name']}: {c['state']} fps={c['fps']} frames={c['frames']} "
+                         f"dropped={c['dropped']} reconnects={c['reconnects']} "
+                         f"events={c['events']} last_event={c['last_event'] or '-'}")
+    _out(args, {"gallery": str(path), "boxes": boxes},
+         "\n".join(lines) or f"no box has written a heartbeat to {path}")
+    return 1 if any(b["silent"] for b in boxes) else 0
 def _camera_name(given: str | None, video: str) -> str:
     """The camera name of `process`'s events: --camera, else the file name's stem; one that
     would break a line of output (control, format or line-separator characters) is refused."""
@@ -811,6 +835,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--validate-config", action="store_true", help="check the config and exit")
     sp.add_argument("--key-file", help=KEY_HELP)
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser(
+        "fleet", help="the boxes (daemons) of a site on this gallery database and their cameras")
+    sp.add_argument("--silent-after", type=float, default=60.0, metavar="S",
+                    help="flag a box not heard of for this many seconds (default 60)")
+    common(sp)
+    sp.set_defaults(func=cmd_fleet)
 
     for name in ("train", "finetune"):
         sp = sub.add_parser(name, help=f"{name} a FaceMoE model")

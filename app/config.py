@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -376,9 +377,12 @@ class MqttConfig(_Strict):
     prefix: str = Field(
         "facemoe", min_length=1, pattern=r"^[^#+]+$",
         description="topics: <prefix>/events, /cameras/<camera>, /identities/<name>, "
-        "/availability",
+        "/availability/<box>",
     )
-    client_id: str = Field("facemoe-edge", min_length=1, max_length=64)
+    client_id: str | None = Field(
+        None, min_length=1, max_length=64,
+        description="default facemoe-<daemon.box>: unique per box (a broker drops a client "
+        "when another connects with its id)")
     username: EnvStr | None = None
     password: EnvSecret | None = None  # e.g. "{FACEMOE_MQTT_PASSWORD}"
     tls: MqttTlsConfig | None = None
@@ -421,6 +425,14 @@ class HealthConfig(_Strict):
     max_drop_rate: float = Field(
         0.2, ge=0, le=1, description="share of a camera's frames dropped in the window above "
         "which it is degraded; lower: overload is reported sooner")
+    max_sink_age_s: float = Field(
+        15.0, gt=0, le=86400, description="a sink whose oldest undelivered event or message is "
+        "older than this makes the daemon degraded (database locked or down, broker away)")
+
+
+def _host_name() -> str:
+    """This machine's name as a box name (characters a box name may not hold become _)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "box"
 
 
 class DaemonConfig(_Strict):
@@ -446,6 +458,20 @@ class DaemonConfig(_Strict):
     web: bool = Field(
         False, description="serve the review UI and API (`web:` section) on metrics_port too"
     )
+    box: str = Field(
+        default_factory=lambda: _host_name(), min_length=1, max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="this box's name on a site of several (MQTT client id, availability topic "
+        "and Home Assistant ids); default the host name")
+    gallery_poll_s: float = Field(
+        2.0, gt=0, le=3600, description="how often the gallery is checked for changes (enroll, "
+        "rename, remove by another process); the video path never waits for the database")
+    heartbeat_s: float = Field(
+        10.0, gt=0, le=3600, description="how often this box writes its heartbeat (state and "
+        "cameras) to the gallery database, for `facemoe fleet`")
+    outbox: str | None = Field(
+        None, description="events the gallery database could not take wait in this file (0600, "
+        "in order) until it is back; default <home>/outbox-<box>.jsonl")
 
 
 class WebUser(_Strict):

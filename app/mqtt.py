@@ -4,10 +4,14 @@ Topics under `prefix` (docs/events.md has the payloads):
   <prefix>/events                every message (`recognized` and `end`), JSON event records
   <prefix>/cameras/<camera>      retained: the camera's latest message
   <prefix>/identities/<slug>     retained: {"state": "present" | "away", "last_seen", ...}
-  <prefix>/availability          retained "online"; "offline" on close and as the last will
-and, opt-in, Home Assistant discovery configs (<discovery prefix>/sensor/<id>/config) that
-create a sensor per enrolled person (like Double Take's `sensor.double_take_<name>`) and per
-camera.
+  <prefix>/availability/<box>    retained "online"; "offline" on close and as the last will
+and, opt-in, Home Assistant discovery configs (<discovery prefix>/sensor/facemoe_<box>/<id>/config)
+that create a sensor per enrolled person (like Double Take's `sensor.double_take_<name>`) and per
+camera, on a device per box.
+
+Several boxes of a site share one broker: each has its own client id (`facemoe-<box>` unless
+configured: two clients with one id throw each other off), availability topic and Home
+Assistant device and entities (`sensor.facemoe_<box>_<name>`), so no box takes over another's.
 
 Delivery: messages wait in a bounded buffer of our own (the oldest is dropped when it is full,
 counted and logged) and are handed to paho only while connected, at most `max_inflight` at a
@@ -21,13 +25,14 @@ import json
 import logging
 import os
 import re
+import socket
 import ssl
 import threading
 import time
 import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from app import __version__
@@ -53,6 +58,7 @@ class _Message:
     topic: str
     payload: str
     retain: bool
+    at: float = field(default_factory=time.monotonic, compare=False)  # when it was queued
 
 
 class MqttSink:
@@ -67,6 +73,7 @@ class MqttSink:
         self,
         cfg: MqttConfig,
         *,
+        box: str | None = None,
         cameras: Iterable[str] = (),
         identities: Callable[[], Iterable[str]] = lambda: (),
         count: Count | None = None,
@@ -78,8 +85,10 @@ class MqttSink:
             raise SinkError("MQTT output needs paho-mqtt "
                             "(pip install 'facemoe-edge[mqtt]')") from exc
         self.cfg, self.prefix = cfg, cfg.prefix.rstrip("/")
+        self.box = box or re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "box"
+        self.client_id = cfg.client_id or f"facemoe-{self.box}"[:64]
         self.close_timeout = close_timeout
-        self.availability = f"{self.prefix}/availability"
+        self.availability = f"{self.prefix}/availability/{self.box}"
         self._cameras = list(cameras)
         self._identities = identities
         self._count = count or (lambda kind, n: None)
@@ -94,7 +103,7 @@ class MqttSink:
         self._last_error = ""
 
         client = self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                                            client_id=cfg.client_id)
+                                            client_id=self.client_id)
         if cfg.username is not None:
             password = cfg.password.get_secret_value() if cfg.password is not None else None
             client.username_pw_set(cfg.username, password)
@@ -264,15 +273,16 @@ class MqttSink:
                                      retain=True)
 
     def _device(self) -> dict:
-        return {"identifiers": [f"facemoe_{slug(self.cfg.client_id)}"],
-                "name": "FaceMoE Edge", "manufacturer": "FaceMoE", "model": "FaceMoE Edge",
-                "sw_version": __version__}
+        return {"identifiers": [f"facemoe_{slug(self.box)}"],
+                "name": f"FaceMoE Edge {self.box}", "manufacturer": "FaceMoE",
+                "model": "FaceMoE Edge", "sw_version": __version__}
 
     def _sensor(self, object_id: str, name: str, state_topic: str, template: str,
                 icon: str) -> tuple[str, dict]:
+        object_id = object_id.replace("facemoe_", f"facemoe_{slug(self.box)}_", 1)
         config = {
             "name": name,
-            "unique_id": f"{slug(self.cfg.client_id)}_{object_id}",
+            "unique_id": object_id,
             # the entity id (sensor.<object_id>); Home Assistant 2025.10 replaced `object_id`
             "default_entity_id": f"sensor.{object_id}",
             "state_topic": state_topic,
@@ -284,17 +294,18 @@ class MqttSink:
             "icon": icon,
             "device": self._device(),
         }
-        return f"{self.cfg.discovery.prefix}/sensor/{object_id}/config", config
+        node = f"facemoe_{slug(self.box)}"
+        return f"{self.cfg.discovery.prefix}/sensor/{node}/{object_id}/config", config
 
     def identity_sensor(self, name: str) -> tuple[str, dict]:
-        """Discovery topic and config of `sensor.facemoe_<name>`: present / away."""
+        """Discovery topic and config of `sensor.facemoe_<box>_<name>`: present / away."""
         return self._sensor(f"facemoe_{slug(name)}", name,
                             f"{self.prefix}/identities/{slug(name)}",
                             "{{ value_json.state }}", "mdi:account")
 
     def camera_sensor(self, camera: str) -> tuple[str, dict]:
-        """Discovery topic and config of `sensor.facemoe_camera_<camera>`: the last person seen
-        there (or "unknown")."""
+        """Discovery topic and config of `sensor.facemoe_<box>_camera_<camera>`: the last person
+        seen there (or "unknown")."""
         return self._sensor(f"facemoe_camera_{slug(camera)}", f"{camera} face",
                             f"{self.prefix}/cameras/{camera}",
                             "{{ value_json.identity or 'unknown' }}", "mdi:cctv")
@@ -304,6 +315,15 @@ class MqttSink:
         """Messages not yet acknowledged by the broker."""
         with self._cond:
             return len(self._pending) + len(self._inflight)
+
+    def oldest(self) -> float | None:
+        """Monotonic time the oldest message not yet acknowledged was queued (None: none)."""
+        with self._cond:
+            self._settle()
+            times = [m.at for m in self._inflight.values()]
+            if self._pending:
+                times.append(self._pending[0].at)
+        return min(times) if times else None
 
     def flush(self, timeout: float) -> bool:
         """Wait until every queued message is acknowledged; False on timeout."""
@@ -339,15 +359,29 @@ class MqttSink:
 
 def clear_retained(cfg: MqttConfig, names: Iterable[str], timeout: float = 10.0) -> int:
     """For an erasure: delete the retained state topic (`<prefix>/identities/<slug>`) and
-    the discovery config of each of `names` (an empty retained message deletes one). Returns
-    the topics cleared; SinkError when the broker cannot be reached within `timeout`."""
+    the discovery configs of each of `names`: every box's (found among the retained configs
+    by their state topic) and the one of releases before boxes (an empty retained message
+    deletes one). Returns the topics cleared; SinkError when the broker cannot be reached
+    within `timeout`."""
     import paho.mqtt.client as mqtt
 
     prefix = cfg.prefix.rstrip("/")
     topics = [t for n in names for t in (
         f"{prefix}/identities/{slug(n)}",
         f"{cfg.discovery.prefix}/sensor/facemoe_{slug(n)}/config")]
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{cfg.client_id}-erase")
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                         client_id=f"{cfg.client_id or 'facemoe'}-erase-{os.getpid()}")
+    states, per_box = {f"{prefix}/identities/{slug(n)}" for n in names}, set()
+
+    def on_message(client, userdata, msg) -> None:  # a retained discovery config
+        try:
+            config = json.loads(msg.payload)
+        except ValueError:
+            return
+        if isinstance(config, dict) and config.get("state_topic") in states:
+            per_box.add(msg.topic)
+
+    client.on_message = on_message
     if cfg.username is not None:
         client.username_pw_set(cfg.username, cfg.password.get_secret_value()
                                if cfg.password is not None else None)
@@ -374,6 +408,10 @@ def clear_retained(cfg: MqttConfig, names: Iterable[str], timeout: float = 10.0)
         if not connected.wait(timeout) or refused:
             raise SinkError(f"{where}: cannot clear retained topics: "
                             f"{refused[0] if refused else 'no answer'}")
+        client.subscribe(f"{cfg.discovery.prefix}/sensor/+/+/config", qos=1)
+        time.sleep(min(1.0, timeout))  # the broker sends the retained configs at once
+        client.unsubscribe(f"{cfg.discovery.prefix}/sensor/+/+/config")
+        topics += sorted(per_box - set(topics))
         infos = [client.publish(t, b"", qos=1, retain=True) for t in topics]
         deadline = time.monotonic() + timeout
         for info in infos:

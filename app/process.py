@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from app.annotate import draw
 from app.config import AppConfig
+from app.daemon.sinks import open_sinks
 from app.detect import FaceDetector
 from app.embed import Embedder
 from app.gallery import Gallery
@@ -18,7 +21,7 @@ from app.openset import OpenSet
 from app.pipeline import FacePipeline, StageTimes
 from app.records import Event
 from app.runtime import GalleryMatcher
-from app.sinks import GallerySink, JsonlSink, Sink
+from app.sinks import Sink
 from app.source import VideoWriter, open_source
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,29 @@ class ProcessSummary:
         }
 
 
+def video_fingerprint(video: str) -> str:
+    """What identifies a video's content cheaply: sha256 of its size, first and last MiB (the
+    URI itself for a stream)."""
+    path = Path(video)
+    if not path.is_file():
+        return video
+    size, chunk = path.stat().st_size, 1 << 20
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(chunk))
+        if size > chunk:
+            fh.seek(max(chunk, size - chunk))
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def event_id(fingerprint: str, camera: str, track_id: int) -> str:
+    """The id of a `process` event: derived from the video and the track, so processing the
+    same file again gives the same ids and the gallery stores its events once."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL,
+                          f"facemoe-process:{fingerprint}:{camera}:{int(track_id)}"))
+
+
 def process_video(
     video: str,
     cfg: AppConfig,
@@ -81,11 +107,7 @@ def process_video(
     times = StageTimes()
     matcher = GalleryMatcher(gallery, threshold)
     pipeline = FacePipeline(camera, cfg, detector, embedder, matcher, times)
-    sinks: list[Sink] = []
-    if cfg.output.events_sqlite:
-        sinks.append(GallerySink(gallery.event_store, crops=cfg.output.event_crops))
-    if events_jsonl:
-        sinks.append(JsonlSink(events_jsonl))
+    sinks: list[Sink] = [s.sink for s in open_sinks(cfg, gallery, events_jsonl=events_jsonl)]
     summary = ProcessSummary(
         video=str(video),
         camera=camera,
@@ -97,6 +119,7 @@ def process_video(
     log.info("%s: %s", camera, summary.rule)
     started = time.perf_counter()
     writer = None
+    fingerprint = video_fingerprint(video)
     source = open_source(video, camera)
     try:
         total = None
@@ -120,9 +143,9 @@ def process_video(
                     writer.write(
                         draw(frame.image, result.faces, result.labels, result.predicted)
                     )
-            _emit(sinks, result.events, summary, times)
+            _emit(sinks, _ids(result.events, fingerprint), summary, times)
             bar.update(1)
-        _emit(sinks, pipeline.flush(), summary, times)
+        _emit(sinks, _ids(pipeline.flush(), fingerprint), summary, times)
         bar.close()
         if writer is not None:
             with times("annotate"):
@@ -141,6 +164,10 @@ def process_video(
     summary.embedded_crops = pipeline.aggregator.embedded_total
     summary.stages = times.as_dict()
     return summary
+
+
+def _ids(events: list[Event], fingerprint: str) -> list[Event]:
+    return [replace(e, id=event_id(fingerprint, e.camera, e.track_id)) for e in events]
 
 
 def _emit(

@@ -20,6 +20,7 @@ import cv2
 
 from app.fsutil import atomic_write, make_dirs, private_file
 from app.gallery import EventStore, GalleryError
+from app.outbox import Outbox, OutboxError
 from app.records import Event
 
 log = logging.getLogger(__name__)
@@ -174,28 +175,129 @@ class SnapshotSink:
         """Nothing to release: each picture is written whole by `write`."""
 
 
+def _refused_for_good(exc: BaseException) -> bool:
+    """Whether a database error is about the data written (SQLAlchemy's DataError or
+    IntegrityError in its causes), which a retry cannot cure."""
+    from sqlalchemy.exc import DataError, IntegrityError
+
+    while exc is not None:
+        if isinstance(exc, DataError | IntegrityError):
+            return True
+        exc = exc.__cause__
+    return False
+
+
 class GallerySink:
     """Stores events in the gallery's event store (`Gallery.event_store`), one transaction
     per `write`.
 
+    With an `outbox` (the daemon's), no event is lost while the database is away: a batch the
+    database refuses goes to the outbox file, later events queue behind it (order is kept), and
+    `retry()` replays it once the database answers again (`EventStore.add` stores each event id
+    once, so a replay never duplicates). Without one, a failed write raises SinkError.
+
     The store is borrowed: `close()` stops this sink but leaves the gallery open.
     """
 
-    def __init__(self, store: EventStore, crops: int = 0) -> None:
+    REPLAY_BATCH = 200  # events per replay transaction
+
+    def __init__(self, store: EventStore, crops: int = 0, *, outbox: Outbox | None = None,
+                 count: Count | None = None) -> None:
         self._store: EventStore | None = store
         self.crops = crops  # best aligned crops kept per event (for enrollment from a track)
+        self.outbox = outbox
+        self._count = count or (lambda kind, n: None)
+        self.error = ""  # the database's last refusal while events wait in the outbox
+        self.stored = 0
 
     def write(self, events: list[Event]) -> None:
-        """Store `events` as one batch."""
+        """Store `events` as one batch (behind any that wait in the outbox)."""
         if self._store is None:
             raise SinkError("gallery sink is closed")
+        if self.outbox is not None and len(self.outbox):
+            self._keep(events)
+            self.retry()
+            return
         try:
-            self._store.add(events, crops=self.crops)
+            self.stored += self._store.add(events, crops=self.crops)
         except GalleryError as exc:
-            raise SinkError(str(exc)) from exc
+            if self.outbox is None:
+                raise SinkError(str(exc)) from exc
+            self._keep(events, exc)
+
+    def _keep(self, events: list[Event], exc: GalleryError | None = None) -> None:
+        try:
+            self.outbox.append(events)
+        except OutboxError as err:
+            raise SinkError(f"{exc or 'gallery database away'}; and {err}") from err
+        self._count("outboxed", len(events))
+        if exc is not None:
+            self.error = str(exc)
+            log.error("%s: %d event(s) kept in the outbox %s until the database is back",
+                      exc, len(events), self.outbox.path)
+
+    def retry(self) -> bool:
+        """Replay the outbox into the database, oldest first; True when it is empty.
+
+        A batch the database refuses for its data (a value it cannot take, not an outage, a
+        lock or a read-only server) is stored event by event, and an event refused on its own
+        is set aside in the outbox's `.rejected` file (logged, counted as dropped), so that one
+        bad event cannot hold up the others."""
+        if self.outbox is None or self._store is None:
+            return True
+        replayed = 0
+        while len(self.outbox):
+            n, events = self.outbox.peek(self.REPLAY_BATCH)
+            try:
+                self.stored += self._store.add(events, crops=self.crops)
+            except GalleryError as exc:
+                if not _refused_for_good(exc) or not self._one_by_one(events):
+                    if str(exc) != self.error:
+                        log.warning("outbox replay: %s (%d event(s) wait)", exc,
+                                    len(self.outbox))
+                    self.error = str(exc)
+                    return False
+            self.outbox.consume(n)
+            replayed += n
+        if replayed:
+            log.warning("gallery database back: %d event(s) replayed from the outbox %s",
+                        replayed, self.outbox.path)
+        self.error = ""
+        return True
+
+    def _one_by_one(self, events: list[Event]) -> bool:
+        """Store `events` singly, setting aside those refused; False if the database went
+        away meanwhile (those stored are skipped when the batch is replayed again)."""
+        for ev in events:
+            try:
+                self.stored += self._store.add([ev], crops=self.crops)
+            except GalleryError as exc:
+                if not _refused_for_good(exc):
+                    return False
+                try:
+                    self.outbox.reject(ev, str(exc))
+                except OutboxError as err:
+                    log.error("%s", err)
+                self._count("dropped", 1)
+                log.error("gallery refuses event %s (%s/%d): %s; set aside in %s.rejected",
+                          ev.id, ev.camera, ev.track_id, exc, self.outbox.path)
+        return True
+
+    def pending(self) -> int:
+        """Events waiting in the outbox."""
+        return len(self.outbox) if self.outbox is not None else 0
+
+    def oldest(self) -> float | None:
+        """Monotonic time the oldest event in the outbox was queued (None: none waits)."""
+        return self.outbox.oldest() if self.outbox is not None else None
 
     def close(self) -> None:
-        """Stop accepting events."""
+        """Stop accepting events; what waits in the outbox stays on disk for the next run."""
+        if self.outbox is not None:
+            if len(self.outbox):
+                log.error("%d event(s) stay in the outbox %s: they are stored when the daemon "
+                          "next runs with the database up", len(self.outbox), self.outbox.path)
+            self.outbox.close()
         self._store = None
 
 
@@ -266,7 +368,7 @@ class WebhookSink:
         self._secret = secret.encode() if secret else None
         self.max_queue, self.retry_initial_s, self.retry_max_s = queue, retry_initial_s, retry_max_s
         self._count = count or (lambda kind, n: None)
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[tuple[float, bytes]] = deque()  # (monotonic time queued, body)
         self._cond = threading.Condition()
         self._busy = self._closing = False
         self.sent = self.dropped = self.retries = 0
@@ -278,7 +380,8 @@ class WebhookSink:
         with self._cond:
             if self._closing:
                 raise SinkError("webhook sink is closed")
-            self._queue.extend(json.dumps(ev.to_json(), ensure_ascii=False).encode()
+            now = time.monotonic()
+            self._queue.extend((now, json.dumps(ev.to_json(), ensure_ascii=False).encode())
                                for ev in events)
             over = len(self._queue) - self.max_queue
             for _ in range(max(0, over)):
@@ -297,6 +400,11 @@ class WebhookSink:
         with self._cond:
             return len(self._queue) + int(self._busy)
 
+    def oldest(self) -> float | None:
+        """Monotonic time the oldest undelivered event was queued (None: none waits)."""
+        with self._cond:
+            return self._queue[0][0] if self._queue else None
+
     def _run(self) -> None:
         wait = self.retry_initial_s
         while True:
@@ -305,12 +413,13 @@ class WebhookSink:
                     if self._closing:
                         return
                     self._cond.wait(0.5)
-                body, self._busy = self._queue[0], True
+                item, self._busy = self._queue[0], True
+                body = item[1]
             error = self._post(body)
             with self._cond:
                 self._busy = False
                 if error is None or error.startswith("rejected"):
-                    if self._queue and self._queue[0] is body:
+                    if self._queue and self._queue[0] is item:
                         self._queue.popleft()
                     self._cond.notify_all()
             if error is None:

@@ -61,6 +61,7 @@ def test_daemon_announces_lin_manuel_miranda_on_mqtt_and_the_webhook(
             "webhook": {"url": f"http://127.0.0.1:{hook.server_address[1]}/hook",
                         "secret": "{FACEMOE_HOOK_SECRET}", "retry_initial_s": 0.1},
             "shutdown_timeout_s": 8,
+            "box": "stage-box",
         },
     }
     monkeypatch.setenv("FACEMOE_HOOK_SECRET", "s3cret")
@@ -106,8 +107,8 @@ def test_daemon_announces_lin_manuel_miranda_on_mqtt_and_the_webhook(
 
     state = json.loads(watcher.payloads("facemoe/identities/lin_manuel_miranda")[-1])
     assert state["name"] == LIN and state["state"] == "away"
-    assert watcher.payloads("facemoe/availability")[0] == "online"
-    assert watcher.payloads("facemoe/availability")[-1] == "offline"  # clean shutdown
+    assert watcher.payloads("facemoe/availability/stage-box")[0] == "online"
+    assert watcher.payloads("facemoe/availability/stage-box")[-1] == "offline"  # clean shutdown
 
     lines = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert {e["type"] for e in lines} == {"end"}

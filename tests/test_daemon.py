@@ -378,13 +378,14 @@ def test_snapshots_cut_the_best_face_and_every_sink_names_them(tmp_path, data_di
     daemon = Daemon(cfg)
     try:
         cam = daemon.cameras[0]
+        for w in daemon.workers.values():
+            w.start()
         with open_source(cam.cc.uri) as src:
             for frame in src:
                 size = frame.size
                 daemon._emit(cam, cam.process(time.monotonic(), frame))
         daemon._emit(cam, cam.flush())
-        daemon.events_out.put(None)
-        daemon._sink_loop()  # returns after the end marker: every sink written and closed
+        daemon.stop_sinks(time.monotonic() + 30)  # every sink written and closed
         stored = {e.id: e for e in daemon.gallery.events()}
     finally:
         daemon.gallery.close()

@@ -150,3 +150,91 @@ def test_an_older_gallery_gains_the_event_columns(pg_url: str) -> None:
         assert old.track_id == 1 and old.time is None and old.id
         g.add_events([new])
         assert g.events()[1] == new
+
+
+def test_events_are_stored_once_per_id(pg_url: str) -> None:
+    """A batch written again (a retry after a lost connection, an outbox replay) and an event
+    twice in one batch are stored once (ON CONFLICT DO NOTHING on the unique events.uid)."""
+    rng = np.random.default_rng(5)
+    with Gallery(pg_url, *MODEL) as g:
+        batch = [replace(event(i), crops=((0.9, crops(rng, 1)[0]),)) for i in range(3)]
+        assert g.event_store.add(batch, crops=1) == 3
+        assert g.event_store.add(batch + [event(7)] * 2, crops=1) == 1
+        assert len(g.events()) == 4 and g.info()["event_crops"] == 3
+
+
+@pytest.mark.slow
+def test_cli_gallery_takes_a_database_url(pg_url: str, tmp_path: Path, data_dir: Path) -> None:
+    """`--gallery URL` opens that database in every command (it once made a SQLite file named
+    like the URL and said "no such gallery" in `gallery list`)."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    r = cli("enroll", "Ada", str(data_dir / "videos" / "obama.jpg"), "--gallery", pg_url)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("gallery", "list", "--gallery", pg_url, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [i["name"] for i in json.loads(r.stdout)["identities"]] == ["Ada"]
+    assert list(tmp_path.iterdir()) == []  # no file named like the URL
+    r = cli("gallery", "list", "--gallery", "nosuchdb://x/y")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+    assert "cannot open gallery nosuchdb://x/y" in r.stderr
+
+
+def test_an_event_the_database_refuses_is_set_aside_not_blocking_the_outbox(
+        pg_url: str, tmp_path: Path) -> None:
+    """PostgreSQL refuses an event on its own (a camera name longer than the column): with the
+    database up, the outbox replays the others and sets that one aside in `.rejected`."""
+    import json
+
+    from app.outbox import Outbox
+    from app.sinks import GallerySink
+
+    with Gallery(pg_url, *MODEL) as g:
+        sink = GallerySink(g.event_store, outbox=Outbox(tmp_path / "o.jsonl"))
+        bad = replace(event(1), camera="c" * 300)
+        sink.write([event(2), bad, event(3)])  # the batch is refused: all wait
+        assert sink.pending() == 3 and "too long" in sink.error
+        sink.write([event(4)])  # behind them; the replay stores them one by one
+        assert sink.pending() == 0 and sink.retry()
+        assert sorted(e.track_id for e in g.events()) == [2, 3, 4]
+        rejected = [json.loads(x) for x in (tmp_path / "o.jsonl.rejected").read_text()
+                    .splitlines()]
+        assert [r["event"]["id"] for r in rejected] == [bad.id] and "too long" in \
+            rejected[0]["reason"]
+        sink.close()
+
+
+def test_a_change_reaches_the_gallery_watch_at_once(pg_url: str) -> None:
+    """On PostgreSQL a change is NOTIFYed: the daemon's gallery watch rebuilds its matcher at
+    once, not at its next poll (60 s here)."""
+    import threading
+    import time
+
+    from app.runtime import GalleryWatch
+
+    rng = np.random.default_rng(6)
+    with Gallery(pg_url, *MODEL) as box, Gallery(pg_url, *MODEL) as writer:
+        watch, stop = GalleryWatch(box, 0.5, poll_s=60.0), threading.Event()
+        thread = threading.Thread(target=watch.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            time.sleep(1.0)  # listening
+            t = time.monotonic()
+            writer.enroll("alice", unit(rng, 1), ["a.jpg"], [0.7])
+            while not watch.matcher.names and time.monotonic() - t < 10:
+                time.sleep(0.05)
+            took = time.monotonic() - t
+            assert watch.matcher.names == ["alice"] and took < 3, took
+        finally:
+            stop.set()
+            watch.reload.set()
+            thread.join(5)

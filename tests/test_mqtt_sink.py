@@ -177,7 +177,7 @@ def test_password_authentication_topics_state_and_availability(tmp_path, brokers
     cfg = mqtt_config(broker.port, username="facemoe", password="{FACEMOE_MQTT_PASSWORD}",
                       client_id="door-box")
     assert "s3cret" not in repr(cfg)  # the secret is never printed
-    sink = MqttSink(cfg.daemon.mqtt)
+    sink = MqttSink(cfg.daemon.mqtt, box="door")
     try:
         early = event(7, kind="recognized")
         sink.write([early])
@@ -191,11 +191,11 @@ def test_password_authentication_topics_state_and_availability(tmp_path, brokers
         away = json.loads(watcher.payloads("facemoe/identities/lin_manuel_miranda")[-1])
         assert away["state"] == "away" and away["name"] == "Lin-Manuel Miranda"
         assert dt.datetime.fromisoformat(away["last_seen"]).tzinfo is not None
-        assert watcher.payloads("facemoe/availability")[-1] == "online"
+        assert watcher.payloads("facemoe/availability/door")[-1] == "online"
         assert sink.flush(5) and sink.pending() == 0
     finally:
         sink.close()
-    watcher.wait(lambda m: m[-1][:2] == ("facemoe/availability", "offline"))
+    watcher.wait(lambda m: m[-1][:2] == ("facemoe/availability/door", "offline"))
     watcher.close()
     # retained for whoever subscribes later: the camera's last message, the person's state
     late = Watcher(broker.port, ["facemoe/cameras/#", "facemoe/identities/#"],
@@ -269,14 +269,15 @@ def test_tls_with_a_self_signed_certificate(tmp_path, brokers):
 
 def test_last_will_marks_a_killed_daemon_offline(tmp_path, brokers):
     broker = brokers(tmp_path, ["allow_anonymous true"])
-    watcher = Watcher(broker.port, ["facemoe/availability"])
+    watcher = Watcher(broker.port, ["facemoe/availability/#"])
     code = ("import sys, time; from app.config import MqttConfig; from app.mqtt import MqttSink; "
-            f"MqttSink(MqttConfig(host='127.0.0.1', port={broker.port}, keepalive_s=5)); "
+            f"MqttSink(MqttConfig(host='127.0.0.1', port={broker.port}, keepalive_s=5), "
+            "box='b1'); "
             "time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     try:
-        watcher.wait(lambda m: ("facemoe/availability", "online", False) in m, 20)
+        watcher.wait(lambda m: ("facemoe/availability/b1", "online", False) in m, 20)
         os.kill(proc.pid, signal.SIGKILL)  # no clean disconnect: the broker sends the will
         watcher.wait(lambda m: m[-1][1] == "offline", 15)
     finally:
@@ -289,7 +290,7 @@ def test_home_assistant_discovery_configs(tmp_path, brokers):
     broker = brokers(tmp_path, ["allow_anonymous true"])
     watcher = Watcher(broker.port, ["homeassistant/#"])
     sink = MqttSink(mqtt_config(broker.port, discovery={"enabled": True}).daemon.mqtt,
-                    cameras=["door"], identities=lambda: ["Lin-Manuel Miranda"])
+                    box="hall", cameras=["door"], identities=lambda: ["Lin-Manuel Miranda"])
     try:
         watcher.wait(lambda m: len(m) == 2)  # on connecting: the camera and the enrolled person
         sink.write([event(1, "Zoë Ünal")])  # a person enrolled after the start
@@ -299,22 +300,23 @@ def test_home_assistant_discovery_configs(tmp_path, brokers):
         watcher.close()
     configs = {t: json.loads(p) for t, p, _ in watcher.messages}
     assert set(configs) == {
-        "homeassistant/sensor/facemoe_camera_door/config",
-        "homeassistant/sensor/facemoe_lin_manuel_miranda/config",
-        "homeassistant/sensor/facemoe_zoe_unal/config",
+        "homeassistant/sensor/facemoe_hall/facemoe_hall_camera_door/config",
+        "homeassistant/sensor/facemoe_hall/facemoe_hall_lin_manuel_miranda/config",
+        "homeassistant/sensor/facemoe_hall/facemoe_hall_zoe_unal/config",
     }
     for c in configs.values():
         assert set(c) <= HA_SENSOR_KEYS, set(c) - HA_SENSOR_KEYS
         assert set(c["device"]) <= HA_DEVICE_KEYS
         assert {"name", "unique_id", "state_topic", "availability_topic", "device"} <= set(c)
-        assert c["availability_topic"] == "facemoe/availability"
+        assert c["availability_topic"] == "facemoe/availability/hall"
+        assert c["device"]["identifiers"] == ["facemoe_hall"]
         assert (c["payload_available"], c["payload_not_available"]) == ("online", "offline")
         assert isinstance(c["device"]["identifiers"], list) and c["device"]["name"]
         assert c["state_topic"].startswith("facemoe/") and "{{" in c["value_template"]
     assert len({c["unique_id"] for c in configs.values()}) == 3
-    lin = configs["homeassistant/sensor/facemoe_lin_manuel_miranda/config"]
+    lin = configs["homeassistant/sensor/facemoe_hall/facemoe_hall_lin_manuel_miranda/config"]
     assert lin["name"] == "Lin-Manuel Miranda"
-    assert lin["default_entity_id"] == "sensor.facemoe_lin_manuel_miranda"
+    assert lin["default_entity_id"] == "sensor.facemoe_hall_lin_manuel_miranda"
     assert lin["state_topic"] == lin["json_attributes_topic"] == \
         "facemoe/identities/lin_manuel_miranda"
     late = Watcher(broker.port, ["homeassistant/#"])  # retained for Home Assistant restarts
@@ -378,3 +380,63 @@ def test_a_full_buffer_drops_the_oldest_and_counts_them(tmp_path, caplog):
             broker.stop()
     finally:
         sink.close(timeout=0.1)
+
+
+def test_two_boxes_on_one_broker_keep_their_own_identity(tmp_path, brokers):
+    """Two boxes with the default settings (only daemon.box differs): each connects with a
+    client id of its own (one id would make the broker throw the other off, over and over),
+    has its own availability topic and its own Home Assistant device and entities."""
+    broker = brokers(tmp_path, ["allow_anonymous true"])
+    watcher = Watcher(broker.port, ["facemoe/availability/#", "homeassistant/#"])
+    cfg = mqtt_config(broker.port, discovery={"enabled": True}).daemon.mqtt
+    boxes = [MqttSink(cfg, box=box, cameras=[cam], identities=lambda: ["Ada"])
+             for box, cam in (("box-a", "door"), ("box-b", "yard"))]
+    try:
+        assert [b.client_id for b in boxes] == ["facemoe-box-a", "facemoe-box-b"]
+        watcher.wait(lambda m: len([t for t, _, _ in m if t.startswith("homeassistant/")]) == 4)
+        for b, cam in zip(boxes, ("door", "yard"), strict=True):
+            b.write([replace(event(1, "Ada"), camera=cam)])
+        assert all(b.flush(5) for b in boxes)
+        time.sleep(2)  # a client id clash shows as disconnects within a keepalive or two
+        assert [b.disconnects for b in boxes] == [0, 0]
+    finally:
+        for b in boxes:
+            b.close()
+    watcher.wait(lambda m: [p for t, p, _ in m if t.startswith("facemoe/availability/")][-2:]
+                 == ["offline", "offline"])
+    watcher.close()
+    avail = {t for t, _, _ in watcher.messages if t.startswith("facemoe/availability/")}
+    assert avail == {"facemoe/availability/box-a", "facemoe/availability/box-b"}
+    configs = [json.loads(p) for t, p, _ in watcher.messages if t.startswith("homeassistant/")]
+    ada = sorted(c["default_entity_id"] for c in configs if c["name"] == "Ada")
+    assert ada == ["sensor.facemoe_box_a_ada", "sensor.facemoe_box_b_ada"]
+    assert len({c["unique_id"] for c in configs}) == len(configs) == 4
+    assert {c["device"]["identifiers"][0] for c in configs} == {"facemoe_box_a", "facemoe_box_b"}
+    assert "already connected" not in (tmp_path / "broker.log").read_text()  # no id clash
+
+
+def test_erasure_clears_every_boxs_discovery_config(tmp_path, brokers):
+    """`clear_retained` (the erasure service's MQTT step) finds each box's retained sensor of
+    the person by its state topic and deletes it with the state topic."""
+    from app.mqtt import clear_retained
+
+    broker = brokers(tmp_path, ["allow_anonymous true"])
+    cfg = mqtt_config(broker.port, discovery={"enabled": True}).daemon.mqtt
+    for box in ("box-a", "box-b"):
+        sink = MqttSink(cfg, box=box, identities=lambda: ["Ada", "Bob"])
+        try:
+            sink.write([event(1, "Ada"), event(2, "Bob")])
+            assert sink.flush(5)
+        finally:
+            sink.close()
+    before = Watcher(broker.port, ["homeassistant/#", "facemoe/identities/#"])
+    before.wait(lambda m: len(m) == 8)  # 2 boxes x 3 sensors (Ada, Bob, camera), 2 states
+    before.close()
+    assert clear_retained(cfg, ["Ada"]) == 4  # state, legacy config, 2 box configs
+    after = Watcher(broker.port, ["homeassistant/#", "facemoe/identities/#"])
+    time.sleep(1.0)
+    after.close()
+    left = {t for t, p, _ in after.messages if p}
+    assert left == {"facemoe/identities/bob"} | {
+        f"homeassistant/sensor/facemoe_{b}/facemoe_{b}_{s}/config"
+        for b in ("box_a", "box_b") for s in ("bob", "camera_door")}

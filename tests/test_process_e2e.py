@@ -310,3 +310,22 @@ def test_recognized_alert_and_annotation_labels_on_the_close_up(hamilton, data_d
     assert any(r.predicted for _, r in close_up) and any(r.faces for _, r in close_up)
     assert {e.type for e in ended} == {"end"} and all(e.time for e in ended)
     assert len(ended) == len(events)
+
+
+def test_processing_a_file_again_stores_its_events_once(hamilton, tmp_path, data_dir):
+    """Event ids come from the file and the track: a second run over the same video gives the
+    same ids, and the gallery (unique event ids) stores nothing twice."""
+    import sqlite3
+
+    _, events, _, gallery = hamilton
+    copy = tmp_path / "gallery.db"
+    copy.write_bytes(gallery.read_bytes())
+    with sqlite3.connect(copy) as db:
+        before = sorted(r[0] for r in db.execute("select uid from events"))
+    assert before == sorted(e["id"] for e in events)
+    facemoe("process", data_dir / "videos" / "short_hamilton_clip.mp4", "--gallery", copy,
+            "--events", tmp_path / "again.jsonl")
+    again = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
+    assert sorted(e["id"] for e in again) == before
+    with sqlite3.connect(copy) as db:
+        assert sorted(r[0] for r in db.execute("select uid from events")) == before

@@ -366,9 +366,9 @@ def test_healthz_degraded_on_drops_sink_failure_and_reconnect(
         threading.Thread(target=daemon._work, daemon=True).start()
         _until("drops to clear", lambda: _healthz(port)[1]["cameras"]["door"]["problem"] is None,
                30)
-        daemon._write("jsonl", daemon._sinks["jsonl"], [event(1)])
-        code, h = _healthz(port)
-        assert code == 503
+        daemon.workers["jsonl"].start().put([event(1)])  # the JSONL sink's own thread
+        code, h = _until("the failed write to show", lambda: (r := _healthz(port))[0] == 503
+                         and any(x.startswith("sink jsonl") for x in r[1]["reasons"]) and r, 10)
         assert any(r.startswith("sink jsonl: failed") and "No space left" in r
                    for r in h["reasons"]), h["reasons"]
         assert "camera door" not in " ".join(h["reasons"])
@@ -1014,11 +1014,11 @@ def test_stalled_http_clients_are_dropped_without_tracebacks(
     import socket
     import threading
 
-    import app.daemon as daemon_module
+    import app.daemon.http as daemon_http
     from app.config import AppConfig
     from app.daemon import Daemon
 
-    monkeypatch.setattr(daemon_module, "_HTTP_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(daemon_http, "_HTTP_TIMEOUT_S", 1.0)
     port = free_port()
     daemon = Daemon(AppConfig.model_validate({
         "model": {"dir": str(tiny_model_dir), "threads": 1},

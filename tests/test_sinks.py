@@ -144,6 +144,7 @@ def test_a_gallery_made_before_the_event_extensions_opens_and_gains_the_columns(
     with Gallery(path, "facemoe-edge", "0.1.0") as gallery:
         GallerySink(gallery.event_store).write([event(1, "alice")])
     with sqlite3.connect(path) as db:
+        db.execute("DROP INDEX ux_events_uid")  # release 0.2 had no unique event id
         for col in EVENT_COLUMNS_ADDED:
             db.execute(f"ALTER TABLE events DROP COLUMN {col}")
         db.execute("DROP TABLE alembic_version")  # release 0.2 had no schema version
@@ -162,6 +163,7 @@ def test_a_gallery_made_before_the_event_extensions_opens_and_gains_the_columns(
         assert gallery.event_store.stored()[-1].event == new
     with sqlite3.connect(path) as db:
         assert set(EVENT_COLUMNS_ADDED) <= {r[1] for r in db.execute("pragma table_info(events)")}
+        assert "ux_events_uid" in {r[1] for r in db.execute("pragma index_list(events)")}
 
 
 def _mode(path: Path) -> int:

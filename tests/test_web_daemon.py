@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def _get(port: int, path: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
             return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:  # 503 "degraded" comes with its JSON body
+        return e.code, e.read().decode()
     except OSError:
         return 0, ""
 
@@ -40,8 +43,10 @@ def test_the_daemon_serves_the_review_ui_with_a_cameras_page(tmp_path: Path,
     cfg = {
         "gallery": {"path": str(tmp_path / "gallery.db")},
         "cameras": [{"name": "hall",
-                     "uri": str(data_dir / "videos" / "intel_face-demographics-walking.mp4")}],
+                     "uri": str(data_dir / "videos" / "intel_face-demographics-walking.mp4")},
+                    {"name": "gone", "uri": str(tmp_path / "no-such-camera.mp4")}],
         "daemon": {"metrics_port": port, "web": True, "sqlite_commit_s": 0.2,
+                   "frame_queue": 64,  # all 35 frames are processed, even on a busy machine
                    "shutdown_timeout_s": 5},
     }
     AppConfig.model_validate(cfg)
@@ -67,7 +72,11 @@ def test_the_daemon_serves_the_review_ui_with_a_cameras_page(tmp_path: Path,
         status, page = _get(port, "/cameras")
         assert status == 200 and '<a href="/events?camera=hall">hall</a>' in page
         assert _get(port, "/metrics")[1].count("facemoe_frames_total") >= 1
-        assert json.loads(_get(port, "/healthz")[1])["cameras"]["hall"]["frames"] == 35
+        status, body = _get(port, "/healthz")  # the daemon's one /healthz, also under the UI
+        health = json.loads(body)
+        assert health["cameras"]["hall"]["frames"] == 35
+        assert status == 503 and health["status"] == "degraded"  # camera "gone" reconnects
+        assert any(r.startswith("camera gone:") for r in health["reasons"]), health["reasons"]
         time.sleep(0.5)  # the sink's batched commit
         events = json.loads(_get(port, "/api/events")[1])["events"]
         assert events and all(e["camera"] == "hall" for e in events)

@@ -28,6 +28,7 @@ from sqlalchemy import (
     Engine,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -38,6 +39,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import URL, Connection, make_url
@@ -59,6 +61,15 @@ from app.gallery.errors import GalleryError, one_line
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
+CHANGES_CHANNEL = "facemoe_gallery"  # PostgreSQL NOTIFY channel of `bump_version`
+# a database server (PostgreSQL): a connection attempt gives up after CONNECT_TIMEOUT_S; TCP
+# keepalives find a dead peer (server host gone, cable pulled) in about KEEPALIVE_IDLE_S +
+# KEEPALIVE_COUNT * KEEPALIVE_INTERVAL_S instead of the kernel's two hours; every pooled
+# connection is checked (pre-ping) before use, so a server restart costs one failed check,
+# not a failed transaction
+CONNECT_TIMEOUT_S = 5
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 3
+POOL_RECYCLE_S = 1800  # connections older than this are replaced (idle-killing firewalls)
 LOCK_RETRIES = 5  # attempts of a write that still finds the database locked after the timeout
 IN_CHUNK = 500  # values per SQL IN (...) list
 _PAGE_SIZE = 16384  # a 512-d template (2 KiB) per identity: ~2.6 KB on disk, not ~4.3 KB
@@ -139,8 +150,10 @@ class EventRow(Base):
         DateTime(timezone=True), default=utcnow, index=True
     )
     # Added after the first release: nullable, and added to older galleries when they are
-    # opened (migration 0002). `uid` is the event's own id (`Event.id`, a UUID string).
+    # opened (migration 0002). `uid` is the event's own id (`Event.id`, a UUID string), unique
+    # (migration 0004): a write retried or replayed from the outbox is stored once.
     uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    __table_args__ = (Index("ux_events_uid", "uid", unique=True),)
     time: Mapped[str | None] = mapped_column(String(40), nullable=True)  # ISO 8601, wall clock
     snapshot: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     candidate: Mapped[str | None] = mapped_column(String(256), nullable=True)
@@ -229,6 +242,19 @@ class MetaRow(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(1024))
+
+
+class BoxRow(Base):
+    """A daemon's heartbeat, one row per box of the site (`app.gallery.fleet`): when it started
+    and was last heard of, its state and its cameras' counters (JSON, no faces or names)."""
+
+    __tablename__ = "boxes"
+
+    box: Mapped[str] = mapped_column(String(64), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    state: Mapped[str] = mapped_column(String(16))  # ok | degraded | stopped
+    detail: Mapped[str] = mapped_column(Text)  # JSON: {"cameras": [...], "reasons": [...]}
 
 
 class AuditRow(Base):
@@ -465,7 +491,22 @@ class Database:
     @staticmethod
     def _make_engine(url: URL) -> Engine:
         if url.get_backend_name() != "sqlite":
-            return create_engine(url)
+            kwargs = {"pool_pre_ping": True, "pool_recycle": POOL_RECYCLE_S}
+            if url.get_backend_name() == "postgresql" and url.get_driver_name() in (
+                    "psycopg", "psycopg2"):  # libpq's connection parameters
+                kwargs["connect_args"] = {
+                    "connect_timeout": CONNECT_TIMEOUT_S, "keepalives": 1,
+                    "keepalives_idle": KEEPALIVE_IDLE_S,
+                    "keepalives_interval": KEEPALIVE_INTERVAL_S,
+                    "keepalives_count": KEEPALIVE_COUNT,
+                    "tcp_user_timeout": (KEEPALIVE_IDLE_S + KEEPALIVE_COUNT
+                                         * KEEPALIVE_INTERVAL_S) * 1000,
+                }
+            try:
+                return create_engine(url, **kwargs)
+            except (ArgumentError, ImportError) as exc:  # e.g. an unknown dialect or driver
+                raise GalleryError(f"cannot open gallery {url.render_as_string()}: "
+                                   f"{one_line(exc)}") from exc
         kwargs: dict = {"connect_args": {"timeout": BUSY_TIMEOUT_MS / 1000}}
         if url.database in (None, "", ":memory:"):
             # One shared connection, or every checkout would see a fresh empty database.
@@ -576,9 +617,33 @@ class Database:
 
     @staticmethod
     def bump_version(session: Session) -> None:
-        """Advance the change counter read by `version()` (in the change's transaction)."""
+        """Advance the change counter read by `version()` (in the change's transaction); on
+        PostgreSQL also NOTIFY `CHANGES_CHANNEL` (sent at commit) for `listen`ers."""
         value = Database.get_meta(session, "version")
         Database.set_meta(session, "version", str(int(value) + 1 if value else 1))
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text(f"NOTIFY {CHANGES_CHANNEL}"))
+
+    def listen(self):  # noqa: ANN201  (a psycopg.Connection, or None)
+        """A connection of its own (not from the pool) that LISTENs for gallery changes, on
+        PostgreSQL through psycopg 3; None for other databases (they keep the poll). Wait on
+        it with `conn.notifies(timeout=..., stop_after=1)`; close it when done."""
+        url = self._engine.url
+        if url.get_backend_name() != "postgresql" or url.get_driver_name() != "psycopg":
+            return None
+        import psycopg
+
+        try:
+            conn = psycopg.connect(
+                url.set(drivername="postgresql").render_as_string(hide_password=False),
+                autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, keepalives=1,
+                keepalives_idle=KEEPALIVE_IDLE_S, keepalives_interval=KEEPALIVE_INTERVAL_S,
+                keepalives_count=KEEPALIVE_COUNT)
+            conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+        except psycopg.Error as exc:
+            raise GalleryError(f"gallery {self.location}: listen for changes failed: "
+                               f"{one_line(exc)}") from exc
+        return conn
 
     def version(self) -> int:
         """Change counter: differs after every enroll, remove or rename (0 when never written)."""

@@ -56,55 +56,86 @@ def _event_of(r: EventRow) -> Event:
                  zones=tuple(json.loads(r.zones)) if r.zones else ())
 
 
+def _row_values(ev: Event) -> dict[str, Any]:
+    return {
+        "camera": ev.camera,
+        "track_id": int(ev.track_id),
+        "identity": ev.identity,
+        "score": float(ev.score),
+        "start": float(ev.start),
+        "end": float(ev.end),
+        "frames": int(ev.frames),
+        "bbox_x": float(ev.best_bbox[0]),
+        "bbox_y": float(ev.best_bbox[1]),
+        "bbox_w": float(ev.best_bbox[2]),
+        "bbox_h": float(ev.best_bbox[3]),
+        "model": ev.model,
+        "uid": ev.id,
+        "time": ev.time,
+        "snapshot": ev.snapshot,
+        "candidate": ev.candidate,
+        "candidate_score": None if ev.candidate_score is None else float(ev.candidate_score),
+        "zones": json.dumps(list(ev.zones), ensure_ascii=False) if ev.zones else None,
+        "created_at": utcnow(),
+    }
+
+
+def _insert_once(session: Session, values: dict[str, Any]) -> int | None:
+    """Insert an `events` row unless its uid is stored; its new row id, or None when it was.
+    SQLite and PostgreSQL skip a duplicate in the INSERT itself (ON CONFLICT DO NOTHING on the
+    unique index), so two writers racing with one event store it once."""
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        stmt = (dialect_insert(EventRow).values(**values)
+                .on_conflict_do_nothing(index_elements=[EventRow.uid])
+                .returning(EventRow.id))
+        return session.execute(stmt).scalar()
+    if session.scalar(select(EventRow.id).where(EventRow.uid == values["uid"])) is not None:
+        return None
+    return session.execute(insert(EventRow).values(**values).returning(EventRow.id)).scalar()
+
+
 class EventStore:
     """The `events` and `event_crops` tables of an opened gallery (`Store`)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def add(self, events: list[Event], *, crops: int = 0) -> None:
+    def add(self, events: list[Event], *, crops: int = 0) -> int:
         """Store events in one transaction, each with up to `crops` of its best aligned crops
-        (`Event.crops`; sealed like template crops in an encrypted gallery)."""
+        (`Event.crops`; sealed like template crops in an encrypted gallery). Idempotent: an
+        event whose id (`Event.id`, the unique `events.uid`) is already stored is skipped, so
+        a batch retried after a lost connection or replayed from an outbox is stored once.
+        Returns how many were new."""
         if not events:
-            return
+            return 0
         store = self._store
         jpegs = [[(float(q), encode_crop(c)) for q, c in ev.crops[:max(0, crops)]]
                  for ev in events]
 
-        def work(session: Session) -> None:
+        def work(session: Session) -> int:
             store.claim(session)
-            rows = [
-                EventRow(
-                    camera=ev.camera,
-                    track_id=int(ev.track_id),
-                    identity=ev.identity,
-                    score=float(ev.score),
-                    start=float(ev.start),
-                    end=float(ev.end),
-                    frames=int(ev.frames),
-                    bbox_x=float(ev.best_bbox[0]),
-                    bbox_y=float(ev.best_bbox[1]),
-                    bbox_w=float(ev.best_bbox[2]),
-                    bbox_h=float(ev.best_bbox[3]),
-                    model=ev.model,
-                    uid=ev.id,
-                    time=ev.time,
-                    snapshot=ev.snapshot,
-                    candidate=ev.candidate,
-                    candidate_score=(None if ev.candidate_score is None
-                                     else float(ev.candidate_score)),
-                    zones=json.dumps(list(ev.zones), ensure_ascii=False) if ev.zones else None,
-                )
-                for ev in events
-            ]
-            session.add_all(rows)
-            if any(jpegs):
-                session.flush()  # assigns the event ids
-                session.execute(insert(EventCropRow), [
-                    {"event_id": row.id, "quality": q, "crop": store.sealer.seal(jpeg, CROP)}
-                    for row, kept in zip(rows, jpegs, strict=True) for q, jpeg in kept])
+            new = 0
+            for ev, kept in zip(events, jpegs, strict=True):
+                event_id = _insert_once(session, _row_values(ev))
+                if event_id is None:
+                    continue  # stored before
+                new += 1
+                if kept:
+                    session.execute(insert(EventCropRow), [
+                        {"event_id": event_id, "quality": q,
+                         "crop": store.sealer.seal(jpeg, CROP)} for q, jpeg in kept])
+            return new
 
-        store.db.write(f"store {len(events)} event(s)", work)
+        new = store.db.write(f"store {len(events)} event(s)", work)
+        if new < len(events):
+            log.info("gallery %s: %d of %d event(s) were already stored (skipped)",
+                     store.location, len(events) - new, len(events))
+        return new
 
     def stored(
         self,

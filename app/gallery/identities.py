@@ -173,9 +173,10 @@ class Gallery(Closing):
         create: bool = True,
         key: bytes | None = None,
         adopt_model: bool = False,
+        defer_open: bool = False,
     ) -> None:
         self.store = Store(location, model_name, model_version, create=create, key=key,
-                           adopt_model=adopt_model)
+                           adopt_model=adopt_model, defer_open=defer_open)
         self.event_store = EventStore(self.store)
         self.review = Review(self.store)  # pages, clusters and edits of the review UI
         self.erasures = Erasures(self.store)  # tombstones of erasures (app.erasure)

@@ -41,6 +41,18 @@ class Closing:
         self.close()
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a gallery error comes from a database server that could not be reached (a
+    connection that failed), not from what the database holds."""
+    from sqlalchemy.exc import OperationalError
+
+    while exc is not None:
+        if isinstance(exc, OperationalError):
+            return "connect" in str(exc).lower() or "server" in str(exc).lower()
+        exc = exc.__cause__
+    return False
+
+
 class Store(Closing):
     """The parts every gallery module builds on: `db` (transactions), `sealer` (encryption
     at rest), `audit` (the audit log), the model (`model_name`, `model_version`) and the
@@ -49,7 +61,8 @@ class Store(Closing):
     `location` is a file path (SQLite) or a SQLAlchemy URL. With `create=False` the
     gallery must already exist. `key` (32 bytes) opens or creates an encrypted gallery;
     None reads it from the environment (`load_key`). `adopt_model=True` opens a gallery
-    built with another model as that model.
+    built with another model as that model. `defer_open=True` (the daemon) lets a gallery on
+    a database server be made while the server is away: see `open`.
     """
 
     def __init__(
@@ -61,19 +74,39 @@ class Store(Closing):
         create: bool = True,
         key: bytes | None = None,
         adopt_model: bool = False,
+        defer_open: bool = False,
     ) -> None:
         self.model_name, self.model_version = model_name, model_version
         self.sealer = Sealer(load_key() if key is None else key)
         self.db = Database(location, create=create)
+        self._create, self._adopt = create, adopt_model
+        self.opened = False
+        self.store_crops = True
+        self.audit = AuditLog(self.db)
         try:
-            meta, has_templates = self.db.open_schema(create)
-            self._check_model(meta, adopt_model)
-            self.sealer.check_opens(meta, has_templates, self.location)
+            self.open()
+        except GalleryError as exc:
+            if not (defer_open and not self.db.is_sqlite and _unreachable(exc)):
+                self.db.discard()
+                raise
+            log.error("%s: the gallery is opened (and checked) when its database answers",
+                      exc)
         except BaseException:
             self.db.discard()
             raise
+
+    def open(self) -> None:
+        """Check the database is this gallery (tables and migrations, model, encryption key),
+        once. With `defer_open` a server that cannot be reached when the store is made is
+        checked here later (`opened` says whether it has been); until then every use fails
+        with a GalleryError, as it would during an outage."""
+        if self.opened:
+            return
+        meta, has_templates = self.db.open_schema(self._create)
+        self._check_model(meta, self._adopt)
+        self.sealer.check_opens(meta, has_templates, self.location)
         self.store_crops = meta.get("store_crops", "1") == "1"
-        self.audit = AuditLog(self.db)
+        self.opened = True
 
     @property
     def location(self) -> str:
