@@ -214,8 +214,9 @@ def test_validate_config_refuses_thresholds_out_of_range(tmp_path: Path, command
 
 
 def test_validate_config_warns_outside_sane_band_and_accepts(tmp_path: Path) -> None:
-    cfg = tmp_path / "app.yaml"
-    cfg.write_text("matching:\n  threshold: -0.5\n")
+    cfg = tmp_path / "app.yaml"  # run refuses a config without a camera
+    cfg.write_text("matching:\n  threshold: -0.5\ncameras:\n  - name: door\n"
+                   "    uri: /dev/video0\n")
     proc = _cli("run", "--config", str(cfg), "--validate-config")
     assert proc.returncode == 0 and proc.stdout.strip() == "config ok", proc.stderr
     assert "almost everyone will be named" in proc.stderr
