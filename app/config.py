@@ -239,10 +239,10 @@ class MatchConfig(_Strict):
         "manifest's open-set calibration at false_alarm_rate (or its recommended threshold "
         "when it has no calibration); lower names more people (and more wrongly)")
     false_alarm_rate: float = Field(
-        0.01, gt=0, lt=0.5, description="with threshold auto and a calibrated model: the "
-        "most strangers' tracks that may be named (a bound: on LFW 1:N the default named "
-        "0.07-0.33% of strangers); the threshold follows from it for the gallery's number of "
-        "people and each face's resolution (app/openset.py)")
+        0.001, gt=0, lt=0.5, description="with threshold auto and a calibrated model: the "
+        "most strangers' tracks that may be named (a bound: on LFW 1:N, 0-0.03% of strangers "
+        "were named at 0.001, 0.07-0.33% at 0.01); the threshold follows from it for the "
+        "gallery's number of people and each face's resolution (app/openset.py)")
     min_frames: int = Field(2, ge=1, description="tracks seen in fewer frames make no event")
 
     @field_validator("threshold")
