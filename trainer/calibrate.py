@@ -108,31 +108,25 @@ def threshold_for(calibration: dict[str, Any], rate: float, identities: int,
     """The threshold for a probe with its face at `face_px` (None: native) against a gallery
     of `identities` people, for a false-alarm `rate` per probe."""
     lf = float(np.log10(pair_far(rate, identities)))
+    x, y = GRID[::-1], _thresholds_at(calibration, face_px)[::-1]  # ascending for np.interp
+    if lf < x[0]:  # past the grid: continue the last step's slope
+        return min(float(y[0] + (y[1] - y[0]) / (x[1] - x[0]) * (lf - x[0])), 1.0)
+    return min(float(np.interp(lf, x, y)), 1.0)
+
+
+def _thresholds_at(calibration: dict[str, Any], face_px: float | None) -> np.ndarray:
+    """The curve's thresholds on `GRID` for this face resolution (None: native): linear
+    between the calibrated resolutions, clamped to their range."""
     curves = sorted(calibration["curves"], key=lambda c: c["face_px"])
-    px = float(NATIVE_PX if face_px is None else min(max(face_px, curves[0]["face_px"]),
-                                                     curves[-1]["face_px"]))
-
-    def at(curve: dict[str, Any]) -> float:
-        x = np.asarray(curve["log10_far"])[::-1]  # ascending for np.interp
-        y = np.asarray(curve["threshold"])[::-1]
-        if lf < x[0]:  # past the grid: continue the last step's slope
-            return float(y[0] + (y[1] - y[0]) / (x[1] - x[0]) * (lf - x[0]))
-        return float(np.interp(lf, x, y))
-
     pxs = [c["face_px"] for c in curves]
-    values = [at(c) for c in curves]
-    return min(float(np.interp(px, pxs, values)), 1.0)
+    px = float(NATIVE_PX if face_px is None else min(max(face_px, pxs[0]), pxs[-1]))
+    table = np.array([c["threshold"] for c in curves])  # [resolutions, GRID]
+    return np.array([np.interp(px, pxs, table[:, i]) for i in range(len(GRID))])
 
 
 def _survival(calibration: dict[str, Any], face_px: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """(thresholds ascending, FAR at each) of the curve for this face resolution, interpolated
-    between the calibrated resolutions like `threshold_for`."""
-    curves = sorted(calibration["curves"], key=lambda c: c["face_px"])
-    px = float(NATIVE_PX if face_px is None else min(max(face_px, curves[0]["face_px"]),
-                                                     curves[-1]["face_px"]))
-    pxs = [c["face_px"] for c in curves]
-    t = np.array([np.interp(px, pxs, [c["threshold"][i] for c in curves])
-                  for i in range(len(GRID))])
+    """(thresholds ascending, FAR at each) of the curve for this face resolution."""
+    t = _thresholds_at(calibration, face_px)
     keep = np.concatenate([[True], np.diff(t) > 1e-6]) & (t < 1.0)  # strictly increasing
     return t[keep], 10.0 ** GRID[keep]
 
