@@ -196,18 +196,18 @@ class Matcher:
             return self._rescore(probe[None, :], self._coarse.search(probe[None, :]), rule)[0]
         scores = self._matrix @ probe  # [M] gemv
         j = int(np.argmax(scores))
-        return self._decide(j, scores, np.arange(len(scores)), rule)
+        return self._decide(j, float(scores[j]), scores, self._owner, rule)
 
-    def _decide(self, row: int, scores: np.ndarray, rows: np.ndarray,
+    def _decide(self, row: int, score: float, scores: np.ndarray, owners: np.ndarray,
                 rule: tuple[float, float]) -> Match:
-        """The match of template `row`, given the scores of the template `rows` searched:
-        named at `rule`'s threshold, or at the floor with `rule`'s margin over the best
-        template of any other person."""
-        name, score = self.names[row], float(scores[rows == row][0])
+        """The match of template `row` (its `score`): named at `rule`'s threshold, or at the
+        floor with `rule`'s margin over the best template of any other person (`scores` of the
+        templates searched, `owners` their identity indices; read only in that case)."""
+        name = self.names[row]
         threshold, margin = rule
         named = score >= threshold
         if not named and np.isfinite(margin) and score >= self.open_set.floor:
-            others = scores[self._owner[rows] != self._owner[row]]
+            others = scores[owners != self._owner[row]]
             named = score - (float(others.max()) if len(others) else -1.0) >= margin
         return Match(name if named else None, score, name)
 
@@ -219,7 +219,8 @@ class Matcher:
             scores = self._matrix[cand] @ probe
             # the lowest row index among equal scores, as np.argmax over all rows would pick
             best = np.flatnonzero(scores == scores.max())
-            out.append(self._decide(int(cand[best].min()), scores, cand, rule))
+            out.append(self._decide(int(cand[best].min()), float(scores[best[0]]), scores,
+                                    self._owner[cand], rule))
         return out
 
     def match_many(self, templates: np.ndarray) -> list[Match]:
@@ -240,5 +241,5 @@ class Matcher:
         scores = probes @ self._matrix.T  # [K, M]; argmax over templates
         # is argmax over identities of the per-identity max (see the class docstring)
         best = np.argmax(scores, axis=1)
-        rows = np.arange(scores.shape[1])
-        return [self._decide(int(j), scores[k], rows, rule) for k, j in enumerate(best)]
+        return [self._decide(int(j), float(scores[k, j]), scores[k], self._owner, rule)
+                for k, j in enumerate(best)]
