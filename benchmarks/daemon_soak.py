@@ -9,8 +9,14 @@ over the M minutes after a warm-up (default 60 s): processed fps per camera, dro
 reconnects, events, frame-to-event latency p95 (facemoe_event_latency_seconds) and memory
 growth (target < 50 MB). Prints one JSON object on stdout. Not a test.
 
+With `--lock-s S` another process holds the gallery database's write lock for S seconds in the
+middle of the measured time (issue 22: the database locked for 60 s): /healthz is read every
+second meanwhile, and at the end every event the JSONL sink wrote must be stored in the gallery
+exactly once ("events_lost" and "events_duplicated", both expected 0).
+
     .venv/bin/python benchmarks/daemon_soak.py                    # 4 cameras, 10 minutes
     .venv/bin/python benchmarks/daemon_soak.py --minutes 1 --cameras 2 --out soak.json
+    .venv/bin/python benchmarks/daemon_soak.py --cameras 1 --lock-s 60   # locked mid-run
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ import json
 import os
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -96,6 +105,82 @@ def scrape(port: int) -> dict:
     return out
 
 
+def health(port: int) -> dict | None:
+    """/healthz's JSON (503 "degraded" carries the same body); None when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
+    except OSError:
+        return None
+
+
+class GalleryLock(threading.Thread):
+    """Holds the SQLite gallery's write lock (BEGIN IMMEDIATE, as another writer would) from
+    `at` (monotonic) for `seconds`, reading /healthz every second while it lasts and afterwards
+    until it no longer names the gallery sink. `result` says when it named it (a camera the
+    loaded machine makes drop frames is reported too, and is not what is measured here)."""
+
+    def __init__(self, gallery: Path, port: int, at: float, seconds: float):
+        super().__init__(daemon=True)
+        self.gallery, self.port, self.at, self.seconds = gallery, port, at, seconds
+        self.result: dict = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        if self.stop.wait(max(0.0, self.at - time.monotonic())):
+            return
+        db = sqlite3.connect(self.gallery, isolation_level=None, timeout=60)
+        db.execute("BEGIN IMMEDIATE")
+        t0 = time.monotonic()
+        reads, named, first_named, reasons = 0, 0, None, set()
+        try:
+            while (now := time.monotonic()) - t0 < self.seconds and not self.stop.is_set():
+                h = health(self.port) or {"status": "no answer", "reasons": []}
+                reads += 1
+                reasons.update(r.split(":")[0] for r in h.get("reasons", []))
+                if h["status"] == "degraded" and self._names_gallery(h):
+                    named += 1
+                    first_named = first_named if first_named is not None else now - t0
+                self.stop.wait(1.0)
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        released = time.monotonic()
+        cleared = None
+        while not self.stop.is_set() and time.monotonic() - released < 120:
+            h = health(self.port)
+            if h is not None and not self._names_gallery(h):
+                cleared = time.monotonic() - released
+                break
+            self.stop.wait(0.5)
+        self.result = {
+            "held_s": round(released - t0, 1),
+            "health_reads": reads,
+            "reads_degraded_naming_gallery": named,
+            "gallery_named_after_s": None if first_named is None else round(first_named, 1),
+            "reasons_seen": sorted(reasons),
+            "gallery_cleared_after_release_s": None if cleared is None else round(cleared, 1),
+        }
+
+    @staticmethod
+    def _names_gallery(h: dict) -> bool:
+        return any(r.startswith("sink gallery") for r in h.get("reasons", []))
+
+
+def stored_once(jsonl: Path, gallery: Path) -> dict:
+    """Events the JSONL sink wrote (all rotated files) against the gallery's stored uids."""
+    ids = []
+    for f in sorted(jsonl.parent.glob(jsonl.name + "*")):
+        ids += [json.loads(line)["id"] for line in f.read_text().splitlines() if line.strip()]
+    with sqlite3.connect(gallery, timeout=60) as db:
+        uids = [r[0] for r in db.execute("select uid from events")]
+    return {"events_written_jsonl": len(ids), "events_stored": len(uids),
+            "events_lost": len(set(ids) - set(uids)),
+            "events_duplicated": len(uids) - len(set(uids))}
+
+
 def value(m: dict, name: str, **labels) -> float:
     return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
@@ -138,6 +223,8 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=60.0, help="seconds before the start figures")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, events)")
+    p.add_argument("--lock-s", type=float, default=0.0,
+                   help="hold the gallery database's write lock this long mid-run (0: never)")
     args = p.parse_args()
     command = shlex.join([sys.executable, *sys.argv])
 
@@ -154,6 +241,7 @@ def main() -> int:
 
     cams = [RtspCamera(tmp / "clip25.mp4") for _ in range(args.cameras)]
     daemon: subprocess.Popen | None = None
+    lock: GalleryLock | None = None
     log_path = tmp / "daemon.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
@@ -202,6 +290,10 @@ def main() -> int:
         start = end = None
         warm_at = t0 + args.warmup
         end_at = warm_at + args.minutes * 60
+        if args.lock_s > 0:  # centred in the measured time
+            lock = GalleryLock(tmp / "gallery.db", metrics_port,
+                               warm_at + (args.minutes * 60 - args.lock_s) / 2, args.lock_s)
+            lock.start()
         next_at = time.monotonic()
         while True:
             alive()
@@ -223,10 +315,15 @@ def main() -> int:
             next_at += SAMPLE_S
             time.sleep(max(0.0, min(next_at, end_at if start else warm_at) - time.monotonic()))
 
+        if lock is not None:
+            lock.join(180)
         t_stop = time.monotonic()
         rc = stop(daemon)
         stop_s = time.monotonic() - t_stop
+        once = stored_once(tmp / "events.jsonl", tmp / "gallery.db")
     finally:
+        if lock is not None:
+            lock.stop.set()
         if daemon is not None and daemon.poll() is None:
             daemon.kill()
             daemon.wait(5)
@@ -285,6 +382,8 @@ def main() -> int:
         "rss_growth_ok": growth < GROWTH_TARGET_MB,
         "exit_code": rc,
         "stop_s": round(stop_s, 2),
+        **once,
+        "gallery_lock": lock.result if lock is not None else None,
         "samples": samples,
     }
     text = json.dumps(result, indent=2)
@@ -299,6 +398,10 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     if rc != 0:
         print(f"soak: the daemon exited with {rc} after SIGTERM", file=sys.stderr)
+        return 1
+    if once["events_lost"] or once["events_duplicated"]:
+        print(f"soak: {once['events_lost']} event(s) lost, {once['events_duplicated']} stored "
+              "twice", file=sys.stderr)
         return 1
     return 0
 
