@@ -43,10 +43,9 @@ def find_detector_model(explicit: str | Path | None = None) -> Path:
     elif os.environ.get("FACEMOE_DETECTOR"):
         candidates = [Path(os.environ["FACEMOE_DETECTOR"]).expanduser()]
     else:
-        shared = Path(os.environ.get("FACEMOE_SHARED") or _REPO_ROOT.parent / "shared")
         candidates = [
             *paths.candidates(Path("models", "detector", DETECTOR_FILE)),
-            shared / "models" / DETECTOR_FILE,
+            paths.shared() / "models" / DETECTOR_FILE,
         ]
     for path in candidates:
         if path.is_file():

@@ -34,14 +34,11 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from app.paths import shared as shared_dir  # noqa: E402
 from benchmarks.rtsp_camera import RtspCamera, free_port  # noqa: E402
 
 SAMPLE_S = 10.0
 GROWTH_TARGET_MB = 50.0
-
-def shared_dir() -> Path:
-    return Path(os.environ.get("FACEMOE_SHARED") or REPO_ROOT.parent / "shared")
-
 
 def transcode_25fps(clip: Path, out: Path) -> dict:
     """Re-encode the clip once to exactly 640x360 at 25 fps (H.264, 2 s GOP, no B-frames)."""

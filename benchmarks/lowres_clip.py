@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from app import paths  # noqa: E402
 from app.detect import FaceDetector  # noqa: E402
 
 FPS, W, H = 25, 640, 360
@@ -132,7 +132,7 @@ def facemoe(*args: str) -> subprocess.CompletedProcess:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    shared = Path(os.environ.get("FACEMOE_SHARED") or REPO.parent / "shared")
+    shared = paths.shared()
     ap.add_argument("--model", default=None, help="model artifact (default: the app config's)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[16, 20, 24, 28, 32, 40])
     ap.add_argument("--people", type=int, default=8, help="enrolled people")

@@ -5,12 +5,13 @@ Tests that use these fixtures skip with a clear reason when the shared folder is
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+
+from app import paths
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 YUNET_FILE = "face_detection_yunet_2026may.onnx"
@@ -41,9 +42,7 @@ def _need(path: Path, what: str) -> Path:
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The shared folder: $FACEMOE_SHARED, else <repo>/../shared."""
-    return _need(
-        Path(os.environ.get("FACEMOE_SHARED") or REPO_ROOT.parent / "shared"), "shared data folder"
-    )
+    return _need(paths.shared(), "shared data folder")
 
 
 @pytest.fixture(scope="session")
