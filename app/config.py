@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from app import paths
+from engine.backends import BACKENDS
 from trainer.config import ConfigError  # re-exported
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ ZoneName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0
 
 class ModelConfig(_Strict):
     dir: str = "models/sface"
-    backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
+    backend: Literal[BACKENDS] = "auto"  # the engine's registry (engine.backends)
     threads: int = Field(0, ge=0, description="inference threads; 0 = all cores")
     batch_size: int = Field(32, ge=1, le=256, description="crops per embedding call")
 

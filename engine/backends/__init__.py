@@ -34,7 +34,13 @@ _MODULES = {
     "torch": "engine.backends.torch_backend",
     "tensorrt": "engine.backends.tensorrt",
 }
-BACKENDS = ("auto", *_MODULES)
+BACKENDS = ("auto", *_MODULES)  # the names a config, the CLI and `load_backend` accept
+_THREADED = ("auto", "onnxruntime", "torch")  # the backends that run on CPU threads
+
+
+def thread_options(name: str, threads: int) -> dict[str, Any]:
+    """The options that set backend `name`'s CPU threads (0 = all cores): none for a GPU one."""
+    return {"threads": threads} if name in _THREADED else {}
 
 
 def _load(name: str, model_dir: Path, **options: Any) -> Backend:
