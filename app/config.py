@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from app import paths
+from app.detect import KINDS
 from engine.backends import BACKENDS
 from trainer.config import ConfigError  # re-exported
 
@@ -75,6 +76,10 @@ class ModelConfig(_Strict):
 
 
 class DetectorConfig(_Strict):
+    """The face detector (`app.detect`): its kind, and the one source of its defaults (a
+    detector made without a config takes these)."""
+
+    kind: Literal[tuple(KINDS)] = "yunet"  # a kind registered in app.detect.KINDS
     model: str | None = None  # default: models/detector (install.sh), then ../shared/models
     score_threshold: float = Field(0.6, gt=0, lt=1)
     nms_threshold: float = Field(0.3, gt=0, lt=1)
