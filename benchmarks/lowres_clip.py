@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app import paths  # noqa: E402
-from app.detect import FaceDetector  # noqa: E402
+from app.yunet import FaceDetector, find_detector_model  # noqa: E402
 
 FPS, W, H = 25, 640, 360
 SEGMENT_S, GAP_S = 2.4, 1.0  # a gap longer than the tracker's max_missed ends each track
@@ -142,7 +142,7 @@ def main() -> int:
     ap.add_argument("--out", help="write the report JSON here too")
     args = ap.parse_args()
     lfw = shared / "data" / "lfw" / "lfw-deepfunneled"
-    detector = FaceDetector(str(REPO / "models" / "detector" / "face_detection_yunet_2026may.onnx"))
+    detector = FaceDetector(find_detector_model())
     people = lfw_people(lfw, shared / "data" / "lfw" / "pairs.txt",
                         args.people + args.distractors, args.seed)
     enrolled, distractors = people[: args.people], people[args.people :]
