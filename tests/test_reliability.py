@@ -262,11 +262,16 @@ def test_non_utf8_config_is_one_line(tmp_path: Path) -> None:
 
 
 def test_shipped_configs_still_validate() -> None:
-    from app.config import load_config
+    """Each shipped app config loads, and what it resolves to is itself a valid config that
+    means the same (the resolved config written next to outputs can be read back)."""
+    from app.config import AppConfig, load_config
 
     root = Path(__file__).resolve().parent.parent / "configs"
-    for path in sorted(root.glob("app*.yaml")):
-        load_config(path)
+    shipped = sorted(root.glob("app*.yaml"))
+    assert shipped
+    for path in shipped:
+        cfg = load_config(path)
+        assert AppConfig.model_validate(cfg.model_dump(mode="json")) == cfg, path
 
 
 # --- health and sinks ----------------------------------------------------------------------
