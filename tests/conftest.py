@@ -63,6 +63,16 @@ def yunet_path(models_dir: Path) -> Path:
     return _need(models_dir / YUNET_FILE, "YuNet detector")
 
 
+@pytest.fixture(scope="module")
+def detector(yunet_path: Path):
+    """The app's face detector (`app.detect`) as the config type's defaults make it, on the
+    shared YuNet file; one per test module (it counts the second looks it takes)."""
+    from app.config import DetectorConfig
+    from app.detect import create_detector
+
+    return create_detector(DetectorConfig(model=str(yunet_path)))
+
+
 TINY_ARCH = dict(depth=1, dim=48, heads=2, stem_width=8)
 
 

@@ -634,14 +634,6 @@ def test_template_without_checksum_is_still_checked(tmp_path: Path, no_gallery_k
 
 
 @pytest.fixture(scope="module")
-def detector():
-    from app.config import load_config
-    from app.runtime import make_detector
-
-    return make_detector(load_config())
-
-
-@pytest.fixture(scope="module")
 def obama_box(data_dir: Path, detector):
     import cv2
 
