@@ -29,7 +29,7 @@ from pydantic import (
 
 from app import paths
 from app.detect import KINDS
-from engine.backends import BACKENDS
+from engine.registry import BACKENDS
 from trainer.config import ConfigError  # re-exported
 
 if TYPE_CHECKING:
