@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -195,30 +196,7 @@ def main() -> int:
                     raise SystemExit(f"no /metrics after 120 s:\n{tail}") from exc
                 time.sleep(0.5)
 
-        samples = []
-        start = end = None
-        warm_at = t0 + args.warmup
-        end_at = warm_at + args.minutes * 60
-        next_at = time.monotonic()
-        while True:
-            alive()
-            now = time.monotonic()
-            m = scrape(metrics_port)
-            rss = rss_mb(daemon.pid)
-            samples.append({
-                "t_s": round(now - t0, 1), "rss_mb": round(rss, 1),
-                "frames": {n: value(m, "facemoe_frames_total", camera=n) for n in names},
-                "dropped": {n: value(m, "facemoe_frames_dropped_total", camera=n) for n in names},
-                "fps": {n: round(value(m, "facemoe_fps", camera=n), 2) for n in names}})
-            print(f"soak: t={now - t0:6.1f} s rss={rss:7.1f} MB fps="
-                  + " ".join(f"{v:.1f}" for v in samples[-1]["fps"].values()), file=sys.stderr)
-            if start is None and now >= warm_at:
-                start = (now, m, rss)
-            if start is not None and now >= end_at:
-                end = (now, m, rss)
-                break
-            next_at += SAMPLE_S
-            time.sleep(max(0.0, min(next_at, end_at if start else warm_at) - time.monotonic()))
+        samples, start, end = _sample(daemon.pid, metrics_port, names, t0, args, alive)
 
         t_stop = time.monotonic()
         rc = stop(daemon)
@@ -232,36 +210,8 @@ def main() -> int:
 
     (t_a, m_a, rss_a), (t_b, m_b, rss_b) = start, end
     secs = t_b - t_a
-    per_camera = {}
-    for n in names:
-        frames = value(m_b, "facemoe_frames_total", camera=n) - value(
-            m_a, "facemoe_frames_total", camera=n)
-        lat = delta(histogram(m_b, "facemoe_event_latency_seconds", camera=n),
-                    histogram(m_a, "facemoe_event_latency_seconds", camera=n))
-        frame_h = delta(histogram(m_b, "facemoe_stage_seconds", camera=n, stage="frame"),
-                        histogram(m_a, "facemoe_stage_seconds", camera=n, stage="frame"))
-        queue_h = delta(histogram(m_b, "facemoe_stage_seconds", camera=n, stage="queue"),
-                        histogram(m_a, "facemoe_stage_seconds", camera=n, stage="queue"))
-        p95 = quantile(lat, 0.95)
-        per_camera[n] = {
-            "processed_fps": round(frames / secs, 2),
-            "frames": int(frames),
-            "dropped": int(value(m_b, "facemoe_frames_dropped_total", camera=n)
-                           - value(m_a, "facemoe_frames_dropped_total", camera=n)),
-            "reconnects": int(value(m_b, "facemoe_reconnects_total", camera=n)),
-            "events": int(value(m_b, "facemoe_events_total", camera=n)
-                          - value(m_a, "facemoe_events_total", camera=n)),
-            "event_latency_p95_s": None if p95 is None else round(p95, 3),
-            "frame_ms_p95": _ms(quantile(frame_h, 0.95)),
-            "queue_ms_p95": _ms(quantile(queue_h, 0.95)),
-        }
+    per_camera, p95_all = _figures(m_a, m_b, names, secs)
     growth = rss_b - rss_a
-    all_lat: dict[float, float] = {}  # every camera's events together
-    for n in names:
-        for b, c in delta(histogram(m_b, "facemoe_event_latency_seconds", camera=n),
-                          histogram(m_a, "facemoe_event_latency_seconds", camera=n)):
-            all_lat[b] = all_lat.get(b, 0.0) + c
-    p95_all = quantile(sorted(all_lat.items()), 0.95)
     result = {
         "benchmark": "daemon_soak",
         "command": command,
@@ -298,6 +248,75 @@ def main() -> int:
         print(f"soak: the daemon exited with {rc} after SIGTERM", file=sys.stderr)
         return 1
     return 0
+
+
+def _sample(pid: int, metrics_port: int, names: list[str], t0: float,
+            args: argparse.Namespace, alive: Callable[[], None]
+            ) -> tuple[list[dict], tuple, tuple]:
+    """Scrape /metrics every SAMPLE_S seconds: the samples, and (time, metrics, RSS) at the
+    end of the warm-up and at the end of the measured minutes."""
+    warmup_s, minutes = args.warmup, args.minutes
+    samples = []
+    start = end = None
+    warm_at = t0 + warmup_s
+    end_at = warm_at + minutes * 60
+    next_at = time.monotonic()
+    while True:
+        alive()
+        now = time.monotonic()
+        m = scrape(metrics_port)
+        rss = rss_mb(pid)
+        samples.append({
+            "t_s": round(now - t0, 1), "rss_mb": round(rss, 1),
+            "frames": {n: value(m, "facemoe_frames_total", camera=n) for n in names},
+            "dropped": {n: value(m, "facemoe_frames_dropped_total", camera=n) for n in names},
+            "fps": {n: round(value(m, "facemoe_fps", camera=n), 2) for n in names}})
+        print(f"soak: t={now - t0:6.1f} s rss={rss:7.1f} MB fps="
+              + " ".join(f"{v:.1f}" for v in samples[-1]["fps"].values()), file=sys.stderr)
+        if start is None and now >= warm_at:
+            start = (now, m, rss)
+        if start is not None and now >= end_at:
+            end = (now, m, rss)
+            break
+        next_at += SAMPLE_S
+        time.sleep(max(0.0, min(next_at, end_at if start else warm_at) - time.monotonic()))
+    return samples, start, end
+
+
+def _figures(m_a: dict, m_b: dict, names: list[str], secs: float
+             ) -> tuple[dict[str, dict], float | None]:
+    """Per camera: processed fps, frames, drops, reconnects, events and latency percentiles
+    between two scrapes `secs` apart; and every camera's event latency p95 together."""
+    per_camera = {}
+    for n in names:
+        frames = value(m_b, "facemoe_frames_total", camera=n) - value(
+            m_a, "facemoe_frames_total", camera=n)
+        lat = delta(histogram(m_b, "facemoe_event_latency_seconds", camera=n),
+                    histogram(m_a, "facemoe_event_latency_seconds", camera=n))
+        frame_h = delta(histogram(m_b, "facemoe_stage_seconds", camera=n, stage="frame"),
+                        histogram(m_a, "facemoe_stage_seconds", camera=n, stage="frame"))
+        queue_h = delta(histogram(m_b, "facemoe_stage_seconds", camera=n, stage="queue"),
+                        histogram(m_a, "facemoe_stage_seconds", camera=n, stage="queue"))
+        p95 = quantile(lat, 0.95)
+        per_camera[n] = {
+            "processed_fps": round(frames / secs, 2),
+            "frames": int(frames),
+            "dropped": int(value(m_b, "facemoe_frames_dropped_total", camera=n)
+                           - value(m_a, "facemoe_frames_dropped_total", camera=n)),
+            "reconnects": int(value(m_b, "facemoe_reconnects_total", camera=n)),
+            "events": int(value(m_b, "facemoe_events_total", camera=n)
+                          - value(m_a, "facemoe_events_total", camera=n)),
+            "event_latency_p95_s": None if p95 is None else round(p95, 3),
+            "frame_ms_p95": _ms(quantile(frame_h, 0.95)),
+            "queue_ms_p95": _ms(quantile(queue_h, 0.95)),
+        }
+    all_lat: dict[float, float] = {}  # every camera's events together
+    for n in names:
+        for b, c in delta(histogram(m_b, "facemoe_event_latency_seconds", camera=n),
+                          histogram(m_a, "facemoe_event_latency_seconds", camera=n)):
+            all_lat[b] = all_lat.get(b, 0.0) + c
+    p95_all = quantile(sorted(all_lat.items()), 0.95)
+    return per_camera, p95_all
 
 
 def _ms(seconds: float | None) -> float | None:
