@@ -1,10 +1,15 @@
-"""Shared fixtures: locate the real test data in <repo>/../shared (env FACEMOE_SHARED overrides).
+"""What the test modules share: the tiers, the real test data in <repo>/../shared (env
+FACEMOE_SHARED overrides; `app.paths.shared`), the face detector, tiny and shipped model
+artifacts, training configs, and the one CLI runner (`facemoe`).
 
-Tests that use these fixtures skip with a clear reason when the shared folder is absent.
+Tests that use the shared data skip with a clear reason when the shared folder is absent.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +36,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 f"{item.nodeid} is marked {' and '.join(tiers)}: give it one tier of "
                 f"{', '.join(TIERS)}"
             )
+
+
+def facemoe(*args: object, cwd: Path = REPO_ROOT, env: dict[str, str] | None = None,
+            timeout: float = 300, script: str | None = None) -> subprocess.CompletedProcess:
+    """`facemoe ARGS` in a new interpreter (`python -m app.cli`, or `python -c script ARGS`)
+    run from `cwd` (the checkout) with `env` added to this environment; output captured as
+    text. The tests' one CLI runner: `from tests.conftest import facemoe`."""
+    command = ["-c", script] if script else ["-m", "app.cli"]
+    return subprocess.run([sys.executable, *command, *map(str, args)], cwd=cwd,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _need(path: Path, what: str) -> Path:
