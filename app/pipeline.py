@@ -205,7 +205,6 @@ class FacePipeline:
         self.aggregator = TrackAggregator(camera, cfg.embed)
         self.times = times or StageTimes()
         self.front = TrackedFront(detector, cfg.tracker, self.times, self._wanted)
-        self.tracker = self.front.tracker
         self.batch = batch if batch is not None else EmbedBatch(embedder)
         self.labels: dict[int, Match] = {}
         self.frames = self.tracks_finished = 0
@@ -284,7 +283,7 @@ class FacePipeline:
     def _predicted(self, frame: Frame) -> list[TrackedFace]:
         """Open tracks' boxes extrapolated to a frame the detector skipped (for annotation)."""
         out = []
-        for tid in self.tracker.active_ids:
+        for tid in self.front.tracker.active_ids:
             st = self._state.get(tid)
             if st is None or frame.pts - st.pts > PREDICT_HORIZON_S:
                 continue
@@ -315,7 +314,7 @@ class FacePipeline:
     def flush(self) -> list[Event]:
         """End every open track (end of a file, a camera going away, shutdown)."""
         self.batch.run(self.times)
-        return self._take_alerts() + self._finish(self.tracker.finish_all())
+        return self._take_alerts() + self._finish(self.front.tracker.finish_all())
 
     def _decide(self, m: Match) -> Match:
         """The camera's own threshold, when it has one, decides instead of the matcher's."""
