@@ -19,6 +19,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from pydantic import ValidationError
 
 from app import paths
 from app.config import DetectorConfig
@@ -78,7 +79,11 @@ class FaceDetector:
         path = Path(model_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"face detector model not found: {path}")
-        cfg = DetectorConfig.model_validate({**(cfg.model_dump() if cfg else {}), **settings})
+        try:
+            cfg = DetectorConfig.model_validate({**(cfg.model_dump() if cfg else {}), **settings})
+        except ValidationError as e:  # one line, like the config's own errors
+            raise ValueError("; ".join(f"detector.{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                       for err in e.errors())) from None
         score_threshold, nms_threshold = cfg.score_threshold, cfg.nms_threshold
         upscale, small_face, weak_score = cfg.upscale, cfg.small_face, cfg.weak_score
         self.model_path = path
