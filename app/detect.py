@@ -13,15 +13,15 @@ imports from here, are forwarded to `app.yunet` on first use.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import numpy as np
+if TYPE_CHECKING:  # the config reads KINDS: importing this module loads neither NumPy nor OpenCV
+    from collections.abc import Sequence
 
-from app.records import Detection
+    import numpy as np
 
-if TYPE_CHECKING:
     from app.config import DetectorConfig
+    from app.records import Detection
 
 KINDS = {"yunet": "app.yunet"}  # kind -> the module whose `create(cfg)` makes it
 
