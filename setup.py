@@ -24,7 +24,7 @@ from setuptools.errors import SetupError
 ROOT = Path(__file__).resolve().parent
 SHIPPED_DIR = Path("app", "_shipped")  # app.paths.SHIPPED_DIR inside the app package
 SHIPPED_MODELS = ("sface",)  # the default model: AppConfig's and configs/app.yaml's
-DETECTOR = "face_detection_yunet_2026may.onnx"  # app.detect.DETECTOR_FILE
+DETECTOR = "face_detection_yunet_2026may.onnx"  # app.yunet.DETECTOR_FILE
 DETECTOR_SHA256 = "ebafce4e3c118d6554634be5c27ab333b4c047a9a8c3faf1d7cf93101c22f0f0"
 DETECTOR_LICENSE = "LICENSE_YuNet_MIT.txt"
 

@@ -28,6 +28,8 @@ from pydantic import (
 )
 
 from app import paths
+from app.detect import KINDS
+from engine.registry import BACKENDS
 from trainer.config import ConfigError  # re-exported
 
 if TYPE_CHECKING:
@@ -68,12 +70,16 @@ ZoneName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0
 
 class ModelConfig(_Strict):
     dir: str = "models/sface"
-    backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
+    backend: Literal[BACKENDS] = "auto"  # the engine's registry (engine.backends)
     threads: int = Field(0, ge=0, description="inference threads; 0 = all cores")
     batch_size: int = Field(32, ge=1, le=256, description="crops per embedding call")
 
 
 class DetectorConfig(_Strict):
+    """The face detector (`app.detect`): its kind, and the one source of its defaults (a
+    detector made without a config takes these)."""
+
+    kind: Literal[tuple(KINDS)] = "yunet"  # a kind registered in app.detect.KINDS
     model: str | None = None  # default: models/detector (install.sh), then ../shared/models
     score_threshold: float = Field(0.6, gt=0, lt=1)
     nms_threshold: float = Field(0.3, gt=0, lt=1)

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from app.align import ARCFACE_112, CropTemplate, align_face
-from app.detect import FaceDetector
+from app.detect import Detector
 from app.faces import FaceError, aligned_face, read_image
 from app.fsutil import atomic_write
 from trainer.media import IMAGE_SUFFIXES
@@ -33,7 +33,7 @@ class PrepareReport:
     skipped_unreadable: list[str]
 
 
-def prepare_folder(src: Path, dst: Path, detector: FaceDetector) -> PrepareReport:
+def prepare_folder(src: Path, dst: Path, detector: Detector) -> PrepareReport:
     """Align the largest face of each image under src/<identity>/ (`app.faces`) onto ArcFace
     112 and write it to dst/<identity>/<stem>.jpg (atomically, private; a second image with the
     same stem, e.g. a.jpg and a.tif, becomes <stem>-1.jpg); images directly in `src` go to

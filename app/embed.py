@@ -7,7 +7,7 @@ import logging
 import numpy as np
 
 from app.align import recut
-from engine.backends import Backend, load_backend
+from engine.backends import Backend, load_backend, thread_options
 from trainer.manifest import model_id
 from trainer.preprocess import CropTemplate, to_input
 
@@ -35,8 +35,8 @@ class Embedder:
     def from_config(
         cls, model_dir: str, backend: str = "auto", threads: int = 0, batch_size: int = 32
     ) -> Embedder:
-        options = {"threads": threads} if backend in ("auto", "onnxruntime", "torch") else {}
-        return cls(load_backend(model_dir, backend, **options), batch_size)
+        return cls(load_backend(model_dir, backend, **thread_options(backend, threads)),
+                   batch_size)
 
     @property
     def model(self) -> str:

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from app.align import STORE, align_face
+from app.align import STORE
 from app.config import TrackerConfig
-from app.detect import FaceDetector
+from app.detect import Detector
 from app.embed import Embedder
 from app.faces import MAX_PIXELS, MAX_SIDE, FaceError, aligned_face, read_image
 from app.gallery import Gallery, GalleryError
+from app.pipeline import TrackedFront
 from app.quality import score_quality
-from app.records import Detection
 from app.source import open_source
-from app.track import Tracker
 from trainer.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -124,7 +123,7 @@ def find_outliers(
 
 
 def faces_from_image(
-    path: Path, detector: FaceDetector, face: int | None, *, strict: bool = True,
+    path: Path, detector: Detector, face: int | None, *, strict: bool = True,
     limits: ImageLimits = ImageLimits(), skipped: list[str] | None = None,
 ) -> list[EnrollFace]:
     """The face of one photo. `strict=False` (folders): a photo that is unreadable, has no
@@ -138,7 +137,7 @@ def faces_from_image(
 
 
 def faces_from_array(
-    image: np.ndarray, source: str, detector: FaceDetector, face: int | None, *,
+    image: np.ndarray, source: str, detector: Detector, face: int | None, *,
     strict: bool = True, limits: ImageLimits = ImageLimits(), skipped: list[str] | None = None,
 ) -> list[EnrollFace]:
     """The face to enroll from a decoded BGR image (a photo or an upload); `source` names it:
@@ -169,11 +168,6 @@ def faces_from_array(
     return [enrolled]
 
 
-def _kept(det: Detection, crop: np.ndarray, source: str) -> EnrollFace:
-    """A face as enrollment keeps it: its crop in the kept geometry (`STORE`) and quality."""
-    return EnrollFace(crop, score_quality(det, crop).score, source)
-
-
 def _skip(error: EnrollError | FaceError, strict: bool,
           skipped: list[str] | None) -> list[EnrollFace]:
     """A photo that cannot be enrolled: the error as an EnrollError (`strict`), or skipped with
@@ -186,23 +180,23 @@ def _skip(error: EnrollError | FaceError, strict: bool,
     return []
 
 
-def faces_from_video(path: Path, detector: FaceDetector, max_faces: int,
+def faces_from_video(path: Path, detector: Detector, max_faces: int,
                      face: int | None = None, track: int | None = None,
                      limits: ImageLimits = ImageLimits(),
                      tracking: TrackerConfig | None = None) -> list[EnrollFace]:
     """The best-quality crops of the video's one person: refused when several people have
     tracks of some length, unless `track` (a track id) or `face` (0 = longest track, 1 = the
-    next, ...) chooses one. Tracked with `tracking` (the app config's `tracker` section)."""
-    tracker = Tracker(tracking)
+    next, ...) chooses one. Tracked by the pipeline's front (`app.pipeline.TrackedFront`)
+    with `tracking` (the app config's `tracker` section)."""
+    front = TrackedFront(detector, tracking)
     per_track: dict[int, list[EnrollFace]] = {}
     with open_source(str(path), "enroll") as source:
         for frame in source:
-            found = detector.detect_frame(frame.image, tracker.expected(frame.index))
-            faces, _ = tracker.update(frame.index, frame.pts, found)
-            for f in faces:
-                crop = align_face(frame.image, f.detection.landmarks, STORE)
-                per_track.setdefault(f.track_id, []).append(
-                    _kept(f.detection, crop, f"{path}#frame={f.frame_index}"))
+            seen, _ = front.step(frame)
+            for s in seen:
+                source_name = f"{path}#frame={s.face.frame_index}"
+                per_track.setdefault(s.face.track_id, []).append(
+                    EnrollFace(s.kept, s.quality.score, source_name))
     if not per_track:
         raise EnrollError(f"no face found in video {path}")
     ranked = sorted(per_track.items(), key=lambda kv: -len(kv[1]))
@@ -232,7 +226,7 @@ def faces_from_video(path: Path, detector: FaceDetector, max_faces: int,
 
 
 def collect(
-    paths: list[str], detector: FaceDetector, face: int | None = None, max_video_faces: int = 8,
+    paths: list[str], detector: Detector, face: int | None = None, max_video_faces: int = 8,
     *, track: int | None = None, limits: ImageLimits = ImageLimits(),
     skipped: list[str] | None = None, tracking: TrackerConfig | None = None,
 ) -> list[EnrollFace]:
@@ -281,7 +275,7 @@ def faces_from_events(gallery: Gallery, event_ids: list[int]) -> list[EnrollFace
 def enroll(
     name: str,
     paths: list[str],
-    detector: FaceDetector,
+    detector: Detector,
     embedder: Embedder,
     gallery: Gallery,
     face: int | None = None,

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from app.align import CROP_SIZE, STORE, TEMPLATE, align_face, degrade_to, recut
 from app.config import AppConfig
-from app.detect import FaceDetector
+from app.detect import Detector
 from app.embed import Embedder
 from app.faces import FaceError, aligned_face, find_face, read_image
 from app.fsutil import atomic_write
@@ -31,14 +31,14 @@ log = logging.getLogger(__name__)
 
 
 def find_pair_faces(
-    root: Path, pairs: list[Pair], detector: FaceDetector
+    root: Path, pairs: list[Pair], detector: Detector
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """`find_faces` of every image in `pairs`."""
     return find_faces(root, sorted({p.left for p in pairs} | {p.right for p in pairs}), detector)
 
 
 def find_faces(
-    root: Path, names: list[str], detector: FaceDetector
+    root: Path, names: list[str], detector: Detector
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Landmarks float32[5, 2] per image (the most central face: LFW is centred), and the
     faceless images. Cached by content hash in the user cache (detection is the slow part)."""

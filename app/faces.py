@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from app.align import align_face
-from app.detect import FaceDetector
+from app.detect import Detector
 from app.records import Detection
 from trainer.preprocess import CropTemplate
 
@@ -154,7 +154,7 @@ def _overlap(det: Detection, other: Detection) -> tuple[float, float]:
     return inter / max(w * h + ow * oh - inter, 1e-6), inter / max(w * h, 1e-6)
 
 
-def detect_faces(detector: FaceDetector, image: np.ndarray,
+def detect_faces(detector: Detector, image: np.ndarray,
                  max_side: int = MAX_SIDE) -> list[Detection]:
     """Faces of a photo of any size, in its own pixels, detected on downscaled copies; highest
     score first.
@@ -219,14 +219,14 @@ def choose_face(dets: list[Detection], choice: Choice, source: str,
     raise ValueError(f"unknown face choice {choice!r}")
 
 
-def find_face(image: np.ndarray, detector: FaceDetector, choice: Choice, *, source: str,
+def find_face(image: np.ndarray, detector: Detector, choice: Choice, *, source: str,
               max_side: int = MAX_SIDE) -> Detection:
     """The chosen face of a decoded BGR photo (`detect_faces`, then `choose_face`); `source`
     names the photo in errors."""
     return choose_face(detect_faces(detector, image, max_side), choice, source, image.shape)
 
 
-def aligned_face(image: np.ndarray, detector: FaceDetector, choice: Choice,
+def aligned_face(image: np.ndarray, detector: Detector, choice: Choice,
                  template: CropTemplate, *, source: str, max_side: int = MAX_SIDE) -> Face:
     """The chosen face of a decoded BGR photo (`find_face`), aligned from its original pixels
     onto `template`."""

@@ -11,6 +11,9 @@ Two places are looked in:
   package data app/_shipped/ (configs/app.yaml, models/sface/, models/detector/; the
   wheel build copies them in, see setup.py).
 
+The shared folder (`shared()`, $FACEMOE_SHARED) holds the test data and models beside a
+checkout; only tests, benchmarks and the detector's last fallback look there.
+
 A relative path names home/path when that exists, else the shipped path when that exists, else
 home/path (where a new file is created). In a checkout without FACEMOE_HOME both places are the
 checkout, so paths resolve against it as they always have.
@@ -63,6 +66,12 @@ def resolve(path: str | Path) -> Path:
     home's (where a file that does not exist yet is created)."""
     places = candidates(path)
     return next((p for p in places if p.exists()), places[0])
+
+
+def shared() -> Path:
+    """The shared data and models folder beside a checkout (tests, benchmarks, the detector's
+    last fallback): $FACEMOE_SHARED, else <source root>/../shared. Nothing checks it exists."""
+    return Path(os.environ.get("FACEMOE_SHARED") or SOURCE_ROOT.parent / "shared").expanduser()
 
 
 def default_config() -> Path:

@@ -1,9 +1,11 @@
 """One camera's data path:
 frames -> detect -> track -> align -> quality -> embed -> aggregate -> match.
 
-`FacePipeline.push(frame)` returns the messages of that frame: `recognized` alerts for open
-tracks that just became known (app.alerts) and the `end` events of the tracks that ended;
-`flush()` ends the remaining tracks. Both `facemoe process` and the daemon drive it.
+`TrackedFront.step(frame)` is its front (detect -> shot cut -> track -> kept crop -> quality),
+which video enrollment (app.enroll) also runs. `FacePipeline.push(frame)` returns the messages
+of that frame: `recognized` alerts for open tracks that just became known (app.alerts) and the
+`end` events of the tracks that ended; `flush()` ends the remaining tracks. Both
+`facemoe process` and the daemon drive it. The detector is any `app.detect.Detector`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import numpy as np
 from app.aggregate import TrackAggregator
 from app.alerts import Announcer
 from app.align import STORE, align_face
-from app.config import AppConfig, CameraConfig
-from app.detect import FaceDetector
+from app.config import AppConfig, CameraConfig, TrackerConfig
+from app.detect import Detector
 from app.embed import Embedder
 from app.match import Matcher
 from app.quality import score_quality
@@ -34,6 +36,7 @@ from app.records import (
     FaceEmbedding,
     Frame,
     Match,
+    Quality,
     TrackedFace,
     TrackSummary,
     new_event_id,
@@ -99,6 +102,48 @@ class EmbedBatch:
 
 
 @dataclass(frozen=True)
+class SeenFace:
+    """A tracked face of one frame, with its crop in the kept geometry and its quality."""
+
+    face: TrackedFace
+    kept: np.ndarray  # uint8[S, S, 3] BGR aligned to app.align.STORE
+    quality: Quality
+
+
+class TrackedFront:
+    """The front of the data path for one video: detect -> shot cut -> track -> kept crop ->
+    quality, frame by frame (the pipeline and video enrollment both run it)."""
+
+    def __init__(self, detector: Detector, tracking: TrackerConfig | None = None,
+                 times: StageTimes | None = None,
+                 wanted: Callable[[Detection], bool] | None = None) -> None:
+        """`wanted`: which detections to keep (the camera's masks and minimum face width)."""
+        tracking = tracking or TrackerConfig()
+        self.detector = detector
+        self.tracker = Tracker(tracking)
+        self.cuts = ShotCutDetector(tracking.shot_cut_threshold)
+        self.times = times or StageTimes()
+        self.wanted = wanted
+        self.detections = 0
+
+    def step(self, frame: Frame) -> tuple[list[SeenFace], list[int]]:
+        """The faces tracked in `frame` and the ids of the tracks that ended with it."""
+        with self.times("detect"):
+            found = self.detector.detect_frame(frame.image, self.tracker.expected(frame.index))
+            dets = [d for d in found if self.wanted is None or self.wanted(d)]
+        self.detections += len(dets)
+        with self.times("track"):
+            ended = self.tracker.finish_all() if self.cuts.is_cut(frame.image) else []
+            faces, finished = self.tracker.update(frame.index, frame.pts, dets)
+        with self.times("align"):
+            seen = []
+            for f in faces:
+                kept = align_face(frame.image, f.detection.landmarks, STORE)
+                seen.append(SeenFace(f, kept, score_quality(f.detection, kept)))
+        return seen, ended + finished
+
+
+@dataclass(frozen=True)
 class FrameResult:
     """What the pipeline saw in one frame (for annotation) and the messages it produced."""
 
@@ -147,7 +192,7 @@ class FacePipeline:
         self,
         camera: str,
         cfg: AppConfig,
-        detector: FaceDetector,
+        detector: Detector,
         embedder: Embedder,
         matcher: Callable[[], Matcher],
         times: StageTimes | None = None,
@@ -157,13 +202,12 @@ class FacePipeline:
         """`settings`: the camera's own min_face, threshold, masks and zones, if any."""
         self.camera, self.cfg = camera, cfg
         self.detector, self.embedder, self.matcher = detector, embedder, matcher
-        self.tracker = Tracker(cfg.tracker)
-        self.cuts = ShotCutDetector(cfg.tracker.shot_cut_threshold)
         self.aggregator = TrackAggregator(camera, cfg.embed)
         self.times = times or StageTimes()
+        self.front = TrackedFront(detector, cfg.tracker, self.times, self._wanted)
         self.batch = batch if batch is not None else EmbedBatch(embedder)
         self.labels: dict[int, Match] = {}
-        self.frames = self.detections = self.tracks_finished = 0
+        self.frames = self.tracks_finished = 0
         self._last_detect: float | None = None
         self.min_face = cfg.detector.min_face
         self.threshold: float | None = None  # None: the matcher's own
@@ -187,31 +231,21 @@ class FacePipeline:
             predicted = self._predicted(frame)
             return FrameResult([], self._labels(predicted), self._take_alerts(), predicted)
         wall = frame.wall if frame.wall is not None else time.time()
-        with self.times("detect"):
-            dets = [
-                d
-                for d in self.detector.detect_frame(frame.image, self.tracker.expected(frame.index))
-                if self._wanted(d)
-            ]
-        self.detections += len(dets)
-        with self.times("track"):
-            cut = self.cuts.is_cut(frame.image)
-            ended = self.tracker.finish_all() if cut else []
-            faces, finished = self.tracker.update(frame.index, frame.pts, dets)
-            finished = ended + finished
+        seen, finished = self.front.step(frame)
+        faces = [s.face for s in seen]
         best = []
         with self.times("align"):
-            for f in faces:
+            for s in seen:
+                f = s.face
                 self._follow(f, wall)
-                kept = align_face(frame.image, f.detection.landmarks, STORE)
                 aligned = AlignedFace(
                     f.track_id,
                     f.frame_index,
                     f.pts,
                     f.detection.bbox,
                     align_face(frame.image, f.detection.landmarks, self.embedder.template),
-                    score_quality(f.detection, kept),
-                    kept,
+                    s.quality,
+                    s.kept,
                 )
                 if self.aggregator.observe(aligned):
                     self.batch.add(self, aligned)
@@ -223,6 +257,11 @@ class FacePipeline:
             self.batch.run(self.times)
         events = self._take_alerts() + self._finish(finished)
         return FrameResult(faces, self._labels(faces), events, best=best)
+
+    @property
+    def detections(self) -> int:
+        """Detections kept so far (after the camera's masks and minimum face width)."""
+        return self.front.detections
 
     def _wanted(self, d: Detection) -> bool:
         """Detections outside the camera's masks and at least `min_face` wide."""
@@ -244,7 +283,7 @@ class FacePipeline:
     def _predicted(self, frame: Frame) -> list[TrackedFace]:
         """Open tracks' boxes extrapolated to a frame the detector skipped (for annotation)."""
         out = []
-        for tid in self.tracker.active_ids:
+        for tid in self.front.tracker.active_ids:
             st = self._state.get(tid)
             if st is None or frame.pts - st.pts > PREDICT_HORIZON_S:
                 continue
@@ -275,7 +314,7 @@ class FacePipeline:
     def flush(self) -> list[Event]:
         """End every open track (end of a file, a camera going away, shutdown)."""
         self.batch.run(self.times)
-        return self._take_alerts() + self._finish(self.tracker.finish_all())
+        return self._take_alerts() + self._finish(self.front.tracker.finish_all())
 
     def _decide(self, m: Match) -> Match:
         """The camera's own threshold, when it has one, decides instead of the matcher's."""

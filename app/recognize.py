@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.align import STORE, align_face
-from app.detect import FaceDetector
+from app.detect import Detector
 from app.embed import Embedder
 from app.faces import choose_face, detect_faces
 from app.gallery import Gallery
@@ -65,7 +65,7 @@ class Recognizer:
     changes; None for `verify` only). Safe to share between threads: model calls are
     serialised."""
 
-    def __init__(self, detector: FaceDetector, embedder: Embedder, gallery: Gallery | None,
+    def __init__(self, detector: Detector, embedder: Embedder, gallery: Gallery | None,
                  threshold: float | OpenSet) -> None:
         """`threshold`: a number, or the open-set rule (`app.openset`), whose threshold for
         one pair decides `verify` and for the gallery's people and the face's resolution

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from app.config import AppConfig
-from app.detect import FaceDetector, find_detector_model
+from app.detect import Detector, create_detector
 from app.embed import Embedder
 from app.fsutil import atomic_write
 from app.gallery import Gallery, GalleryError
@@ -23,17 +23,8 @@ log = logging.getLogger(__name__)
 FALLBACK_THRESHOLD = 0.4
 
 
-def make_detector(cfg: AppConfig) -> FaceDetector:
-    d = cfg.detector
-    return FaceDetector(
-        find_detector_model(d.model),
-        score_threshold=d.score_threshold,
-        nms_threshold=d.nms_threshold,
-        upscale=d.upscale,
-        small_face=d.small_face,
-        weak_score=d.weak_score,
-        max_looks=d.max_looks,
-    )
+def make_detector(cfg: AppConfig) -> Detector:
+    return create_detector(cfg.detector)
 
 
 def make_embedder(cfg: AppConfig) -> Embedder:

@@ -34,6 +34,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -43,14 +44,11 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from app.paths import shared as shared_dir  # noqa: E402
 from benchmarks.rtsp_camera import RtspCamera, free_port  # noqa: E402
 
 SAMPLE_S = 10.0
 GROWTH_TARGET_MB = 50.0
-
-def shared_dir() -> Path:
-    return Path(os.environ.get("FACEMOE_SHARED") or REPO_ROOT.parent / "shared")
-
 
 def transcode_25fps(clip: Path, out: Path) -> dict:
     """Re-encode the clip once to exactly 640x360 at 25 fps (H.264, 2 s GOP, no B-frames)."""
@@ -216,7 +214,7 @@ def delta(end: list[tuple[float, float]], start: list[tuple[float, float]]):
     return [(b, c - before.get(b, 0.0)) for b, c in end]
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=10.0, help="measured time after warm-up")
     p.add_argument("--cameras", type=int, default=4)
@@ -225,7 +223,24 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, events)")
     p.add_argument("--lock-s", type=float, default=0.0,
                    help="hold the gallery database's write lock this long mid-run (0: never)")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def write_config(tmp: Path, cams: list, metrics_port: int) -> Path:
+    """The shipped app.yaml with a gallery, the cameras, /metrics and a JSONL sink in `tmp`."""
+    cfg = yaml.safe_load((REPO_ROOT / "configs" / "app.yaml").read_text())
+    cfg["gallery"] = {"path": str(tmp / "gallery.db")}
+    cfg["cameras"] = [{"name": f"cam{i}", "uri": c.url} for i, c in enumerate(cams)]
+    cfg.setdefault("daemon", {}).update(
+        metrics_port=metrics_port, stats_interval_s=60,
+        jsonl={"path": str(tmp / "events.jsonl"), "max_mb": 100, "backups": 5})
+    config = tmp / "daemon.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return config
+
+
+def main() -> int:
+    args = parse_args()
     command = shlex.join([sys.executable, *sys.argv])
 
     shared = shared_dir()
@@ -248,14 +263,7 @@ def main() -> int:
         for c in cams:
             c.start()
         metrics_port = free_port()
-        cfg = yaml.safe_load((REPO_ROOT / "configs" / "app.yaml").read_text())
-        cfg["gallery"] = {"path": str(tmp / "gallery.db")}
-        cfg["cameras"] = [{"name": f"cam{i}", "uri": c.url} for i, c in enumerate(cams)]
-        cfg.setdefault("daemon", {}).update(
-            metrics_port=metrics_port, stats_interval_s=60,
-            jsonl={"path": str(tmp / "events.jsonl"), "max_mb": 100, "backups": 5})
-        config = tmp / "daemon.yaml"
-        config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        config = write_config(tmp, cams, metrics_port)
 
         enroll = subprocess.run(
             [sys.executable, "-m", "app.cli", "enroll", "Lin-Manuel Miranda", str(photo),
@@ -286,34 +294,12 @@ def main() -> int:
                     raise SystemExit(f"no /metrics after 120 s:\n{tail}") from exc
                 time.sleep(0.5)
 
-        samples = []
-        start = end = None
-        warm_at = t0 + args.warmup
-        end_at = warm_at + args.minutes * 60
         if args.lock_s > 0:  # centred in the measured time
+            warm_at = t0 + args.warmup
             lock = GalleryLock(tmp / "gallery.db", metrics_port,
                                warm_at + (args.minutes * 60 - args.lock_s) / 2, args.lock_s)
             lock.start()
-        next_at = time.monotonic()
-        while True:
-            alive()
-            now = time.monotonic()
-            m = scrape(metrics_port)
-            rss = rss_mb(daemon.pid)
-            samples.append({
-                "t_s": round(now - t0, 1), "rss_mb": round(rss, 1),
-                "frames": {n: value(m, "facemoe_frames_total", camera=n) for n in names},
-                "dropped": {n: value(m, "facemoe_frames_dropped_total", camera=n) for n in names},
-                "fps": {n: round(value(m, "facemoe_fps", camera=n), 2) for n in names}})
-            print(f"soak: t={now - t0:6.1f} s rss={rss:7.1f} MB fps="
-                  + " ".join(f"{v:.1f}" for v in samples[-1]["fps"].values()), file=sys.stderr)
-            if start is None and now >= warm_at:
-                start = (now, m, rss)
-            if start is not None and now >= end_at:
-                end = (now, m, rss)
-                break
-            next_at += SAMPLE_S
-            time.sleep(max(0.0, min(next_at, end_at if start else warm_at) - time.monotonic()))
+        samples, start, end = _sample(daemon.pid, metrics_port, names, t0, args, alive)
 
         if lock is not None:
             lock.join(180)
@@ -332,36 +318,8 @@ def main() -> int:
 
     (t_a, m_a, rss_a), (t_b, m_b, rss_b) = start, end
     secs = t_b - t_a
-    per_camera = {}
-    for n in names:
-        frames = value(m_b, "facemoe_frames_total", camera=n) - value(
-            m_a, "facemoe_frames_total", camera=n)
-        lat = delta(histogram(m_b, "facemoe_event_latency_seconds", camera=n),
-                    histogram(m_a, "facemoe_event_latency_seconds", camera=n))
-        frame_h = delta(histogram(m_b, "facemoe_stage_seconds", camera=n, stage="frame"),
-                        histogram(m_a, "facemoe_stage_seconds", camera=n, stage="frame"))
-        queue_h = delta(histogram(m_b, "facemoe_stage_seconds", camera=n, stage="queue"),
-                        histogram(m_a, "facemoe_stage_seconds", camera=n, stage="queue"))
-        p95 = quantile(lat, 0.95)
-        per_camera[n] = {
-            "processed_fps": round(frames / secs, 2),
-            "frames": int(frames),
-            "dropped": int(value(m_b, "facemoe_frames_dropped_total", camera=n)
-                           - value(m_a, "facemoe_frames_dropped_total", camera=n)),
-            "reconnects": int(value(m_b, "facemoe_reconnects_total", camera=n)),
-            "events": int(value(m_b, "facemoe_events_total", camera=n)
-                          - value(m_a, "facemoe_events_total", camera=n)),
-            "event_latency_p95_s": None if p95 is None else round(p95, 3),
-            "frame_ms_p95": _ms(quantile(frame_h, 0.95)),
-            "queue_ms_p95": _ms(quantile(queue_h, 0.95)),
-        }
+    per_camera, p95_all = _figures(m_a, m_b, names, secs)
     growth = rss_b - rss_a
-    all_lat: dict[float, float] = {}  # every camera's events together
-    for n in names:
-        for b, c in delta(histogram(m_b, "facemoe_event_latency_seconds", camera=n),
-                          histogram(m_a, "facemoe_event_latency_seconds", camera=n)):
-            all_lat[b] = all_lat.get(b, 0.0) + c
-    p95_all = quantile(sorted(all_lat.items()), 0.95)
     result = {
         "benchmark": "daemon_soak",
         "command": command,
@@ -404,6 +362,75 @@ def main() -> int:
               "twice", file=sys.stderr)
         return 1
     return 0
+
+
+def _sample(pid: int, metrics_port: int, names: list[str], t0: float,
+            args: argparse.Namespace, alive: Callable[[], None]
+            ) -> tuple[list[dict], tuple, tuple]:
+    """Scrape /metrics every SAMPLE_S seconds: the samples, and (time, metrics, RSS) at the
+    end of the warm-up and at the end of the measured minutes."""
+    warmup_s, minutes = args.warmup, args.minutes
+    samples = []
+    start = end = None
+    warm_at = t0 + warmup_s
+    end_at = warm_at + minutes * 60
+    next_at = time.monotonic()
+    while True:
+        alive()
+        now = time.monotonic()
+        m = scrape(metrics_port)
+        rss = rss_mb(pid)
+        samples.append({
+            "t_s": round(now - t0, 1), "rss_mb": round(rss, 1),
+            "frames": {n: value(m, "facemoe_frames_total", camera=n) for n in names},
+            "dropped": {n: value(m, "facemoe_frames_dropped_total", camera=n) for n in names},
+            "fps": {n: round(value(m, "facemoe_fps", camera=n), 2) for n in names}})
+        print(f"soak: t={now - t0:6.1f} s rss={rss:7.1f} MB fps="
+              + " ".join(f"{v:.1f}" for v in samples[-1]["fps"].values()), file=sys.stderr)
+        if start is None and now >= warm_at:
+            start = (now, m, rss)
+        if start is not None and now >= end_at:
+            end = (now, m, rss)
+            break
+        next_at += SAMPLE_S
+        time.sleep(max(0.0, min(next_at, end_at if start else warm_at) - time.monotonic()))
+    return samples, start, end
+
+
+def _figures(m_a: dict, m_b: dict, names: list[str], secs: float
+             ) -> tuple[dict[str, dict], float | None]:
+    """Per camera: processed fps, frames, drops, reconnects, events and latency percentiles
+    between two scrapes `secs` apart; and every camera's event latency p95 together."""
+    per_camera = {}
+    for n in names:
+        frames = value(m_b, "facemoe_frames_total", camera=n) - value(
+            m_a, "facemoe_frames_total", camera=n)
+        lat = delta(histogram(m_b, "facemoe_event_latency_seconds", camera=n),
+                    histogram(m_a, "facemoe_event_latency_seconds", camera=n))
+        frame_h = delta(histogram(m_b, "facemoe_stage_seconds", camera=n, stage="frame"),
+                        histogram(m_a, "facemoe_stage_seconds", camera=n, stage="frame"))
+        queue_h = delta(histogram(m_b, "facemoe_stage_seconds", camera=n, stage="queue"),
+                        histogram(m_a, "facemoe_stage_seconds", camera=n, stage="queue"))
+        p95 = quantile(lat, 0.95)
+        per_camera[n] = {
+            "processed_fps": round(frames / secs, 2),
+            "frames": int(frames),
+            "dropped": int(value(m_b, "facemoe_frames_dropped_total", camera=n)
+                           - value(m_a, "facemoe_frames_dropped_total", camera=n)),
+            "reconnects": int(value(m_b, "facemoe_reconnects_total", camera=n)),
+            "events": int(value(m_b, "facemoe_events_total", camera=n)
+                          - value(m_a, "facemoe_events_total", camera=n)),
+            "event_latency_p95_s": None if p95 is None else round(p95, 3),
+            "frame_ms_p95": _ms(quantile(frame_h, 0.95)),
+            "queue_ms_p95": _ms(quantile(queue_h, 0.95)),
+        }
+    all_lat: dict[float, float] = {}  # every camera's events together
+    for n in names:
+        for b, c in delta(histogram(m_b, "facemoe_event_latency_seconds", camera=n),
+                          histogram(m_a, "facemoe_event_latency_seconds", camera=n)):
+            all_lat[b] = all_lat.get(b, 0.0) + c
+    p95_all = quantile(sorted(all_lat.items()), 0.95)
+    return per_camera, p95_all
 
 
 def _ms(seconds: float | None) -> float | None:

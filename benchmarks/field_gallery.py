@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,10 +26,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 ENROLLED = ("Lin-Manuel Miranda", "Alex Lacamoire")
 IN_VIDEOS = ("Obama",)  # LFW identities that appear in the shared videos: never enrolled
-
-
-def shared() -> Path:
-    return Path(os.environ.get("FACEMOE_SHARED") or REPO.parent / "shared")
 
 
 def facemoe(*args: str) -> subprocess.CompletedProcess:
@@ -78,6 +73,9 @@ def enroll_many(photos: list[Path], n: int, db: str, config: Path) -> int:
 
 def run(model: str | None, people: int, seed: int, work: Path) -> dict:
     import yaml
+
+    sys.path.insert(0, str(REPO))
+    from app.paths import shared
 
     data = shared() / "data"
     videos = sorted((data / "videos").glob("*.mp4"))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.detect import FaceDetector  # noqa: E402
+from app import paths  # noqa: E402
+from app.yunet import FaceDetector, find_detector_model  # noqa: E402
 
 FPS, W, H = 25, 640, 360
 SEGMENT_S, GAP_S = 2.4, 1.0  # a gap longer than the tracker's max_missed ends each track
@@ -132,7 +132,7 @@ def facemoe(*args: str) -> subprocess.CompletedProcess:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    shared = Path(os.environ.get("FACEMOE_SHARED") or REPO.parent / "shared")
+    shared = paths.shared()
     ap.add_argument("--model", default=None, help="model artifact (default: the app config's)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[16, 20, 24, 28, 32, 40])
     ap.add_argument("--people", type=int, default=8, help="enrolled people")
@@ -142,7 +142,7 @@ def main() -> int:
     ap.add_argument("--out", help="write the report JSON here too")
     args = ap.parse_args()
     lfw = shared / "data" / "lfw" / "lfw-deepfunneled"
-    detector = FaceDetector(str(REPO / "models" / "detector" / "face_detection_yunet_2026may.onnx"))
+    detector = FaceDetector(find_detector_model())
     people = lfw_people(lfw, shared / "data" / "lfw" / "pairs.txt",
                         args.people + args.distractors, args.seed)
     enrolled, distractors = people[: args.people], people[args.people :]

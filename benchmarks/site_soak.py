@@ -32,6 +32,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from app.paths import shared  # noqa: E402
 from tests.services import Mosquitto, Postgres, free_port  # noqa: E402
 
 VIDEOS = ("short_hamilton_clip.mp4", "intel_face-demographics-walking.mp4",
@@ -56,8 +57,7 @@ def main() -> int:
     ap.add_argument("--cameras", type=int, default=2)
     ap.add_argument("--out", help="also write the JSON result here")
     args = ap.parse_args()
-    videos = Path(os.environ.get("FACEMOE_SHARED") or REPO_ROOT.parent / "shared") / "data" / \
-        "videos"
+    videos = shared() / "data" / "videos"
     work = Path(tempfile.mkdtemp(prefix="facemoe-site-soak-"))
     pg, broker = Postgres(), Mosquitto(work / "broker")
     boxes = []

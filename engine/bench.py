@@ -9,7 +9,7 @@ from datetime import date
 
 import numpy as np
 
-from engine.backends import BackendError, load_backend
+from engine.backends import BackendError, load_backend, thread_options
 
 
 def bench_embed(
@@ -22,7 +22,7 @@ def bench_embed(
     moe_dispatch: str = "auto",
 ) -> dict:
     """`moe_dispatch` (torch backend only): auto, dense, sparse or triton MoE layers."""
-    options = {"threads": threads} if backend in ("onnxruntime", "torch", "auto") else {}
+    options = thread_options(backend, threads)
     if backend == "torch":
         options["moe_dispatch"] = moe_dispatch
     elif moe_dispatch != "auto":

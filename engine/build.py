@@ -34,6 +34,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from engine.ops.reference import OP_DOMAIN, OP_NAME, OP_VERSION
+from trainer.fsutil import PUBLIC, write_bytes
 from trainer.manifest import derived_manifest, read_manifest, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -372,15 +373,8 @@ def build_engine(model_dir: str | Path, out: str | Path | None = None, *, flavou
     plan = bytes(plan)
     seconds = time.perf_counter() - started
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        tmp.replace(cache_path)
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (ENGINE_FILE + ".tmp")
-    tmp.write_bytes(plan)
-    tmp.replace(out / ENGINE_FILE)
+        write_bytes(cache_path, bytes(config.get_timing_cache().serialize()), PUBLIC)
+    write_bytes(out / ENGINE_FILE, plan, PUBLIC)
     (out / RUNTIME_CACHE).unlink(missing_ok=True)  # compiled for the previous plan
     info = derived_manifest(
         manifest, kind="tensorrt", engine=ENGINE_FILE, flavour=flavour,

@@ -25,6 +25,7 @@ from torch import nn
 
 from engine.ops.reference import OP_DOMAIN, OP_NAME, OP_VERSION
 from trainer.artifact import load_model
+from trainer.fsutil import PUBLIC, atomic_path
 from trainer.manifest import (
     ONNX_METADATA_KEY,
     derived_manifest,
@@ -114,20 +115,6 @@ def export_model(
         _swap_moe(net)
     size = int(manifest["input_size"])
     dummy = torch.zeros(2, 3, size, size)
-    tmp = out.with_suffix(".tmp.onnx")
-    with torch.no_grad():
-        torch.onnx.export(
-            net,
-            (dummy,),
-            str(tmp),
-            dynamo=False,
-            opset_version=opset,
-            input_names=["input"],
-            output_names=["embedding"],
-            dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
-            custom_opsets={OP_DOMAIN: int(OP_VERSION)} if form == "plugin" else None,
-        )
-    proto = onnx.load(str(tmp))
     info = derived_manifest(
         manifest,
         kind="onnx",
@@ -136,9 +123,22 @@ def export_model(
         torch=torch.__version__,
         exported=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(info)})
-    onnx.save(proto, str(tmp))
-    tmp.replace(out)
+    with atomic_path(out, PUBLIC, suffix=".onnx") as tmp:
+        with torch.no_grad():
+            torch.onnx.export(
+                net,
+                (dummy,),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["embedding"],
+                dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
+                custom_opsets={OP_DOMAIN: int(OP_VERSION)} if form == "plugin" else None,
+            )
+        proto = onnx.load(str(tmp))
+        onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(info)})
+        onnx.save(proto, str(tmp))
     log.info("exported %s (%s form) to %s", manifest["name"], form, out)
     return out
 

@@ -1,16 +1,22 @@
-"""Shared fixtures: locate the real test data in <repo>/../shared (env FACEMOE_SHARED overrides).
+"""What the test modules share: the tiers, the real test data in <repo>/../shared (env
+FACEMOE_SHARED overrides; `app.paths.shared`), the face detector, tiny and shipped model
+artifacts, training configs, and the one CLI runner (`facemoe`).
 
-Tests that use these fixtures skip with a clear reason when the shared folder is absent.
+Tests that use the shared data skip with a clear reason when the shared folder is absent.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+
+from app import paths
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 YUNET_FILE = "face_detection_yunet_2026may.onnx"
@@ -32,6 +38,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             )
 
 
+def facemoe(*args: object, cwd: Path = REPO_ROOT, env: dict[str, str] | None = None,
+            timeout: float = 300, script: str | None = None) -> subprocess.CompletedProcess:
+    """`facemoe ARGS` in a new interpreter (`python -m app.cli`, or `python -c script ARGS`)
+    run from `cwd` (the checkout) with `env` added to this environment; output captured as
+    text. The tests' one CLI runner: `from tests.conftest import facemoe`."""
+    command = ["-c", script] if script else ["-m", "app.cli"]
+    return subprocess.run([sys.executable, *command, *map(str, args)], cwd=cwd,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
         pytest.skip(f"{what} not found at {path} (set FACEMOE_SHARED to the shared folder)")
@@ -41,9 +58,7 @@ def _need(path: Path, what: str) -> Path:
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The shared folder: $FACEMOE_SHARED, else <repo>/../shared."""
-    return _need(
-        Path(os.environ.get("FACEMOE_SHARED") or REPO_ROOT.parent / "shared"), "shared data folder"
-    )
+    return _need(paths.shared(), "shared data folder")
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +77,16 @@ def models_dir(shared_dir: Path) -> Path:
 def yunet_path(models_dir: Path) -> Path:
     """The YuNet face detector ONNX file."""
     return _need(models_dir / YUNET_FILE, "YuNet detector")
+
+
+@pytest.fixture(scope="module")
+def detector(yunet_path: Path):
+    """The app's face detector (`app.detect`) as the config type's defaults make it, on the
+    shared YuNet file; one per test module (it counts the second looks it takes)."""
+    from app.config import DetectorConfig
+    from app.detect import create_detector
+
+    return create_detector(DetectorConfig(model=str(yunet_path)))
 
 
 TINY_ARCH = dict(depth=1, dim=48, heads=2, stem_width=8)

@@ -1,6 +1,9 @@
-"""Shared test data for the gallery tests (SQLite and PostgreSQL) and the event record."""
+"""Shared test data for the gallery tests (SQLite and PostgreSQL) and the event record, and
+the tests' one event builder (`event`)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -23,8 +26,10 @@ def crops(rng: np.random.Generator, m: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8) for _ in range(m)]
 
 
-def event(track_id: int, identity: str | None = "alice") -> Event:
-    return Event(
+def event(track_id: int, identity: str | None = "alice", **fields: object) -> Event:
+    """The tests' one event builder: a finished track's event of camera cam0, with `fields`
+    (any other Event field) over its defaults."""
+    base = Event(
         camera="cam0",
         track_id=track_id,
         identity=identity,
@@ -36,3 +41,4 @@ def event(track_id: int, identity: str | None = "alice") -> Event:
         model="facemoe-edge@0.1.0",
         id=f"00000000-0000-4000-8000-{track_id:012d}",  # the same event for equal track ids
     )
+    return replace(base, **fields) if fields else base

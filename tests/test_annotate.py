@@ -12,7 +12,7 @@ from app.config import AppConfig
 from app.enroll import enroll
 from app.process import process_video
 from app.records import Detection, Match, TrackedFace
-from app.runtime import make_detector, make_embedder, open_gallery, threshold
+from app.runtime import make_embedder, open_gallery, threshold
 from app.source import VideoWriter, open_source
 
 LIN = "Lin-Manuel Miranda"
@@ -24,11 +24,6 @@ FONT, SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.45
 def close_up(data_dir: Path) -> list[np.ndarray]:
     with open_source(str(data_dir / "videos" / "short_hamilton_clip.mp4")) as src:
         return [f.image for f in src if f.index in CLOSE_UP]
-
-
-@pytest.fixture(scope="module")
-def detector():
-    return make_detector(AppConfig())
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ model, failures that end with the one-line error, one version."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 
 import app
 from app.gallery import Gallery
+from tests.conftest import facemoe
 from tests.gallery_helpers import event
 from trainer.manifest import model_id, read_manifest
 
@@ -28,12 +27,6 @@ if loaded:
     print(f"model runtime loaded: {loaded}", file=sys.stderr)
 sys.exit(rc)
 """
-
-
-def facemoe(*args: object, script: str | None = None) -> subprocess.CompletedProcess:
-    command = ["-c", script] if script else ["-m", "app.cli"]
-    return subprocess.run([sys.executable, *command, *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture

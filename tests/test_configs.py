@@ -4,7 +4,9 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
+from app import paths
 from app.config import ConfigError, load_config
 from trainer.config import load_train_config
 
@@ -14,8 +16,29 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAIN = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name != "app.yaml")
 
 
+def _leaves(node, path=()):
+    """(path, value) of every scalar or list setting of a parsed YAML mapping."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, (*path, key))
+    else:
+        yield path, node
+
+
 def test_app_config_parses():
-    load_config(CONFIGS / "app.yaml")
+    """Every setting the shipped config writes reaches the config object (none is dropped or
+    changed on the way; relative paths are resolved by app.paths)."""
+    path = CONFIGS / "app.yaml"
+    loaded = load_config(path).model_dump(mode="json")
+    settings = list(_leaves(yaml.safe_load(path.read_text())))
+    assert len(settings) > 20
+    for keys, value in settings:
+        got = loaded
+        for key in keys:
+            got = got[key]
+        if isinstance(value, str) and keys[-1] in ("dir", "path"):
+            value = str(paths.resolve(value))
+        assert got == value, (".".join(keys), value, got)
 
 
 @pytest.mark.parametrize("path", TRAIN, ids=lambda p: str(p.relative_to(CONFIGS)))

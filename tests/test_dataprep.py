@@ -23,11 +23,6 @@ pytestmark = pytest.mark.unit
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def detector(yunet_path: Path) -> FaceDetector:
-    return FaceDetector(yunet_path)
-
-
 @pytest.fixture()
 def photos(tmp_path: Path, data_dir: Path) -> Path:
     """raw/<identity>/ of real photos: a .jpg and the same photo as .tif, an unreadable file,

@@ -18,11 +18,6 @@ from benchmarks.synthetic_faces import Walk, load_sprites, render
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(scope="module")
-def detector(yunet_path: Path) -> FaceDetector:
-    return FaceDetector(yunet_path)
-
-
 def _still(data_dir: Path, name: str) -> np.ndarray:
     image = cv2.imread(str(data_dir / "videos" / name), cv2.IMREAD_COLOR)  # drops PNG alpha
     assert image is not None

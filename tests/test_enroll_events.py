@@ -9,7 +9,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from app.aggregate import KEEP_CROPS, TrackAggregator
 from app.enroll import EnrollError, enroll
 from app.gallery import Gallery, GalleryError
 from app.records import AlignedFace, Event, Quality
+from tests.conftest import facemoe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -160,9 +160,7 @@ def test_cli_lists_events_and_enrolls_from_one(tmp_path: Path, tiny_model_dir: P
     cfg.write_text(f"model:\n  dir: {tiny_model_dir}\n  backend: onnxruntime\n")
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "app.cli", *args, "--config", str(cfg),
-                               "--gallery", str(db)], cwd=REPO, capture_output=True, text=True,
-                              timeout=300)
+        return facemoe(*args, "--config", cfg, "--gallery", db)
 
     listed = cli("gallery", "events", "--json")
     assert listed.returncode == 0, listed.stderr[-2000:]

@@ -9,16 +9,10 @@ import numpy as np
 import pytest
 
 from app.align import ARCFACE_112, STORE
-from app.detect import FaceDetector
 from app.faces import FaceError, aligned_face, choose_face, detect_faces, find_face, read_image
 from trainer.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module")
-def detector(yunet_path: Path) -> FaceDetector:
-    return FaceDetector(yunet_path)
 
 
 @pytest.fixture(scope="module")

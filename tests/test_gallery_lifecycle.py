@@ -24,7 +24,7 @@ import pytest
 
 from app.gallery import Gallery, GalleryError, load_key, verify_export
 from app.gallery import db as gallery_db
-from app.records import Event
+from tests.gallery_helpers import event
 
 REPO = Path(__file__).resolve().parent.parent
 OLD_MODEL = ("old-model", "1")
@@ -61,10 +61,6 @@ def fill(g: Gallery, faces: dict, vectors: np.ndarray | None = None, crops: bool
         s = slice(k * PER_ID, (k + 1) * PER_ID)
         g.enroll(name, vecs[s], faces["sources"][s], [0.5 + 0.1 * j for j in range(PER_ID)],
                  list(faces["crops"][s]) if crops else None)
-
-
-def event(track_id: int, identity: str | None) -> Event:
-    return Event("cam0", track_id, identity, 0.7, 1.0, 2.0, 12, (1.0, 2.0, 30.0, 40.0), "m")
 
 
 def snapshot(g: Gallery) -> tuple:

@@ -169,14 +169,13 @@ def test_cli_gallery_takes_a_database_url(pg_url: str, tmp_path: Path, data_dir:
     like the URL and said "no such gallery" in `gallery list`)."""
     import json
     import subprocess
-    import sys
+
+    from tests.conftest import facemoe
 
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root)}
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+        return facemoe(*args, cwd=tmp_path, env={"PYTHONPATH": str(root)})
 
     r = cli("enroll", "Ada", str(data_dir / "videos" / "obama.jpg"), "--gallery", pg_url)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +12,10 @@ from onnx import TensorProto, helper
 
 from app.embed import Embedder
 from engine.export import ensure_onnx
+from tests.conftest import facemoe
 from trainer.models.resnet import DLIB_150
 
 pytestmark = pytest.mark.contract
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True)
 
 
 @pytest.mark.slow
@@ -30,7 +25,7 @@ def test_wrapped_onnx_embeds_like_the_native_artifact(
     src = tmp_path / "dlib.onnx"
     src.write_bytes(ensure_onnx(dlib_model_dir).read_bytes())  # any ONNX embedder would do
     m = json.loads((dlib_model_dir / "manifest.json").read_text())
-    r = _cli("import", "onnx", str(src), "--template", "dlib150", "--dim", "128",
+    r = facemoe("import", "onnx", str(src), "--template", "dlib150", "--dim", "128",
              "--mean", *map(str, m["mean"]), "--std", *map(str, m["std"]),
              "--licence", "public domain", "--out", str(tmp_path / "wrapped"), "--json")
     assert r.returncode == 0, r.stderr
@@ -46,7 +41,7 @@ def test_wrapped_onnx_embeds_like_the_native_artifact(
     assert np.abs(a - b).max() < 1e-5
     assert np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
     # the same network told the wrong colour order gives other embeddings
-    r = _cli("import", "onnx", str(src), "--template", "dlib150", "--dim", "128",
+    r = facemoe("import", "onnx", str(src), "--template", "dlib150", "--dim", "128",
              "--mean", *map(str, m["mean"]), "--std", *map(str, m["std"]), "--colour", "BGR",
              "--out", str(tmp_path / "bgr"))
     assert r.returncode == 0, r.stderr
@@ -57,7 +52,7 @@ def test_wrapped_onnx_embeds_like_the_native_artifact(
 def test_bad_onnx_files_get_one_line_errors(tmp_path: Path) -> None:
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not onnx at all")
-    r = _cli("import", "onnx", str(junk), "--dim", "128", "--out", str(tmp_path / "a"))
+    r = facemoe("import", "onnx", str(junk), "--dim", "128", "--out", str(tmp_path / "a"))
     assert r.returncode == 1 and "is not a valid ONNX model" in r.stderr.strip().splitlines()[-1]
     two = tmp_path / "two.onnx"
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 112, 112])
@@ -65,8 +60,8 @@ def test_bad_onnx_files_get_one_line_errors(tmp_path: Path) -> None:
     z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 112, 112])
     graph = helper.make_graph([helper.make_node("Add", ["x", "y"], ["z"])], "g", [x, y], [z])
     onnx.save(helper.make_model(graph), str(two))
-    r = _cli("import", "onnx", str(two), "--dim", "128", "--out", str(tmp_path / "b"))
+    r = facemoe("import", "onnx", str(two), "--dim", "128", "--out", str(tmp_path / "b"))
     assert r.returncode == 1 and "one image input" in r.stderr.strip().splitlines()[-1]
-    r = _cli("import", "onnx", str(two), "--out", str(tmp_path / "c"))
+    r = facemoe("import", "onnx", str(two), "--out", str(tmp_path / "c"))
     assert r.returncode == 1 and "--dim" in r.stderr.strip().splitlines()[-1]
     assert not any((tmp_path / d).exists() for d in "abc")

@@ -17,11 +17,6 @@ from app.source import open_source
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(scope="module")
-def detector(yunet_path: Path) -> FaceDetector:
-    return FaceDetector(yunet_path)
-
-
 def _face(detector: FaceDetector, image: np.ndarray) -> tuple[Detection, np.ndarray]:
     found = detector.detect(image)
     assert len(found) == 1

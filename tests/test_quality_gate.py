@@ -21,11 +21,6 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
-def detector(yunet_path: Path) -> FaceDetector:
-    return FaceDetector(yunet_path)
-
-
-@pytest.fixture(scope="module")
 def obama(data_dir: Path, detector: FaceDetector) -> tuple[np.ndarray, Detection]:
     image = cv2.imread(str(data_dir / "videos" / "obama.jpg"))
     (det,) = detector.detect(image)

@@ -12,6 +12,7 @@ import pytest
 
 from app.source import SourceError, open_source
 from benchmarks.rtsp_camera import free_port
+from tests.conftest import facemoe
 
 pytestmark = pytest.mark.unit
 
@@ -191,22 +192,13 @@ def test_process_refuses_directory_targets_before_work(tmp_path: Path, data_dir:
 # --- config ranges -------------------------------------------------------------------------
 
 
-def _cli(*argv: str, timeout: float = 120):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "app.cli", *argv], capture_output=True,
-                          text=True, timeout=timeout,
-                          cwd=Path(__file__).resolve().parent.parent)
-
-
 @pytest.mark.parametrize("threshold", ["-1", "2.5", ".nan", "1"])
 @pytest.mark.parametrize("command", ["process", "run"])
 def test_validate_config_refuses_thresholds_out_of_range(tmp_path: Path, command: str,
                                                          threshold: str) -> None:
     cfg = tmp_path / "app.yaml"
     cfg.write_text(f"matching:\n  min_frames: 2\n  threshold: {threshold}\n")
-    proc = _cli(command, "--config", str(cfg), "--validate-config")
+    proc = facemoe(command, "--config", str(cfg), "--validate-config")
     assert proc.returncode == 1, proc.stdout
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "matching.threshold (line 3)" in lines[0], proc.stderr
@@ -217,7 +209,7 @@ def test_validate_config_warns_outside_sane_band_and_accepts(tmp_path: Path) -> 
     cfg = tmp_path / "app.yaml"  # run refuses a config without a camera
     cfg.write_text("matching:\n  threshold: -0.5\ncameras:\n  - name: door\n"
                    "    uri: /dev/video0\n")
-    proc = _cli("run", "--config", str(cfg), "--validate-config")
+    proc = facemoe("run", "--config", str(cfg), "--validate-config")
     assert proc.returncode == 0 and proc.stdout.strip() == "config ok", proc.stderr
     assert "almost everyone will be named" in proc.stderr
 
@@ -255,18 +247,23 @@ def test_config_reports_every_error_with_lines(tmp_path: Path) -> None:
 def test_non_utf8_config_is_one_line(tmp_path: Path) -> None:
     cfg = tmp_path / "app.yaml"
     cfg.write_bytes(b"gallery:\n  path: caf\xe9.db\n")
-    proc = _cli("process", "--config", str(cfg), "--validate-config")
+    proc = facemoe("process", "--config", str(cfg), "--validate-config")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"facemoe: error: {cfg}: not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"]
 
 
 def test_shipped_configs_still_validate() -> None:
-    from app.config import load_config
+    """Each shipped app config loads, and what it resolves to is itself a valid config that
+    means the same (the resolved config written next to outputs can be read back)."""
+    from app.config import AppConfig, load_config
 
     root = Path(__file__).resolve().parent.parent / "configs"
-    for path in sorted(root.glob("app*.yaml")):
-        load_config(path)
+    shipped = sorted(root.glob("app*.yaml"))
+    assert shipped
+    for path in shipped:
+        cfg = load_config(path)
+        assert AppConfig.model_validate(cfg.model_dump(mode="json")) == cfg, path
 
 
 # --- health and sinks ----------------------------------------------------------------------
@@ -420,7 +417,7 @@ def test_gallery_remove_erases_jsonl_lines_and_snapshots(tmp_path: Path,
     cfg = tmp_path / "app.yaml"
     cfg.write_text(yaml.safe_dump({"daemon": {"jsonl": {"path": str(jsonl)},
                                               "snapshots": {"dir": str(snaps)}}}))
-    proc = _cli("gallery", "remove", "Ada", "--gallery", str(db), "--config", str(cfg),
+    proc = facemoe("gallery", "remove", "Ada", "--gallery", str(db), "--config", str(cfg),
                 "--events-jsonl", str(extra), "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -546,7 +543,7 @@ def test_gallery_reads_work_on_a_full_disk(full_disk: Path, default_model_dir: P
             os.close(fd)
     for action, expected in (("check", f"{db}: ok"), ("list", "Ada\t2\t"),
                              ("events", "    id  camera")):
-        proc = _cli("gallery", action, "--gallery", str(db))
+        proc = facemoe("gallery", action, "--gallery", str(db))
         assert proc.returncode == 0, (action, proc.stderr)
         assert proc.stdout.startswith(expected), (action, proc.stdout)
 
@@ -583,12 +580,12 @@ def test_one_flipped_bit_is_found_and_only_that_template_is_left_out(
     db = tmp_path / "g.db"
     videos = data_dir / "videos"
     for name, photo in (("Barack Obama", "obama-240p.jpg"), ("Joe Biden", "biden.jpg")):
-        proc = _cli("enroll", name, str(videos / photo), "--gallery", str(db), timeout=300)
+        proc = facemoe("enroll", name, str(videos / photo), "--gallery", str(db), timeout=300)
         assert proc.returncode == 0, proc.stderr
-    assert _cli("gallery", "check", "--gallery", str(db)).returncode == 0
+    assert facemoe("gallery", "check", "--gallery", str(db)).returncode == 0
     # a low mantissa bit of one float: the vector stays finite and (nearly) unit length
     _flip_bit(db, 1, byte=(40 if encrypted else 4 * 17), bit=0)
-    proc = _cli("gallery", "check", "--gallery", str(db))
+    proc = facemoe("gallery", "check", "--gallery", str(db))
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"facemoe: error: gallery {db} has 1 corrupt template(s) (re-enroll them or restore "
@@ -626,14 +623,6 @@ def test_template_without_checksum_is_still_checked(tmp_path: Path, no_gallery_k
 
 
 # --- enrollment inputs ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def detector():
-    from app.config import load_config
-    from app.runtime import make_detector
-
-    return make_detector(load_config())
 
 
 @pytest.fixture(scope="module")
@@ -972,7 +961,7 @@ def test_token_in_camera_url_is_redacted() -> None:
 
 
 def test_events_limit_must_be_positive(tmp_path: Path, no_gallery_key) -> None:
-    proc = _cli("gallery", "events", "--limit", "-5", "--gallery", str(tmp_path / "g.db"))
+    proc = facemoe("gallery", "events", "--limit", "-5", "--gallery", str(tmp_path / "g.db"))
     assert proc.returncode == 2
     assert "--limit: must be at least 1, got -5" in proc.stderr
 
@@ -988,22 +977,22 @@ def test_key_file_is_accepted_where_the_key_is_needed(tmp_path: Path, data_dir: 
     key.write_text(base64.b64encode(os.urandom(32)).decode())
     db = str(tmp_path / "g.db")
     videos = data_dir / "videos"
-    done = _cli("enroll", "Barack Obama", str(videos / "obama.jpg"), "--gallery", db,
+    done = facemoe("enroll", "Barack Obama", str(videos / "obama.jpg"), "--gallery", db,
                 "--key-file", str(key), timeout=300)
     assert done.returncode == 0, done.stderr
     for argv in (["gallery", "list"], ["gallery", "events"], ["gallery", "check"],
                  ["gallery", "rename", "Barack Obama", "Obama"]):
-        done = _cli(*argv, "--gallery", db, "--key-file", str(key))
+        done = facemoe(*argv, "--gallery", db, "--key-file", str(key))
         assert done.returncode == 0, (argv, done.stderr)
-    done = _cli("gallery", "list", "--gallery", db)
+    done = facemoe("gallery", "list", "--gallery", db)
     assert done.returncode == 1 and "encrypted" in done.stderr
-    done = _cli("process", str(videos / "intel_head-pose-face-detection-female.mp4"),
+    done = facemoe("process", str(videos / "intel_head-pose-face-detection-female.mp4"),
                 "--gallery", db, "--key-file", str(key), "--no-progress", timeout=300)
     assert done.returncode == 0, done.stderr
     config = tmp_path / "daemon.yaml"
     config.write_text(f"gallery:\n  path: {db}\ncameras:\n  - name: door\n    uri: "
                       f"{videos / 'intel_head-pose-face-detection-female.mp4'}\n")
-    done = _cli("run", "--validate-config", "--config", str(config), "--key-file", str(key))
+    done = facemoe("run", "--validate-config", "--config", str(config), "--key-file", str(key))
     assert done.returncode == 0, done.stderr
 
 

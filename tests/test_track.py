@@ -216,11 +216,6 @@ def test_low_score_detection_resumes_a_track_that_missed() -> None:
     assert [seen[i] for i in range(0, 12, 2)] == [[], [1], [], [1], [1], []]
 
 
-@pytest.fixture(scope="module")
-def detector(yunet_path: Path) -> FaceDetector:
-    return FaceDetector(yunet_path)
-
-
 def _track_clip(detector: FaceDetector, path: Path, limit: int | None = None
                 ) -> tuple[int, dict[int, list[int]]]:
     tracker = Tracker(ONE_HIT)

@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from app.records import Event
 from app.sinks import SinkError, WebhookSink
 from benchmarks.rtsp_camera import free_port
+from tests.gallery_helpers import event
 
 pytestmark = pytest.mark.unit
 
@@ -57,16 +57,12 @@ class Receiver:
         self.server.server_close()
 
 
-def event(i: int) -> Event:
-    return Event("door", i, None, 0.1, 0.0, 1.0, 3, (1.0, 2.0, 3.0, 4.0), "m", type="end")
-
-
 def test_a_failing_then_stalling_target_gets_every_event_in_order_and_signed():
     target = Receiver(script=[503, 503, "stall", 500], stall=1.5)
     incidents: list[tuple[str, int]] = []
     sink = WebhookSink(target.url, timeout=0.5, secret=SECRET, retry_initial_s=0.05,
                        retry_max_s=0.2, count=lambda kind, n: incidents.append((kind, n)))
-    events = [event(i) for i in range(8)]
+    events = [event(i, None) for i in range(8)]
     try:
         t = time.monotonic()
         for ev in events:
@@ -92,7 +88,7 @@ def test_a_full_queue_drops_the_oldest_and_counts_them():
     sink = WebhookSink(f"http://127.0.0.1:{port}/hook", timeout=0.5, queue=4,
                        retry_initial_s=0.05, retry_max_s=0.1,
                        count=lambda kind, n: incidents.append((kind, n)))
-    events = [event(i) for i in range(10)]
+    events = [event(i, None) for i in range(10)]
     try:
         sink.write(events)
         assert sink.dropped == 6 and ("dropped", 6) in incidents
@@ -112,13 +108,13 @@ def test_a_rejected_event_is_dropped_and_the_next_one_sent():
     target = Receiver(script=[400])
     sink = WebhookSink(target.url, retry_initial_s=0.05)
     try:
-        sink.write([event(1), event(2)])
+        sink.write([event(1, None), event(2, None)])
         assert sink.flush(10)
     finally:
         sink.close()
         target.close()
     assert [r[0]["track_id"] for r in target.received] == [2] and sink.dropped == 1
     with pytest.raises(SinkError, match="closed"):
-        sink.write([event(3)])
+        sink.write([event(3, None)])
     with pytest.raises(SinkError, match="http"):
         WebhookSink("ftp://127.0.0.1/x")

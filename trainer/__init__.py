@@ -18,9 +18,12 @@ The model contract is the part of trainer that every model artifact and runtime 
   dimension, weights hash), also carried in ONNX metadata.
 - `trainer.preprocess`: the crop templates and the crop-to-tensor conversion.
 - `trainer.artifact`: the artifact directory (weights + model.yaml + manifest), save and load.
+- `trainer.fsutil`: the one atomic file writer (unpredictable temporaries, private modes) that
+  the manifest, the engine's plans and caches, checkpoints and every app file are written by.
 
 Everything else under trainer/ (config, data, augment, losses, train, soup, evaluate, explain,
 importers) makes models; the app's CLI fronts those tools, the runtime path does not need them.
 """
 
-CONTRACT = ("trainer.models", "trainer.manifest", "trainer.preprocess", "trainer.artifact")
+CONTRACT = ("trainer.models", "trainer.manifest", "trainer.preprocess", "trainer.artifact",
+            "trainer.fsutil")

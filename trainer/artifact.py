@@ -10,6 +10,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from trainer.fsutil import PUBLIC, atomic_path, write_bytes
 from trainer.manifest import read_manifest, update_metrics, validate_manifest, write_manifest
 from trainer.models import create_model
 from trainer.preprocess import MEAN, STD
@@ -87,8 +88,9 @@ def save_artifact(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS))
-    (out / "model.yaml").write_text(yaml.safe_dump(arch, sort_keys=False))
+    with atomic_path(out / WEIGHTS, PUBLIC, suffix=".safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_bytes(out / "model.yaml", yaml.safe_dump(arch, sort_keys=False).encode("utf-8"), PUBLIC)
     manifest = artifact_manifest(
         model, arch, name=name, version=version, weights_sha256=sha256_file(out / WEIGHTS),
         recipe=recipe, data=data, metrics=metrics,

@@ -15,11 +15,11 @@ Plain JSON, importable without torch, NumPy or OpenCV.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from trainer.fsutil import PUBLIC, write_bytes
 
 __all__ = [
     "MANIFEST",
@@ -121,15 +121,6 @@ def manifest_from_metadata(metadata: Mapping[str, str], where: str | Path) -> di
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write `path` through a private temporary (mkstemp: O_EXCL, random name) and rename it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(data, indent=2) + "\n")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fh.fileno(), 0o666 & ~umask)  # a manifest is not private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`data` as indented JSON in `path`, written atomically (`trainer.fsutil`); a manifest
+    is not private."""
+    write_bytes(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"), PUBLIC)

@@ -39,6 +39,7 @@ from trainer.data import (
     teacher_targets_from_onnx,
 )
 from trainer.evaluate import threshold_at_far
+from trainer.fsutil import PUBLIC, atomic_write, write_bytes
 from trainer.losses import (
     MarginHead,
     RelationMemory,
@@ -511,9 +512,8 @@ def run_directory(run: Run) -> Iterator[TextIO | None]:
         yield None
         return
     run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "config.yaml").write_text(
-        yaml.safe_dump(run.cfg.model_dump(mode="json"), sort_keys=False)
-    )
+    config = yaml.safe_dump(run.cfg.model_dump(mode="json"), sort_keys=False)
+    write_bytes(run.out / "config.yaml", config.encode("utf-8"), PUBLIC)
     with open(run.out / "metrics.jsonl", "a") as metrics:
         yield metrics
 
@@ -678,9 +678,8 @@ def save_checkpoint(run: Run, epochs_done: int) -> None:
         "teacher_mean": run.teacher_mean,
     }
     path = run.out / "checkpoint.pt"
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_write(path, PUBLIC) as fh:
+        torch.save(state, fh)
 
 
 # --- finish: evaluation, threshold, artifact -------------------------------------------------
@@ -732,6 +731,7 @@ def forgetting_report(run: Run) -> dict[str, Any]:
         "after": after,
         "change": {k: round(after[k] - run.before[k], 4) for k in run.before},
     }
-    (run.out / "forgetting_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_bytes(run.out / "forgetting_report.json",
+                (json.dumps(report, indent=2) + "\n").encode("utf-8"), PUBLIC)
     log.info("held-out high-resolution check before/after fine-tuning: %s", report)
     return report

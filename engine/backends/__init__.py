@@ -1,5 +1,5 @@
 """Runtime backends behind one protocol:
-`embed(float32[N,3,H,W]) -> float32[N,512]` (L2-normalised).
+`embed(float32[N,3,H,W]) -> float32[N,D]` (L2-normalised; D is the manifest's embedding_dim).
 
 Backends register by name; `load_backend(model_dir, "auto")` picks TensorRT when an engine and
 a supported GPU are present, otherwise ONNX Runtime, and logs which it chose.
@@ -14,12 +14,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from engine.registry import BACKEND_MODULES, BACKENDS, thread_options
 
+__all__ = ["BACKENDS", "Backend", "BackendError", "check_output", "load_backend",
+           "thread_options"]
+
+log = logging.getLogger(__name__)
 
 class BackendError(Exception):
     """A backend that cannot run here; the message says why in one line."""
-
 
 class Backend(Protocol):
     name: str
@@ -28,24 +31,14 @@ class Backend(Protocol):
 
     def embed(self, batch: np.ndarray) -> np.ndarray: ...
 
-
-_MODULES = {
-    "onnxruntime": "engine.backends.ort",
-    "torch": "engine.backends.torch_backend",
-    "tensorrt": "engine.backends.tensorrt",
-}
-BACKENDS = ("auto", *_MODULES)
-
-
 def _load(name: str, model_dir: Path, **options: Any) -> Backend:
-    if name not in _MODULES:
+    if name not in BACKEND_MODULES:
         raise BackendError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     try:
-        module = importlib.import_module(_MODULES[name])
+        module = importlib.import_module(BACKEND_MODULES[name])
     except ImportError as e:
         raise BackendError(f"backend {name} is not installed ({e.name or e})") from e
     return module.create(model_dir, **options)
-
 
 def load_backend(model_dir: str | Path, name: str = "auto", **options: Any) -> Backend:
     model_dir = Path(model_dir)
@@ -67,7 +60,6 @@ def load_backend(model_dir: str | Path, name: str = "auto", **options: Any) -> B
         backend = _load("onnxruntime", model_dir, **options)
     log.info("backend auto: chose %s", backend.name)
     return backend
-
 
 def check_output(out: np.ndarray, n: int, dim: int) -> np.ndarray:
     if out.shape != (n, dim):

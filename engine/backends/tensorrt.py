@@ -34,6 +34,7 @@ from engine.build import (
     visible_gpu,
 )
 from engine.ops.kernels.topk_moe import CudaError, check
+from trainer.fsutil import PUBLIC, write_bytes
 from trainer.manifest import read_manifest
 
 log = logging.getLogger(__name__)
@@ -190,9 +191,7 @@ class TensorRTBackend:
             return
         path = self.engine_dir / RUNTIME_CACHE
         try:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(bytes(self._runtime_cache.serialize()))
-            tmp.replace(path)
+            write_bytes(path, bytes(self._runtime_cache.serialize()), PUBLIC)
         except OSError as e:
             log.warning("cannot save the TensorRT-RTX runtime cache %s: %s", path, e)
 

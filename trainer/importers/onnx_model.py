@@ -16,6 +16,7 @@ from typing import Any
 import onnx
 from onnx import helper
 
+from trainer.fsutil import PUBLIC, atomic_path
 from trainer.manifest import ONNX_METADATA_KEY, read_manifest, write_manifest
 from trainer.preprocess import ARCFACE_112, CropTemplate
 
@@ -138,7 +139,8 @@ def import_onnx(
     except Exception as e:
         raise OnnxImportError(f"{src}: wrapping it failed: {str(e).splitlines()[0]}") from e
     out.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(out / "model.onnx"))
+    with atomic_path(out / "model.onnx", PUBLIC, suffix=".onnx") as tmp:
+        onnx.save(proto, str(tmp))
     write_manifest(out, manifest)
     return out
 
