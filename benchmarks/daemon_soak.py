@@ -344,6 +344,12 @@ def main() -> int:
         "gallery_lock": lock.result if lock is not None else None,
         "samples": samples,
     }
+    return report(result, args, tmp)
+
+
+def report(result: dict, args: argparse.Namespace, tmp: Path) -> int:
+    """Print (and with --out write) the JSON, drop the temp folder unless --keep; the exit
+    code: 1 when the daemon did not stop cleanly or an event was lost or stored twice."""
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -354,12 +360,13 @@ def main() -> int:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-    if rc != 0:
-        print(f"soak: the daemon exited with {rc} after SIGTERM", file=sys.stderr)
+    if result["exit_code"] != 0:
+        print(f"soak: the daemon exited with {result['exit_code']} after SIGTERM",
+              file=sys.stderr)
         return 1
-    if once["events_lost"] or once["events_duplicated"]:
-        print(f"soak: {once['events_lost']} event(s) lost, {once['events_duplicated']} stored "
-              "twice", file=sys.stderr)
+    if result["events_lost"] or result["events_duplicated"]:
+        print(f"soak: {result['events_lost']} event(s) lost, {result['events_duplicated']} "
+              "stored twice", file=sys.stderr)
         return 1
     return 0
 
