@@ -220,12 +220,18 @@ def cmd_process(args: argparse.Namespace) -> int:
 def cmd_fleet(args: argparse.Namespace) -> int:
     """Every box's last heartbeat; a box not heard of for --silent-after seconds is SILENT."""
     from app.gallery import Store
-    from app.gallery.fleet import Fleet
+    from app.gallery.erasures import Erasures
+    from app.gallery.fleet import Fleet, site_view
 
     cfg = _config(args)
     path = _gallery_path(args, cfg)
     with Store(path, *_model_id(cfg), create=False, key=_key(args), adopt_model=True) as store:
-        boxes = [b.as_json(args.silent_after) for b in Fleet(store).boxes()]
+        if args.forget:
+            Erasures(store).forget_box(args.forget)
+            print(f"box {args.forget} forgotten: it left the fleet and no erasure waits for it",
+                  file=sys.stderr)
+        view = site_view(Fleet(store).boxes(), args.silent_after)
+    boxes = view["boxes"]
     lines = []
     for b in boxes:
         flag = "SILENT " if b["silent"] else ""
@@ -235,9 +241,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
             lines.append(f"  {c['name']}: {c['state']} fps={c['fps']} frames={c['frames']} "
                          f"dropped={c['dropped']} reconnects={c['reconnects']} "
                          f"events={c['events']} last_event={c['last_event'] or '-'}")
-    _out(args, {"gallery": str(path), "boxes": boxes},
+    lines += [f"CLASH {line}" for line in view["clashes"]]
+    _out(args, {"gallery": str(path), **view},
          "\n".join(lines) or f"no box has written a heartbeat to {path}")
-    return 1 if any(b["silent"] for b in boxes) else 0
+    return 1 if any(b["silent"] for b in boxes) or view["clashes"] else 0
 def _camera_name(given: str | None, video: str) -> str:
     """The camera name of `process`'s events: --camera, else the file name's stem; one that
     would break a line of output (control, format or line-separator characters) is refused."""
@@ -840,6 +847,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fleet", help="the boxes (daemons) of a site on this gallery database and their cameras")
     sp.add_argument("--silent-after", type=float, default=60.0, metavar="S",
                     help="flag a box not heard of for this many seconds (default 60)")
+    sp.add_argument("--forget", metavar="BOX",
+                    help="a box gone for good: remove it from the fleet, so no erasure waits "
+                         "for it to erase its copies")
     common(sp)
     sp.set_defaults(func=cmd_fleet)
 
