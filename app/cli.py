@@ -163,19 +163,30 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    from app.process import process_video
+    from app.process import find_videos, process_video, shard
     from app.runtime import make_detector, open_gallery, open_set
 
     cfg = _config(args)
     if args.validate_config:
         _out(args, {"config": "ok"}, "config ok")
         return 0
-    if not Path(args.video).exists() and "://" not in args.video:
-        raise UserError(f"no such file: {args.video}")
+    try:
+        videos = find_videos(args.videos)
+        if args.shard:
+            videos = shard(videos, args.shard)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     for what, target in (("--annotate", args.annotate),
                          ("--events", args.events or cfg.output.events_jsonl)):
         if target and Path(target).expanduser().is_dir():
             raise UserError(f"{what} {target} is a directory; give a file name")
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    if len(args.videos) > 1 or args.shard or Path(args.videos[0]).is_dir():
+        if args.annotate:
+            raise UserError("--annotate takes one video")
+        return _process_many(args, cfg, videos)
+    args.video = videos[0]
     camera = _camera_name(args.camera, args.video)
     detector, embedder = make_detector(cfg), _embedder(cfg)
     path = _gallery_path(args, cfg)
@@ -217,15 +228,49 @@ def cmd_process(args: argparse.Namespace) -> int:
     return 0
 
 
+def _process_many(args: argparse.Namespace, cfg, videos: list[str]) -> int:  # noqa: ANN001
+    """`process` over many videos with a worker pool and one progress bar."""
+    from app.process import Batch, process_many
+
+    if args.camera is not None:
+        _camera_name(args.camera, "")
+    for video in videos:
+        if args.camera is None:
+            _camera_name(None, video)
+    path = _gallery_path(args, cfg)
+    results = process_many(
+        videos, Batch(cfg, str(path), _key(args), args.events or cfg.output.events_jsonl,
+                      args.camera, args.allow_empty_gallery),
+        jobs=args.jobs, progress=not args.no_progress and sys.stderr.isatty())
+    done = [s.as_json() for _, s, e in results if s is not None]
+    failed = {v: e for v, _, e in results if e is not None}
+    payload = {"videos": done, "failed": failed,
+               "frames": sum(d["frames"] for d in done),
+               "events": sum(d["events"] for d in done)}
+    lines = [f"{d['video']}: {d['frames']} frames, {d['events']} events, identified "
+             f"{', '.join(d['identified']) or 'no one'}" for d in done]
+    lines += [f"{v}: FAILED: {e}" for v, e in failed.items()]
+    lines.append(f"{len(done)} of {len(videos)} video(s) processed: {payload['frames']} frames, "
+                 f"{payload['events']} events")
+    _out(args, payload, "\n".join(lines))
+    return 1 if failed else 0
+
+
 def cmd_fleet(args: argparse.Namespace) -> int:
     """Every box's last heartbeat; a box not heard of for --silent-after seconds is SILENT."""
     from app.gallery import Store
-    from app.gallery.fleet import Fleet
+    from app.gallery.erasures import Erasures
+    from app.gallery.fleet import Fleet, site_view
 
     cfg = _config(args)
     path = _gallery_path(args, cfg)
     with Store(path, *_model_id(cfg), create=False, key=_key(args), adopt_model=True) as store:
-        boxes = [b.as_json(args.silent_after) for b in Fleet(store).boxes()]
+        if args.forget:
+            Erasures(store).forget_box(args.forget)
+            print(f"box {args.forget} forgotten: it left the fleet and no erasure waits for it",
+                  file=sys.stderr)
+        view = site_view(Fleet(store).boxes(), args.silent_after)
+    boxes = view["boxes"]
     lines = []
     for b in boxes:
         flag = "SILENT " if b["silent"] else ""
@@ -235,9 +280,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
             lines.append(f"  {c['name']}: {c['state']} fps={c['fps']} frames={c['frames']} "
                          f"dropped={c['dropped']} reconnects={c['reconnects']} "
                          f"events={c['events']} last_event={c['last_event'] or '-'}")
-    _out(args, {"gallery": str(path), "boxes": boxes},
+    lines += [f"CLASH {line}" for line in view["clashes"]]
+    _out(args, {"gallery": str(path), **view},
          "\n".join(lines) or f"no box has written a heartbeat to {path}")
-    return 1 if any(b["silent"] for b in boxes) else 0
+    return 1 if any(b["silent"] for b in boxes) or view["clashes"] else 0
 def _camera_name(given: str | None, video: str) -> str:
     """The camera name of `process`'s events: --camera, else the file name's stem; one that
     would break a line of output (control, format or line-separator characters) is refused."""
@@ -785,8 +831,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_gallery_actions(gsub, common)
     sp.set_defaults(func=cmd_gallery)
 
-    sp = sub.add_parser("process", help="recognise faces in a video file")
-    sp.add_argument("video", nargs="?")
+    sp = sub.add_parser("process", help="recognise faces in video files")
+    sp.add_argument("videos", nargs="*", metavar="VIDEO",
+                    help="video files, folders (searched for video files) or stream URIs")
+    sp.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="worker processes for many videos (each loads the models; default 1)")
+    sp.add_argument("--shard", metavar="K/N",
+                    help="only every N-th video from the K-th (0-based) of the sorted list: "
+                         "one share of the work per machine")
     sp.add_argument("--events", help="append events as JSON lines to this file")
     sp.add_argument("--annotate", help="write the video with boxes, track ids and names (mp4)")
     sp.add_argument("--camera", help="camera name in events (default: the file name)")
@@ -840,6 +892,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fleet", help="the boxes (daemons) of a site on this gallery database and their cameras")
     sp.add_argument("--silent-after", type=float, default=60.0, metavar="S",
                     help="flag a box not heard of for this many seconds (default 60)")
+    sp.add_argument("--forget", metavar="BOX",
+                    help="a box gone for good: remove it from the fleet, so no erasure waits "
+                         "for it to erase its copies")
     common(sp)
     sp.set_defaults(func=cmd_fleet)
 
@@ -1083,8 +1138,9 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     _setup_logging(args)
-    if args.command == "process" and not args.video and not args.validate_config:
-        print("facemoe: error: process needs a VIDEO", file=sys.stderr)
+    if args.command == "process" and not args.videos and not args.validate_config:
+        print("facemoe: error: process needs a VIDEO (files, folders or stream URIs)",
+              file=sys.stderr)
         return 2
     try:
         if getattr(args, "model", "unset") is None:

@@ -8,9 +8,18 @@
 2. the lines of those events (by their ids, or naming it) go from the events JSONL files and
    their rotated backups, its names are cleared as candidates there, the snapshots of its
    events are deleted, and its retained MQTT state is cleared (where a broker is configured);
-3. the tombstone is deleted and the file compacted.
-A failure in 2 (disk full, a broker away) leaves the tombstone: the erasure is reported as
-unfinished, `gallery check` lists it, and running the same removal again finishes it.
+3. the tombstone is marked done and the file compacted.
+A failure in 2 (disk full, a broker away) leaves the tombstone unfinished: the erasure is
+reported as unfinished, `gallery check` lists it, and running the same removal again finishes
+it.
+
+On a site of several boxes, each box's daemon learns of the tombstone through its gallery watch
+(the version the erasure bumped, NOTIFYed on PostgreSQL) and runs `erase_on_box`: the same
+erasure of its own JSONL lines and spooled snapshots, plus the events of the person still
+waiting in its outbox, then acknowledges it; the tombstone goes once every box has
+(`Erasures.ack`). Every writer of an events file holds its writer lock
+(`app.fsutil.writer_lock`), so a daemon appending to a file that an erasure rewrites waits and
+then appends to the new file: no line is lost and none escapes the erasure.
 """
 
 from __future__ import annotations
@@ -22,9 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from app.config import AppConfig, MqttConfig
-from app.fsutil import atomic_write
+from app.fsutil import atomic_write, writer_lock
 from app.gallery import Gallery
 from app.gallery.erasures import Tombstone
+from app.outbox import Outbox, OutboxError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +48,7 @@ class ErasureReport:
     jsonl_files_rewritten: list[str] = field(default_factory=list)
     snapshots_deleted: list[str] = field(default_factory=list)
     mqtt_topics_cleared: int = 0
+    outbox_events_removed: int = 0
     errors: list[str] = field(default_factory=list)
     unfinished: bool = False  # the tombstone stays: run the removal again
 
@@ -52,6 +63,8 @@ class ErasureReport:
                 f"{len(self.snapshots_deleted)} snapshot(s) deleted")
         if self.mqtt_topics_cleared:
             text += f"; {self.mqtt_topics_cleared} retained MQTT topic(s) cleared"
+        if self.outbox_events_removed:
+            text += f"; {self.outbox_events_removed} event(s) removed from the outbox"
         text += "".join(f"\nnot erased: {e}" for e in self.errors)
         if self.unfinished:
             text += "\nthe erasure is unfinished: run the same removal again to finish it"
@@ -120,15 +133,20 @@ def _rewrite(path: Path, names: set[str], uids: set[str], report: ErasureReport)
 
 
 def _erase_files(tomb: Tombstone, names: set[str], outputs: Outputs,
-                 report: ErasureReport) -> None:
-    ids, snaps = set(tomb.event_uids), set(tomb.snapshots)
+                 report: ErasureReport, more_ids: set[str] = frozenset()) -> None:
+    ids, snaps = set(tomb.event_uids) | set(more_ids), set(tomb.snapshots)
     for base in dict.fromkeys(Path(p).expanduser() for p in outputs.jsonl_paths):
-        for path in _jsonl_files(base):
-            try:
-                for item in _rewrite(path, names, set(tomb.event_uids), report):
-                    (snaps if item.endswith(".jpg") else ids).add(item)
-            except OSError as exc:
-                report.errors.append(f"{path}: {exc.strerror or exc}")
+        try:
+            with writer_lock(base):  # the daemon appending to it (or rotating it) waits
+                for path in _jsonl_files(base):
+                    try:
+                        for item in _rewrite(path, names, set(tomb.event_uids), report):
+                            (snaps if item.endswith(".jpg") else ids).add(item)
+                    except OSError as exc:
+                        report.errors.append(f"{path}: {exc.strerror or exc}")
+        except OSError as exc:  # the lock file cannot be made (a folder that does not exist)
+            if base.parent.is_dir():
+                report.errors.append(f"{base}: {exc.strerror or exc}")
     candidates = {Path(s) for s in snaps}
     if outputs.snapshot_dir and Path(outputs.snapshot_dir).is_dir():
         root = Path(outputs.snapshot_dir)
@@ -178,3 +196,34 @@ def erase(gallery: Gallery, outputs: Outputs, *, name: str | None = None,
 def finish_pending(gallery: Gallery, outputs: Outputs) -> list[ErasureReport]:
     """Run every unfinished erasure again."""
     return [_finish(gallery, tomb, outputs) for tomb in gallery.erasures.pending()]
+
+
+def erase_on_box(gallery: Gallery, box: str, outputs: Outputs,
+                 outbox: Outbox | None = None) -> list[ErasureReport]:
+    """A box's part of every erasure it has not acknowledged yet: its JSONL lines and spooled
+    snapshots of the person (`outputs`: this box's), the person's events waiting in its
+    `outbox` (and their snapshots), then the acknowledgement. An erasure that fails here
+    (disk full) is logged and tried again at the next gallery change or start. GalleryError
+    when the database cannot be read."""
+    reports = []
+    for tomb in gallery.erasures.for_box(box):
+        report = ErasureReport(removed=tomb.name)
+        names = set(tomb.names) - gallery.erasures.names_in_use(tomb.names)
+        dropped: set[str] = set()
+        if outbox is not None:
+            try:
+                dropped = outbox.erase(names, set(tomb.event_uids))
+                report.outbox_events_removed = len(dropped)
+            except OutboxError as exc:
+                report.errors.append(str(exc))
+        _erase_files(tomb, names, outputs, report, dropped)
+        if report.errors:
+            for error in report.errors:
+                log.error("box %s erasing %r: %s", box, tomb.name, error)
+            report.unfinished = True
+        else:
+            gallery.erasures.ack(tomb, box)
+            log.info("box %s: erased its copies of %r: %s", box, tomb.name,
+                     report.summary().replace("\n", "; "))
+        reports.append(report)
+    return reports

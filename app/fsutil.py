@@ -14,7 +14,8 @@ from trainer.fsutil import (
     refuse_directory,
     temp_beside,
     write_bytes,
+    writer_lock,
 )
 
 __all__ = ["PRIVATE", "PUBLIC", "atomic_path", "atomic_write", "make_dirs", "private_file",
-           "refuse_directory", "temp_beside", "write_bytes"]
+           "refuse_directory", "temp_beside", "write_bytes", "writer_lock"]

@@ -253,7 +253,13 @@ def _check(_args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | No
             f"gallery {gallery.location} has {len(corrupt)} corrupt template(s) (re-enroll "
             f"them or restore from a backup or an export): "
             + "; ".join(str(c) for c in corrupt[:20]) + ("; ..." if len(corrupt) > 20 else ""))
-    return {"gallery": gallery.location, "integrity": result}, f"{gallery.location}: ok"
+    waiting = [(t.name, boxes) for t, boxes in gallery.erasures.waiting_for_boxes() if boxes]
+    text = f"{gallery.location}: ok" + "".join(
+        f"\nerasure of {name!r}: boxes {', '.join(boxes)} have not erased their copies yet "
+        f"(each does when it runs; `facemoe fleet --forget BOX` for a box gone for good)"
+        for name, boxes in waiting)
+    return {"gallery": gallery.location, "integrity": result,
+            "erasures_waiting_for_boxes": {name: boxes for name, boxes in waiting}}, text
 
 
 def _templates(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | None

@@ -1,14 +1,15 @@
 """The daemon's outbox: events the gallery database could not take, kept on local disk in order
 until it is back.
 
-One JSON object per line: the event record (`Event.to_json`) and its kept aligned crops (JPEG,
-sealed with the gallery's key when it is encrypted, base64). The file is private (0600, made
-with O_NOFOLLOW: a planted symlink is refused), every append is fsync'ed before `append`
-returns, and a line cut short by a crash is dropped when the file is opened again. Replay reads
-from the front (`peek`) and moves on only once the database has committed (`consume`); when
-everything is replayed the file is emptied. A crash between a commit and `consume` replays a
-few events twice: the gallery stores each event id once (`EventStore.add`), so none is
-duplicated.
+One JSON object per line: the event record (`Event.to_json`), its kept aligned crops and its
+best-face picture (JPEG, sealed with the gallery's key when it is encrypted, base64). The file
+is private (0600, made with O_NOFOLLOW: a planted symlink is refused), every append is fsync'ed
+before `append` returns, and a line cut short by a crash is dropped when the file is opened
+again. Replay reads from the front (`peek`) and moves on only once the database has committed
+(`consume`); when everything is replayed the file is emptied. A crash between a commit and
+`consume` replays a few events twice: the gallery stores each event id once (`EventStore.add`),
+so none is duplicated. `erase` drops the entries of an erased person (the box's part of an
+erasure, `app.erasure.erase_on_box`). The methods may be called from several threads.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import base64
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
-from app.fsutil import make_dirs
+from app.fsutil import atomic_write, make_dirs
 from app.gallery.codec import decode_crop, encode_crop
-from app.gallery.seal import CROP, Sealer
+from app.gallery.seal import CROP, SNAPSHOT, Sealer
 from app.records import Event
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc).splitlines()[0]
 
 
-def event_of(record: dict, crops: tuple = ()) -> Event:
+def event_of(record: dict, crops: tuple = (), snapshot_image=None) -> Event:  # noqa: ANN001
     """The `Event` of a JSON event record (`Event.to_json`)."""
     return Event(
         camera=record["camera"], track_id=int(record["track_id"]), identity=record["identity"],
@@ -45,7 +47,17 @@ def event_of(record: dict, crops: tuple = ()) -> Event:
         model=record["model"], id=record["id"], time=record.get("time"),
         snapshot=record.get("snapshot"), candidate=record.get("candidate"),
         candidate_score=record.get("candidate_score"), zones=tuple(record.get("zones") or ()),
-        type=record.get("type", "end"), crops=crops)
+        type=record.get("type", "end"), crops=crops, snapshot_image=snapshot_image)
+
+
+def _decode_picture(jpeg: bytes):  # noqa: ANN202  (uint8[H, W, 3] BGR)
+    import cv2
+    import numpy as np
+
+    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("the kept snapshot is not a readable JPEG")
+    return img
 
 
 class Outbox:
@@ -56,6 +68,7 @@ class Outbox:
         # (file offset, monotonic time queued) of each waiting event, oldest first
         self._entries: list[tuple[int, float]] = []
         self._fd = -1
+        self.lock = threading.RLock()  # held by a replay from peek to consume
         if self.path.is_symlink() or self.path.exists():  # else made by the first append
             self._open()
             self._load()
@@ -106,12 +119,23 @@ class Outbox:
         """Add `events` at the end, on disk (fsync'ed) when this returns."""
         if not events:
             return
+        lines = [json.dumps(self._record(ev), ensure_ascii=False).encode() + b"\n"
+                 for ev in events]
+        with self.lock:
+            self._append(lines)
+
+    def _record(self, ev: Event) -> dict:
+        item = {"event": ev.to_json(), "crops": [
+            [float(q), base64.b64encode(self.sealer.seal(encode_crop(c), CROP)).decode()]
+            for q, c in ev.crops[:self.crops]]}
+        if ev.snapshot_image is not None:
+            item["snapshot"] = base64.b64encode(
+                self.sealer.seal(encode_crop(ev.snapshot_image), SNAPSHOT)).decode()
+        return item
+
+    def _append(self, lines: list[bytes]) -> None:
         if self._fd < 0:
             self._open()
-        lines = [json.dumps({"event": ev.to_json(), "crops": [
-            [float(q), base64.b64encode(self.sealer.seal(encode_crop(c), CROP)).decode()]
-            for q, c in ev.crops[:self.crops]]}, ensure_ascii=False).encode() + b"\n"
-            for ev in events]
         start = os.fstat(self._fd).st_size
         try:
             view = memoryview(b"".join(lines))
@@ -132,11 +156,12 @@ class Outbox:
     def peek(self, n: int) -> tuple[int, list[Event]]:
         """The first `n` waiting events, in order, with their crops: (how many entries they
         cover, the events); an entry that cannot be read back is logged and left out."""
-        entries = self._entries[:n]
-        if not entries:
-            return 0, []
-        base = entries[0][0]
-        data = self._read(base)
+        with self.lock:
+            entries = self._entries[:n]
+            if not entries:
+                return 0, []
+            base = entries[0][0]
+            data = self._read(base)
         out = []
         for offset, _ in entries:
             line = data[offset - base:data.index(b"\n", offset - base)]
@@ -145,7 +170,11 @@ class Outbox:
                 crops = tuple(
                     (float(q), decode_crop(self.sealer.unseal(base64.b64decode(c), CROP),
                                            "outbox crop")) for q, c in item.get("crops", ()))
-                out.append(event_of(item["event"], crops))
+                picture = item.get("snapshot")
+                if picture is not None:
+                    picture = _decode_picture(self.sealer.unseal(base64.b64decode(picture),
+                                                                 SNAPSHOT))
+                out.append(event_of(item["event"], crops, picture))
             except Exception as exc:  # noqa: BLE001  (one bad line must not block the rest)
                 log.error("outbox %s: an unreadable event at byte %d left out: %s", self.path,
                           offset, exc)
@@ -153,9 +182,54 @@ class Outbox:
 
     def consume(self, n: int) -> None:
         """The first `n` events are stored: forget them (the file is emptied when none wait)."""
-        del self._entries[:n]
-        if not self._entries and self._fd >= 0:
-            os.ftruncate(self._fd, 0)
+        with self.lock:
+            del self._entries[:n]
+            if not self._entries and self._fd >= 0:
+                os.ftruncate(self._fd, 0)
+
+    def erase(self, names: set[str], uids: set[str]) -> set[str]:
+        """Drop the waiting events of an erased person (whose id is in `uids` or identity in
+        `names`) and clear `names` as candidates; the file is replaced atomically (0600).
+        Returns the ids of the events dropped. A replay holds `lock` from `peek` to `consume`
+        (`GallerySink.retry`), so this never runs between them."""
+        with self.lock:
+            if not self._entries:
+                return set()
+            data = self._read(0)
+            kept: list[tuple[bytes, float]] = []
+            dropped: set[str] = set()
+            cleared = 0
+            for offset, queued in self._entries:
+                line = data[offset:data.index(b"\n", offset)]
+                try:
+                    item = json.loads(line)
+                    record = item["event"]
+                except (ValueError, KeyError, TypeError):
+                    kept.append((line, queued))
+                    continue
+                if record.get("identity") in names or str(record.get("id")) in uids:
+                    dropped.add(str(record.get("id")))
+                    continue
+                if record.get("candidate") in names:
+                    record["candidate"] = record["candidate_score"] = None
+                    line = json.dumps(item, ensure_ascii=False).encode()
+                    cleared += 1
+                kept.append((line, queued))
+            if not dropped and not cleared:
+                return set()
+            try:
+                with atomic_write(self.path) as fh:  # 0600; the old file stays on a failure
+                    fh.write(b"".join(line + b"\n" for line, _ in kept))
+            except OSError as exc:
+                raise OutboxError(f"cannot rewrite the outbox {self.path}: {_reason(exc)}"
+                                  ) from exc
+            self.close()
+            self._open()
+            self._entries, offset = [], 0
+            for line, queued in kept:
+                self._entries.append((offset, queued))
+                offset += len(line) + 1
+            return dropped
 
     def reject(self, event: Event, reason: str) -> None:
         """Set an event the database refuses (while it answers) aside, with the reason, in

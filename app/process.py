@@ -182,3 +182,131 @@ def _emit(
         for s in sinks:
             s.write(ended)
     summary.events.extend(ended)
+
+
+# --- many videos: a worker pool ----------------------------------------------------------------
+
+VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".ts", ".m4v", ".mpg",
+                            ".mpeg", ".flv", ".wmv", ".3gp"})
+
+
+def find_videos(paths: list[str]) -> list[str]:
+    """The videos to process: files and URIs as given, folders searched recursively for files
+    with a video suffix (sorted), each once. ValueError (one line) for a path that does not
+    exist or a folder without videos."""
+    out: list[str] = []
+    for given in paths:
+        p = Path(given).expanduser()
+        if "://" in given:
+            out.append(given)
+        elif p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*")
+                           if f.suffix.lower() in VIDEO_SUFFIXES and f.is_file())
+            if not found:
+                raise ValueError(f"no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) in "
+                                 f"{given}")
+            out += found
+        elif p.is_file():
+            out.append(str(p))
+        else:
+            raise ValueError(f"no such file or folder: {given}")
+    return list(dict.fromkeys(out))
+
+
+def shard(videos: list[str], spec: str) -> list[str]:
+    """Every N-th video from the K-th (`spec` "K/N", 0 <= K < N), for spreading one list over N
+    machines (GNU parallel, a Kubernetes Indexed Job's $JOB_COMPLETION_INDEX)."""
+    try:
+        k, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {spec!r}: give K/N, e.g. 0/4") from None
+    if not 0 <= k < n:
+        raise ValueError(f"--shard {spec!r}: K must be from 0 to N-1")
+    return videos[k::n]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What a worker needs to process videos on its own (pickled into each worker process)."""
+
+    cfg: AppConfig
+    gallery: str
+    key: bytes | None
+    events_jsonl: str | None
+    camera: str | None = None  # None: each file's stem
+    create: bool = False  # --allow-empty-gallery
+
+
+_worker: dict = {}  # per worker process: the models and the opened gallery
+
+
+def _start_worker(batch: Batch) -> None:
+    from app.runtime import make_detector, make_embedder, open_gallery, open_set
+
+    embedder = make_embedder(batch.cfg)
+    _worker.update(batch=batch, detector=make_detector(batch.cfg), embedder=embedder,
+                   gallery=open_gallery(batch.gallery, embedder, create=batch.create,
+                                        key=batch.key),
+                   rule=open_set(batch.cfg, embedder))
+
+
+def _process_one(video: str) -> tuple[str, ProcessSummary | None, str | None]:
+    """(video, its summary without crops, None) or (video, None, the one-line error)."""
+    w = _worker
+    batch: Batch = w["batch"]
+    if not batch.create and not w["gallery"].identities():
+        return video, None, (f"gallery {batch.gallery} is empty: enroll someone first "
+                             "(facemoe enroll NAME PHOTO) or pass --allow-empty-gallery")
+    try:
+        summary = process_video(video, batch.cfg, w["detector"], w["embedder"], w["gallery"],
+                                w["rule"], events_jsonl=batch.events_jsonl,
+                                camera=batch.camera or Path(video).stem, progress=False)
+    except Exception as exc:  # noqa: BLE001  (one bad file must not stop the others)
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return video, None, text
+    summary.events = [replace(e, crops=(), snapshot_image=None) for e in summary.events]
+    summary.alerts = [replace(e, crops=(), snapshot_image=None) for e in summary.alerts]
+    return video, summary, None
+
+
+def process_many(videos: list[str], batch: Batch, *, jobs: int = 1, progress: bool = True
+                 ) -> list[tuple[str, ProcessSummary | None, str | None]]:
+    """Process `videos` with `jobs` worker processes (each loads the models and opens the
+    gallery once), one progress bar over the files; results in the order of `videos`. Event
+    ids stay derived from each file and track, so a re-run (or two machines given the same
+    file) stores nothing twice. A file that fails is reported with its one-line error and the
+    others go on."""
+    results: dict[str, tuple[str, ProcessSummary | None, str | None]] = {}
+    bar = tqdm(total=len(videos), unit="file", desc="process", disable=not progress)
+    try:
+        if jobs <= 1:
+            _start_worker(batch)
+            try:
+                for video in videos:
+                    results[video] = _process_one(video)
+                    _tick(bar, results[video])
+            finally:
+                _worker.pop("gallery").close()
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            # spawn: GStreamer's and onnxruntime's threads do not survive a fork
+            with ProcessPoolExecutor(min(jobs, len(videos)) or 1,
+                                     mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_start_worker, initargs=(batch,)) as pool:
+                for done in as_completed([pool.submit(_process_one, v) for v in videos]):
+                    video, summary, error = done.result()
+                    results[video] = (video, summary, error)
+                    _tick(bar, results[video])
+    finally:
+        bar.close()
+    return [results[v] for v in videos]
+
+
+def _tick(bar: tqdm, result: tuple[str, ProcessSummary | None, str | None]) -> None:
+    video, summary, error = result
+    if error is not None:
+        log.error("%s: %s", video, error)
+    bar.set_postfix_str(Path(video).name, refresh=False)
+    bar.update(1)

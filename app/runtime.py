@@ -6,6 +6,7 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,11 +79,17 @@ class GalleryWatch:
     and at once after `reload.set()` (SIGHUP), and swaps in a rebuilt matcher when it changed.
     While the database cannot be reached the last good matcher stays in use: video goes on,
     `problem()` says since when, and the next successful check picks up what changed.
+    `on_change()`, if given, runs in that thread after the first successful check and after
+    every change (the box's part of erasures: `app.erasure.erase_on_box`); a GalleryError
+    from it is logged and it runs again at the next check.
     """
 
     def __init__(self, gallery: Gallery, threshold: float | OpenSet, poll_s: float,
-                 cache: Path | None = None) -> None:
+                 cache: Path | None = None,
+                 on_change: Callable[[], object] | None = None) -> None:
         self.gallery, self.threshold, self.poll_s, self.cache = gallery, threshold, poll_s, cache
+        self.on_change = on_change
+        self._synced = False  # on_change ran since the last change
         self.reload = threading.Event()
         self.failing_since: float | None = None  # monotonic time of the first failed check
         self.error = ""
@@ -155,8 +162,12 @@ class GalleryWatch:
             self.gallery.store.open()  # a gallery whose database was away at start: once
             if first or force or self.gallery.version() != self.matcher.version:
                 self._rebuild()
+                self._synced = False
                 log.info("gallery reloaded (version %s, %d templates)", self.matcher.version,
                          len(self.matcher))
+            if not self._synced and self.on_change is not None:
+                self.on_change()
+            self._synced = True
         except GalleryError as exc:
             self.failures += 1
             self.error = str(exc)

@@ -9,16 +9,18 @@ import hmac
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
 import cv2
 
-from app.fsutil import atomic_write, make_dirs, private_file
+from app.fsutil import atomic_write, make_dirs, private_file, writer_lock
 from app.gallery import EventStore, GalleryError
 from app.outbox import Outbox, OutboxError
 from app.records import Event
@@ -62,19 +64,27 @@ class JsonlSink:
         self.path = Path(path)
         if self.path.is_dir():
             raise SinkError(f"cannot open events file {self.path}: it is a directory")
+        self._fd = -1
+        self._open()
+        # a regular file is written under `writer_lock`, and opened again when an erasure (or
+        # another writer) has replaced it; a device or pipe (/dev/stdout) is written as it is
+        self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
+        log.debug("appending events to %s", self.path)
+
+    def _open(self) -> None:
         try:
             # O_NOFOLLOW: a symlink planted at the name is refused, not followed
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-                               | os.O_NOFOLLOW, 0o600)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             why = ("it is a symbolic link" if exc.errno == errno.ELOOP else _reason(exc))
             raise SinkError(f"cannot open events file {self.path}: {why}") from exc
         try:
-            private_file(self._fd, f"events file {self.path}")
+            private_file(fd, f"events file {self.path}")
         except OSError as exc:
-            os.close(self._fd)
+            os.close(fd)
             raise SinkError(str(exc)) from exc
-        log.debug("appending events to %s", self.path)
+        self._fd = fd
 
     @property
     def closed(self) -> bool:
@@ -88,6 +98,38 @@ class JsonlSink:
         """Append `events`, one line each."""
         if self._fd < 0:
             raise SinkError(f"events file {self.path} is closed")
+        if not self._regular:
+            self.append(events)
+            return
+        with self.locked():
+            self.append(events)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the file's writer lock (`app.fsutil.writer_lock`), with the file opened again
+        if it was replaced meanwhile (an erasure rewrote it)."""
+        try:
+            with writer_lock(self.path):
+                self._follow()
+                yield
+        except OSError as exc:  # the lock file cannot be made
+            raise SinkError(f"cannot lock events file {self.path}: {_reason(exc)}") from exc
+
+    def _follow(self) -> None:
+        try:
+            now = os.lstat(self.path)
+            same = (now.st_ino, now.st_dev) == (os.fstat(self._fd).st_ino,
+                                                os.fstat(self._fd).st_dev)
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(self._fd)
+            self._fd = -1
+            self._open()
+            log.info("events file %s was replaced: appending to the new one", self.path)
+
+    def append(self, events: list[Event]) -> None:
+        """Append `events` (under `locked()` for a regular file)."""
         for ev in events:
             line = (json.dumps(ev.to_json(), ensure_ascii=False) + "\n").encode("utf-8")
             start = self.tell()
@@ -247,17 +289,18 @@ class GallerySink:
             return True
         replayed = 0
         while len(self.outbox):
-            n, events = self.outbox.peek(self.REPLAY_BATCH)
-            try:
-                self.stored += self._store.add(events, crops=self.crops)
-            except GalleryError as exc:
-                if not _refused_for_good(exc) or not self._one_by_one(events):
-                    if str(exc) != self.error:
-                        log.warning("outbox replay: %s (%d event(s) wait)", exc,
-                                    len(self.outbox))
-                    self.error = str(exc)
-                    return False
-            self.outbox.consume(n)
+            with self.outbox.lock:  # an erasure on this box waits for the batch (Outbox.erase)
+                n, events = self.outbox.peek(self.REPLAY_BATCH)
+                try:
+                    self.stored += self._store.add(events, crops=self.crops)
+                except GalleryError as exc:
+                    if not _refused_for_good(exc) or not self._one_by_one(events):
+                        if str(exc) != self.error:
+                            log.warning("outbox replay: %s (%d event(s) wait)", exc,
+                                        len(self.outbox))
+                        self.error = str(exc)
+                        return False
+                self.outbox.consume(n)
             replayed += n
         if replayed:
             log.warning("gallery database back: %d event(s) replayed from the outbox %s",
@@ -313,10 +356,13 @@ class RotatingJsonlSink:
         self._sink = JsonlSink(self.path)
 
     def write(self, events: list[Event]) -> None:
-        for ev in events:
-            self._sink.write([ev])
-            if self._sink.tell() >= self.max_bytes:
-                self._rotate()
+        if self._sink.closed:
+            raise SinkError(f"events file {self.path} is closed")
+        with self._sink.locked():  # an erasure rewriting the file or its backups waits
+            for ev in events:
+                self._sink.append([ev])
+                if self._sink.tell() >= self.max_bytes:
+                    self._rotate()
 
     def _rotate(self) -> None:
         self._sink.close()

@@ -113,3 +113,34 @@ def test_a_gallery_of_a_newer_release_is_refused(tmp_path: Path) -> None:
     with pytest.raises(GalleryError, match="written by a newer release") as err:
         Gallery(db, "m", "1", create=False)
     assert "\n" not in str(err.value)
+
+
+def test_a_gallery_at_0005_gains_stored_snapshots_and_erasure_acks(tmp_path: Path) -> None:
+    """Migration 0006 on a gallery as 0005 left it (no `event_snapshots`, no `erasure_acks`,
+    no `erasures.done_at`): its old event keeps its box-local snapshot path, an unfinished
+    erasure stays unfinished, and a new event's picture is stored in the database."""
+    from dataclasses import replace
+
+    db = tmp_path / "g.db"
+    with Gallery(db, "m", "1") as g:
+        g.enroll("ada", np.eye(1, 8, dtype=np.float32), ["a.jpg"], [0.9])
+        g.enroll("bob", np.eye(1, 8, k=1, dtype=np.float32), ["b.jpg"], [0.9])
+        g.add_events([Event("door", 1, None, 0.1, 0.0, 1.0, 3, (1, 2, 3, 4), "m@1")])
+        g.erasures.begin(name="ada")  # its files part never finished
+    with sqlite3.connect(db) as c:  # as 0005 left it
+        c.execute("update events set snapshot='/var/lib/facemoe/snaps/door/1.jpg'")
+        c.execute("drop table event_snapshots")
+        c.execute("drop table erasure_acks")
+        c.execute("alter table erasures drop column done_at")
+        c.execute("update alembic_version set version_num='0005'")
+    with Gallery(db, "m", "1", create=False) as g:
+        assert _revision(db) == gallery_schema.HEAD
+        assert [t.name for t in g.erasures.pending()] == ["ada"]
+        old = g.stored_events()[0]
+        assert old.event.snapshot == "/var/lib/facemoe/snaps/door/1.jpg"
+        picture = np.full((20, 16, 3), 128, np.uint8)
+        g.event_store.add([replace(Event("door", 2, None, 0.1, 0.0, 1.0, 3, (1, 2, 3, 4),
+                                         "m@1"), snapshot_image=picture)])
+        new = g.event_store.stored()[-1]
+        assert new.event.snapshot is None and g.review.event_snapshot_jpeg(new.id)
+    assert {"event_snapshots", "erasure_acks"} <= _tables(db)

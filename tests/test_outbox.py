@@ -142,3 +142,27 @@ def test_process_event_ids_come_from_the_file_and_the_track(tmp_path: Path) -> N
         fh.seek(-1, os.SEEK_END)
         fh.write(bytes([last ^ 0xFF]))
     assert video_fingerprint(str(video)) != fp
+
+
+def test_an_erasure_drops_the_persons_waiting_events_in_order(tmp_path: Path) -> None:
+    """`Outbox.erase`: the person's events (by name or event id) go, their name is cleared as
+    another event's candidate, the rest keep their order, crops and snapshot, privately, and
+    the outbox reopened from disk agrees."""
+    path = tmp_path / "outbox.jsonl"
+    box = Outbox(path, crops=1)
+    picture = _crop(9)[:40, :30].copy()
+    events = [replace(event(1, "ada")), replace(event(2, None), candidate="ada",
+                                                candidate_score=0.3),
+              replace(event(3, "bob"), crops=((0.8, _crop(3)),), snapshot_image=picture),
+              replace(event(4, None)), replace(event(5, "bob"))]
+    box.append(events)
+    assert box.erase({"ada"}, {events[3].id}) == {events[0].id, events[3].id}
+    assert box.erase({"ada"}, set()) == set()  # nothing left to do
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for b in (box, Outbox(path, crops=1)):
+        n, back = b.peek(10)
+        assert n == 3 and [e.track_id for e in back] == [2, 3, 5]
+        assert back[0].candidate is None and back[0].candidate_score is None
+        assert len(back[1].crops) == 1 and back[1].snapshot_image.shape == picture.shape
+    box.consume(3)
+    assert len(box) == 0 and path.stat().st_size == 0

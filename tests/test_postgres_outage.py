@@ -2,9 +2,11 @@
 (subprocesses, box-a and box-b, each on a looped file camera) keep processing video through a
 `pg_ctl restart -m fast`, a broker restart and a stopped database; the events a box could not
 store wait in its outbox and are stored once the server is back, /healthz says "degraded"
-(naming the gallery and its sink) while it is away; a person enrolled meanwhile reaches both
-boxes; both boxes and their cameras show in `facemoe fleet` (heartbeats in the database);
-every event produced (each box's JSONL file) is stored exactly once and published.
+(naming the gallery and its sink) while it is away, and video goes on within 10 s of each
+recovery; a person enrolled meanwhile, then renamed, reaches both boxes; both boxes
+and their cameras show in `facemoe fleet` and on `facemoe serve`'s fleet page and API
+(heartbeats in the database); erasing the person reaches both boxes (each acknowledges the
+tombstone); every event produced (each box's JSONL file) is stored exactly once and published.
 The servers are ones this test starts and restarts itself (tests/services.py); it skips with a
 reason where they cannot be started."""
 
@@ -85,6 +87,47 @@ class Box:
             self.proc.wait(5)
 
 
+class Serve:
+    """`facemoe serve` (a subprocess) on the boxes' database, as a UI on another machine."""
+
+    def __init__(self, log: Path, config: Path) -> None:
+        self.port, self.log = free_port(), log
+        with log.open("a") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "serve", "--config", str(config), "--port",
+                 str(self.port)], cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def get(self, path: str) -> str:
+        import urllib.error
+        import urllib.request
+
+        assert self.proc.poll() is None, self.log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+                return r.read().decode()
+        except (urllib.error.URLError, ConnectionError):
+            return ""
+
+    def json(self, path: str):  # noqa: ANN201
+        text = self.get(path)
+        return json.loads(text) if text else None
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _cli(*args: object) -> str:
+    done = subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
 def _fleet(box: Box) -> dict[str, dict]:
     done = subprocess.run([sys.executable, "-m", "app.cli", "fleet", "--config", str(box.config),
                            "--json"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
@@ -157,6 +200,9 @@ def test_a_site_of_two_boxes_survives_database_and_broker_restarts(
         assert all(b.frames() > n + 10 for b, n in zip(boxes, in_outage, strict=True))
         pg.start()
         t = time.monotonic()
+        back = [b.frames() for b in boxes]
+        _wait("video on both boxes within 10 s of the recovery", lambda: all(
+            b.frames() >= f + 10 for b, f in zip(boxes, back, strict=True)), 10)
         _wait("/healthz ok on both boxes once the database is back",
               lambda: all(b.health().get("status") == "ok" for b in boxes), 30)
         recover_s = time.monotonic() - t
@@ -174,12 +220,43 @@ def test_a_site_of_two_boxes_survives_database_and_broker_restarts(
               lambda: all(b.health()["gallery"]["templates"] == 1 for b in boxes), 10)
         reach_s = time.monotonic() - t
 
+        # a rename reaches both boxes
+        version = max(b.health()["gallery"]["version"] for b in boxes)
+        _cli("gallery", "rename", "Ada", "Ada Lovelace", "--config", boxes[0].config)
+        t = time.monotonic()
+        _wait("the rename reaching both boxes", lambda: all(
+            (g := b.health()["gallery"])["version"] > version and g["templates"] == 1
+            for b in boxes), 10)
+        rename_s = time.monotonic() - t
+        assert pg.sql("select name from identities") == [("Ada Lovelace",)]
+
         # 5. the fleet: both boxes and their cameras, from the database
         fleet = _wait("both boxes in `facemoe fleet`", lambda: (f := _fleet(boxes[0])) and len(
             f) == 2 and all(b["state"] == "ok" and b["cameras"] for b in f.values()) and f, 20)
         assert [c["name"] for c in fleet["box-a"]["cameras"]] == ["stage-a"]
         assert [c["name"] for c in fleet["box-b"]["cameras"]] == ["stage-b"]
         assert fleet["box-b"]["cameras"][0]["frames"] > 0 and not fleet["box-a"]["silent"]
+
+        # ... and on `facemoe serve`'s fleet page and API (another program on the database)
+        serve = Serve(tmp_path / "serve.log", boxes[0].config)
+        try:
+            api = _wait("both boxes on serve's /api/boxes", lambda: (
+                a := serve.json("/api/boxes")) and len(a) == 2 and a, 90)
+            assert {b["box"]: [c["name"] for c in b["cameras"]] for b in api} == {
+                "box-a": ["stage-a"], "box-b": ["stage-b"]}
+            cams = serve.json("/api/cameras")
+            assert sorted((c["box"], c["name"], c["silent"]) for c in cams) == [
+                ("box-a", "stage-a", False), ("box-b", "stage-b", False)]
+            page = serve.get("/fleet")
+            assert all(f'id="box-{b}"' in page for b in ("box-a", "box-b"))
+            assert "stage-a" in page and "stage-b" in page and "SILENT</span> (was" not in page
+        finally:
+            serve.stop()
+
+        # an erasure reaches both boxes: each acknowledges it and the tombstone goes
+        _cli("gallery", "remove", "Ada Lovelace", "--config", boxes[0].config)
+        _wait("the erasure acknowledged by both boxes",
+              lambda: pg.sql("select count(*) from erasures")[0][0] == 0, 10)
 
         for b in boxes:
             assert b.stop() == 0, b.log.read_text()[-3000:]
@@ -200,7 +277,8 @@ def test_a_site_of_two_boxes_survives_database_and_broker_restarts(
     print(f"site of 2 boxes: restart {took:.2f} s, video resumed {resume_s:.2f} s after it; "
           f"{len(ends)} events produced = stored = published ({len(ids) - len(set(ids))} "
           f"duplicate MQTT deliveries), 0 stored duplicates; healthy {recover_s:.1f} s after "
-          f"the database came back; an enrollment reached both boxes in {reach_s:.1f} s")
+          f"the database came back; an enrollment reached both boxes in {reach_s:.1f} s, a "
+          f"rename in {rename_s:.1f} s")
 
 
 def test_a_box_starts_while_its_database_is_down(tmp_path, data_dir, tiny_model_dir,

@@ -329,3 +329,45 @@ def test_processing_a_file_again_stores_its_events_once(hamilton, tmp_path, data
     assert sorted(e["id"] for e in again) == before
     with sqlite3.connect(copy) as db:
         assert sorted(r[0] for r in db.execute("select uid from events")) == before
+
+
+def test_many_videos_with_a_worker_pool_and_shards_store_each_event_once(tmp_path, data_dir):
+    """`process FOLDER FILE --jobs 2`: every video of the folder (searched recursively) and
+    the file, in two worker processes; a file that is not a video fails with its one-line
+    error and the others go on (exit 1). Shards K/N of the same list, run again as two
+    machines would, store nothing twice: event ids are derived from the file and the track."""
+    videos = data_dir / "videos"
+    folder = tmp_path / "clips"
+    (folder / "hall").mkdir(parents=True)
+    (folder / "hall" / "walk.mp4").symlink_to(videos / "intel_face-demographics-walking.mp4")
+    (folder / "female.mp4").symlink_to(videos / "intel_head-pose-face-detection-female.mp4")
+    (folder / "broken.mp4").write_bytes(b"not a video")
+    (folder / "notes.txt").write_text("not a video either, and not picked up")
+    gallery, events = tmp_path / "gallery.db", tmp_path / "events.jsonl"
+    facemoe("enroll", LIN, videos / "lin-manuel-miranda.png", "--gallery", gallery)
+    single = videos / "intel_head-pose-face-detection-male.mp4"
+    done = facemoe("process", folder, single, "--jobs", "2", "--gallery", gallery, "--json",
+                   "--events", events, check=False)
+    assert done.returncode == 1, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    assert sorted(Path(v["video"]).name for v in out["videos"]) == [
+        "female.mp4", "intel_head-pose-face-detection-male.mp4", "walk.mp4"]
+    assert list(out["failed"]) == [str(folder / "broken.mp4")]
+    assert "\n" not in out["failed"][str(folder / "broken.mp4")]
+    assert out["events"] > 0 and "Traceback" not in done.stderr
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    assert len(lines) == out["events"]
+    import sqlite3
+
+    def stored():
+        return sorted(r[0] for r in sqlite3.connect(gallery).execute("select uid from events"))
+
+    first = stored()
+    assert first == sorted(e["id"] for e in lines)
+    for k in ("0/2", "1/2"):  # the same list over two "machines"
+        again = facemoe("process", folder, single, "--shard", k, "--gallery", gallery,
+                        "--json", check=False)
+        assert again.returncode in (0, 1), again.stderr[-2000:]
+    assert stored() == first  # no duplicate, no new id
+    bad = facemoe("process", folder, "--shard", "2/2", "--gallery", gallery, check=False)
+    assert "--shard '2/2': K must be from 0 to N-1" in _one_line_error(bad)

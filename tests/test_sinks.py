@@ -109,7 +109,8 @@ def test_gallery_sink(tmp_path: Path) -> None:
         sink.write(events[:2])
         sink.write(events[2:])
         sink.close()
-        assert gallery.events() == events
+        # the box-local snapshot path is not stored (the picture is: see below)
+        assert gallery.events() == [replace(e, snapshot=None) for e in events]
         with pytest.raises(SinkError, match="closed"):
             sink.write(events)
         assert len(gallery.events()) == 3  # borrowed gallery still usable after close
@@ -130,7 +131,7 @@ def test_gallery_keeps_the_extended_event_fields(tmp_path: Path) -> None:
     with Gallery(tmp_path / "g.db", "facemoe-edge", "0.1.0") as gallery:
         GallerySink(gallery.event_store).write(events)
         stored = gallery.event_store.stored()
-    assert [s.event for s in stored] == events
+    assert [s.event for s in stored] == [replace(e, snapshot=None) for e in events]  # no path
     assert [s.as_json()["uid"] for s in stored] == [e.id for e in events]
     assert stored[0].as_json()["id"] == 1  # the row id, for `facemoe enroll --event ID`
 
@@ -160,7 +161,7 @@ def test_a_gallery_made_before_the_event_extensions_opens_and_gains_the_columns(
     with Gallery(path, "facemoe-edge", "0.1.0") as gallery:
         new = event(2, None)
         GallerySink(gallery.event_store).write([new])
-        assert gallery.event_store.stored()[-1].event == new
+        assert gallery.event_store.stored()[-1].event == replace(new, snapshot=None)
     with sqlite3.connect(path) as db:
         assert set(EVENT_COLUMNS_ADDED) <= {r[1] for r in db.execute("pragma table_info(events)")}
         assert "ux_events_uid" in {r[1] for r in db.execute("pragma index_list(events)")}
@@ -247,3 +248,37 @@ def test_jsonl_refuses_a_planted_symlink_and_keeps_the_file_private(tmp_path: Pa
     sink.write([event(1, "ada")])
     sink.close()
     assert stat.S_IMODE(loose.stat().st_mode) == 0o600
+
+
+def test_snapshots_are_stored_in_the_database_and_old_rows_paths_still_read(
+        tmp_path: Path, face_photo: np.ndarray) -> None:
+    """A UI on another machine shows an event's picture: it is stored with the event (JPEG,
+    sealed when the gallery is encrypted), not as a box-local path; an event stored before
+    (its row names a file) still shows where that file is readable, and only a JPEG file."""
+    for key in (None, os.urandom(32)):
+        path = tmp_path / f"g{key is not None}.db"
+        with Gallery(path, "facemoe-edge", "0.1.0", key=key) as gallery:
+            ev = replace(event(1, None), snapshot_image=face_photo)
+            GallerySink(gallery.event_store).write([ev, event(2, None)])
+            rows = {e.event.track_id: e.id for e in gallery.event_store.stored()}
+            jpeg = gallery.review.event_snapshot_jpeg(rows[1])
+            shown = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+            assert shown.shape == face_photo.shape
+            assert np.abs(shown.astype(int) - face_photo).mean() < 8
+            assert gallery.review.event_snapshot_jpeg(rows[2]) is None
+            blob = sqlite3.connect(path).execute("select jpeg from event_snapshots").fetchone()[0]
+            assert (blob == jpeg) == (key is None)  # sealed in an encrypted gallery
+    old = tmp_path / "old.jpg"
+    old.write_bytes(jpeg)
+    not_a_picture = tmp_path / "secret.jpg"
+    not_a_picture.write_text("not a JPEG")
+    with Gallery(tmp_path / "g.db", "facemoe-edge", "0.1.0") as gallery:
+        GallerySink(gallery.event_store).write([event(3, None), event(4, None)])
+    db = sqlite3.connect(tmp_path / "g.db")
+    with db:  # rows as a release before 0006 stored them: the path on the box
+        db.execute("update events set snapshot=? where track_id=3", (str(old),))
+        db.execute("update events set snapshot=? where track_id=4", (str(not_a_picture),))
+    with Gallery(tmp_path / "g.db", "facemoe-edge", "0.1.0") as gallery:
+        rows = {e.event.track_id: e.id for e in gallery.event_store.stored()}
+        assert gallery.review.event_snapshot_jpeg(rows[3]) == jpeg
+        assert gallery.review.event_snapshot_jpeg(rows[4]) is None

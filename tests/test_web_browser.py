@@ -255,3 +255,70 @@ def test_corrections_and_groups_in_chromium(browser, loose_server, shots: Path) 
     assert f"no event {named}" in browser.find_element(By.ID, "error").text
     actions = [a.action for a in ctx.gallery.audit()]
     assert {"not_person", "relabel", "delete_events"} <= set(actions)
+
+
+def test_fleet_page_and_snapshots_in_chromium(browser, server, shots: Path,
+                                              data_dir: Path) -> None:
+    """`facemoe serve` shows the site's boxes and cameras from their heartbeats in the
+    database (linked from the nav), flags a silent box and a camera name two live boxes
+    claim; /api/boxes and /api/cameras answer; an event's snapshot, stored in the database,
+    shows on its page."""
+    from dataclasses import replace
+    from datetime import datetime, timedelta, timezone
+
+    import cv2
+    from selenium.webdriver.common.by import By
+
+    from app.gallery.db import BoxRow
+    from app.gallery.fleet import Fleet
+    from tests.gallery_helpers import event
+
+    base, ctx = server
+    face_photo = cv2.imread(str(data_dir / "videos" / "obama_small.jpg"))
+    fleet, now = Fleet(ctx.gallery.store), datetime.now(timezone.utc)
+
+    def cam(name: str, frames: int) -> dict:
+        return {"name": name, "state": "running", "fps": 14.5, "frames": frames, "dropped": 2,
+                "reconnects": 1, "events": 3, "last_frame_age_s": 0.1, "error": None,
+                "last_event": now.isoformat()}
+
+    fleet.beat("box-a", now, "ok", [cam("stage", 900), cam("lobby", 800)], [])
+    fleet.beat("box-b", now, "degraded", [cam("lobby", 700)], ["camera lobby: box box-a has "
+                                                              "a camera of that name too"])
+    fleet.beat("box-gone", now, "ok", [cam("yard", 5)], [])
+    ctx.gallery.store.db.write("age box-gone", lambda s: setattr(
+        s.get(BoxRow, "box-gone"), "seen_at", now - timedelta(minutes=10)))
+    ev = replace(event(90001, None), camera="stage", snapshot_image=face_photo)
+    ctx.gallery.event_store.add([ev])
+    row = next(e.id for e in ctx.gallery.event_store.stored() if e.event.id == ev.id)
+
+    browser.delete_all_cookies()
+    _login(browser, base, PASSWORD)
+    browser.get(f"{base}/events")
+    browser.find_element(By.LINK_TEXT, "Fleet").click()
+    assert browser.current_url.endswith("/fleet")
+    boxes = {s.get_attribute("id"): s for s in browser.find_elements(By.CSS_SELECTOR,
+                                                                     "section.box")}
+    assert {"box-box-a", "box-box-b", "box-box-gone"} <= set(boxes)
+    a_cams = [r.text.split()[0] for r in boxes["box-box-a"].find_elements(By.CSS_SELECTOR,
+                                                                          "tr.camera")]
+    assert a_cams == ["stage", "lobby"]
+    assert "SILENT" in boxes["box-box-gone"].text and "SILENT" not in boxes["box-box-a"].text
+    assert "also on box-b" in boxes["box-box-a"].text
+    clash = browser.find_element(By.CSS_SELECTOR, ".clash").text
+    assert "camera 'lobby' is claimed by boxes box-a, box-b" in clash
+    browser.save_screenshot(str(shots / "fleet.png"))
+
+    browser.get(f"{base}/api/boxes")
+    api = {b["box"]: b for b in json.loads(browser.find_element(By.TAG_NAME, "body").text)}
+    assert api["box-gone"]["silent"] and not api["box-a"]["silent"]
+    browser.get(f"{base}/api/cameras")
+    cams = json.loads(browser.find_element(By.TAG_NAME, "body").text)
+    assert {(c["box"], c["name"]) for c in cams} >= {("box-a", "stage"), ("box-b", "lobby"),
+                                                     ("box-gone", "yard")}
+    assert next(c for c in cams if c["box"] == "box-b")["clash"] == ["box-a"]
+
+    browser.get(f"{base}/events/{row}")
+    img = browser.find_element(By.CSS_SELECTOR, "figure.snapshot img")
+    assert browser.execute_script("return arguments[0].naturalWidth", img) == face_photo.shape[1]
+    browser.save_screenshot(str(shots / "event-snapshot.png"))

@@ -69,8 +69,10 @@ def test_the_daemon_serves_the_review_ui_with_a_cameras_page(tmp_path: Path,
             time.sleep(0.5)
         assert cams and cams[0]["name"] == "hall" and cams[0]["frames"] == 35, cams
         assert cams[0]["last_event"] is not None and cams[0]["dropped"] >= 0
-        status, page = _get(port, "/cameras")
+        assert cams[0]["box"] and not cams[0]["silent"] and cams[0]["clash"] == []
+        status, page = _get(port, "/cameras")  # the old address leads to the fleet page
         assert status == 200 and '<a href="/events?camera=hall">hall</a>' in page
+        assert '<a href="/fleet" class="on">Fleet</a>' in page
         assert _get(port, "/metrics")[1].count("facemoe_frames_total") >= 1
         status, body = _get(port, "/healthz")  # the daemon's one /healthz, also under the UI
         health = json.loads(body)

@@ -129,3 +129,22 @@ def write_bytes(path: str | Path, data: bytes, mode: int | None = PRIVATE) -> No
     """`data` written to `path` atomically (`atomic_write`)."""
     with atomic_write(path, mode) as fh:
         fh.write(data)
+
+
+@contextmanager
+def writer_lock(path: str | Path) -> Iterator[None]:
+    """Hold the exclusive lock (flock on `<path>.lock`, 0600, never a followed symlink) that
+    every writer of `path` takes: the daemon's appends and rotations of an events file and an
+    erasure's rewrite of it, in any process or thread, so a line is never appended to a file
+    that is being replaced. Each holder opens its own descriptor: threads of one process
+    exclude each other too."""
+    import fcntl
+
+    lock = Path(path).expanduser()
+    lock = lock.with_name(lock.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

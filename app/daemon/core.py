@@ -67,7 +67,8 @@ class Daemon:
         try:
             self.watch = GalleryWatch(
                 self.gallery, self.open_set, cfg.daemon.gallery_poll_s,
-                cache=None if self.gallery.store.db.is_sqlite else self._state_file("gallery"))
+                cache=None if self.gallery.store.db.is_sqlite else self._state_file("gallery"),
+                on_change=self._erase_here)
         except GalleryError:
             self.gallery.close()
             raise
@@ -90,6 +91,7 @@ class Daemon:
                            else None)
         self._sink_failures: dict[str, tuple[float, str]] = {}  # sink -> (monotonic, reason)
         self._failures_lock = threading.Lock()
+        self.outbox: Outbox | None = None  # the gallery sink's (made by _open_sinks)
         self.workers = self._open_sinks()  # name -> its worker, in the order they are fed
         self.web_auth = self._web_auth() if cfg.daemon.web else None
 
@@ -126,9 +128,9 @@ class Daemon:
         hands each batch on to the others once its pictures are written (a message's snapshot
         exists when it arrives); the others are fed side by side, none waits for another."""
         d = self.cfg.daemon
-        outbox = (Outbox(self._state_file("outbox"), self.gallery.store.sealer,
-                         crops=self.cfg.output.event_crops)
-                  if self.cfg.output.events_sqlite else None)
+        outbox = self.outbox = (Outbox(self._state_file("outbox"), self.gallery.store.sealer,
+                                       crops=self.cfg.output.event_crops)
+                                if self.cfg.output.events_sqlite else None)
         specs = open_sinks(self.cfg, self.gallery, live=True, outbox=outbox, box=d.box,
                            events_jsonl=d.jsonl.path or self.cfg.output.events_jsonl,
                            cameras=[c.name for c in self.cameras],
@@ -143,6 +145,15 @@ class Daemon:
                                then=self._dispatch)
             workers = {"snapshots": snaps, **workers}
         return workers
+
+    def _erase_here(self) -> None:
+        """This box's part of the erasures it has not acknowledged (run by the gallery watch
+        at start and after every gallery change): its JSONL lines, spooled snapshots and
+        outbox entries of the person (`app.erasure.erase_on_box`)."""
+        from app.erasure import Outputs, erase_on_box
+
+        erase_on_box(self.gallery, self.cfg.daemon.box, Outputs.of(self.cfg),
+                     self.outbox)
 
     def _state_file(self, what: str) -> Path:
         """Where this box keeps its outbox (`daemon.outbox`; default next to a SQLite gallery

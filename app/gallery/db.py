@@ -155,6 +155,8 @@ class EventRow(Base):
     uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     __table_args__ = (Index("ux_events_uid", "uid", unique=True),)
     time: Mapped[str | None] = mapped_column(String(40), nullable=True)  # ISO 8601, wall clock
+    # a box-local file path, as events stored before migration 0006 have it; the picture of a
+    # newer event is in the database (`EventSnapshotRow`), so a UI on any machine shows it
     snapshot: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     candidate: Mapped[str | None] = mapped_column(String(256), nullable=True)
     candidate_score: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -189,6 +191,33 @@ class ErasureRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     attempts: Mapped[int] = mapped_column(Integer, default=1)
     last_error: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    # when the erasing machine's part (its files, MQTT) finished (migration 0006); the row stays
+    # until every box of the site has erased its own copies too (`ErasureAckRow`)
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ErasureAckRow(Base):
+    """A box has erased its local copies (JSONL lines, spooled snapshots, outbox entries) of a
+    tombstone's person (migration 0006)."""
+
+    __tablename__ = "erasure_acks"
+
+    erasure_id: Mapped[int] = mapped_column(
+        ForeignKey("erasures.id", ondelete="CASCADE"), primary_key=True)
+    box: Mapped[str] = mapped_column(String(64), primary_key=True)
+    acked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class EventSnapshotRow(Base):
+    """An event's best-face picture (JPEG of the frame region, sealed when the gallery is
+    encrypted), stored with the event so that the review UI on any machine can show it
+    (migration 0006)."""
+
+    __tablename__ = "event_snapshots"
+
+    event_id: Mapped[int] = mapped_column(
+        ForeignKey("events.id", ondelete="CASCADE"), primary_key=True)
+    jpeg: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 # Columns of `events` that galleries of release 0.2 lack (migration 0002 adds them on open).

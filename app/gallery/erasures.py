@@ -6,8 +6,11 @@ its templates, crops, the events that name it by any name only it has carried (o
 from renames and merges included, `identity_names`), their kept crops and embeddings, clears
 those names as the `candidate` of other events, and writes the tombstone: the names, the
 events' own ids and snapshot paths that the files outside still hold. `finish` deletes the
-tombstone once those are erased. A tombstone left by a failure
-(disk full, a broker away) is found again by the name, so a rerun finishes the erasure.
+tombstone's erasing part done (`done_at`) once those are erased there. A tombstone left by a
+failure (disk full, a broker away) is found again by the name, so a rerun finishes the
+erasure. On a site of several boxes each box erases its own copies when it learns of the
+tombstone (`for_box`, then `ack`); the tombstone is deleted once its erasing part is done and
+every box of the site (the `boxes` table) has acknowledged it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from sqlalchemy.orm import Session
 from app.gallery.codec import normalise_name
 from app.gallery.db import (
     IN_CHUNK,
+    BoxRow,
+    ErasureAckRow,
     ErasureRow,
     EventCropRow,
     EventRow,
@@ -30,6 +35,7 @@ from app.gallery.db import (
     IdentityRow,
     TemplateRow,
     as_utc,
+    utcnow,
 )
 from app.gallery.errors import GalleryError, plural
 from app.gallery.store import Store
@@ -100,7 +106,8 @@ class Erasures:
     @staticmethod
     def _pending_row(session: Session, name: str | None,
                      identity_id: int | None) -> ErasureRow | None:
-        query = select(ErasureRow).order_by(ErasureRow.id.desc()).limit(1)
+        query = (select(ErasureRow).where(ErasureRow.done_at.is_(None))
+                 .order_by(ErasureRow.id.desc()).limit(1))
         if name is not None:
             clean = normalise_name(name)
             query = query.where(ErasureRow.name == clean)
@@ -172,11 +179,69 @@ class Erasures:
         self._store.db.write("record an unfinished erasure", work)
 
     def finish(self, tombstone: Tombstone) -> None:
-        """Every trace is erased: the tombstone goes."""
+        """Every trace this machine holds is erased: the tombstone is done, and goes once
+        every box has erased its copies too (`ack`)."""
         def work(session: Session) -> None:
-            session.execute(delete(ErasureRow).where(ErasureRow.id == tombstone.id))
+            row = session.get(ErasureRow, tombstone.id)
+            if row is not None:
+                row.done_at, row.last_error = utcnow(), None
+                self._drop_if_acked(session, row)
 
         self._store.db.write(f"finish erasing {tombstone.name!r}", work)
+
+    def for_box(self, box: str) -> list[Tombstone]:
+        """The tombstones `box` has not acknowledged yet, oldest first."""
+        acked = select(ErasureAckRow.erasure_id).where(ErasureAckRow.box == box)
+        with self._store.db.read("list erasures for a box") as session:
+            rows = session.scalars(select(ErasureRow).where(ErasureRow.id.not_in(acked))
+                                   .order_by(ErasureRow.id)).all()
+            return [Tombstone.of(r) for r in rows]
+
+    def ack(self, tombstone: Tombstone, box: str) -> None:
+        """`box` has erased its copies of the tombstone's person."""
+        def work(session: Session) -> None:
+            row = session.get(ErasureRow, tombstone.id)
+            if row is None or session.get(ErasureAckRow, (tombstone.id, box)) is not None:
+                return
+            session.add(ErasureAckRow(erasure_id=tombstone.id, box=box, acked_at=utcnow()))
+            session.flush()
+            self._drop_if_acked(session, row)
+
+        self._store.db.write(f"box {box} erased its copies of {tombstone.name!r}", work)
+
+    @staticmethod
+    def _waiting_boxes(session: Session, erasure_id: int) -> list[str]:
+        acked = select(ErasureAckRow.box).where(ErasureAckRow.erasure_id == erasure_id)
+        return list(session.scalars(select(BoxRow.box).where(BoxRow.box.not_in(acked))
+                                    .order_by(BoxRow.box)))
+
+    def _drop_if_acked(self, session: Session, row: ErasureRow) -> None:
+        if row.done_at is not None and not self._waiting_boxes(session, row.id):
+            session.execute(delete(ErasureAckRow).where(ErasureAckRow.erasure_id == row.id))
+            session.delete(row)
+
+    def waiting_for_boxes(self) -> list[tuple[Tombstone, list[str]]]:
+        """Erasures done here whose boxes have not all erased their copies yet, with those
+        boxes (`gallery check`, the fleet page): a box that never runs again keeps its
+        tombstone until it is forgotten (`forget_box`)."""
+        with self._store.db.read("list erasures waiting for boxes") as session:
+            rows = session.scalars(select(ErasureRow).where(ErasureRow.done_at.is_not(None))
+                                   .order_by(ErasureRow.id)).all()
+            return [(Tombstone.of(r), self._waiting_boxes(session, r.id)) for r in rows]
+
+    def forget_box(self, box: str) -> None:
+        """A box is gone for good (its disks wiped): it leaves the fleet and no erasure waits
+        for it any more."""
+        def work(session: Session) -> None:
+            if session.get(BoxRow, box) is None:
+                raise GalleryError(f"no such box: {box!r}")
+            session.execute(delete(BoxRow).where(BoxRow.box == box))
+            session.flush()
+            for row in session.scalars(select(ErasureRow)
+                                       .where(ErasureRow.done_at.is_not(None))).all():
+                self._drop_if_acked(session, row)
+
+        self._store.db.write(f"forget box {box}", work)
 
     def names_in_use(self, names: tuple[str, ...]) -> set[str]:
         """Which of `names` an enrolled identity carries or carried (enrolled after the
@@ -189,7 +254,8 @@ class Erasures:
         return used
 
     def pending(self) -> list[Tombstone]:
-        """Erasures that have not finished, oldest first."""
+        """Erasures whose erasing part has not finished, oldest first."""
         with self._store.db.read("list unfinished erasures") as session:
-            rows = session.scalars(select(ErasureRow).order_by(ErasureRow.id)).all()
+            rows = session.scalars(select(ErasureRow).where(ErasureRow.done_at.is_(None))
+                                   .order_by(ErasureRow.id)).all()
             return [Tombstone.of(r) for r in rows]

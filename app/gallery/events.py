@@ -16,9 +16,9 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.gallery.codec import decode_crop, encode_crop, normalise_name
-from app.gallery.db import EventCropRow, EventRow, as_utc, utcnow
+from app.gallery.db import EventCropRow, EventRow, EventSnapshotRow, as_utc, utcnow
 from app.gallery.errors import GalleryError, plural
-from app.gallery.seal import CROP
+from app.gallery.seal import CROP, SNAPSHOT
 from app.gallery.store import Store
 from app.records import Event
 
@@ -72,7 +72,7 @@ def _row_values(ev: Event) -> dict[str, Any]:
         "model": ev.model,
         "uid": ev.id,
         "time": ev.time,
-        "snapshot": ev.snapshot,
+        "snapshot": None,  # the picture is stored with the event (`EventSnapshotRow`)
         "candidate": ev.candidate,
         "candidate_score": None if ev.candidate_score is None else float(ev.candidate_score),
         "zones": json.dumps(list(ev.zones), ensure_ascii=False) if ev.zones else None,
@@ -107,7 +107,8 @@ class EventStore:
 
     def add(self, events: list[Event], *, crops: int = 0) -> int:
         """Store events in one transaction, each with up to `crops` of its best aligned crops
-        (`Event.crops`; sealed like template crops in an encrypted gallery). Idempotent: an
+        (`Event.crops`; sealed like template crops in an encrypted gallery) and its best-face
+        picture (`Event.snapshot_image`, JPEG, sealed too). Idempotent: an
         event whose id (`Event.id`, the unique `events.uid`) is already stored is skipped, so
         a batch retried after a lost connection or replayed from an outbox is stored once.
         Returns how many were new."""
@@ -116,11 +117,13 @@ class EventStore:
         store = self._store
         jpegs = [[(float(q), encode_crop(c)) for q, c in ev.crops[:max(0, crops)]]
                  for ev in events]
+        pictures = [None if ev.snapshot_image is None else encode_crop(ev.snapshot_image)
+                    for ev in events]
 
         def work(session: Session) -> int:
             store.claim(session)
             new = 0
-            for ev, kept in zip(events, jpegs, strict=True):
+            for ev, kept, picture in zip(events, jpegs, pictures, strict=True):
                 event_id = _insert_once(session, _row_values(ev))
                 if event_id is None:
                     continue  # stored before
@@ -129,6 +132,9 @@ class EventStore:
                     session.execute(insert(EventCropRow), [
                         {"event_id": event_id, "quality": q,
                          "crop": store.sealer.seal(jpeg, CROP)} for q, jpeg in kept])
+                if picture is not None:
+                    session.execute(insert(EventSnapshotRow).values(
+                        event_id=event_id, jpeg=store.sealer.seal(picture, SNAPSHOT)))
             return new
 
         new = store.db.write(f"store {len(events)} event(s)", work)

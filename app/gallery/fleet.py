@@ -84,3 +84,23 @@ class Fleet:
         with self._store.db.read("read boxes") as session:
             rows = session.scalars(select(BoxRow).order_by(BoxRow.box)).all()
             return [_info(r) for r in rows]
+
+
+def site_view(boxes: list[BoxInfo], silent_after_s: float) -> dict[str, Any]:
+    """The fleet as the CLI, the fleet page and /api/boxes show it: every box with its
+    cameras (each camera with its box, `silent` when its box is, and `clash`: the other live
+    boxes that claim its name), and one line per camera name claimed by several live boxes."""
+    out = [b.as_json(silent_after_s) for b in boxes]
+    owners: dict[str, list[str]] = {}
+    for b in out:
+        if b["state"] != "stopped" and not b["silent"]:
+            for c in b["cameras"]:
+                owners.setdefault(c["name"], []).append(b["box"])
+    for b in out:
+        b["cameras"] = [{**c, "box": b["box"], "silent": b["silent"],
+                         "clash": [o for o in owners.get(c["name"], []) if o != b["box"]]}
+                        for c in b["cameras"]]
+    clashes = [f"camera {name!r} is claimed by boxes {', '.join(sorted(who))}: camera names "
+               f"must be unique on a site (rename it on all but one box)"
+               for name, who in sorted(owners.items()) if len(who) > 1]
+    return {"boxes": out, "clashes": clashes}

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import delete, func, or_, select, update
@@ -20,6 +21,7 @@ from app.gallery.db import (
     EventCropRow,
     EventEmbeddingRow,
     EventRow,
+    EventSnapshotRow,
     FaceClusterRow,
     IdentityRow,
     TemplateRow,
@@ -30,7 +32,7 @@ from app.gallery.db import (
 )
 from app.gallery.errors import GalleryError, plural
 from app.gallery.events import StoredEvent
-from app.gallery.seal import CROP, VECTOR
+from app.gallery.seal import CROP, SNAPSHOT, VECTOR
 from app.gallery.store import Store
 
 log = logging.getLogger(__name__)
@@ -179,6 +181,25 @@ class Review:
         if blob is None:
             raise GalleryError(f"event {event_id} has no crop {index}")
         return self._store.sealer.unseal(blob, CROP)
+
+    def event_snapshot_jpeg(self, event_id: int) -> bytes | None:
+        """An event's best-face picture as JPEG: from the database, or (events stored before
+        migration 0006) from the box-local file its row names where that file is readable
+        here; None when it has none."""
+        with self._store.db.read("read an event snapshot") as session:
+            blob = session.scalar(select(EventSnapshotRow.jpeg)
+                                  .where(EventSnapshotRow.event_id == int(event_id)))
+            path = None if blob is not None else session.scalar(
+                select(EventRow.snapshot).where(EventRow.id == int(event_id)))
+        if blob is not None:
+            return self._store.sealer.unseal(blob, SNAPSHOT)
+        if path and path.endswith(".jpg"):  # only a JPEG file: the path is the row's word
+            try:
+                data = Path(path).read_bytes()
+            except OSError:
+                return None
+            return data if data.startswith(b"\xff\xd8\xff") else None
+        return None
 
     def relabel(self, event_ids: Sequence[int], identity: str | None) -> int:
         """Name the events `identity` (None: unknown again); returns how many changed."""

@@ -23,7 +23,7 @@ from app.gallery.errors import GalleryError
 KEY_ENV = "FACEMOE_GALLERY_KEY"
 KEY_FILE_ENV = "FACEMOE_GALLERY_KEY_FILE"
 CIPHER = "aes-256-gcm"
-VECTOR, CROP = b"vector", b"crop"  # AES-GCM associated data: what a blob is
+VECTOR, CROP, SNAPSHOT = b"vector", b"crop", b"snapshot"  # AES-GCM associated data: what a blob is
 _CHECK = b"facemoe-gallery-key-check"
 
 

@@ -30,7 +30,7 @@ from app.web.auth import COOKIE, AuthConfigError, Authenticator, hash_token
 from app.web.context import WebContext
 from app.web.deps import NotAuthenticated, http_error, user_errors
 from app.web.guard import HostGuard, json_answer
-from app.web.routers import cameras, clusters, compreface, events, identities, pages, recognize
+from app.web.routers import clusters, compreface, events, fleet, identities, pages, recognize
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -148,7 +148,7 @@ def create_app(ctx: WebContext) -> FastAPI:
     app.state.ctx = ctx
     openapi.install(app)
     for r in (events.router, clusters.router, identities.router, recognize.router,
-              compreface.router, cameras.router, pages.router):
+              compreface.router, fleet.router, pages.router):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 

@@ -59,6 +59,9 @@ class EventOut(BaseModel):
         None, description="unknown events: the closest enrolled identity, even below threshold"
     )
     crop_urls: list[str]
+    snapshot_url: str | None = Field(
+        None, description="the best-face picture (JPEG), stored with the event so any machine "
+                          "shows it; given by GET /api/events/{id} (null in lists)")
 
 
 class EventPage(BaseModel):
@@ -181,6 +184,21 @@ class CameraOut(BaseModel):
     last_frame_age_s: float | None
     last_event: datetime | None
     error: str | None
+    box: str | None = Field(None, description="the box (daemon) the camera runs on")
+    silent: bool = Field(False, description="its box has not been heard of for 3 heartbeats")
+    clash: list[str] = Field([], description="other live boxes with a camera of this name "
+                                             "(camera names must be unique on a site)")
+
+
+class BoxOut(BaseModel):
+    box: str
+    state: str = Field(description="ok | degraded | stopped (its last heartbeat)")
+    silent: bool = Field(description="not stopped, and not heard of for 3 heartbeats")
+    last_seen_s: float
+    started_at: datetime
+    seen_at: datetime
+    cameras: list[CameraOut]
+    reasons: list[str] = Field(description="why it is degraded, as its /healthz says")
 
 
 # --- corrections of events --------------------------------------------------------------------

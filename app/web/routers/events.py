@@ -46,7 +46,8 @@ def times(ctx: WebContext, since: str | None, until: str | None
         raise HTTPException(400, str(exc)) from None
 
 
-def event_out(e: StoredEvent, nearest: Candidate | None = None) -> EventOut:
+def event_out(e: StoredEvent, nearest: Candidate | None = None, *,
+              snapshot: bool = False) -> EventOut:
     ev = e.event
     return EventOut(
         id=e.id, camera=ev.camera, track_id=ev.track_id, identity=ev.identity,
@@ -56,6 +57,7 @@ def event_out(e: StoredEvent, nearest: Candidate | None = None) -> EventOut:
         nearest=(Nearest(name=nearest.name, score=round(nearest.score, SCORE_DIGITS))
                  if nearest else None),
         crop_urls=[f"/api/events/{e.id}/crops/{i}" for i in range(e.crops)],
+        snapshot_url=f"/api/events/{e.id}/snapshot" if snapshot else None,
     )
 
 
@@ -91,7 +93,18 @@ def get_events(
 def get_event(event_id: int, ctx: WebContext = Depends(get_ctx),
               _user: User = Depends(current_user)) -> EventOut:
     e = ctx.gallery.review.event(event_id)
-    return event_out(e, ctx.review.nearest([e]).get(e.id))
+    return event_out(e, ctx.review.nearest([e]).get(e.id),
+                     snapshot=ctx.gallery.review.event_snapshot_jpeg(e.id) is not None)
+
+
+@router.get("/{event_id}/snapshot", summary="An event's best-face picture (JPEG)",
+            response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+def get_event_snapshot(event_id: int, ctx: WebContext = Depends(get_ctx),
+                       _user: User = Depends(current_user)) -> Response:
+    data = ctx.gallery.review.event_snapshot_jpeg(event_id)
+    if data is None:
+        raise HTTPException(404, f"event {event_id} has no snapshot")
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": CROP_CACHE})
 
 
 @router.get("/{event_id}/crops/{index}", summary="A kept crop of an event (JPEG), best first",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -23,6 +24,7 @@ from app.web.context import WebContext
 from app.web.deps import current_user, get_ctx, same_site, user_errors, writer
 from app.web.routers.clusters import list_clusters
 from app.web.routers.events import event_out, list_events
+from app.web.routers.fleet import camera_rows, fleet_view, silent_after_s
 from app.web.routers.identities import enroll_uploads, identity_detail
 from app.web.timefmt import local, parse_time
 
@@ -38,7 +40,7 @@ def page(request: Request, name: str, user: User | None, **values) -> HTMLRespon
     ctx = get_ctx(request)
     return templates.TemplateResponse(request, name, {
         "user": user, "csrf": user.csrf if user else "", "version": __version__,
-        "auth_required": ctx.auth.required, "has_cameras": ctx.cameras is not None,
+        "auth_required": ctx.auth.required,
         "tz": ctx.tz, "threshold": ctx.threshold,
         "msg": request.query_params.get("msg"), "error": request.query_params.get("error"),
         **values})
@@ -148,7 +150,8 @@ def event_page(request: Request, event_id: int, user: User = Depends(current_use
                ctx: WebContext = Depends(get_ctx)) -> Response:
     try:
         e = ctx.gallery.review.event(event_id)
-        out = event_out(e, ctx.review.nearest([e]).get(e.id))
+        out = event_out(e, ctx.review.nearest([e]).get(e.id),
+                        snapshot=ctx.gallery.review.event_snapshot_jpeg(e.id) is not None)
     except user_errors() as exc:
         return back("/events", error=_one_line(exc))
     known, total = ctx.gallery.review.identities(limit=NAME_CHOICES)
@@ -483,11 +486,31 @@ def _response_of(op: dict) -> str:
 # --- cameras ----------------------------------------------------------------------------------
 
 
-@router.get("/cameras", response_class=HTMLResponse)
-def cameras_page(request: Request, user: User = Depends(current_user),
-                 ctx: WebContext = Depends(get_ctx)) -> HTMLResponse:
-    cams = ctx.cameras() if ctx.cameras is not None else None
-    return page(request, "cameras.html", user, cameras=cams)
+@router.get("/fleet", response_class=HTMLResponse)
+def fleet_page(request: Request, user: User = Depends(current_user),
+               ctx: WebContext = Depends(get_ctx)) -> HTMLResponse:
+    view = fleet_view(ctx)
+    if ctx.cameras is not None:  # the daemon serving this page: its own cameras, live
+        box, live = ctx.cfg.daemon.box, camera_rows(ctx)
+        mine = [b for b in view["boxes"] if b["box"] == box]
+        if not mine:  # before its first heartbeat is in the database
+            mine = [{"box": box, "state": "starting", "silent": False, "last_seen_s": 0.0,
+                     "started_at": None, "reasons": []}]
+            view["boxes"].insert(0, mine[0])
+        mine[0]["cameras"] = live
+    for b in view["boxes"]:
+        if isinstance(b.get("started_at"), str):
+            b["started_at"] = datetime.fromisoformat(b["started_at"])
+        for c in b["cameras"]:
+            if isinstance(c.get("last_event"), str):
+                c["last_event"] = datetime.fromisoformat(c["last_event"])
+    return page(request, "fleet.html", user, boxes=view["boxes"], clashes=view["clashes"],
+                silent_after=silent_after_s(ctx))
+
+
+@router.get("/cameras", include_in_schema=False)
+def cameras_page() -> RedirectResponse:
+    return RedirectResponse("/fleet", status_code=308)
 
 
 templates.env.filters["ticks"] = ticks
