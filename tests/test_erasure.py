@@ -150,7 +150,7 @@ def test_a_reused_name_keeps_the_other_persons_traces(site: Site) -> None:
         old += site.events(g, "Ada L")
         site.enroll(g, "Ada")
         new = site.events(g, "Ada")
-        ada_l = next(i.id for i in g.review.identities()[0] if i.name == "Ada L")
+        ada_l = next(i.id for i in g.pages.identities()[0] if i.name == "Ada L")
         report = erase(g, Outputs((str(site.jsonl),), str(site.snaps)), identity_id=ada_l)
         assert not report.unfinished
         assert {s.event.identity for s in g.stored_events()} == {"Ada"}
@@ -169,7 +169,7 @@ def test_merged_names_are_erased_with_the_identity(site: Site) -> None:
         site.enroll(g, "Ada")
         site.enroll(g, "Bob")
         site.events(g, "Bob")
-        g.review.merge_identities("Bob", "Ada")
+        g.merge_identities("Bob", "Ada")
         report = erase(g, Outputs((str(site.jsonl),), str(site.snaps)), name="Ada")
         assert report.jsonl_lines_removed == 2 and report.events_deleted == 2
     assert site.lines() == []

@@ -261,11 +261,11 @@ def test_snapshots_are_stored_in_the_database_and_old_rows_paths_still_read(
             ev = replace(event(1, None), snapshot_image=face_photo)
             GallerySink(gallery.event_store).write([ev, event(2, None)])
             rows = {e.event.track_id: e.id for e in gallery.event_store.stored()}
-            jpeg = gallery.review.event_snapshot_jpeg(rows[1])
+            jpeg = gallery.pages.event_snapshot_jpeg(rows[1])
             shown = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
             assert shown.shape == face_photo.shape
             assert np.abs(shown.astype(int) - face_photo).mean() < 8
-            assert gallery.review.event_snapshot_jpeg(rows[2]) is None
+            assert gallery.pages.event_snapshot_jpeg(rows[2]) is None
             blob = sqlite3.connect(path).execute("select jpeg from event_snapshots").fetchone()[0]
             assert (blob == jpeg) == (key is None)  # sealed in an encrypted gallery
     old = tmp_path / "old.jpg"
@@ -280,5 +280,5 @@ def test_snapshots_are_stored_in_the_database_and_old_rows_paths_still_read(
         db.execute("update events set snapshot=? where track_id=4", (str(not_a_picture),))
     with Gallery(tmp_path / "g.db", "facemoe-edge", "0.1.0") as gallery:
         rows = {e.event.track_id: e.id for e in gallery.event_store.stored()}
-        assert gallery.review.event_snapshot_jpeg(rows[3]) == jpeg
-        assert gallery.review.event_snapshot_jpeg(rows[4]) is None
+        assert gallery.pages.event_snapshot_jpeg(rows[3]) == jpeg
+        assert gallery.pages.event_snapshot_jpeg(rows[4]) is None

@@ -422,7 +422,7 @@ def test_cli_serve(built: Path, tmp_path: Path) -> None:
     import urllib.request
 
     from benchmarks.rtsp_camera import free_port
-    from tests.web_helpers import REPO
+    from tests.conftest import REPO_ROOT as REPO
 
     done = facemoe("serve", "--host", "0.0.0.0", "--gallery", built, check=False)
     assert done.returncode == 1 and "Traceback" not in done.stderr
@@ -479,12 +479,12 @@ def test_unknown_faces_are_grouped_in_the_background(db: Path, models) -> None:
 
     c = make_client(db, models, refresh_s=0.2)
     ctx = c.app.state.ctx
-    assert ctx.gallery.review.clusters(ctx.review.model)[1] == 0
+    assert ctx.gallery.clusters.clusters(ctx.review.model)[1] == 0
     stop = threading.Event()
     ctx.start_refresher(stop)
     try:
         deadline = time.monotonic() + 60
-        while ctx.gallery.review.clusters(ctx.review.model)[1] == 0:
+        while ctx.gallery.clusters.clusters(ctx.review.model)[1] == 0:
             assert time.monotonic() < deadline, "no clusters after 60 s"
             time.sleep(0.2)
     finally:

@@ -127,8 +127,8 @@ def test_faces_seen_together_never_share_a_group(db: Path, models) -> None:
     c = make_client(db, models, cluster_threshold=loose(models))
     ctx = c.app.state.ctx
     assert c.get("/api/clusters").status_code == 200  # groups every unknown event
-    stored = ctx.gallery.review.stored([e["id"] for e in events(c)])
-    vecs = ctx.gallery.review.embeddings(sorted(stored), ctx.review.model)
+    stored = ctx.gallery.pages.stored([e["id"] for e in events(c)])
+    vecs = ctx.gallery.clusters.embeddings(sorted(stored), ctx.review.model)
     ids = sorted(vecs)  # the grouped (unknown) events
     pairs = [(ids[i], ids[j]) for i, j in _co_occurring([span_of(stored[e]) for e in ids])]
     assert len(pairs) >= 5
@@ -143,12 +143,12 @@ def test_naming_a_group_names_only_the_faces_it_accepted(db: Path, models) -> No
     lin = close_up(events(c))
     clusters = c.get("/api/clusters").json()["clusters"]
     group = next(g for g in clusters
-                 if lin["id"] in ctx.gallery.review.cluster_events(g["id"]))
-    members = ctx.gallery.review.cluster_events(group["id"])
+                 if lin["id"] in ctx.gallery.clusters.cluster_events(g["id"]))
+    members = ctx.gallery.clusters.cluster_events(group["id"])
     r = c.post(f"/api/clusters/{group['id']}/name", json={"name": LIN})
     assert r.status_code == 200, r.text
     body = r.json()
-    after = {e: ctx.gallery.review.event(e).event.identity for e in members}
+    after = {e: ctx.gallery.pages.event(e).event.identity for e in members}
     named = [e for e, name in after.items() if name == LIN]
     left = [e for e, name in after.items() if name is None]
     assert len(named) == body["events_named"] >= 1 and lin["id"] in named
@@ -156,7 +156,7 @@ def test_naming_a_group_names_only_the_faces_it_accepted(db: Path, models) -> No
     rejected = {int(x["source"].split(":")[0].split()[1]) for x in body["enrolled"]["rejected"]}
     assert rejected and rejected <= set(left)  # a face of someone else, rejected: unknown
     # the faces it left out did not match the name; the next grouping takes them again
-    vecs = ctx.gallery.review.embeddings(left, ctx.review.model)
+    vecs = ctx.gallery.clusters.embeddings(left, ctx.review.model)
     near = ctx.recognizer.nearest(np.stack([vecs[e][0] for e in left]), top=1)
     assert all(not n or n[0].name != LIN or n[0].score < ctx.threshold for n in near)
     # merge by picking: every other group on the page is offered, most similar first

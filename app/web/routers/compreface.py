@@ -314,7 +314,7 @@ def delete_face(image_id: str, ctx: WebContext = Depends(get_ctx),
                 who: Caller = Depends(changer)) -> dict:
     face, _ = collection(ctx).vector(_face_id(image_id))
     with acting_as(who.user.audit_name):
-        ctx.gallery.review.delete_template(face.id)
+        ctx.gallery.delete_template(face.id)
     return {"image_id": str(face.id), "subject": face.subject}
 
 
@@ -323,7 +323,7 @@ def delete_face(image_id: str, ctx: WebContext = Depends(get_ctx),
             responses={200: {"content": {"image/jpeg": {}}}})
 def face_image(image_id: str, ctx: WebContext = Depends(get_ctx),
                _who: Caller = Depends(caller)) -> Response:
-    data = ctx.gallery.review.template_crop_jpeg(_face_id(image_id))
+    data = ctx.gallery.pages.template_crop_jpeg(_face_id(image_id))
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private"})
 
 
@@ -382,7 +382,7 @@ async def rename_subject(subject: str, request: Request, ctx: WebContext = Depen
     names = {i.name for i in ctx.gallery.identities()}
     with acting_as(who.user.audit_name):
         if new.strip() in names and new.strip() != subject.strip():
-            ctx.gallery.review.merge_identities(subject, new)
+            ctx.gallery.merge_identities(subject, new)
         else:
             ctx.gallery.rename(subject, new)
     return {"updated": True}
