@@ -16,7 +16,7 @@ import pytest
 
 from app import paths
 from app.config import ModelConfig, load_config
-from app.detect import DETECTOR_FILE
+from app.yunet import DETECTOR_FILE
 
 pytestmark = pytest.mark.unit
 
@@ -133,7 +133,7 @@ def test_wheel_install_finds_config_model_and_detector(tmp_path: Path, shared_di
 
     shown = json.loads(run(sys.executable, "-c", (
         "import json, app; from app import paths; from app.config import load_config;"
-        "from app.detect import find_detector_model; c = load_config();"
+        "from app.yunet import find_detector_model; c = load_config();"
         "print(json.dumps({'app': app.__file__, 'config': str(paths.default_config()),"
         " 'model': c.model.dir, 'gallery': c.gallery.path,"
         " 'detector': str(find_detector_model(c.detector.model))}))")))
