@@ -39,14 +39,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def facemoe(*args: object, cwd: Path = REPO_ROOT, env: dict[str, str] | None = None,
-            timeout: float = 300, script: str | None = None) -> subprocess.CompletedProcess:
+            timeout: float = 300, script: str | None = None,
+            check: bool = False) -> subprocess.CompletedProcess:
     """`facemoe ARGS` in a new interpreter (`python -m app.cli`, or `python -c script ARGS`)
     run from `cwd` (the checkout) with `env` added to this environment; output captured as
-    text. The tests' one CLI runner: `from tests.conftest import facemoe`."""
+    text; with `check`, a non-zero exit fails the test with the end of stderr. The tests' one
+    CLI runner: `from tests.conftest import facemoe`."""
     command = ["-c", script] if script else ["-m", "app.cli"]
-    return subprocess.run([sys.executable, *command, *map(str, args)], cwd=cwd,
+    done = subprocess.run([sys.executable, *command, *map(str, args)], cwd=cwd,
                           env={**os.environ, **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"facemoe {args} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return done
 
 
 def _need(path: Path, what: str) -> Path:

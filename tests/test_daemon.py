@@ -22,10 +22,9 @@ import yaml
 from prometheus_client import generate_latest
 
 from app.config import AppConfig, CameraConfig
-from app.records import Event
 from app.sinks import RotatingJsonlSink
 from benchmarks.rtsp_camera import RtspCamera, free_port, rtsp_available
-from tests.gallery_helpers import EVENT_KEYS
+from tests.gallery_helpers import EVENT_KEYS, event
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WALKING = "intel_face-demographics-walking.mp4"  # 35 frames, people walking towards the camera
@@ -183,25 +182,11 @@ def test_daemon_reconnects_and_shuts_down_cleanly(tmp_path, data_dir, tiny_model
     print(f"daemon: {len(lines)} events, {len(snaps)} snapshots, stopped in {stop_s:.2f} s")
 
 
-def _event(i: int) -> Event:
-    return Event(
-        camera="c",
-        track_id=i,
-        identity=None,
-        score=0.1,
-        start=0.0,
-        end=1.0,
-        frames=3,
-        best_bbox=(1.0, 2.0, 3.0, 4.0),
-        model="m",
-    )
-
-
 @pytest.mark.unit
 def test_rotating_jsonl_keeps_backups(tmp_path):
     path = tmp_path / "ev.jsonl"
     sink = RotatingJsonlSink(path, max_bytes=800, backups=2)
-    sink.write([_event(i) for i in range(20)])
+    sink.write([event(i, None) for i in range(20)])
     sink.close()
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["ev.jsonl", "ev.jsonl.1", "ev.jsonl.2"]

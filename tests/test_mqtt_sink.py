@@ -23,7 +23,8 @@ import pytest
 
 from app.config import AppConfig
 from app.mqtt import MqttSink
-from app.records import Event
+from app.records import Event, new_event_id
+from tests.gallery_helpers import event as shared_event
 
 pytestmark = pytest.mark.unit
 
@@ -159,9 +160,10 @@ def mqtt_config(port: int, **extra) -> AppConfig:
 
 
 def event(i: int, name: str | None = "Lin-Manuel Miranda", kind: str = "end") -> Event:
-    return Event("door", i, name, 0.7, 1.0, 2.0, 10, (1.0, 2.0, 30.0, 40.0), "m@1", type=kind,
-                 time="2026-12-01T12:00:00.000+00:00", candidate="Lin-Manuel Miranda",
-                 candidate_score=0.7)
+    """The tests' event (`tests.gallery_helpers.event`) at the door, a new id each time."""
+    return shared_event(i, name, camera="door", score=0.7, id=new_event_id(), type=kind,
+                        time="2026-12-01T12:00:00.000+00:00", candidate="Lin-Manuel Miranda",
+                        candidate_score=0.7)
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ from app.runtime import make_detector, make_embedder, open_gallery, threshold  #
 from app.web.app import create_app  # noqa: E402
 from app.web.auth import Authenticator, hash_token  # noqa: E402
 from app.web.context import WebContext  # noqa: E402
-from tests.web_helpers import REPO  # noqa: E402
+from tests.conftest import REPO_ROOT as REPO  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("no_gallery_key")]
 KEY, READ_ONLY_KEY, TOKEN = "cf-write-7d1e", "cf-read-2b9c", "product-token-5e"

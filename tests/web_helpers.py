@@ -3,25 +3,18 @@ clip and an Intel clip processed by the CLI (events with their kept crops)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import facemoe as run_facemoe
+
 LIN, ALEX = "Lin-Manuel Miranda", "Alex Lacamoire"
 HAMILTON = "short_hamilton_clip.mp4"
 INTEL = "intel_face-demographics-walking.mp4"
 
 
-def facemoe(*args: object, env: dict[str, str] | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], cwd=REPO,
-                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=600)
-    if check and done.returncode != 0:
-        raise AssertionError(f"facemoe {args} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return done
+# the tests' one CLI runner, failing on a non-zero exit unless told `check=False`
+facemoe = partial(run_facemoe, check=True, timeout=600)
 
 
 def build_gallery(db: Path, videos: Path, env: dict[str, str] | None = None) -> Path:
