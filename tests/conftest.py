@@ -7,6 +7,7 @@ Tests that use the shared data skip with a clear reason when the shared folder i
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -54,6 +55,19 @@ def facemoe(*args: object, cwd: Path = REPO_ROOT, env: dict[str, str] | None = N
     return done
 
 
+def open_fds() -> int:
+    """How many file descriptors this process holds now (after a garbage collection)."""
+    gc.collect()
+    return len(os.listdir("/proc/self/fd"))
+
+
+def plant_symlinks(directory: Path, names: list[str], victim: Path) -> None:
+    """Symlinks to `victim` at `names` in `directory`: what an attacker plants where a writer
+    might put its temporary (a writer that follows one overwrites the victim)."""
+    for name in names:
+        (directory / name).symlink_to(victim)
+
+
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
         pytest.skip(f"{what} not found at {path} (set FACEMOE_SHARED to the shared folder)")
@@ -95,6 +109,16 @@ def detector(yunet_path: Path):
 
 
 TINY_ARCH = dict(depth=1, dim=48, heads=2, stem_width=8)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(detector, embedder) of the default config (the shipped model), once per module."""
+    from app.config import load_config
+    from app.runtime import make_detector, make_embedder
+
+    cfg = load_config(None)
+    return make_detector(cfg), make_embedder(cfg)
 
 
 @pytest.fixture(scope="session")

@@ -152,3 +152,7 @@ def test_wheel_install_finds_config_model_and_detector(tmp_path: Path, shared_di
     found = json.loads(run(facemoe, "recognize", str(photo / "img2.jpg"), "--json"))
     assert [f["identity"] for f in found["images"][0]["faces"]] == ["Alice"]
 
+
+def test_systemd_unit_bounds_descriptors() -> None:
+    unit = (Path(__file__).resolve().parent.parent / "deploy" / "facemoe.service").read_text()
+    assert "\nLimitNOFILE=" in unit

@@ -282,3 +282,31 @@ def test_snapshots_are_stored_in_the_database_and_old_rows_paths_still_read(
         rows = {e.event.track_id: e.id for e in gallery.event_store.stored()}
         assert gallery.pages.event_snapshot_jpeg(rows[3]) == jpeg
         assert gallery.pages.event_snapshot_jpeg(rows[4]) is None
+
+
+def test_jsonl_never_keeps_a_partial_line(tmp_path: Path) -> None:
+    """A write that hits the file size limit (as a full disk would) is undone to the last
+    complete line; the file is private."""
+    import json
+    import resource
+
+    from app.sinks import JsonlSink, SinkError
+    from tests.gallery_helpers import event
+
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(path)
+    sink.write([event(1)])
+    size = path.stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + size // 2, hard))
+    try:
+        with pytest.raises(SinkError, match="cannot write events file"):
+            sink.write([event(2), event(3)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    sink.write([event(4)])
+    sink.close()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["track_id"] for line in lines] == [1, 4]
+    assert path.read_text().endswith("\n")
+    assert os.stat(path).st_mode & 0o777 == 0o600

@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from app.config import WebConfig, load_config  # noqa: E402
 from app.gallery import Gallery  # noqa: E402
-from app.runtime import make_detector, make_embedder, open_gallery, threshold  # noqa: E402
+from app.runtime import open_gallery, threshold  # noqa: E402
 from app.web.app import create_app  # noqa: E402
 from app.web.auth import (  # noqa: E402
     COOKIE,
@@ -38,23 +38,15 @@ from app.web.auth import (  # noqa: E402
     verify_password,
 )
 from app.web.context import WebContext  # noqa: E402
-from tests.web_helpers import ALEX, HAMILTON, LIN, build_gallery, close_up, facemoe  # noqa: E402
+from tests.web_helpers import ALEX, HAMILTON, LIN, built_gallery, close_up, facemoe  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("no_gallery_key")]
 PASSWORD, TOKEN = "correct horse battery", "tok-3f9a2c"
 
 
 @pytest.fixture(scope="module")
-def models():
-    cfg = load_config(None)
-    return make_detector(cfg), make_embedder(cfg)
-
-
-@pytest.fixture(scope="module")
 def built(tmp_path_factory, data_dir: Path) -> Path:
-    os.environ.pop("FACEMOE_GALLERY_KEY", None)
-    os.environ.pop("FACEMOE_GALLERY_KEY_FILE", None)
-    return build_gallery(tmp_path_factory.mktemp("web") / "gallery.db", data_dir / "videos")
+    return built_gallery(tmp_path_factory.mktemp("web"), data_dir)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ their offsets, one-line errors for bad filter values, an HTML 404 page, short sc
 
 from __future__ import annotations
 
-import os
 import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -21,27 +20,18 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from app.clusters import _co_occurring, span_of  # noqa: E402
 from app.config import WebConfig, load_config  # noqa: E402
-from app.runtime import make_detector, make_embedder, open_gallery, threshold  # noqa: E402
+from app.runtime import open_gallery, threshold  # noqa: E402
 from app.web.app import create_app  # noqa: E402
 from app.web.auth import Authenticator  # noqa: E402
 from app.web.context import WebContext  # noqa: E402
-from tests.web_helpers import ALEX, LIN, build_gallery, close_up, facemoe  # noqa: E402
+from tests.web_helpers import ALEX, LIN, built_gallery, close_up, facemoe  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("no_gallery_key")]
 
 
 @pytest.fixture(scope="module")
-def models():
-    cfg = load_config(None)
-    return make_detector(cfg), make_embedder(cfg)
-
-
-@pytest.fixture(scope="module")
 def built(tmp_path_factory, data_dir: Path) -> Path:
-    os.environ.pop("FACEMOE_GALLERY_KEY", None)
-    os.environ.pop("FACEMOE_GALLERY_KEY_FILE", None)
-    return build_gallery(tmp_path_factory.mktemp("corrections") / "gallery.db",
-                         data_dir / "videos")
+    return built_gallery(tmp_path_factory.mktemp("corrections"), data_dir)
 
 
 @pytest.fixture

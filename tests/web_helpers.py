@@ -3,6 +3,7 @@ clip and an Intel clip processed by the CLI (events with their kept crops)."""
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 
@@ -22,6 +23,14 @@ def build_gallery(db: Path, videos: Path, env: dict[str, str] | None = None) -> 
     for clip in (HAMILTON, INTEL):
         facemoe("process", videos / clip, "--gallery", db, "--no-progress", env=env)
     return db
+
+
+def built_gallery(folder: Path, data_dir: Path) -> Path:
+    """`build_gallery` in `folder`, plain (a gallery key in the environment is dropped): a test
+    module's gallery, built once."""
+    os.environ.pop("FACEMOE_GALLERY_KEY", None)
+    os.environ.pop("FACEMOE_GALLERY_KEY_FILE", None)
+    return build_gallery(folder / "gallery.db", data_dir / "videos")
 
 
 def close_up(events: list[dict]) -> dict:
