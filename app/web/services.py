@@ -13,12 +13,10 @@ from starlette.concurrency import run_in_threadpool
 from app.clusters import NamingReport
 from app.enroll import EnrollError, EnrollReport, enroll, faces_from_array
 from app.gallery import StoredEvent
-from app.gallery.audit import acting_as
 from app.gallery.clusters import ClusterInfo
 from app.gallery.fleet import Fleet, site_view
 from app.gallery.paging import EventFilter, IdentityRowInfo
 from app.recognize import Candidate
-from app.web.auth import User
 from app.web.context import WebContext
 from app.web.deps import read_upload
 from app.web.models import (
@@ -115,9 +113,9 @@ def identity_detail(ctx: WebContext, identity_id: int) -> IdentityDetail:
                        for t in refs])
 
 
-async def enroll_uploads(ctx: WebContext, user: User, name: str,
-                         photos: list[UploadFile]) -> EnrollReport:
-    """Decode the photos within the limits and enroll their faces as the CLI does."""
+async def enroll_uploads(ctx: WebContext, name: str, photos: list[UploadFile]) -> EnrollReport:
+    """Decode the photos within the limits and enroll their faces as the CLI does (audited as
+    the request's user: `audited_writer`)."""
     if not photos or len(photos) > MAX_PHOTOS:
         raise EnrollError(f"give 1 to {MAX_PHOTOS} photos")
     images = [(p.filename or f"photo {k}", await read_upload(ctx, p, "photo"))
@@ -127,8 +125,7 @@ async def enroll_uploads(ctx: WebContext, user: User, name: str,
         with ctx.recognizer.model_lock:
             faces = [f for fname, img in images
                      for f in faces_from_array(img, f"upload {fname}", ctx.detector, 0)]
-        with acting_as(user.audit_name):
-            return enroll(name, [], ctx.detector, ctx.embedder, ctx.gallery, faces=faces)
+        return enroll(name, [], ctx.detector, ctx.embedder, ctx.gallery, faces=faces)
 
     return await run_in_threadpool(work)
 

@@ -6,10 +6,9 @@ import logging
 
 from fastapi import APIRouter, Depends, Query
 
-from app.gallery.audit import acting_as
 from app.web.auth import User
 from app.web.context import WebContext
-from app.web.deps import current_user, get_ctx, writer
+from app.web.deps import audited_writer, current_user, get_ctx
 from app.web.models import (
     ClusterOut,
     ClusterPage,
@@ -39,23 +38,21 @@ def get_cluster(cluster_id: int, ctx: WebContext = Depends(get_ctx)) -> ClusterO
 @router.post("/{cluster_id}/name", response_model=NamedCluster,
              summary="This is NAME: enroll the cluster's best crops and name its events")
 def name_cluster(cluster_id: int, body: NameRequest, ctx: WebContext = Depends(get_ctx),
-                 user: User = Depends(writer)) -> NamedCluster:
-    with acting_as(user.audit_name):
-        return naming_out(ctx.review.name(cluster_id, body.name))
+                 _user: User = Depends(audited_writer)) -> NamedCluster:
+    return naming_out(ctx.review.name(cluster_id, body.name))
 
 
 @router.post("/{cluster_id}/ignore", response_model=ClusterOut, summary="Hide a cluster")
 def ignore_cluster(cluster_id: int, ctx: WebContext = Depends(get_ctx),
-                   user: User = Depends(writer)) -> ClusterOut:
-    with acting_as(user.audit_name):
-        ctx.review.ignore(cluster_id)
+                   _user: User = Depends(audited_writer)) -> ClusterOut:
+    ctx.review.ignore(cluster_id)
     return cluster_out(ctx, ctx.gallery.clusters.cluster(cluster_id))
 
 
 @router.post("/{cluster_id}/merge", response_model=ClusterOut,
              summary="Move another cluster's events into this one")
 def merge_cluster(cluster_id: int, body: MergeClusterRequest,
-                  ctx: WebContext = Depends(get_ctx), user: User = Depends(writer)) -> ClusterOut:
-    with acting_as(user.audit_name):
-        ctx.review.merge(cluster_id, body.other)
+                  ctx: WebContext = Depends(get_ctx),
+                  _user: User = Depends(audited_writer)) -> ClusterOut:
+    ctx.review.merge(cluster_id, body.other)
     return cluster_out(ctx, ctx.gallery.clusters.cluster(cluster_id))

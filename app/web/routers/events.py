@@ -8,11 +8,10 @@ from datetime import datetime
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.gallery.audit import acting_as
 from app.gallery.paging import EventFilter
 from app.web.auth import User
 from app.web.context import WebContext
-from app.web.deps import current_user, get_ctx, writer
+from app.web.deps import audited_writer, current_user, get_ctx
 from app.web.models import (
     Enrolled,
     EventOut,
@@ -85,27 +84,24 @@ def get_event_crop(event_id: int, index: int, ctx: WebContext = Depends(get_ctx)
 @router.post("/{event_id}/name", response_model=Enrolled,
              summary="This is NAME: enroll the event's kept crops and name the event")
 def name_event(event_id: int, body: NameRequest, ctx: WebContext = Depends(get_ctx),
-               user: User = Depends(writer)) -> Enrolled:
-    with acting_as(user.audit_name):
-        r = ctx.review.name_event(event_id, body.name)
+               _user: User = Depends(audited_writer)) -> Enrolled:
+    r = ctx.review.name_event(event_id, body.name)
     return Enrolled.of(r)
 
 
 @router.patch("/{event_id}", response_model=EventOut,
               summary="Relabel an event (an enrolled name, or null: unknown) without enrolling")
 def relabel_event(event_id: int, body: RelabelRequest, ctx: WebContext = Depends(get_ctx),
-                  user: User = Depends(writer)) -> EventOut:
-    with acting_as(user.audit_name):
-        ctx.review.corrections.relabel(event_id, body.identity)
+                  _user: User = Depends(audited_writer)) -> EventOut:
+    ctx.review.corrections.relabel(event_id, body.identity)
     return one_event(ctx, event_id)
 
 
 @router.post("/{event_id}/not", response_model=NotPersonOut,
              summary="Not this person: unknown, never that name again, its templates deleted")
 def not_person(event_id: int, body: NotPersonRequest, ctx: WebContext = Depends(get_ctx),
-               user: User = Depends(writer)) -> NotPersonOut:
-    with acting_as(user.audit_name):
-        name, removed = ctx.review.corrections.not_person(event_id, body.identity)
+               _user: User = Depends(audited_writer)) -> NotPersonOut:
+    name, removed = ctx.review.corrections.not_person(event_id, body.identity)
     return NotPersonOut(event=one_event(ctx, event_id), not_identity=name,
                         templates_deleted=removed)
 
@@ -113,9 +109,8 @@ def not_person(event_id: int, body: NotPersonRequest, ctx: WebContext = Depends(
 @router.delete("/{event_id}", status_code=204, response_class=Response,
                summary="Delete an event with its crops")
 def delete_event(event_id: int, ctx: WebContext = Depends(get_ctx),
-                 user: User = Depends(writer)) -> Response:
-    with acting_as(user.audit_name):
-        ctx.review.corrections.delete([event_id])
+                 _user: User = Depends(audited_writer)) -> Response:
+    ctx.review.corrections.delete([event_id])
     return Response(status_code=204)
 
 
@@ -130,13 +125,12 @@ async def reprocess(
     before: int | None = Query(None, description="only events with a smaller id (continue)"),
     limit: int = Query(200, ge=1, le=2000),
     ctx: WebContext = Depends(get_ctx),
-    user: User = Depends(writer),
+    _user: User = Depends(audited_writer),
 ) -> ReprocessOut:
     f = EventFilter(camera, identity, False, *times(ctx, since, until))
 
     def work():
-        with acting_as(user.audit_name):
-            return ctx.review.reprocess(f, named=named, before=before, limit=limit)
+        return ctx.review.reprocess(f, named=named, before=before, limit=limit)
 
     r = await run_in_threadpool(work)
     return ReprocessOut(checked=r.checked, changed=r.changed, without_crops=r.without_crops,

@@ -9,10 +9,9 @@ import logging
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
 from app.erasure import Outputs, erase
-from app.gallery.audit import acting_as
 from app.web.auth import User
 from app.web.context import WebContext
-from app.web.deps import current_user, get_ctx, writer
+from app.web.deps import audited_writer, current_user, get_ctx
 from app.web.models import (
     Enrolled,
     IdentityDetail,
@@ -41,8 +40,8 @@ def list_identities(search: str = "", offset: int = Query(0, ge=0),
              summary="Enroll a person (new or existing) from photos (largest face of each)")
 async def create_identity(name: str = Form(...), photos: list[UploadFile] = File(...),
                           ctx: WebContext = Depends(get_ctx),
-                          user: User = Depends(writer)) -> Enrolled:
-    return Enrolled.of(await enroll_uploads(ctx, user, name, photos))
+                          _user: User = Depends(audited_writer)) -> Enrolled:
+    return Enrolled.of(await enroll_uploads(ctx, name, photos))
 
 
 @router.get("/{identity_id}", response_model=IdentityDetail,
@@ -53,19 +52,17 @@ def get_identity(identity_id: int, ctx: WebContext = Depends(get_ctx)) -> Identi
 
 @router.patch("/{identity_id}", response_model=IdentityOut, summary="Rename")
 def rename_identity(identity_id: int, body: RenameRequest, ctx: WebContext = Depends(get_ctx),
-                    user: User = Depends(writer)) -> IdentityOut:
+                    _user: User = Depends(audited_writer)) -> IdentityOut:
     old = ctx.gallery.pages.identity(identity_id).name
-    with acting_as(user.audit_name):
-        ctx.gallery.rename(old, body.name)
+    ctx.gallery.rename(old, body.name)
     return identity_out(ctx.gallery.pages.identity(identity_id))
 
 
 @router.delete("/{identity_id}", response_model=Removed,
                summary="Delete an identity with its templates, crops and events (erasure)")
 def delete_identity(identity_id: int, ctx: WebContext = Depends(get_ctx),
-                    user: User = Depends(writer)) -> Removed:
-    with acting_as(user.audit_name):
-        r = erase(ctx.gallery, Outputs.of(ctx.cfg), identity_id=identity_id)
+                    _user: User = Depends(audited_writer)) -> Removed:
+    r = erase(ctx.gallery, Outputs.of(ctx.cfg), identity_id=identity_id)
     return Removed(removed=r.removed, events_deleted=r.events_deleted,
                    jsonl_lines_removed=r.jsonl_lines_removed,
                    snapshots_deleted=len(r.snapshots_deleted), unfinished=r.unfinished,
@@ -75,12 +72,11 @@ def delete_identity(identity_id: int, ctx: WebContext = Depends(get_ctx),
 @router.post("/{identity_id}/merge", response_model=IdentityOut,
              summary="Merge this identity into another (templates and events move)")
 def merge_identity(identity_id: int, body: MergeIdentityRequest,
-                   ctx: WebContext = Depends(get_ctx), user: User = Depends(writer)
+                   ctx: WebContext = Depends(get_ctx), _user: User = Depends(audited_writer)
                    ) -> IdentityOut:
     pages = ctx.gallery.pages
     src, dst = pages.identity(identity_id).name, pages.identity(body.into).name
-    with acting_as(user.audit_name):
-        ctx.gallery.merge_identities(src, dst)
+    ctx.gallery.merge_identities(src, dst)
     return identity_out(pages.identity(body.into))
 
 
@@ -88,6 +84,6 @@ def merge_identity(identity_id: int, body: MergeIdentityRequest,
              summary="Add templates from photos")
 async def add_templates(identity_id: int, photos: list[UploadFile] = File(...),
                         ctx: WebContext = Depends(get_ctx),
-                        user: User = Depends(writer)) -> Enrolled:
+                        _user: User = Depends(audited_writer)) -> Enrolled:
     name = ctx.gallery.pages.identity(identity_id).name
-    return Enrolled.of(await enroll_uploads(ctx, user, name, photos))
+    return Enrolled.of(await enroll_uploads(ctx, name, photos))

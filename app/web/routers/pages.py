@@ -1,8 +1,8 @@
 """The HTML pages (server-rendered, no JavaScript needed): events, unknown-face clusters,
 gallery, cameras, login. Their forms post here; each handler calls the same service as the
 API route and the CLI (through `app.web.services`), then redirects (post/redirect/get) with a
-message or an error. `refused_to` (the page-error handler) and `audited` (the audited writer)
-are the one place a service's refusal becomes a redirect and a change gets its auditor."""
+message or an error. `refused_to`, the page-error handler, is the one place a service's
+refusal becomes a redirect; every change is audited as its user's by `audited_writer`."""
 
 from __future__ import annotations
 
@@ -21,11 +21,10 @@ from markupsafe import Markup, escape
 
 from app import __version__
 from app.erasure import Outputs, erase
-from app.gallery.audit import acting_as
 from app.gallery.paging import EventFilter
 from app.web.auth import COOKIE, LoginRefused, User
 from app.web.context import WebContext
-from app.web.deps import current_user, get_ctx, same_site, user_errors, writer
+from app.web.deps import audited_writer, current_user, get_ctx, same_site, user_errors, writer
 from app.web.services import (
     camera_rows,
     enroll_uploads,
@@ -83,15 +82,6 @@ def refused_to(here: str, *, also: tuple[type[Exception], ...] = (), **query: ob
         yield
     except (*also, *user_errors()) as exc:
         raise PageRefused(back(here, **query, error=_one_line(exc))) from None
-
-
-@contextmanager
-def audited(user: User, here: str, *, also: tuple[type[Exception], ...] = (),
-            **query: object) -> Iterator[None]:
-    """The audited writer: the block's changes are audited as `user`'s, and a refusal is
-    answered as `refused_to` answers it."""
-    with refused_to(here, also=also, **query), acting_as(user.audit_name):
-        yield
 
 
 # --- login ------------------------------------------------------------------------------------
@@ -195,20 +185,20 @@ def event_page(request: Request, event_id: int, user: User = Depends(current_use
 
 
 @router.post("/events/{event_id}/name")
-def name_event_page(event_id: int, name: str = Form(...), user: User = Depends(writer),
+def name_event_page(event_id: int, name: str = Form(...), _user: User = Depends(audited_writer),
                     ctx: WebContext = Depends(get_ctx)) -> Response:
     here = f"/events/{event_id}"
-    with audited(user, here):
+    with refused_to(here):
         r = ctx.review.name_event(event_id, name)
     return back(here, msg=f"enrolled {r.name}: {len(r.faces)} template(s), "
                 f"{len(r.rejected)} rejected as outlier(s)")
 
 
 @router.post("/events/{event_id}/relabel")
-def relabel_event_page(event_id: int, name: str = Form(""), user: User = Depends(writer),
+def relabel_event_page(event_id: int, name: str = Form(""), _user: User = Depends(audited_writer),
                        ctx: WebContext = Depends(get_ctx)) -> Response:
     here = f"/events/{event_id}"
-    with audited(user, here):
+    with refused_to(here):
         old, removed = ctx.review.corrections.relabel(event_id, name.strip() or None)
     msg = f"event {event_id}: {old or 'unknown'} → {name.strip() or 'unknown'}"
     return back(here, msg=msg + (f" ({removed} template(s) from it deleted from {old})"
@@ -216,32 +206,33 @@ def relabel_event_page(event_id: int, name: str = Form(""), user: User = Depends
 
 
 @router.post("/events/{event_id}/not")
-def not_person_page(event_id: int, user: User = Depends(writer),
+def not_person_page(event_id: int, _user: User = Depends(audited_writer),
                     ctx: WebContext = Depends(get_ctx)) -> Response:
     here = f"/events/{event_id}"
-    with audited(user, here):
+    with refused_to(here):
         name, removed = ctx.review.corrections.not_person(event_id)
     return back(here, msg=f"event {event_id} is not {name}: unknown now, and never {name} "
                 f"again; {removed} template(s) from it deleted")
 
 
 @router.post("/events/{event_id}/delete")
-def delete_event_page(event_id: int, confirm: str = Form(""), user: User = Depends(writer),
+def delete_event_page(event_id: int, confirm: str = Form(""), _user: User = Depends(audited_writer),
                       ctx: WebContext = Depends(get_ctx)) -> Response:
     if confirm != "yes":
         return back(f"/events/{event_id}", error="tick the box to confirm the deletion")
-    with audited(user, "/events"):
+    with refused_to("/events"):
         ctx.review.corrections.delete([event_id])
     return back("/events", msg=f"event {event_id} deleted with its crops")
 
 
 @router.post("/events/reprocess")
 def reprocess_page(camera: str = Form(""), identity: str = Form(""), since: str = Form(""),
-                   until: str = Form(""), named: str = Form(""), user: User = Depends(writer),
+                   until: str = Form(""), named: str = Form(""),
+                   _user: User = Depends(audited_writer),
                    ctx: WebContext = Depends(get_ctx)) -> Response:
     query = {"camera": camera or None, "identity": identity or None, "since": since or None,
              "until": until or None}
-    with audited(user, "/events", also=(ValueError,), **query):
+    with refused_to("/events", also=(ValueError,), **query):
         f = EventFilter(camera or None, identity or None, False,
                         parse_time(since, "from", ctx.tz), parse_time(until, "to", ctx.tz))
         checked = changed = 0
@@ -274,9 +265,9 @@ def clusters_page(request: Request, state: str = Query("open", pattern="^(open|i
 
 
 @router.post("/clusters/{cluster_id}/name")
-def name_cluster(cluster_id: int, name: str = Form(...), user: User = Depends(writer),
+def name_cluster(cluster_id: int, name: str = Form(...), _user: User = Depends(audited_writer),
                  ctx: WebContext = Depends(get_ctx)) -> Response:
-    with audited(user, "/clusters"):
+    with refused_to("/clusters"):
         r = ctx.review.name(cluster_id, name)
     e = r.enrollment
     msg = (f"cluster {cluster_id} is {e.name}: {len(e.faces)} template(s) enrolled, "
@@ -287,25 +278,25 @@ def name_cluster(cluster_id: int, name: str = Form(...), user: User = Depends(wr
 
 
 @router.post("/clusters/{cluster_id}/ignore")
-def ignore_cluster(cluster_id: int, user: User = Depends(writer),
+def ignore_cluster(cluster_id: int, _user: User = Depends(audited_writer),
                    ctx: WebContext = Depends(get_ctx)) -> Response:
-    with audited(user, "/clusters"):
+    with refused_to("/clusters"):
         ctx.review.ignore(cluster_id)
     return back("/clusters", msg=f"cluster {cluster_id} ignored")
 
 
 @router.post("/clusters/{cluster_id}/restore")
-def restore_cluster(cluster_id: int, user: User = Depends(writer),
+def restore_cluster(cluster_id: int, _user: User = Depends(audited_writer),
                     ctx: WebContext = Depends(get_ctx)) -> Response:
-    with audited(user, "/clusters", state="ignored"):
+    with refused_to("/clusters", state="ignored"):
         ctx.review.restore(cluster_id)
     return back("/clusters", msg=f"cluster {cluster_id} restored")
 
 
 @router.post("/clusters/{cluster_id}/merge")
-def merge_cluster(cluster_id: int, other: int = Form(...), user: User = Depends(writer),
+def merge_cluster(cluster_id: int, other: int = Form(...), _user: User = Depends(audited_writer),
                   ctx: WebContext = Depends(get_ctx)) -> Response:
-    with audited(user, "/clusters"):
+    with refused_to("/clusters"):
         ctx.review.merge(cluster_id, other)
     return back("/clusters", msg=f"cluster {other} merged into {cluster_id}")
 
@@ -326,10 +317,10 @@ def gallery_page(request: Request, search: str = "", offset: int = Query(0, ge=0
 
 @router.post("/gallery/enroll")
 async def enroll_page(name: str = Form(...), photos: list[UploadFile] = File(...),
-                      user: User = Depends(writer), ctx: WebContext = Depends(get_ctx)
+                      _user: User = Depends(audited_writer), ctx: WebContext = Depends(get_ctx)
                       ) -> Response:
-    with refused_to("/gallery"):  # enroll_uploads audits the enrollment as the user's
-        r = await enroll_uploads(ctx, user, name, photos)
+    with refused_to("/gallery"):
+        r = await enroll_uploads(ctx, name, photos)
     return back("/gallery", search=r.name,
                 msg=f"enrolled {r.name}: {len(r.faces)} template(s), "
                     f"{len(r.rejected)} rejected as outlier(s)")
@@ -350,20 +341,20 @@ def identity_page(request: Request, identity_id: int, user: User = Depends(curre
 
 @router.post("/gallery/{identity_id}/photos")
 async def add_photos_page(identity_id: int, photos: list[UploadFile] = File(...),
-                          user: User = Depends(writer), ctx: WebContext = Depends(get_ctx)
+                          _user: User = Depends(audited_writer), ctx: WebContext = Depends(get_ctx)
                           ) -> Response:
     here = f"/gallery/{identity_id}"
     with refused_to(here):
         name = ctx.gallery.pages.identity(identity_id).name
-        r = await enroll_uploads(ctx, user, name, photos)
+        r = await enroll_uploads(ctx, name, photos)
     return back(here, msg=f"{len(r.faces)} template(s) added, {len(r.rejected)} rejected")
 
 
 @router.post("/gallery/{identity_id}/rename")
-def rename_page(identity_id: int, name: str = Form(...), user: User = Depends(writer),
+def rename_page(identity_id: int, name: str = Form(...), _user: User = Depends(audited_writer),
                 ctx: WebContext = Depends(get_ctx)) -> Response:
     here = f"/gallery/{identity_id}"
-    with audited(user, here):
+    with refused_to(here):
         old = ctx.gallery.pages.identity(identity_id).name
         ctx.gallery.rename(old, name)
     return back(here, msg=f"renamed {old} to {name.strip()}")
@@ -371,11 +362,12 @@ def rename_page(identity_id: int, name: str = Form(...), user: User = Depends(wr
 
 @router.post("/gallery/{identity_id}/merge")
 def merge_page(identity_id: int, into: str = Form(...), confirm: str = Form(""),
-               user: User = Depends(writer), ctx: WebContext = Depends(get_ctx)) -> Response:
+               _user: User = Depends(audited_writer),
+               ctx: WebContext = Depends(get_ctx)) -> Response:
     here = f"/gallery/{identity_id}"
     if confirm != "yes":
         return back(here, error="tick the box to confirm the merge")
-    with audited(user, here):
+    with refused_to(here):
         src = ctx.gallery.pages.identity(identity_id).name
         n = ctx.gallery.merge_identities(src, into)
     return back("/gallery", search=into.strip(), msg=f"merged {src} into {into.strip()} "
@@ -391,9 +383,9 @@ def delete_confirm_page(request: Request, identity_id: int, user: User = Depends
 
 
 @router.post("/gallery/{identity_id}/delete")
-def delete_page(identity_id: int, confirm: str = Form(""), user: User = Depends(writer),
+def delete_page(identity_id: int, confirm: str = Form(""), _user: User = Depends(audited_writer),
                 ctx: WebContext = Depends(get_ctx)) -> Response:
-    with audited(user, "/gallery"):
+    with refused_to("/gallery"):
         name = ctx.gallery.pages.identity(identity_id).name
         if confirm.strip() != name:
             return back(f"/gallery/{identity_id}/delete",
@@ -408,10 +400,10 @@ def delete_page(identity_id: int, confirm: str = Form(""), user: User = Depends(
 
 @router.post("/templates/{template_id}/delete")
 def delete_template_page(template_id: int, identity: int = Form(...),
-                         user: User = Depends(writer), ctx: WebContext = Depends(get_ctx)
+                         _user: User = Depends(audited_writer), ctx: WebContext = Depends(get_ctx)
                          ) -> Response:
     here = f"/gallery/{identity}"
-    with audited(user, here):
+    with refused_to(here):
         ctx.gallery.delete_template(template_id)
     return back(here, msg=f"template {template_id} deleted")
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
 
-from app.gallery.audit import acting_as
 from app.web.auth import User
 from app.web.context import WebContext
-from app.web.deps import current_user, get_ctx, writer
+from app.web.deps import audited_writer, current_user, get_ctx
 from app.web.services import CROP_CACHE
 
 router = APIRouter(prefix="/api/templates", tags=["identities"],
@@ -18,9 +17,8 @@ router = APIRouter(prefix="/api/templates", tags=["identities"],
 @router.delete("/{template_id}", status_code=204, response_class=Response,
                summary="Delete one template")
 def delete_template(template_id: int, ctx: WebContext = Depends(get_ctx),
-                    user: User = Depends(writer)) -> Response:
-    with acting_as(user.audit_name):
-        ctx.gallery.delete_template(template_id)
+                    _user: User = Depends(audited_writer)) -> Response:
+    ctx.gallery.delete_template(template_id)
     return Response(status_code=204)
 
 
