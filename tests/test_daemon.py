@@ -197,7 +197,7 @@ def test_rotating_jsonl_keeps_backups(tmp_path):
     sink = RotatingJsonlSink(path, max_bytes=800, backups=2)
     sink.write([event(i, None) for i in range(20)])
     sink.close()
-    files = sorted(p.name for p in tmp_path.iterdir())
+    files = sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".lock")  # writers' lock
     assert files == ["ev.jsonl", "ev.jsonl.1", "ev.jsonl.2"]
     ids = [
         json.loads(line)["track_id"]
@@ -381,6 +381,8 @@ def test_snapshots_cut_the_best_face_and_every_sink_names_them(tmp_path, data_di
         daemon._emit(cam, cam.flush())
         daemon.stop_sinks(time.monotonic() + 30)  # every sink written and closed
         stored = {e.id: e for e in daemon.gallery.events()}
+        pictures = [daemon.gallery.pages.event_snapshot_jpeg(s.id)
+                    for s in daemon.gallery.stored_events()]
     finally:
         daemon.gallery.close()
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
@@ -389,7 +391,7 @@ def test_snapshots_cut_the_best_face_and_every_sink_names_them(tmp_path, data_di
     assert stat.S_IMODE((snaps / "hall").stat().st_mode) == 0o700
     for e in lines:
         assert e["snapshot"] == str(snaps / "hall" / f"{e['id']}.jpg")
-        assert stored[e["id"]].snapshot == e["snapshot"]
+        assert stored[e["id"]].snapshot is None  # the gallery keeps the picture, not a path
         path = Path(e["snapshot"])
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         x, y, w, h = e["best_bbox"]
@@ -398,6 +400,7 @@ def test_snapshots_cut_the_best_face_and_every_sink_names_them(tmp_path, data_di
         assert cv2.imread(str(path)).shape[:2] == (y1 - y0, x1 - x0)
     assert sorted(p.name for p in (snaps / "hall").iterdir()) == sorted(
         f"{e['id']}.jpg" for e in lines)
+    assert len(pictures) == len(lines) and all(p[:3] == b"\xff\xd8\xff" for p in pictures)
 
 
 @pytest.mark.unit
