@@ -13,7 +13,7 @@ import logging
 import sys
 
 from app import __version__, gallery_cli
-from app.cli import engine, enroll, evaluate, process, recognize, site, train
+from app.cli import box, engine, enroll, evaluate, process, recognize, train
 from app.cli.common import UserError
 from app.logs import install_repeat_filter
 
@@ -26,9 +26,9 @@ COMMANDS = (
     process.add_process,
     recognize.add_recognize,
     recognize.add_compare,
-    site.add_serve,
-    site.add_run,
-    site.add_fleet,
+    box.add_serve,
+    box.add_run,
+    box.add_fleet,
     train.add_train,
     train.add_soup,
     evaluate.add_calibrate,

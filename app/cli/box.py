@@ -1,4 +1,4 @@
-"""The commands of a running site: `facemoe run` (the daemon over the configured cameras,
+"""What runs on a box: `facemoe run` (the daemon over the configured cameras,
 its config checked first), `facemoe serve` (the review UI and REST API) and `facemoe fleet`
 (the boxes of a site and their cameras)."""
 
