@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,23 @@ def models():
 
     cfg = load_config(None)
     return make_detector(cfg), make_embedder(cfg)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, data_dir: Path) -> Path:
+    """The web tests' gallery (`tests.web_helpers.build_gallery`: the CLI enrolls and processes
+    real clips), built once per module that asks for it."""
+    from tests.web_helpers import built_gallery
+
+    return built_gallery(tmp_path_factory.mktemp("web"), data_dir)
+
+
+@pytest.fixture
+def db(built: Path, tmp_path: Path) -> Path:
+    """A copy of the built gallery that a test may change."""
+    copy = tmp_path / "gallery.db"
+    shutil.copy(built, copy)
+    return copy
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 from pathlib import Path
 
 import cv2
@@ -38,23 +37,10 @@ from app.web.auth import (  # noqa: E402
     verify_password,
 )
 from app.web.context import WebContext  # noqa: E402
-from tests.web_helpers import ALEX, HAMILTON, LIN, built_gallery, close_up, facemoe  # noqa: E402
+from tests.web_helpers import ALEX, HAMILTON, LIN, close_up, facemoe  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("no_gallery_key")]
 PASSWORD, TOKEN = "correct horse battery", "tok-3f9a2c"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, data_dir: Path) -> Path:
-    return built_gallery(tmp_path_factory.mktemp("web"), data_dir)
-
-
-@pytest.fixture
-def db(built: Path, tmp_path: Path) -> Path:
-    """A copy of the built gallery that a test may change."""
-    copy = tmp_path / "gallery.db"
-    shutil.copy(built, copy)
-    return copy
 
 
 def make_client(db: Path, models, *, env: dict[str, str] | None = None,

@@ -6,7 +6,6 @@ their offsets, one-line errors for bad filter values, an HTML 404 page, short sc
 
 from __future__ import annotations
 
-import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -24,21 +23,9 @@ from app.runtime import open_gallery, threshold  # noqa: E402
 from app.web.app import create_app  # noqa: E402
 from app.web.auth import Authenticator  # noqa: E402
 from app.web.context import WebContext  # noqa: E402
-from tests.web_helpers import ALEX, LIN, built_gallery, close_up, facemoe  # noqa: E402
+from tests.web_helpers import ALEX, LIN, close_up, facemoe  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("no_gallery_key")]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, data_dir: Path) -> Path:
-    return built_gallery(tmp_path_factory.mktemp("corrections"), data_dir)
-
-
-@pytest.fixture
-def db(built: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "gallery.db"
-    shutil.copy(built, copy)
-    return copy
 
 
 def loose(models) -> float:
