@@ -89,14 +89,17 @@ class SinkWorker:
     sink hands the events on to the others, so a snapshot exists when a message names it.
     A sink with `retry()` and `pending()` (the gallery sink and its outbox) is retried while
     events wait, every 1 s doubling to 10 s. A sink with `oldest()` reports its own backlog
-    (MQTT's and the webhook's buffers, the outbox).
+    (MQTT's and the webhook's buffers, the outbox). `scrub(event)`, if given, is asked just
+    before each write: None drops the event (a person erased while it waited,
+    `app.erasure.Forgotten`), else the event to write.
     """
 
     def __init__(self, name: str, sink: Sink, types: tuple[str, ...], *, every_s: float = 0.0,
                  max_queue: int = 10000, failed: Callable[[str, str], None],
-                 then: Callable[[list[Event]], None] | None = None) -> None:
+                 then: Callable[[list[Event]], None] | None = None,
+                 scrub: Callable[[Event], Event | None] | None = None) -> None:
         self.name, self.sink, self.types, self.every_s = name, sink, types, every_s
-        self.max_queue, self._failed, self._then = max_queue, failed, then
+        self.max_queue, self._failed, self._then, self._scrub = max_queue, failed, then, scrub
         self._items: deque[tuple[float, Event]] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -198,6 +201,10 @@ class SinkWorker:
         self._call("close", self.sink.close)
 
     def _write(self, events: list[Event]) -> None:
+        if self._scrub is not None:
+            events = [ev for ev in map(self._scrub, events) if ev is not None]
+            if not events:
+                return
         try:
             self.sink.write(events)
             self.written += len(events)
