@@ -176,6 +176,8 @@ def cmd_process(args: argparse.Namespace) -> int:
                          ("--events", args.events or cfg.output.events_jsonl)):
         if target and Path(target).expanduser().is_dir():
             raise UserError(f"{what} {target} is a directory; give a file name")
+    if args.publish and cfg.daemon.mqtt is None:
+        raise UserError("--publish needs an MQTT broker in the config (daemon.mqtt)")
     camera = _camera_name(args.camera, args.video)
     detector, embedder = make_detector(cfg), _embedder(cfg)
     path = _gallery_path(args, cfg)
@@ -199,6 +201,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             annotate=args.annotate,
             camera=camera,
             progress=not args.no_progress and sys.stderr.isatty(),
+            publish=args.publish,
         )
     payload = summary.as_json()
     lines = [
@@ -791,6 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--annotate", help="write the video with boxes, track ids and names (mp4)")
     sp.add_argument("--camera", help="camera name in events (default: the file name)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    sp.add_argument("--publish", action="store_true",
+                    help="also publish alerts, tracks and presence to daemon.mqtt (MQTT, Home "
+                    "Assistant) as box daemon.box, as the daemon does")
     sp.add_argument("--validate-config", action="store_true", help="check the config and exit")
     sp.add_argument(
         "--allow-empty-gallery",
