@@ -257,3 +257,14 @@ class StateWatch:
         self.proc.kill()
         self.proc.wait(10)
         self._thread.join(5)
+
+
+if __name__ == "__main__":  # .ci/run: install the core into its cache while other tests run
+    started = time.monotonic()
+    try:
+        python = ha_python()
+    except pytest.skip.Exception as exc:
+        print(f"Home Assistant not installed: {exc}")
+        raise SystemExit(1) from None
+    print(f"Home Assistant {HA_VERSION} ready in {python.parent.parent} "
+          f"({time.monotonic() - started:.0f} s)")

@@ -474,3 +474,66 @@ def test_erasure_clears_every_retained_topic_naming_the_person(tmp_path, brokers
         for b in ("box_a", "box_b") for s in ("bob", *camera)} | {
         f"homeassistant/image/facemoe_{b}/facemoe_{b}_camera_door_snapshot/config"
         for b in ("box_a", "box_b")}
+
+
+def test_presence_follows_open_tracks_and_goes_away_after_the_set_time():
+    """Present from a track's `recognized` or `seen` (the cooldown's silent match) to its
+    end and `away_after_s` more; a camera's last recognized person resets after it too."""
+    from app.mqtt import Presence
+
+    p = Presence(away_after_s=5.0)
+    p.update(event(1, kind="recognized"), 0.0)
+    p.update(event(2, kind="seen"), 1.0)  # a second track in the alert cooldown
+    lin = "Lin-Manuel Miranda"
+    assert p.state(lin, 1.0) == "present" and p.camera("door")["faces"] == 2
+    p.update(event(1), 2.0)
+    assert p.state(lin, 30.0) == "present"  # track 2 is still open, however long
+    p.update(event(3, None, kind="recognized"), 3.0)  # an unknown face announced
+    assert p.camera("door") == {"last_recognized": lin, "faces": 2, "unknown": 1,
+                                "people": [lin]}
+    p.update(event(2), 10.0)
+    p.update(event(3, None), 10.0)
+    assert p.state(lin, 14.9) == "present" and p.due(14.9) == (set(), set())
+    assert p.due(15.0) == ({lin}, {"door"})
+    assert p.state(lin, 15.0) == "away" and p.camera("door")["last_recognized"] == "none"
+
+
+def test_a_person_who_leaves_the_gallery_leaves_no_retained_topic(tmp_path, brokers):
+    """A running box whose list of people loses a name (renamed, removed) clears its entity,
+    its state and the camera's latest message naming them; a box started later clears what
+    an earlier run left for a name no longer enrolled."""
+    broker = brokers(tmp_path, ["allow_anonymous true"])
+    cfg = mqtt_config(broker.port, discovery={"enabled": True}).daemon.mqtt
+    people = ["Ada", "Bob"]
+    sink = MqttSink(cfg, box="hall", cameras=["door"], identities=lambda: list(people))
+    config = "homeassistant/sensor/facemoe_hall/facemoe_hall_{}/config"
+    try:
+        sink.write([replace(event(1, "Ada"), candidate="Ada"), event(2, "Bob")])
+        sink.write([replace(event(3, "Ada"), candidate="Ada")])
+        assert sink.flush(5)
+        people.remove("Ada")  # renamed or removed while the box runs
+        watcher = Watcher(broker.port, ["homeassistant/#", "facemoe/#"])
+        gone = {config.format("ada"), "facemoe/identities/ada/hall", "facemoe/cameras/door"}
+        watcher.wait(lambda m: all(dict((t, p) for t, p, _ in m).get(t, "x") == ""
+                                   for t in gone), 10)
+        watcher.close()
+    finally:
+        sink.close()
+    retained = Watcher(broker.port, ["homeassistant/#", "facemoe/#"])
+    time.sleep(1.0)
+    retained.close()
+    left = {t for t, p, _ in retained.messages if p}
+    assert config.format("bob") in left and "facemoe/identities/bob/hall" in left
+    assert not [t for t in left if "ada" in t]
+    # Bob leaves while no box runs: the next run clears what the last one left of him
+    sink = MqttSink(cfg, box="hall", cameras=["door"], identities=lambda: ["Cy"])
+    try:
+        time.sleep(2.5)
+        assert sink.flush(5)
+    finally:
+        sink.close()
+    retained = Watcher(broker.port, ["homeassistant/#", "facemoe/#"])
+    time.sleep(1.0)
+    retained.close()
+    left = {t for t, p, _ in retained.messages if p}
+    assert not [t for t in left if "bob" in t] and config.format("cy") in left
