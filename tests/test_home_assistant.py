@@ -149,3 +149,18 @@ def test_rename_and_erasure_leave_no_stale_entity(site):
     ha.wait(lambda: not [e for e in ha.states() if "alex" in e], 30, "erased entities")
     live = ha.states()
     assert not [e for e in live if "alex" in e], sorted(live)
+
+
+def test_the_readme_automation_is_valid_and_names_a_documented_id(site, tmp_path):
+    """The README's example automation passes the core's own config check, and the entity it
+    watches is the documented id for its box."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Home Assistant\n"):]
+    block = section[section.index("Example automation:"):]
+    block = block[block.index("```yaml\n") + 8:block.index("```\n", block.index("```yaml"))]
+    assert "entity_id: sensor.facemoe_hall_lin_manuel_miranda" in block
+    (tmp_path / "configuration.yaml").write_text("homeassistant:\n" + block)
+    done = subprocess.run([str(site["ha"].python), "-m", "homeassistant", "--script",
+                           "check_config", "-c", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "Failed config" not in done.stdout, done.stdout[-2000:]

@@ -128,7 +128,8 @@ class Watcher:
 
         def on_message(client, userdata, msg):
             with self.lock:
-                self.messages.append((msg.topic, msg.payload.decode(), bool(msg.retain)))
+                self.messages.append((msg.topic, msg.payload.decode(errors="replace"),  # images
+                                      bool(msg.retain)))
 
         self.client.on_connect = on_connect
         self.client.on_subscribe = lambda *a, **k: self.subscribed.set()
