@@ -129,7 +129,8 @@ def _timed(watcher: Watcher, arrivals: dict[str, float]):
     def on_message(client, userdata, msg):
         now = time.time()
         with watcher.lock:
-            watcher.messages.append((msg.topic, msg.payload.decode(), bool(msg.retain)))
+            watcher.messages.append((msg.topic, msg.payload.decode(errors="replace"),
+                                 bool(msg.retain)))
         if msg.topic == "facemoe/events":
             m = json.loads(msg.payload)
             arrivals.setdefault(m["id"] + m["type"], now)
