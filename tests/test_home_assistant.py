@@ -164,3 +164,14 @@ def test_the_readme_automation_is_valid_and_names_a_documented_id(site, tmp_path
                            "check_config", "-c", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "Failed config" not in done.stdout, done.stdout[-2000:]
+
+
+def test_publish_without_a_broker_is_a_one_line_error(tmp_path, data_dir):
+    gallery = tmp_path / "gallery.db"
+    facemoe("enroll", LIN, data_dir / "videos" / "lin-manuel-miranda.png", "--gallery", gallery)
+    done = facemoe("process", data_dir / "videos" / "short_hamilton_clip.mp4", "--publish",
+                   "--gallery", gallery, check=False)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("facemoe: error:")]
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert errors == ["facemoe: error: --publish needs an MQTT broker in the config "
+                      "(daemon.mqtt)"], done.stderr
