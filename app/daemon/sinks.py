@@ -36,15 +36,17 @@ class SinkSpec:
 
 
 def open_sinks(cfg: AppConfig, gallery: Gallery, *, events_jsonl: str | None,
-               live: bool = False, outbox: Outbox | None = None, box: str | None = None,
-               cameras: list[str] = (), identities: Callable[[], list[str]] = lambda: [],
+               live: bool = False, publish: bool = False, outbox: Outbox | None = None,
+               box: str | None = None, cameras: list[str] = (),
+               identities: Callable[[], list[str]] | None = None,
                count: Callable[[str], Count] | None = None) -> list[SinkSpec]:
     """The event sinks of `cfg`: the gallery's events table (`output.events_sqlite`; with
     `outbox`, events it refuses wait there) and `events_jsonl` (one record per track); with
     `live` (the daemon) the JSONL file rotates (`daemon.jsonl`), the gallery commits in
     batches and MQTT and the webhook (`daemon.mqtt`, `daemon.webhook`) are opened too, with
     `box`, the `cameras` and enrolled `identities` (MQTT discovery) and `count(name)`, the
-    incident counter of each. If one cannot be opened, those opened are closed again."""
+    incident counter of each; `publish` (`facemoe process --publish`) opens MQTT without
+    `live`. If one cannot be opened, those opened are closed again."""
     d, specs = cfg.daemon, []
     counter = count or (lambda name: None)
     try:
@@ -56,7 +58,7 @@ def open_sinks(cfg: AppConfig, gallery: Gallery, *, events_jsonl: str | None,
             sink = (RotatingJsonlSink(events_jsonl, int(d.jsonl.max_mb * 1e6), d.jsonl.backups)
                     if live else JsonlSink(events_jsonl))
             specs.append(SinkSpec("jsonl", sink, ("end",)))
-        if live and d.mqtt:  # every message
+        if (live or publish) and d.mqtt:  # every message
             from app.mqtt import MqttSink
 
             specs.append(SinkSpec("mqtt", MqttSink(
