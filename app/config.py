@@ -270,7 +270,10 @@ class AlertsConfig(_Strict):
         "higher: fewer false unknown alerts for people recognised a moment later",
     )
     unknown_min_quality: float = Field(
-        0.1, ge=0, le=1, description="quality score of a crop that counts as a good embedding"
+        0.01, ge=0, le=1, description="quality score of a crop that counts as a good "
+        "embedding (the default is enroll.min_quality: a face good enough to enroll; on the "
+        "Hamilton clip, benchmarks/unknown_quality.py: 0 of its 9 unknown tracks reach "
+        "unknown_after at 0.1, 1 at 0.01)"
     )
     cooldown_s: float = Field(
         60.0, ge=0, le=86400,
@@ -371,7 +374,8 @@ class MqttTlsConfig(_Strict):
 
 
 class MqttDiscoveryConfig(_Strict):
-    """Home Assistant MQTT discovery: a sensor per enrolled person and per camera."""
+    """Home Assistant MQTT discovery: a presence sensor per enrolled person, a device per
+    camera (last recognized, faces, unknown faces, snapshot image)."""
 
     enabled: bool = False
     prefix: str = Field("homeassistant", min_length=1, pattern=r"^[^#+]+$")
@@ -382,8 +386,8 @@ class MqttConfig(_Strict):
     port: int = Field(1883, ge=1, le=65535)
     prefix: str = Field(
         "facemoe", min_length=1, pattern=r"^[^#+]+$",
-        description="topics: <prefix>/events, /cameras/<camera>, /identities/<name>, "
-        "/availability/<box>",
+        description="topics: <prefix>/events, /cameras/<camera>[/state|/image], "
+        "/identities/<name>/<box>, /availability/<box>",
     )
     client_id: str | None = Field(
         None, min_length=1, max_length=64,
@@ -398,6 +402,10 @@ class MqttConfig(_Strict):
     buffer: int = Field(
         10000, ge=1, description="messages kept while the broker is unreachable; oldest dropped"
     )
+    away_after_s: float = Field(
+        15.0, ge=0, le=86400, description="a person is `away` this long after their last "
+        "track ended (present while one is open), and a camera's last recognized person goes "
+        "back to none; higher: fewer present/away flips for someone who steps out of view")
     discovery: MqttDiscoveryConfig = Field(default_factory=MqttDiscoveryConfig)
 
 

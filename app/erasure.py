@@ -19,7 +19,9 @@ erasure of its own JSONL lines and spooled snapshots, plus the events of the per
 waiting in its outbox, then acknowledges it; the tombstone goes once every box has
 (`Erasures.ack`). Every writer of an events file holds its writer lock
 (`app.fsutil.writer_lock`), so a daemon appending to a file that an erasure rewrites waits and
-then appends to the new file: no line is lost and none escapes the erasure.
+then appends to the new file: no line is lost and none escapes the erasure. Events of the person
+still in flight on the box when it learns of the erasure (queued for a sink, or of a track that
+was open) are dropped before any sink writes them (`Forgotten`, which the box's sink workers ask).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+import threading
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from app.config import AppConfig, MqttConfig
@@ -35,6 +39,7 @@ from app.fsutil import atomic_write, writer_lock
 from app.gallery import Gallery
 from app.gallery.erasures import Tombstone
 from app.outbox import Outbox, OutboxError
+from app.records import Event
 
 log = logging.getLogger(__name__)
 
@@ -198,17 +203,66 @@ def finish_pending(gallery: Gallery, outputs: Outputs) -> list[ErasureReport]:
     return [_finish(gallery, tomb, outputs) for tomb in gallery.erasures.pending()]
 
 
+class Forgotten:
+    """The names a box has erased and when it learned of each, so that an event still in
+    flight then (queued for a sink, or of a track already open) is not written after the
+    erasure: `scrub` drops an event naming an erased person whose track started before the box
+    learned of it, and clears such a name as another event's nearest candidate. A track that
+    starts later may name the person again only because someone enrolled that name anew."""
+
+    def __init__(self) -> None:
+        self._learned: dict[str, datetime] = {}
+        self._lock = threading.Lock()
+
+    def learn(self, names: set[str] | tuple[str, ...], at: datetime | None = None) -> None:
+        at = at or datetime.now(UTC)
+        with self._lock:
+            for n in names:
+                self._learned[n] = max(at, self._learned.get(n, at))
+
+    def _erased(self, name: str | None, started: datetime | None) -> bool:
+        if name is None:
+            return False
+        with self._lock:
+            learned = self._learned.get(name)
+        return learned is not None and (started is None or started <= learned)
+
+    def scrub(self, ev: Event) -> Event | None:
+        """`ev` as a sink may write it: None when it names an erased person."""
+        if not self._learned:
+            return ev
+        started = _started(ev)
+        if self._erased(ev.identity, started):
+            return None
+        if self._erased(ev.candidate, started):
+            return replace(ev, candidate=None, candidate_score=None)
+        return ev
+
+
+def _started(ev: Event) -> datetime | None:
+    """The wall-clock start of an event's track (None: unknown, taken as before anything)."""
+    try:
+        t = datetime.fromisoformat(ev.time) if ev.time else None
+    except ValueError:
+        return None
+    return t if t is None or t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
 def erase_on_box(gallery: Gallery, box: str, outputs: Outputs,
-                 outbox: Outbox | None = None) -> list[ErasureReport]:
-    """A box's part of every erasure it has not acknowledged yet: its JSONL lines and spooled
-    snapshots of the person (`outputs`: this box's), the person's events waiting in its
-    `outbox` (and their snapshots), then the acknowledgement. An erasure that fails here
-    (disk full) is logged and tried again at the next gallery change or start. GalleryError
-    when the database cannot be read."""
+                 outbox: Outbox | None = None,
+                 forgotten: Forgotten | None = None) -> list[ErasureReport]:
+    """A box's part of every erasure it has not acknowledged yet: the person's events still in
+    flight on it are forgotten first (`forgotten`, which its sink workers ask), then its JSONL
+    lines and spooled snapshots of the person (`outputs`: this box's), the person's events
+    waiting in its `outbox` (and their snapshots), then the acknowledgement. An erasure that
+    fails here (disk full) is logged and tried again at the next gallery change or start.
+    GalleryError when the database cannot be read."""
     reports = []
     for tomb in gallery.erasures.for_box(box):
         report = ErasureReport(removed=tomb.name)
         names = set(tomb.names) - gallery.erasures.names_in_use(tomb.names)
+        if forgotten is not None:
+            forgotten.learn(names)
         dropped: set[str] = set()
         if outbox is not None:
             try:

@@ -167,6 +167,7 @@ class _TrackState:
     velocity: np.ndarray  # float32[4] px per media second, from its last two detections
     zones: set[str] = field(default_factory=set)
     good: int = 0  # embeddings of crops of at least alerts.unknown_min_quality
+    seen: str | None = None  # the person its running match named last (a message said so)
 
 
 def _polygon(points: list[tuple[float, float]]) -> np.ndarray:
@@ -339,9 +340,17 @@ class FacePipeline:
                 m = self.labels[tid] = self._decide(
                     matcher.match(template, self.aggregator.face_px(tid)))
                 st = self._state.get(tid)
-                if st is not None and self.announcer.decide(tid, m, st.good, self._pts):
-                    summary = self.aggregator.summary(tid)
-                    self._alerts.append(self._event(summary, m, "recognized"))
+                if st is None:
+                    continue
+                kind = None
+                if self.announcer.decide(tid, m, st.good, self._pts):
+                    kind = "recognized"
+                elif m.identity is not None and m.identity != st.seen:
+                    kind = "seen"  # in the cooldown: no alert, but the person is here
+                if m.identity is not None:
+                    st.seen = m.identity
+                if kind is not None:
+                    self._alerts.append(self._event(self.aggregator.summary(tid), m, kind))
 
     def _finish(self, track_ids: list[int]) -> list[Event]:
         events = []

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from app.annotate import draw
 from app.config import AppConfig
-from app.daemon.sinks import open_sinks
+from app.daemon.sinks import SinkSpec, open_sinks
 from app.detect import Detector
 from app.embed import Embedder
 from app.gallery import Gallery
@@ -21,7 +21,6 @@ from app.openset import OpenSet
 from app.pipeline import FacePipeline, StageTimes
 from app.records import Event
 from app.runtime import GalleryMatcher
-from app.sinks import Sink
 from app.source import VideoWriter, open_source
 
 log = logging.getLogger(__name__)
@@ -102,12 +101,17 @@ def process_video(
     annotate: str | None = None,
     camera: str | None = None,
     progress: bool = True,
+    publish: bool = False,
 ) -> ProcessSummary:
+    """`publish`: also send the alerts, tracks and presence to `daemon.mqtt` (MQTT and Home
+    Assistant), as box `daemon.box`, as the daemon does."""
     camera = camera or Path(video).stem
     times = StageTimes()
     matcher = GalleryMatcher(gallery, threshold)
     pipeline = FacePipeline(camera, cfg, detector, embedder, matcher, times)
-    sinks: list[Sink] = [s.sink for s in open_sinks(cfg, gallery, events_jsonl=events_jsonl)]
+    sinks = open_sinks(cfg, gallery, events_jsonl=events_jsonl, publish=publish,
+                       box=cfg.daemon.box, cameras=[camera],
+                       identities=lambda: sorted(set(matcher().names)))
     summary = ProcessSummary(
         video=str(video),
         camera=camera,
@@ -156,7 +160,7 @@ def process_video(
             writer.discard()
         source.close()
         for s in sinks:
-            s.close()
+            s.sink.close()
     summary.seconds = time.perf_counter() - started
     summary.frames = pipeline.frames
     summary.detections = pipeline.detections
@@ -171,17 +175,19 @@ def _ids(events: list[Event], fingerprint: str) -> list[Event]:
 
 
 def _emit(
-    sinks: list[Sink], events: list[Event], summary: ProcessSummary, times: StageTimes
+    sinks: list[SinkSpec], events: list[Event], summary: ProcessSummary, times: StageTimes
 ) -> None:
-    """`end` events go to the sinks (one record per track); `recognized` ones to the summary."""
+    """Each sink gets the events of its types (the files and the gallery: `end`, one record
+    per track; MQTT with --publish: every message); `recognized` ones go to the summary."""
     summary.alerts.extend(e for e in events if e.type == "recognized")
-    ended = [e for e in events if e.type == "end"]
-    if not ended:
+    if not events:
         return
     with times("sinks"):
         for s in sinks:
-            s.write(ended)
-    summary.events.extend(ended)
+            mine = [e for e in events if e.type in s.types]
+            if mine:
+                s.sink.write(mine)
+    summary.events.extend(e for e in events if e.type == "end")
 
 
 # --- many videos: a worker pool ----------------------------------------------------------------
@@ -235,6 +241,7 @@ class Batch:
     events_jsonl: str | None
     camera: str | None = None  # None: each file's stem
     create: bool = False  # --allow-empty-gallery
+    publish: bool = False  # --publish: MQTT and Home Assistant too
 
 
 _worker: dict = {}  # per worker process: the models and the opened gallery
@@ -260,7 +267,8 @@ def _process_one(video: str) -> tuple[str, ProcessSummary | None, str | None]:
     try:
         summary = process_video(video, batch.cfg, w["detector"], w["embedder"], w["gallery"],
                                 w["rule"], events_jsonl=batch.events_jsonl,
-                                camera=batch.camera or Path(video).stem, progress=False)
+                                camera=batch.camera or Path(video).stem, progress=False,
+                                publish=batch.publish)
     except Exception as exc:  # noqa: BLE001  (one bad file must not stop the others)
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return video, None, text

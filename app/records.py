@@ -109,7 +109,9 @@ class Match:
     candidate: str | None  # best gallery identity regardless of the threshold
 
 
-EVENT_TYPES = ("recognized", "end")
+# `seen`: an open track was matched to a person whose `recognized` alert the cooldown held
+# back (app.alerts); only presence (MQTT) takes it
+EVENT_TYPES = ("recognized", "seen", "end")
 
 
 def new_event_id() -> str:

@@ -105,8 +105,11 @@ def test_daemon_announces_lin_manuel_miranda_on_mqtt_and_the_webhook(
     assert len(end) == 1 and end[0]["identity"] == LIN and end[0]["snapshot"] == first["snapshot"]
     assert end[0]["zones"] in (["stage_left"], [])
 
-    state = json.loads(watcher.payloads("facemoe/identities/lin_manuel_miranda")[-1])
+    state = json.loads(watcher.payloads("facemoe/identities/lin_manuel_miranda/stage-box")[-1])
     assert state["name"] == LIN and state["state"] == "away"
+    assert watcher.payloads("facemoe/cameras/stage/image")  # the alert's picture, retained
+    camera = json.loads(watcher.payloads("facemoe/cameras/stage/state")[-1])
+    assert camera["faces"] == camera["unknown"] == 0  # nobody in view after the clip
     assert watcher.payloads("facemoe/availability/stage-box")[0] == "online"
     assert watcher.payloads("facemoe/availability/stage-box")[-1] == "offline"  # clean shutdown
 
@@ -126,7 +129,8 @@ def _timed(watcher: Watcher, arrivals: dict[str, float]):
     def on_message(client, userdata, msg):
         now = time.time()
         with watcher.lock:
-            watcher.messages.append((msg.topic, msg.payload.decode(), bool(msg.retain)))
+            watcher.messages.append((msg.topic, msg.payload.decode(errors="replace"),
+                                 bool(msg.retain)))
         if msg.topic == "facemoe/events":
             m = json.loads(msg.payload)
             arrivals.setdefault(m["id"] + m["type"], now)

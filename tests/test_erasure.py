@@ -284,3 +284,40 @@ def test_gallery_remove_erases_jsonl_lines_and_snapshots(tmp_path: Path,
     assert os.stat(jsonl).st_mode & 0o777 == 0o600
     with Gallery(db, *model_id(read_manifest(default_model_dir))) as g:
         assert [s.event.candidate for s in g.stored_events()] == [None]
+
+
+def test_events_in_flight_on_a_box_are_not_written_after_it_erases(site: Site,
+                                                                    tmp_path: Path) -> None:
+    """A box's sink queue holds the person's events (and one naming them as the nearest
+    candidate) when the box learns of the erasure: none is written after it, while a track that
+    starts later (the name enrolled anew) and other people's events are."""
+    from datetime import datetime, timedelta, timezone
+
+    from app.daemon.sinks import SinkWorker
+    from app.erasure import Forgotten, erase_on_box
+    from app.gallery.fleet import Fleet
+
+    g = site.gallery()
+    for name in ("Ada", "Bob"):
+        site.enroll(g, name)
+    Fleet(g.store).beat("box-a", datetime.now(timezone.utc), "running", [], [])
+    box_jsonl = tmp_path / "box-a.jsonl"
+    forgotten = Forgotten()
+    failed: list[str] = []
+    worker = SinkWorker("jsonl", JsonlSink(box_jsonl), ("end",), every_s=3600,
+                        failed=lambda n, r: failed.append(r), scrub=forgotten.scrub).start()
+    now = datetime.now(timezone.utc)
+    before, later = now.isoformat(), (now + timedelta(hours=1)).isoformat()
+    worker.put([event(1, "Ada", time=before), event(2, "Bob", time=before),
+                event(3, None, time=before, candidate="Ada", candidate_score=0.35),
+                event(4, "Ada", time=later)])  # queued: the sink writes once an hour
+    assert erase(g, Outputs(), name="Ada").events_deleted == 0
+    reports = erase_on_box(g, "box-a", Outputs(jsonl_paths=(str(box_jsonl),)),
+                           forgotten=forgotten)
+    assert [r.removed for r in reports] == ["Ada"] and not reports[0].unfinished
+    worker.close()
+    assert worker.join(30) and not failed
+    lines = [json.loads(x) for x in box_jsonl.read_text().splitlines()]
+    assert [(x["track_id"], x["identity"], x["candidate"]) for x in lines] == [
+        (2, "Bob", None), (3, None, None), (4, "Ada", None)]
+    g.close()

@@ -44,6 +44,13 @@ HA_SENSOR_KEYS = {
     "suggested_display_precision", "qos", "state_class", "state_topic", "unique_id",
     "unit_of_measurement", "value_template", "default_entity_id",
 }
+HA_IMAGE_KEYS = {  # integrations/image.mqtt
+    "availability", "availability_mode", "availability_template", "availability_topic",
+    "content_type", "device", "enabled_by_default", "encoding", "entity_category",
+    "image_encoding", "image_topic", "json_attributes_template", "json_attributes_topic", "name",
+    "object_id", "payload_available", "payload_not_available", "unique_id", "url_template",
+    "url_topic", "default_entity_id",
+}
 HA_DEVICE_KEYS = {
     "configuration_url", "connections", "hw_version", "identifiers", "manufacturer", "model",
     "model_id", "name", "serial_number", "suggested_area", "sw_version", "via_device",
@@ -122,7 +129,8 @@ class Watcher:
 
         def on_message(client, userdata, msg):
             with self.lock:
-                self.messages.append((msg.topic, msg.payload.decode(), bool(msg.retain)))
+                self.messages.append((msg.topic, msg.payload.decode(errors="replace"),  # images
+                                      bool(msg.retain)))
 
         self.client.on_connect = on_connect
         self.client.on_subscribe = lambda *a, **k: self.subscribed.set()
@@ -177,20 +185,24 @@ def test_password_authentication_topics_state_and_availability(tmp_path, brokers
     watcher = Watcher(broker.port, ["facemoe/#"], auth=("facemoe", "s3cret pass"))
     monkeypatch.setenv("FACEMOE_MQTT_PASSWORD", "s3cret pass")
     cfg = mqtt_config(broker.port, username="facemoe", password="{FACEMOE_MQTT_PASSWORD}",
-                      client_id="door-box")
+                      client_id="door-box", away_after_s=0.5)
     assert "s3cret" not in repr(cfg)  # the secret is never printed
     sink = MqttSink(cfg.daemon.mqtt, box="door")
     try:
         early = event(7, kind="recognized")
         sink.write([early])
-        watcher.wait(lambda m: any(t == "facemoe/identities/lin_manuel_miranda" for t, _, _ in m))
-        present = json.loads(watcher.payloads("facemoe/identities/lin_manuel_miranda")[-1])
+        lin = "facemoe/identities/lin_manuel_miranda/door"  # this box's view of him
+        watcher.wait(lambda m: any(t == lin for t, _, _ in m))
+        present = json.loads(watcher.payloads(lin)[-1])
         assert present["state"] == "present" and present["event"] == early.id
         final, stranger = replace(early, type="end", end=4.0), event(8, None)
         sink.write([final, stranger])
         watcher.wait(lambda m: len([t for t, _, _ in m if t == "facemoe/events"]) == 3)
         assert events_of(watcher) == [e.to_json() for e in (early, final, stranger)]
-        away = json.loads(watcher.payloads("facemoe/identities/lin_manuel_miranda")[-1])
+        assert json.loads(watcher.payloads(lin)[-1])["state"] == "present"  # away_after_s
+        watcher.wait(lambda m: json.loads([p for t, p, _ in m if t == lin][-1])["state"]
+                     == "away", 5)
+        away = json.loads(watcher.payloads(lin)[-1])
         assert away["state"] == "away" and away["name"] == "Lin-Manuel Miranda"
         assert dt.datetime.fromisoformat(away["last_seen"]).tzinfo is not None
         assert watcher.payloads("facemoe/availability/door")[-1] == "online"
@@ -202,9 +214,10 @@ def test_password_authentication_topics_state_and_availability(tmp_path, brokers
     # retained for whoever subscribes later: the camera's last message, the person's state
     late = Watcher(broker.port, ["facemoe/cameras/#", "facemoe/identities/#"],
                    auth=("facemoe", "s3cret pass"))
-    late.wait(lambda m: len(m) == 2)
+    late.wait(lambda m: len(m) == 3)  # the camera's last message and state, Lin's state
     assert all(retained for _, _, retained in late.messages)
     assert json.loads(late.payloads("facemoe/cameras/door")[0])["track_id"] == 8
+    assert json.loads(late.payloads("facemoe/cameras/door/state")[0])["faces"] == 0
     late.close()
 
     # a wrong password: refused, logged, nothing delivered, the messages stay buffered
@@ -212,8 +225,8 @@ def test_password_authentication_topics_state_and_availability(tmp_path, brokers
     bad = MqttSink(mqtt_config(broker.port, username="facemoe",
                                password="{FACEMOE_MQTT_PASSWORD}").daemon.mqtt)
     try:
-        bad.write([event(9)])
-        assert not bad.flush(2) and bad.pending() == 3
+        bad.write([event(9)])  # the event, the camera's message and state, the person's
+        assert not bad.flush(2) and bad.pending() == 4
     finally:
         bad.close(timeout=0.1)
 
@@ -294,35 +307,47 @@ def test_home_assistant_discovery_configs(tmp_path, brokers):
     sink = MqttSink(mqtt_config(broker.port, discovery={"enabled": True}).daemon.mqtt,
                     box="hall", cameras=["door"], identities=lambda: ["Lin-Manuel Miranda"])
     try:
-        watcher.wait(lambda m: len(m) == 2)  # on connecting: the camera and the enrolled person
+        watcher.wait(lambda m: len(m) == 5)  # on connecting: the camera's 4, the person's
         sink.write([event(1, "Zoë Ünal")])  # a person enrolled after the start
-        watcher.wait(lambda m: len(m) == 3)
+        watcher.wait(lambda m: len(m) == 6)
     finally:
         sink.close()
         watcher.close()
     configs = {t: json.loads(p) for t, p, _ in watcher.messages}
+    camera = "facemoe_hall_camera_door"
     assert set(configs) == {
-        "homeassistant/sensor/facemoe_hall/facemoe_hall_camera_door/config",
+        f"homeassistant/sensor/facemoe_hall/{camera}_last_recognized/config",
+        f"homeassistant/sensor/facemoe_hall/{camera}_faces/config",
+        f"homeassistant/sensor/facemoe_hall/{camera}_unknown/config",
+        f"homeassistant/image/facemoe_hall/{camera}_snapshot/config",
         "homeassistant/sensor/facemoe_hall/facemoe_hall_lin_manuel_miranda/config",
         "homeassistant/sensor/facemoe_hall/facemoe_hall_zoe_unal/config",
     }
-    for c in configs.values():
-        assert set(c) <= HA_SENSOR_KEYS, set(c) - HA_SENSOR_KEYS
+    for topic, c in configs.items():
+        component = topic.split("/")[1]
+        allowed = HA_SENSOR_KEYS if component == "sensor" else HA_IMAGE_KEYS
+        assert set(c) <= allowed, set(c) - allowed
         assert set(c["device"]) <= HA_DEVICE_KEYS
-        assert {"name", "unique_id", "state_topic", "availability_topic", "device"} <= set(c)
+        assert {"name", "unique_id", "availability_topic", "device"} <= set(c)
         assert c["availability_topic"] == "facemoe/availability/hall"
-        assert c["device"]["identifiers"] == ["facemoe_hall"]
+        # the entity id both ways: object_id (cores before 2025.10), default_entity_id (after)
+        assert c["default_entity_id"] == f"{component}.{c['object_id']}"
+        assert c["object_id"] == c["unique_id"] == topic.split("/")[3]
         assert (c["payload_available"], c["payload_not_available"]) == ("online", "offline")
-        assert isinstance(c["device"]["identifiers"], list) and c["device"]["name"]
-        assert c["state_topic"].startswith("facemoe/") and "{{" in c["value_template"]
-    assert len({c["unique_id"] for c in configs.values()}) == 3
+        if component == "sensor":
+            assert c["state_topic"].startswith("facemoe/") and "{{" in c["value_template"]
+        else:
+            assert c["image_topic"] == "facemoe/cameras/door/image"
+    assert len({c["unique_id"] for c in configs.values()}) == 6
     lin = configs["homeassistant/sensor/facemoe_hall/facemoe_hall_lin_manuel_miranda/config"]
-    assert lin["name"] == "Lin-Manuel Miranda"
+    assert lin["name"] == "Lin-Manuel Miranda" and lin["device"]["identifiers"] == ["facemoe_hall"]
     assert lin["default_entity_id"] == "sensor.facemoe_hall_lin_manuel_miranda"
     assert lin["state_topic"] == lin["json_attributes_topic"] == \
-        "facemoe/identities/lin_manuel_miranda"
+        "facemoe/identities/lin_manuel_miranda/hall"
+    door = configs[f"homeassistant/sensor/facemoe_hall/{camera}_faces/config"]["device"]
+    assert door["identifiers"] == [camera] and door["via_device"] == "facemoe_hall"
     late = Watcher(broker.port, ["homeassistant/#"])  # retained for Home Assistant restarts
-    late.wait(lambda m: len(m) == 3)
+    late.wait(lambda m: len(m) == 6)
     assert all(retained for _, _, retained in late.messages)
     late.close()
 
@@ -365,13 +390,14 @@ def test_a_full_buffer_drops_the_oldest_and_counts_them(tmp_path, caplog):
     sink = MqttSink(mqtt_config(port, buffer=6).daemon.mqtt,
                     count=lambda kind, n: incidents.append((kind, n)))
     try:
-        sink.write([event(i, None) for i in range(5)])  # 2 messages each: event + camera
-        assert sink.dropped == 4 and incidents == [("dropped", 4)] and sink.pending() == 6
+        # 2 messages each (the event, the camera's latest message), the camera's state
+        sink.write([event(i, None) for i in range(5)])
+        assert sink.dropped == 5 and incidents == [("dropped", 5)] and sink.pending() == 6
         deadline = time.monotonic() + 10
         while "cannot connect" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.1)
         assert f"MQTT 127.0.0.1:{port}: cannot connect" in caplog.text
-        assert "MQTT buffer full (6 messages): 4 oldest dropped" in caplog.text
+        assert "MQTT buffer full (6 messages): 5 oldest dropped" in caplog.text
         broker = Broker(tmp_path, ["allow_anonymous true"])
         broker.conf.write_text(broker.conf.read_text().replace(str(broker.port), str(port)))
         broker.port = port
@@ -395,7 +421,7 @@ def test_two_boxes_on_one_broker_keep_their_own_identity(tmp_path, brokers):
              for box, cam in (("box-a", "door"), ("box-b", "yard"))]
     try:
         assert [b.client_id for b in boxes] == ["facemoe-box-a", "facemoe-box-b"]
-        watcher.wait(lambda m: len([t for t, _, _ in m if t.startswith("homeassistant/")]) == 4)
+        watcher.wait(lambda m: len([t for t, _, _ in m if t.startswith("homeassistant/")]) == 10)
         for b, cam in zip(boxes, ("door", "yard"), strict=True):
             b.write([replace(event(1, "Ada"), camera=cam)])
         assert all(b.flush(5) for b in boxes)
@@ -412,14 +438,16 @@ def test_two_boxes_on_one_broker_keep_their_own_identity(tmp_path, brokers):
     configs = [json.loads(p) for t, p, _ in watcher.messages if t.startswith("homeassistant/")]
     ada = sorted(c["default_entity_id"] for c in configs if c["name"] == "Ada")
     assert ada == ["sensor.facemoe_box_a_ada", "sensor.facemoe_box_b_ada"]
-    assert len({c["unique_id"] for c in configs}) == len(configs) == 4
-    assert {c["device"]["identifiers"][0] for c in configs} == {"facemoe_box_a", "facemoe_box_b"}
+    assert len({c["unique_id"] for c in configs}) == len(configs) == 10
+    assert {c["device"]["identifiers"][0] for c in configs} == {
+        "facemoe_box_a", "facemoe_box_b", "facemoe_box_a_camera_door", "facemoe_box_b_camera_yard"}
     assert "already connected" not in (tmp_path / "broker.log").read_text()  # no id clash
 
 
-def test_erasure_clears_every_boxs_discovery_config(tmp_path, brokers):
+def test_erasure_clears_every_retained_topic_naming_the_person(tmp_path, brokers):
     """`clear_retained` (the erasure service's MQTT step) finds each box's retained sensor of
-    the person by its state topic and deletes it with the state topic."""
+    the person by its state topic and deletes it with each box's state topic of the person and
+    the camera's latest message naming them; other people's stay."""
     from app.mqtt import clear_retained
 
     broker = brokers(tmp_path, ["allow_anonymous true"])
@@ -427,18 +455,88 @@ def test_erasure_clears_every_boxs_discovery_config(tmp_path, brokers):
     for box in ("box-a", "box-b"):
         sink = MqttSink(cfg, box=box, identities=lambda: ["Ada", "Bob"])
         try:
-            sink.write([event(1, "Ada"), event(2, "Bob")])
+            sink.write([event(2, "Bob"), replace(event(1, "Ada"), candidate="Ada")])
             assert sink.flush(5)
         finally:
             sink.close()
-    before = Watcher(broker.port, ["homeassistant/#", "facemoe/identities/#"])
-    before.wait(lambda m: len(m) == 8)  # 2 boxes x 3 sensors (Ada, Bob, camera), 2 states
+    topics = ["homeassistant/#", "facemoe/identities/#", "facemoe/cameras/#"]
+    before = Watcher(broker.port, topics)
+    # 2 boxes x 6 entities (Ada, Bob, 4 of the camera), 2 x 2 person states, the camera's
+    # latest message (Ada's) and state
+    before.wait(lambda m: len(m) == 18)
     before.close()
-    assert clear_retained(cfg, ["Ada"]) == 4  # state, legacy config, 2 box configs
-    after = Watcher(broker.port, ["homeassistant/#", "facemoe/identities/#"])
+    assert clear_retained(cfg, ["Ada"]) == 7  # 2 box configs, 2 states, 2 legacy, the camera's
+    after = Watcher(broker.port, topics)
     time.sleep(1.0)
     after.close()
     left = {t for t, p, _ in after.messages if p}
-    assert left == {"facemoe/identities/bob"} | {
+    camera = ["camera_door_last_recognized", "camera_door_faces", "camera_door_unknown"]
+    assert left == {"facemoe/identities/bob/box-a", "facemoe/identities/bob/box-b",
+                    "facemoe/cameras/door/state"} | {
         f"homeassistant/sensor/facemoe_{b}/facemoe_{b}_{s}/config"
-        for b in ("box_a", "box_b") for s in ("bob", "camera_door")}
+        for b in ("box_a", "box_b") for s in ("bob", *camera)} | {
+        f"homeassistant/image/facemoe_{b}/facemoe_{b}_camera_door_snapshot/config"
+        for b in ("box_a", "box_b")}
+
+
+def test_presence_follows_open_tracks_and_goes_away_after_the_set_time():
+    """Present from a track's `recognized` or `seen` (the cooldown's silent match) to its
+    end and `away_after_s` more; a camera's last recognized person resets after it too."""
+    from app.mqtt import Presence
+
+    p = Presence(away_after_s=5.0)
+    p.update(event(1, kind="recognized"), 0.0)
+    p.update(event(2, kind="seen"), 1.0)  # a second track in the alert cooldown
+    lin = "Lin-Manuel Miranda"
+    assert p.state(lin, 1.0) == "present" and p.camera("door")["faces"] == 2
+    p.update(event(1), 2.0)
+    assert p.state(lin, 30.0) == "present"  # track 2 is still open, however long
+    p.update(event(3, None, kind="recognized"), 3.0)  # an unknown face announced
+    assert p.camera("door") == {"last_recognized": lin, "faces": 2, "unknown": 1,
+                                "people": [lin]}
+    p.update(event(2), 10.0)
+    p.update(event(3, None), 10.0)
+    assert p.state(lin, 14.9) == "present" and p.due(14.9) == (set(), set())
+    assert p.due(15.0) == ({lin}, {"door"})
+    assert p.state(lin, 15.0) == "away" and p.camera("door")["last_recognized"] == "none"
+
+
+def test_a_person_who_leaves_the_gallery_leaves_no_retained_topic(tmp_path, brokers):
+    """A running box whose list of people loses a name (renamed, removed) clears its entity,
+    its state and the camera's latest message naming them; a box started later clears what
+    an earlier run left for a name no longer enrolled."""
+    broker = brokers(tmp_path, ["allow_anonymous true"])
+    cfg = mqtt_config(broker.port, discovery={"enabled": True}).daemon.mqtt
+    people = ["Ada", "Bob"]
+    sink = MqttSink(cfg, box="hall", cameras=["door"], identities=lambda: list(people))
+    config = "homeassistant/sensor/facemoe_hall/facemoe_hall_{}/config"
+    try:
+        sink.write([replace(event(1, "Ada"), candidate="Ada"), event(2, "Bob")])
+        sink.write([replace(event(3, "Ada"), candidate="Ada")])
+        assert sink.flush(5)
+        people.remove("Ada")  # renamed or removed while the box runs
+        watcher = Watcher(broker.port, ["homeassistant/#", "facemoe/#"])
+        gone = {config.format("ada"), "facemoe/identities/ada/hall", "facemoe/cameras/door"}
+        watcher.wait(lambda m: all(dict((t, p) for t, p, _ in m).get(t, "x") == ""
+                                   for t in gone), 10)
+        watcher.close()
+    finally:
+        sink.close()
+    retained = Watcher(broker.port, ["homeassistant/#", "facemoe/#"])
+    time.sleep(1.0)
+    retained.close()
+    left = {t for t, p, _ in retained.messages if p}
+    assert config.format("bob") in left and "facemoe/identities/bob/hall" in left
+    assert not [t for t in left if "ada" in t]
+    # Bob leaves while no box runs: the next run clears what the last one left of him
+    sink = MqttSink(cfg, box="hall", cameras=["door"], identities=lambda: ["Cy"])
+    try:
+        time.sleep(2.5)
+        assert sink.flush(5)
+    finally:
+        sink.close()
+    retained = Watcher(broker.port, ["homeassistant/#", "facemoe/#"])
+    time.sleep(1.0)
+    retained.close()
+    left = {t for t, p, _ in retained.messages if p}
+    assert not [t for t in left if "bob" in t] and config.format("cy") in left

@@ -27,6 +27,9 @@ def add_process(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--annotate", help="write the video with boxes, track ids and names (mp4)")
     sp.add_argument("--camera", help="camera name in events (default: the file name)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    sp.add_argument("--publish", action="store_true",
+                    help="also publish alerts, tracks and presence to daemon.mqtt (MQTT, Home "
+                    "Assistant) as box daemon.box, as the daemon does")
     sp.add_argument("--validate-config", action="store_true", help="check the config and exit")
     sp.add_argument(
         "--allow-empty-gallery",
@@ -55,6 +58,8 @@ def cmd_process(args: argparse.Namespace) -> int:
                          ("--events", args.events or cfg.output.events_jsonl)):
         if target and Path(target).expanduser().is_dir():
             raise UserError(f"{what} {target} is a directory; give a file name")
+    if args.publish and cfg.daemon.mqtt is None:
+        raise UserError("--publish needs an MQTT broker in the config (daemon.mqtt)")
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
     if len(args.videos) > 1 or args.shard or Path(args.videos[0]).is_dir():
@@ -85,6 +90,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             annotate=args.annotate,
             camera=camera,
             progress=not args.no_progress and sys.stderr.isatty(),
+            publish=args.publish,
         )
     payload = summary.as_json()
     lines = [
@@ -115,7 +121,7 @@ def _process_many(args: argparse.Namespace, cfg, videos: list[str]) -> int:  # n
     path = _gallery_path(args, cfg)
     results = process_many(
         videos, Batch(cfg, str(path), _key(args), args.events or cfg.output.events_jsonl,
-                      args.camera, args.allow_empty_gallery),
+                      args.camera, args.allow_empty_gallery, args.publish),
         jobs=args.jobs, progress=not args.no_progress and sys.stderr.isatty())
     done = [s.as_json() for _, s, e in results if s is not None]
     failed = {v: e for v, _, e in results if e is not None}

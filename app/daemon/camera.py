@@ -219,7 +219,7 @@ class Camera:
                 self.events += 1
                 self.last_event = time.time()
                 self.metrics.events.labels(self.name).inc()
-            else:
+            elif ev.type == "recognized":
                 self.metrics.recognized.labels(self.name).inc()
         return events
 

@@ -18,6 +18,7 @@ from app.daemon.camera import _RECONNECT, Camera
 from app.daemon.http import serve_http, serve_web
 from app.daemon.metrics import Metrics
 from app.daemon.sinks import SinkWorker, open_sinks
+from app.erasure import Forgotten
 from app.gallery import Gallery
 from app.gallery.errors import GalleryError, one_line
 from app.gallery.fleet import Fleet
@@ -63,6 +64,7 @@ class Daemon:
                 "snapshots.allow_unencrypted: true")
         self.threshold = threshold(cfg, self.embedder)
         self.open_set = open_set(cfg, self.embedder)  # the 1:N rule (app.openset)
+        self.forgotten = Forgotten()  # people erased while their events were in flight
         # the worker's matcher: refreshed by a thread of its own, never on the video path
         try:
             self.watch = GalleryWatch(
@@ -137,12 +139,13 @@ class Daemon:
                            identities=lambda: sorted(set(self.watch.matcher.names)),
                            count=self._counter)
         workers = {s.name: SinkWorker(s.name, s.sink, s.types, every_s=s.every_s,
-                                      max_queue=d.event_queue, failed=self._sink_failed)
+                                      max_queue=d.event_queue, failed=self._sink_failed,
+                                      scrub=self.forgotten.scrub)
                    for s in specs}
         if self._snapshots is not None:  # both messages of a track name the same file
             snaps = SinkWorker("snapshots", self._snapshots, EVENT_TYPES,
                                max_queue=d.event_queue, failed=self._sink_failed,
-                               then=self._dispatch)
+                               then=self._dispatch, scrub=self.forgotten.scrub)
             workers = {"snapshots": snaps, **workers}
         return workers
 
@@ -153,7 +156,7 @@ class Daemon:
         from app.erasure import Outputs, erase_on_box
 
         erase_on_box(self.gallery, self.cfg.daemon.box, Outputs.of(self.cfg),
-                     self.outbox)
+                     self.outbox, self.forgotten)
 
     def _state_file(self, what: str) -> Path:
         """Where this box keeps its outbox (`daemon.outbox`; default next to a SQLite gallery

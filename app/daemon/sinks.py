@@ -36,15 +36,17 @@ class SinkSpec:
 
 
 def open_sinks(cfg: AppConfig, gallery: Gallery, *, events_jsonl: str | None,
-               live: bool = False, outbox: Outbox | None = None, box: str | None = None,
-               cameras: list[str] = (), identities: Callable[[], list[str]] = lambda: [],
+               live: bool = False, publish: bool = False, outbox: Outbox | None = None,
+               box: str | None = None, cameras: list[str] = (),
+               identities: Callable[[], list[str]] | None = None,
                count: Callable[[str], Count] | None = None) -> list[SinkSpec]:
     """The event sinks of `cfg`: the gallery's events table (`output.events_sqlite`; with
     `outbox`, events it refuses wait there) and `events_jsonl` (one record per track); with
     `live` (the daemon) the JSONL file rotates (`daemon.jsonl`), the gallery commits in
     batches and MQTT and the webhook (`daemon.mqtt`, `daemon.webhook`) are opened too, with
     `box`, the `cameras` and enrolled `identities` (MQTT discovery) and `count(name)`, the
-    incident counter of each. If one cannot be opened, those opened are closed again."""
+    incident counter of each; `publish` (`facemoe process --publish`) opens MQTT without
+    `live`. If one cannot be opened, those opened are closed again."""
     d, specs = cfg.daemon, []
     counter = count or (lambda name: None)
     try:
@@ -56,7 +58,7 @@ def open_sinks(cfg: AppConfig, gallery: Gallery, *, events_jsonl: str | None,
             sink = (RotatingJsonlSink(events_jsonl, int(d.jsonl.max_mb * 1e6), d.jsonl.backups)
                     if live else JsonlSink(events_jsonl))
             specs.append(SinkSpec("jsonl", sink, ("end",)))
-        if live and d.mqtt:  # every message
+        if (live or publish) and d.mqtt:  # every message
             from app.mqtt import MqttSink
 
             specs.append(SinkSpec("mqtt", MqttSink(
@@ -89,14 +91,17 @@ class SinkWorker:
     sink hands the events on to the others, so a snapshot exists when a message names it.
     A sink with `retry()` and `pending()` (the gallery sink and its outbox) is retried while
     events wait, every 1 s doubling to 10 s. A sink with `oldest()` reports its own backlog
-    (MQTT's and the webhook's buffers, the outbox).
+    (MQTT's and the webhook's buffers, the outbox). `scrub(event)`, if given, is asked just
+    before each write: None drops the event (a person erased while it waited,
+    `app.erasure.Forgotten`), else the event to write.
     """
 
     def __init__(self, name: str, sink: Sink, types: tuple[str, ...], *, every_s: float = 0.0,
                  max_queue: int = 10000, failed: Callable[[str, str], None],
-                 then: Callable[[list[Event]], None] | None = None) -> None:
+                 then: Callable[[list[Event]], None] | None = None,
+                 scrub: Callable[[Event], Event | None] | None = None) -> None:
         self.name, self.sink, self.types, self.every_s = name, sink, types, every_s
-        self.max_queue, self._failed, self._then = max_queue, failed, then
+        self.max_queue, self._failed, self._then, self._scrub = max_queue, failed, then, scrub
         self._items: deque[tuple[float, Event]] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -198,6 +203,10 @@ class SinkWorker:
         self._call("close", self.sink.close)
 
     def _write(self, events: list[Event]) -> None:
+        if self._scrub is not None:
+            events = [ev for ev in map(self._scrub, events) if ev is not None]
+            if not events:
+                return
         try:
             self.sink.write(events)
             self.written += len(events)
