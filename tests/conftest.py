@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,21 @@ def facemoe(*args: object, cwd: Path = REPO_ROOT, env: dict[str, str] | None = N
     if check and done.returncode != 0:
         raise AssertionError(f"facemoe {args} failed ({done.returncode}): {done.stderr[-2000:]}")
     return done
+
+
+def stop_daemon(daemon: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    """SIGTERM a `facemoe run` started by a test: it must exit 0 within `timeout` seconds (the
+    test fails with the end of its log otherwise)."""
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout) == 0, log.read_text()[-3000:]
+
+
+def kill_daemon(daemon: subprocess.Popen) -> None:
+    """In a test's `finally`: a daemon still running (the test failed before stopping it) is
+    killed and reaped."""
+    if daemon.poll() is None:
+        daemon.kill()
+        daemon.wait(5)
 
 
 def open_fds() -> int:

@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 from app.config import AppConfig, CameraConfig
 from app.sinks import RotatingJsonlSink
 from benchmarks.rtsp_camera import RtspCamera, free_port, rtsp_available
-from tests.conftest import open_fds
+from tests.conftest import kill_daemon, open_fds, stop_daemon
 from tests.gallery_helpers import EVENT_KEYS, event
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -302,12 +302,9 @@ def test_person_enrolled_while_running_is_matched_without_restart(tmp_path, data
             lambda: daemon.poll() is None and "Lin-Manuel Miranda" in identities(),
             60,
         )
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(15) == 0, log_path.read_text()[-3000:]
+        stop_daemon(daemon, log_path, 15)
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait(5)
+        kill_daemon(daemon)
 
 
 @pytest.mark.unit
