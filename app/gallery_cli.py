@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -253,7 +254,11 @@ def _check(_args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | No
             f"gallery {gallery.location} has {len(corrupt)} corrupt template(s) (re-enroll "
             f"them or restore from a backup or an export): "
             + "; ".join(str(c) for c in corrupt[:20]) + ("; ..." if len(corrupt) > 20 else ""))
-    return {"gallery": gallery.location, "integrity": result}, f"{gallery.location}: ok"
+    retrain = [r for r in gallery.trained.needs_retraining() if Path(r.model_dir).is_dir()]
+    text = f"{gallery.location}: ok" + "".join(f"\nneeds retraining: {r.line()}"
+                                                for r in retrain)
+    return {"gallery": gallery.location, "integrity": result,
+            "models_to_retrain": [r.as_json() for r in retrain]}, text
 
 
 def _templates(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | None
