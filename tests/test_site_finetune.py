@@ -14,15 +14,23 @@ import json
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from sqlalchemy import select
 
 from app.config import ConfigError
+from app.erasure import Outputs, erase
+from app.gallery import Gallery
+from app.gallery.db import IdentityRow
 from app.sitemodel import set_model_dir
+from app.sitepool import PoolRules, SitePoolError, build_site_pool
+from tests.gallery_helpers import event
 from trainer.models import create_model
+from trainer.preprocess import ARCFACE_112
 from trainer.site import HELDOUT, TRAIN, FrozenSplit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,6 +66,59 @@ def test_use_model_sets_model_dir_and_keeps_the_rest(text: str, expect: str) -> 
 def test_use_model_refuses_an_inline_model_section() -> None:
     with pytest.raises(ConfigError, match="inline"):
         set_model_dir("model: {dir: a}\n", "b")
+
+
+def _named_tracks(g: Gallery, tracks: dict[str, int], rng: np.random.Generator) -> None:
+    """Enroll each person from one photo and store `tracks[name]` named events with 2 crops."""
+    n = 0
+    for name, count in tracks.items():
+        g.enroll(name, rng.normal(size=(1, 128)), ["photo.jpg"], [0.9],
+                 [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)])
+        evs = []
+        for _ in range(count):
+            n += 1
+            evs.append(replace(event(n, name), crops=[
+                (0.9, rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)) for _ in range(2)]))
+        g.add_events(evs, crops=2)
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("no_gallery_key")
+def test_too_little_is_refused_naming_what_is_missing(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    with Gallery(tmp_path / "g.db", "m", "1") as g:
+        _named_tracks(g, {"ada": 3, "bob": 1, "cy": 2}, rng)
+        with pytest.raises(SitePoolError) as err:
+            build_site_pool(g, ARCFACE_112, PoolRules(min_identities=3, min_tracks=2))
+        msg = str(err.value)
+        assert "\n" not in msg and "2 identities have 2+ named tracks" in msg
+        assert "'bob' has 1" in msg and "3 are needed" in msg
+        pool = build_site_pool(g, ARCFACE_112, PoolRules(min_identities=2, min_tracks=2))
+    # bob's one track trains; ada and cy each keep a training track and hold one out whole
+    assert pool.summary()["heldout_identities"] == 2
+    assert not set(pool.track[pool.split == HELDOUT]) & set(pool.track[pool.split == TRAIN])
+    assert pool.crops.shape[1:] == (112, 112, 3)
+
+
+@pytest.mark.unit
+@pytest.mark.usefixtures("no_gallery_key")
+def test_an_erasure_marks_the_models_trained_on_the_person(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    with Gallery(tmp_path / "g.db", "m", "1") as g:
+        _named_tracks(g, {"ada": 2, "bob": 2}, rng)
+        with g.store.db.read("ids") as session:
+            ids = dict(session.execute(select(IdentityRow.name, IdentityRow.id)).all())
+        model_dir = tmp_path / "site-model"
+        model_dir.mkdir()
+        g.trained.record("site@1", "ab" * 32, str(model_dir), {ids["ada"]: 2, ids["bob"]: 2})
+        g.trained.record("other@1", "cd" * 32, str(model_dir), {ids["bob"]: 1})
+        assert g.trained.needs_retraining() == []
+        report = erase(g, Outputs(), name="ada")
+        assert report.models_to_retrain == ["site@1"]
+        assert "site@1" in report.summary()
+        retrain = g.trained.needs_retraining()
+        assert [(r.model, r.erased) for r in retrain] == [("site@1", 1)]
+        assert "retrain it" in retrain[0].line()
 
 
 def facemoe(*args: object, check: bool = True) -> subprocess.CompletedProcess:
