@@ -423,7 +423,10 @@ def _finetune_from_gallery(args: argparse.Namespace, overrides: dict) -> int:
     start = read_manifest(site.model.init_from)
     gallery = Gallery(args.from_gallery, start["name"], start["version"], create=False,
                       adopt_model=True)
-    lfw = Lfw(Path(args.lfw_root), Path(args.lfw_pairs)) if args.lfw_root else None
+    if args.lfw_before and not args.lfw_root:
+        raise UserError("--lfw-before goes with --lfw-root and --lfw-pairs")
+    lfw = Lfw(Path(args.lfw_root), Path(args.lfw_pairs),
+              before=Path(args.lfw_before) if args.lfw_before else None) if args.lfw_root else None
     try:
         report = finetune_from_gallery(
             args.config, gallery, load_config(args.app_config), overrides=overrides,
@@ -941,6 +944,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--lfw-root", help="with --from-gallery: LFW images, for the "
                                                "before/after forgetting check")
             sp.add_argument("--lfw-pairs", help="with --lfw-root: pairs.txt")
+            sp.add_argument("--lfw-before", metavar="JSON",
+                            help="with --lfw-root: the start model's `facemoe eval lfw "
+                                 "--probe-res 16 --json`, measured once (else measured here)")
             _pool_rules(sp)
         sp.set_defaults(func=cmd_train)
 

@@ -35,14 +35,20 @@ class Lfw:
     root: Path
     pairs: Path
     probe_res: tuple[int, ...] = (16,)
+    before: Path | None = None  # `facemoe eval lfw --json` of the start model, measured once
+
+
+def lfw_results(report: dict) -> dict[str, float]:
+    """{'native': %, '16px': %, ...} of a `facemoe eval lfw --json` report."""
+    return {str(k): float(v["accuracy"]) for k, v in report["results"].items()}
 
 
 def lfw_accuracy(app_cfg: AppConfig, lfw: Lfw, model_dir: str) -> dict[str, float]:
     """{'native': %, '16px': %, ...}: `facemoe eval lfw`'s 10-fold accuracy of `model_dir`."""
     from app.evaluate import eval_lfw
 
-    r = eval_lfw(app_cfg, lfw.root, lfw.pairs, list(lfw.probe_res), model_dir=model_dir)
-    return {str(k): float(v["accuracy"]) for k, v in r["results"].items()}
+    return lfw_results(eval_lfw(app_cfg, lfw.root, lfw.pairs, list(lfw.probe_res),
+                                model_dir=model_dir))
 
 
 def finetune_from_gallery(config: str | Path, gallery: Gallery, app_cfg: AppConfig, *,
@@ -61,8 +67,14 @@ def finetune_from_gallery(config: str | Path, gallery: Gallery, app_cfg: AppConf
     report = json.loads((run_dir / "site_report.json").read_text())
     if lfw is not None:
         t_lfw = time.time()
-        report["lfw"] = {"before": lfw_accuracy(app_cfg, lfw, cfg.model.init_from),
-                         "after": lfw_accuracy(app_cfg, lfw, report["model_dir"])}
+        if lfw.before is not None:  # the start model's own measurement, reused
+            measured = json.loads(lfw.before.read_text())
+            before = lfw_results(measured)
+            report["lfw_before_from"] = {"file": str(lfw.before), "model": measured["model"]}
+        else:
+            before = lfw_accuracy(app_cfg, lfw, cfg.model.init_from)
+        after = lfw_accuracy(app_cfg, lfw, report["model_dir"])
+        report["lfw"] = {"before": {k: before[k] for k in after}, "after": after}
         report["seconds"]["lfw"] = round(time.time() - t_lfw, 1)
     tracks = _training_tracks(pool)
     manifest = read_manifest(report["model_dir"])
@@ -94,7 +106,11 @@ def _lfw_rows(report: dict) -> list[str]:
     if "lfw" not in report:
         return ["LFW: not measured (give --lfw-root and --lfw-pairs)."]
     b, a = report["lfw"]["before"], report["lfw"]["after"]
-    rows = ["| LFW (10 folds) | before | after | change |", "|---|---|---|---|"]
+    rows = []
+    if "lfw_before_from" in report:
+        src = report["lfw_before_from"]
+        rows += [f"LFW before: {src['model']}, measured once ({src['file']}).", ""]
+    rows += ["| LFW (10 folds) | before | after | change |", "|---|---|---|---|"]
     rows += [f"| {k} | {b[k]:.2f} | {a[k]:.2f} | "
              f"{a[k] - b[k]:+.2f} |" for k in b]
     return rows

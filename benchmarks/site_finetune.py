@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import lowres_clip  # noqa: E402
+from trainer.site import load_site_config  # noqa: E402
 
 RECIPES = {"moe": "configs/finetune-site.yaml", "dense": "configs/finetune-site-dense.yaml"}
 
@@ -196,14 +197,28 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--no-lfw", action="store_true", help="skip the LFW before/after check")
+    ap.add_argument("--reuse-site", action="store_true",
+                    help="fine-tune on the site OUT/site built by an earlier run (a piece)")
     args = ap.parse_args()
     out = (REPO / args.out).resolve()
-    config, db, site = build_site(shared, out / "site", args.people, args.tracks, args.cameras,
-                                  args.seed)
+    if args.reuse_site:
+        config, db = out / "site" / "app.yaml", out / "site" / "gallery.db"
+        site = json.loads((out / "site" / "site.json").read_text())
+    else:
+        config, db, site = build_site(shared, out / "site", args.people, args.tracks,
+                                      args.cameras, args.seed)
+        (out / "site" / "site.json").write_text(json.dumps(site, indent=2) + "\n")
     print(json.dumps({"site": site}), flush=True)
-    lfw = [] if args.no_lfw else [
-        "--lfw-root", shared / "data" / "lfw" / "lfw-deepfunneled",
-        "--lfw-pairs", shared / "data" / "lfw" / "pairs.txt"]
+    lfw = []
+    if not args.no_lfw:
+        root = shared / "data" / "lfw" / "lfw-deepfunneled"
+        pairs = shared / "data" / "lfw" / "pairs.txt"
+        before = out / "lfw-before.json"  # both recipes start from SFace's function: once
+        if not before.is_file():
+            start = load_site_config(REPO / RECIPES[args.recipes[0]]).model.init_from
+            before.write_text(facemoe("eval", "lfw", "--root", root, "--pairs", pairs,
+                                      "--probe-res", 16, "--model", start, "--json").stdout)
+        lfw = ["--lfw-root", root, "--lfw-pairs", pairs, "--lfw-before", before]
     results = {"site": site}
     for recipe in args.recipes:
         t0 = time.time()
