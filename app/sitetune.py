@@ -23,7 +23,7 @@ import numpy as np
 from app.config import AppConfig
 from app.gallery import Gallery
 from app.sitepool import HELDOUT, PoolRules, build_site_pool, save_pool
-from trainer.manifest import read_manifest
+from trainer.manifest import model_id, read_manifest
 from trainer.preprocess import CropTemplate
 from trainer.site import load_site_config, site_finetune
 
@@ -78,7 +78,7 @@ def finetune_from_gallery(config: str | Path, gallery: Gallery, app_cfg: AppConf
         report["seconds"]["lfw"] = round(time.time() - t_lfw, 1)
     tracks = _training_tracks(pool)
     manifest = read_manifest(report["model_dir"])
-    model = f"{manifest['name']}@{manifest['version']}"
+    model = "@".join(model_id(manifest))  # as the gallery names it
     gallery.trained.record(model, report["model_sha256"], str(Path(report["model_dir"])
                                                                 .resolve()), tracks)
     report["model"] = model
