@@ -70,20 +70,34 @@ def render_site(shared: Path, out: Path, people: int, tracks: int, cameras: int,
     for name, files in celeba_people(shared, people, tracks, seed):
         photos = [files[i] for i in rng.choice(len(files), len(files), replace=False)]
         usable = [p for p in photos if lowres_clip.face_of(
-            cv2.imread(str(p)), detector) is not None][:tracks + 1]
-        enroll.append((name, usable[0]))  # the photo the site enrolled; never in a clip
-        for photo in usable[1:]:
+            cv2.imread(str(p)), detector) is not None]
+        # the photos the site may enroll (the first one enroll accepts); never in a clip
+        enroll.append((name, usable[:1] + usable[tracks + 1:]))
+        for photo in usable[1:tracks + 1]:
             segments.append({"person": name, "photo": photo,
                              "size": int(rng.integers(sizes[0], sizes[1] + 1)),
                              "camera": f"cam{int(rng.integers(cameras))}"})
     rng.shuffle(segments)
     for cam in sorted({s["camera"] for s in segments}):
         mine = [s for s in segments if s["camera"] == cam]
+        if (out / f"{cam}.mp4").is_file():  # rendered by an earlier piece: same segments
+            segment_times(mine)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             frames = Path(tmp)
             lowres_clip.render(mine, frames, detector, seed + int(cam[3:]))
             lowres_clip.encode(frames, out / f"{cam}.mp4", kbps)
     return segments, enroll
+
+
+def segment_times(segments: list[dict]) -> None:
+    """The start/end that `lowres_clip.render` gives each segment of one clip."""
+    index = 0
+    for seg in segments:
+        index += int(lowres_clip.GAP_S * lowres_clip.FPS)
+        seg["start"] = index / lowres_clip.FPS
+        index += int(lowres_clip.SEGMENT_S * lowres_clip.FPS)
+        seg["end"] = index / lowres_clip.FPS
 
 
 def facemoe(*args: object, check: bool = True) -> subprocess.CompletedProcess:
@@ -174,8 +188,10 @@ def build_site(shared: Path, work: Path, people: int, tracks: int, cameras: int,
     rendered = time.time() - t0
     config = work / "app.yaml"
     config.write_text(f"gallery:\n  path: {work / 'gallery.db'}\n")
-    for name, photo in enroll:
-        facemoe("enroll", name, photo, "--config", config)
+    for name, photos in enroll:  # a photo enroll refuses (too dark, too small) is skipped
+        if not any(facemoe("enroll", name, p, "--config", config, check=False).returncode == 0
+                   for p in photos):
+            raise RuntimeError(f"no photo of {name} could be enrolled")
     t1 = time.time()
     for clip in sorted(work.glob("cam*.mp4")):
         facemoe("process", clip, "--config", config, "--no-progress")
