@@ -211,7 +211,8 @@ def main() -> int:
     ap.add_argument("--tracks", type=int, default=6)
     ap.add_argument("--cameras", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES),
+                    help="none: build the site only")
     ap.add_argument("--no-lfw", action="store_true", help="skip the LFW before/after check")
     ap.add_argument("--reuse-site", action="store_true",
                     help="fine-tune on the site OUT/site built by an earlier run (a piece)")
@@ -226,7 +227,7 @@ def main() -> int:
         (out / "site" / "site.json").write_text(json.dumps(site, indent=2) + "\n")
     print(json.dumps({"site": site}), flush=True)
     lfw = []
-    if not args.no_lfw:
+    if args.recipes and not args.no_lfw:
         root = shared / "data" / "lfw" / "lfw-deepfunneled"
         pairs = shared / "data" / "lfw" / "pairs.txt"
         before = out / "lfw-before.json"  # both recipes start from SFace's function: once
