@@ -67,13 +67,13 @@ def finetune_from_gallery(config: str | Path, gallery: Gallery, app_cfg: AppConf
     report = json.loads((run_dir / "site_report.json").read_text())
     if lfw is not None:
         t_lfw = time.time()
+        after = lfw_accuracy(app_cfg, lfw, report["model_dir"])
         if lfw.before is not None:  # the start model's own measurement, reused
             measured = json.loads(lfw.before.read_text())
             before = lfw_results(measured)
             report["lfw_before_from"] = {"file": str(lfw.before), "model": measured["model"]}
         else:
             before = lfw_accuracy(app_cfg, lfw, cfg.model.init_from)
-        after = lfw_accuracy(app_cfg, lfw, report["model_dir"])
         report["lfw"] = {"before": {k: before[k] for k in after}, "after": after}
         report["seconds"]["lfw"] = round(time.time() - t_lfw, 1)
     tracks = _training_tracks(pool)
