@@ -159,7 +159,7 @@ def render_report(report: dict) -> str:
         "",
         f"Time on this machine: frozen-prefix cache {s['prefix_cache']} s, training "
         f"{s['train']} s ({report['steps']} steps)"
-        + (f", LFW before/after {s['lfw']} s" if "lfw" in s else "")
+        + (f", LFW check {s['lfw']} s" if "lfw" in s else "")
         + (f"; {s['end_to_end']} s end to end." if "end_to_end" in s else "."),
         "",
         "Use it: `facemoe use-model " + report["model_dir"] + " --config APP.yaml` "
