@@ -439,6 +439,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = dict(kv.split("=", 1) for kv in args.set or [])
     overrides = {k: _yaml_value(v) for k, v in overrides.items()}
+    if getattr(args, "from_gallery", None):
+        return _finetune_from_gallery(args, overrides)
     if args.command == "finetune":
         if args.init_from:
             overrides["model.init_from"] = args.init_from
@@ -451,6 +453,52 @@ def cmd_train(args: argparse.Namespace) -> int:
         {"run_dir": str(run_dir), "model": str(run_dir / "model")},
         f"trained: {run_dir / 'model'}",
     )
+    return 0
+
+
+def _finetune_from_gallery(args: argparse.Namespace, overrides: dict) -> int:
+    from app.config import load_config
+    from app.gallery import Gallery
+    from app.sitepool import PoolRules
+    from app.sitetune import Lfw, finetune_from_gallery
+    from trainer.manifest import read_manifest
+    from trainer.site import load_site_config
+
+    if args.init_from:
+        overrides["model.init_from"] = args.init_from
+    if bool(args.lfw_root) != bool(args.lfw_pairs):
+        raise UserError("--lfw-root and --lfw-pairs go together")
+    site = load_site_config(args.config, overrides)
+    start = read_manifest(site.model.init_from)
+    gallery = Gallery(args.from_gallery, start["name"], start["version"], create=False,
+                      adopt_model=True)
+    if args.lfw_before and not args.lfw_root:
+        raise UserError("--lfw-before goes with --lfw-root and --lfw-pairs")
+    lfw = Lfw(Path(args.lfw_root), Path(args.lfw_pairs),
+              before=Path(args.lfw_before) if args.lfw_before else None) if args.lfw_root else None
+    try:
+        report = finetune_from_gallery(
+            args.config, gallery, load_config(args.app_config), overrides=overrides,
+            rules=PoolRules(min_identities=args.min_identities, min_tracks=args.min_tracks),
+            lfw=lfw)
+    finally:
+        gallery.close()
+    ident = report["site_heldout_identification"]
+    _out(args, report, f"trained: {report['model_dir']}; site held-out identification "
+                       f"{ident['before']['accuracy']:.3f} -> {ident['after']['accuracy']:.3f}; "
+                       f"report {Path(report['model_dir']).parent / 'site_report.md'}")
+    return 0
+
+
+def cmd_use_model(args: argparse.Namespace) -> int:
+    from app.paths import default_config
+    from app.sitemodel import use_model
+
+    config = args.config or str(default_config())
+    r = use_model(config, args.dir, args.gallery)
+    _out(args, {"config": config, "model_dir": args.dir, **r.as_json()},
+         f"{config}: model.dir {args.dir}; re-embedded {r.templates} templates "
+         f"({r.model_from} -> {r.model_to})")
     return 0
 
 
@@ -548,6 +596,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     from app.dataprep import prepare_folder, prepare_teacher_pool
     from trainer.preprocess import ARCFACE_112, CropTemplate
 
+    if args.from_gallery:
+        return _prepare_from_gallery(args)
     _data_prepare_outputs(args)
     if args.teacher:
         data_root = (
@@ -581,6 +631,39 @@ def cmd_data(args: argparse.Namespace) -> int:
         f"{len(report.skipped_unreadable)} unreadable",
     )
     return 0
+
+
+def _prepare_from_gallery(args: argparse.Namespace) -> int:
+    from app.gallery import Gallery
+    from app.sitepool import PoolRules, build_site_pool, save_pool
+    from trainer.manifest import read_manifest
+    from trainer.preprocess import ARCFACE_112, CropTemplate
+
+    if not args.out_pool:
+        raise UserError("--from-gallery needs --out-pool FILE.npz")
+    template = ARCFACE_112
+    if args.template_model:
+        template = CropTemplate.from_manifest(read_manifest(args.template_model))
+    gallery = Gallery(args.from_gallery, "site-pool", "0", create=False, adopt_model=True)
+    try:
+        pool = build_site_pool(gallery, template, PoolRules(min_identities=args.min_identities,
+                                                            min_tracks=args.min_tracks))
+    finally:
+        gallery.close()
+    save_pool(pool, args.out_pool)
+    summary = pool.summary()
+    _out(args, {"out": args.out_pool, **summary},
+         f"wrote the site pool of {summary['gallery']} to {args.out_pool}: "
+         f"{summary['identities']} people, {summary['train_tracks']} training tracks, "
+         f"{summary['heldout_tracks']} held out, {summary['unlabelled_faces']} unlabelled faces")
+    return 0
+
+
+def _pool_rules(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--min-identities", type=int, default=3,
+                    help="with --from-gallery: people with enough named tracks needed (3)")
+    sp.add_argument("--min-tracks", type=int, default=2,
+                    help="with --from-gallery: named tracks a person needs to be checked (2)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -914,7 +997,27 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true")
         if name == "finetune":
             sp.add_argument("--init-from", help="model artifact to fine-tune")
+            sp.add_argument("--from-gallery", metavar="DB",
+                            help="site fine-tune on this gallery's named events and templates "
+                                 "(a site recipe, configs/finetune-site.yaml)")
+            sp.add_argument("--app-config", help="with --from-gallery: the app config (detector "
+                                                 "for the LFW check)")
+            sp.add_argument("--lfw-root", help="with --from-gallery: LFW images, for the "
+                                               "before/after forgetting check")
+            sp.add_argument("--lfw-pairs", help="with --lfw-root: pairs.txt")
+            sp.add_argument("--lfw-before", metavar="JSON",
+                            help="with --lfw-root: the start model's `facemoe eval lfw "
+                                 "--probe-res 16 --json`, measured once (else measured here)")
+            _pool_rules(sp)
         sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("use-model", help="switch to a model (a site fine-tune, or back): "
+                                          "re-embed the gallery, then set model.dir")
+    sp.add_argument("dir", help="model artifact directory")
+    sp.add_argument("--config", help="the app config to change (default: the installed one)")
+    sp.add_argument("--gallery", help="gallery database (default: the config's)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_use_model)
 
     sp = sub.add_parser(
         "soup", help="average the weights of models fine-tuned from one start (a model soup)"
@@ -987,6 +1090,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", dest="template_model",
         help="with --teacher: align to this model artifact's crop template (default: ArcFace 112)",
     )
+    d.add_argument("--from-gallery", metavar="DB",
+                   help="the site pool of a gallery's named events and templates (with "
+                        "--out-pool; whole tracks held out per identity)")
+    _pool_rules(d)
     d.add_argument("--out", help=argparse.SUPPRESS)  # split into --out-dir / --out-pool
     d.add_argument("--config")
     d.add_argument("--json", action="store_true")
@@ -1110,6 +1217,7 @@ _USER_ERRORS = (
     ("app.source", "SourceError"),
     ("engine.backends", "BackendError"),
     ("engine.build", "EngineBuildError"),
+    ("app.sitepool", "SitePoolError"),
 )
 # Commands whose log is their progress report (the daemon, training) log info by default.
 _INFO_COMMANDS = ("run", "train", "finetune")

@@ -49,6 +49,7 @@ from app.gallery.reembed import EmbedderLike, ReembedReport, reembed
 from app.gallery.review import Review
 from app.gallery.seal import CROP, VECTOR
 from app.gallery.store import Closing, Store
+from app.gallery.training import TrainedFaces
 from app.gallery.transfer import ExportReport, ImportReport, export, import_file
 from app.records import Event
 
@@ -180,6 +181,7 @@ class Gallery(Closing):
         self.event_store = EventStore(self.store)
         self.review = Review(self.store)  # pages, clusters and edits of the review UI
         self.erasures = Erasures(self.store)  # tombstones of erasures (app.erasure)
+        self.trained = TrainedFaces(self.store)  # models fine-tuned on its faces
         self.corrupt_templates: list[CorruptTemplate] = []  # left out by the last `matrix()`
         log.debug("opened gallery %s for model %s", self.location, self.model)
 
