@@ -54,6 +54,7 @@ class ErasureReport:
     snapshots_deleted: list[str] = field(default_factory=list)
     mqtt_topics_cleared: int = 0
     outbox_events_removed: int = 0
+    models_to_retrain: list[str] = field(default_factory=list)  # fine-tuned on their faces
     errors: list[str] = field(default_factory=list)
     unfinished: bool = False  # the tombstone stays: run the removal again
 
@@ -70,6 +71,9 @@ class ErasureReport:
             text += f"; {self.mqtt_topics_cleared} retained MQTT topic(s) cleared"
         if self.outbox_events_removed:
             text += f"; {self.outbox_events_removed} event(s) removed from the outbox"
+        if self.models_to_retrain:
+            text += (f"\nmodels trained on their faces (retrain without them): "
+                     f"{', '.join(self.models_to_retrain)}")
         text += "".join(f"\nnot erased: {e}" for e in self.errors)
         if self.unfinished:
             text += "\nthe erasure is unfinished: run the same removal again to finish it"
@@ -168,7 +172,8 @@ def _erase_files(tomb: Tombstone, names: set[str], outputs: Outputs,
 
 
 def _finish(gallery: Gallery, tomb: Tombstone, outputs: Outputs) -> ErasureReport:
-    report = ErasureReport(removed=tomb.name, events_deleted=tomb.events_deleted)
+    report = ErasureReport(removed=tomb.name, events_deleted=tomb.events_deleted,
+                           models_to_retrain=gallery.trained.models_of(tomb.identity_id))
     names = set(tomb.names) - gallery.erasures.names_in_use(tomb.names)
     _erase_files(tomb, names, outputs, report)
     if outputs.mqtt is not None and names:

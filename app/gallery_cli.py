@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.cli.common import _config, _embedder, _gallery_path, _model_id, _out, common
@@ -318,12 +319,15 @@ def _check(_args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | No
             f"them or restore from a backup or an export): "
             + "; ".join(str(c) for c in corrupt[:20]) + ("; ..." if len(corrupt) > 20 else ""))
     waiting = [(t.name, boxes) for t, boxes in gallery.erasures.waiting_for_boxes() if boxes]
+    retrain = [r for r in gallery.trained.needs_retraining() if Path(r.model_dir).is_dir()]
     text = f"{gallery.location}: ok" + "".join(
         f"\nerasure of {name!r}: boxes {', '.join(boxes)} have not erased their copies yet "
         f"(each does when it runs; `facemoe fleet --forget BOX` for a box gone for good)"
-        for name, boxes in waiting)
+        for name, boxes in waiting) + "".join(f"\nneeds retraining: {r.line()}"
+                                              for r in retrain)
     return {"gallery": gallery.location, "integrity": result,
-            "erasures_waiting_for_boxes": {name: boxes for name, boxes in waiting}}, text
+            "erasures_waiting_for_boxes": {name: boxes for name, boxes in waiting},
+            "models_to_retrain": [r.as_json() for r in retrain]}, text
 
 
 def _templates(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | None

@@ -10,11 +10,14 @@ from app import paths
 from app.config import ConfigError, load_config
 from tests.conftest import facemoe
 from trainer.config import load_train_config
+from trainer.site import load_site_config
 
 pytestmark = pytest.mark.unit
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TRAIN = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name != "app.yaml")
+TRAIN = sorted(p for p in CONFIGS.rglob("*.yaml")
+               if p.name != "app.yaml" and not p.name.startswith("finetune-site"))
+SITE = sorted(CONFIGS.glob("finetune-site*.yaml"))  # trainer.site recipes
 
 
 def _leaves(node, path=()):
@@ -45,6 +48,12 @@ def test_app_config_parses():
 @pytest.mark.parametrize("path", TRAIN, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_training_configs_parse(path):
     load_train_config(path)
+
+
+@pytest.mark.parametrize("path", SITE, ids=lambda p: p.name)
+def test_site_recipes_parse(path):
+    cfg = load_site_config(path)
+    assert cfg.model.init_from and cfg.data.anchor_pool
 
 
 def test_recipe_script_soups_the_runs_its_configs_write():

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from app import __version__, gallery_cli
-from app.cli import box, engine, enroll, evaluate, process, recognize, train
+from app.cli import box, engine, enroll, evaluate, process, recognize, site, train
 from app.cli.common import UserError
 from app.logs import install_repeat_filter
 
@@ -30,6 +30,7 @@ COMMANDS = (
     box.add_run,
     box.add_fleet,
     train.add_train,
+    site.add_use_model,
     train.add_soup,
     evaluate.add_calibrate,
     train.add_import,
@@ -70,6 +71,7 @@ _USER_ERRORS = (
     ("app.source", "SourceError"),
     ("engine.backends", "BackendError"),
     ("engine.build", "EngineBuildError"),
+    ("app.sitepool", "SitePoolError"),
 )
 # Commands whose log is their progress report (the daemon, training) log info by default.
 _INFO_COMMANDS = ("run", "train", "finetune")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from app.cli import site
 from app.cli.common import UserError, _out
 
 
@@ -20,6 +21,18 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         sp.add_argument("--json", action="store_true")
         if name == "finetune":
             sp.add_argument("--init-from", help="model artifact to fine-tune")
+            sp.add_argument("--from-gallery", metavar="DB",
+                            help="site fine-tune on this gallery's named events and templates "
+                                 "(a site recipe, configs/finetune-site.yaml)")
+            sp.add_argument("--app-config", help="with --from-gallery: the app config (detector "
+                                                 "for the LFW check)")
+            sp.add_argument("--lfw-root", help="with --from-gallery: LFW images, for the "
+                                               "before/after forgetting check")
+            sp.add_argument("--lfw-pairs", help="with --lfw-root: pairs.txt")
+            sp.add_argument("--lfw-before", metavar="JSON",
+                            help="with --lfw-root: the start model's `facemoe eval lfw "
+                                 "--probe-res 16 --json`, measured once (else measured here)")
+            site.pool_rules(sp)
         sp.set_defaults(func=cmd_train)
 
 
@@ -29,6 +42,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = dict(kv.split("=", 1) for kv in args.set or [])
     overrides = {k: _yaml_value(v) for k, v in overrides.items()}
+    if getattr(args, "from_gallery", None):
+        return site.train_from_gallery(args, overrides)
     if args.command == "finetune":
         if args.init_from:
             overrides["model.init_from"] = args.init_from
@@ -159,6 +174,10 @@ def add_data(sub: argparse._SubParsersAction) -> None:
         "--model", dest="template_model",
         help="with --teacher: align to this model artifact's crop template (default: ArcFace 112)",
     )
+    d.add_argument("--from-gallery", metavar="DB",
+                   help="the site pool of a gallery's named events and templates (with "
+                        "--out-pool; whole tracks held out per identity)")
+    site.pool_rules(d)
     d.add_argument("--out", help=argparse.SUPPRESS)  # split into --out-dir / --out-pool
     d.add_argument("--config")
     d.add_argument("--json", action="store_true")
@@ -209,6 +228,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     from app.dataprep import prepare_folder, prepare_teacher_pool
     from trainer.preprocess import ARCFACE_112, CropTemplate
 
+    if args.from_gallery:
+        return site.prepare_from_gallery(args)
     _data_prepare_outputs(args)
     if args.teacher:
         data_root = (

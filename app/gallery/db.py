@@ -303,6 +303,24 @@ class BoxRow(Base):
     detail: Mapped[str] = mapped_column(Text)  # JSON: {"cameras": [...], "reasons": [...]}
 
 
+class TrainedFaceRow(Base):
+    """A model fine-tuned on this gallery's faces, one row per identity whose faces it learned
+    (`app.gallery.training`): an erasure marks the person's rows `erased_at`, so the models
+    that still carry what they learned from that person are known (`gallery check`). No
+    foreign key: the record outlives the identity. Holds ids, never names or faces."""
+
+    __tablename__ = "trained_faces"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(256), index=True)  # name@version
+    model_sha256: Mapped[str] = mapped_column(String(64))  # the artifact's weights
+    model_dir: Mapped[str] = mapped_column(String(1024))  # where it was written
+    identity_id: Mapped[int] = mapped_column(Integer, index=True)
+    tracks: Mapped[int] = mapped_column(Integer, default=0)  # training tracks (and photos)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
 class AuditRow(Base):
     __tablename__ = "audit"
 

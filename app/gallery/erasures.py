@@ -39,6 +39,7 @@ from app.gallery.db import (
 )
 from app.gallery.errors import GalleryError, plural
 from app.gallery.store import Store
+from app.gallery.training import TrainedFaces
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,8 @@ class Erasures:
                           events_deleted=len(ids), attempts=1)
         session.add(tomb)
         session.execute(delete(IdentityNameRow).where(IdentityNameRow.identity_id == identity.id))
+        # models fine-tuned on these faces keep what they learned: they need retraining
+        TrainedFaces.mark_erased(session, identity.id)
         session.delete(identity)
         store.audit.record(session, "remove", identity.name,
                            f"{plural(templates, 'template')}, {plural(len(ids), 'event')} "

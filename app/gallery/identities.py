@@ -53,6 +53,7 @@ from app.gallery.paging import Pages
 from app.gallery.reembed import EmbedderLike, ReembedReport, reembed
 from app.gallery.seal import CROP, VECTOR
 from app.gallery.store import Closing, Store
+from app.gallery.training import TrainedFaces
 from app.gallery.transfer import ExportReport, ImportReport, export, import_file
 from app.records import Event
 
@@ -185,6 +186,7 @@ class Gallery(Closing):
         self.pages = Pages(self.store)  # read-only pages of events and identities
         self.clusters = ClusterStore(self.store)  # event embeddings and face clusters
         self.erasures = Erasures(self.store)  # tombstones of erasures (app.erasure)
+        self.trained = TrainedFaces(self.store)  # models fine-tuned on its faces
         self.corrupt_templates: list[CorruptTemplate] = []  # left out by the last `matrix()`
         log.debug("opened gallery %s for model %s", self.location, self.model)
 
