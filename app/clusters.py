@@ -31,7 +31,7 @@ from app.enroll import OUTLIER_MARGIN, EnrollReport, enroll
 from app.gallery import Gallery, GalleryError, StoredEvent
 from app.gallery.codec import normalise_name
 from app.gallery.corrections import Corrections, Relabel
-from app.gallery.review import EventFilter
+from app.gallery.paging import EventFilter
 from app.recognize import Candidate, Recognizer
 
 log = logging.getLogger(__name__)
@@ -170,13 +170,13 @@ class FaceReview:
             weights = np.asarray([max(q, 1e-3) for q, _ in crops], np.float32)
             vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
             vectors[eid] = _unit((vecs * weights[:, None]).sum(axis=0))
-        self.gallery.review.save_embeddings(vectors, self.model)
+        self.gallery.clusters.save_embeddings(vectors, self.model)
         return vectors
 
     def embeddings(self, ids: list[int]) -> dict[int, np.ndarray]:
         """Embeddings of these events (cached, or computed and cached now); events without
         kept crops have none."""
-        cached = {k: v for k, (v, _) in self.gallery.review.embeddings(ids, self.model).items()}
+        cached = {k: v for k, (v, _) in self.gallery.clusters.embeddings(ids, self.model).items()}
         missing = [i for i in ids if i not in cached]
         if missing:
             cached.update(self._embed_events(missing))
@@ -205,13 +205,12 @@ class FaceReview:
     def refresh(self, max_embed: int = EMBED_BATCH_EVENTS) -> RefreshReport:
         """Embed up to `max_embed` new unknown events and put every embedded unknown event
         into a cluster."""
-        review = self.gallery.review
-        todo = review.events_without_embedding(self.model, limit=max_embed + 1)
+        todo = self.gallery.clusters.events_without_embedding(self.model, limit=max_embed + 1)
         embedded = len(self._embed_events(todo[:max_embed]))
         pending = len(todo) - min(len(todo), max_embed)
         joined = created = 0
         while True:
-            fresh = review.unclustered(self.model, limit=CLUSTER_BATCH)
+            fresh = self.gallery.clusters.unclustered(self.model, limit=CLUSTER_BATCH)
             if not fresh:
                 break
             j, c = self._cluster(fresh)
@@ -224,18 +223,18 @@ class FaceReview:
         return RefreshReport(embedded, joined, created, pending)
 
     def _spans(self, ids: list[int]) -> dict[int, Span]:
-        return {eid: span_of(e) for eid, e in self.gallery.review.stored(ids).items()}
+        return {eid: span_of(e) for eid, e in self.gallery.pages.stored(ids).items()}
 
     def _cluster(self, fresh: dict[int, np.ndarray]) -> tuple[int, int]:
-        review = self.gallery.review
-        ids, cents, counts = review.cluster_centroids(self.model)
+        ids, cents, counts = self.gallery.clusters.cluster_centroids(self.model)
         sums = {cid: cents[k] * counts[k] for k, cid in enumerate(ids)}
         spans = self._spans(list(fresh))
         members: dict[int, list[Span]] = {}  # a cluster's unknown events, read when needed
 
         def conflicts(cid: int, span: Span) -> bool:
             if cid not in members:
-                members[cid] = list(self._spans(review.cluster_events(cid)).values())
+                members[cid] = list(
+                    self._spans(self.gallery.clusters.cluster_events(cid)).values())
             return any(co_occur(span, m) for m in members[cid])
 
         joins: dict[int, list[int]] = {}
@@ -261,7 +260,7 @@ class FaceReview:
         groups = self._groups(rest, fresh, spans)
         centroids = {cid: _unit(sums[cid]) for cid in joins}
         new_centroids = [_unit(np.sum([fresh[e] for e in g], axis=0)) for g in groups]
-        review.assign_clusters(self.model, joins, groups, centroids, new_centroids)
+        self.gallery.clusters.assign_clusters(self.model, joins, groups, centroids, new_centroids)
         return sum(len(v) for v in joins.values()), len(groups)
 
     def _groups(self, rest: list[int], fresh: dict[int, np.ndarray],
@@ -289,16 +288,15 @@ class FaceReview:
 
     def best_events(self, cluster_id: int, limit: int = 5) -> list[int]:
         """The cluster's unknown events with the best kept crops, best first."""
-        return self.gallery.review.best_cluster_events([cluster_id], limit)[int(cluster_id)]
+        return self.gallery.clusters.best_cluster_events([cluster_id], limit)[int(cluster_id)]
 
     def name(self, cluster_id: int, name: str, *, max_events: int = 5,
              outlier_margin: float | str | None = OUTLIER_MARGIN) -> NamingReport:
         """"This is NAME": enroll the crops of the cluster's best events as `name` (a new or
         an existing identity; outliers rejected as by `facemoe enroll`), name the events it
         accepted and forget the cluster; the others stay unknown and are grouped again."""
-        review = self.gallery.review
-        review.cluster(cluster_id)  # exists
-        events = review.cluster_events(cluster_id)
+        self.gallery.clusters.cluster(cluster_id)  # exists
+        events = self.gallery.clusters.cluster_events(cluster_id)
         refused = self.corrections.rejected(events)
         wanted = normalise_name(name).strip()
         best = [e for e in self.best_events(cluster_id, len(events))
@@ -309,8 +307,8 @@ class FaceReview:
         report = enroll(name, [], self.recognizer.detector, self.embedder, self.gallery,
                         outlier_margin=outlier_margin, events=best)
         named = self.accepted(events, report, refused)
-        n = review.relabel(named, report.name) if named else 0
-        review.delete_cluster(cluster_id)
+        n = self.gallery.event_store.relabel(named, report.name) if named else 0
+        self.gallery.clusters.delete_cluster(cluster_id)
         return NamingReport(cluster_id, report, n, len(events) - n)
 
     def accepted(self, events: list[int], report: EnrollReport,
@@ -339,7 +337,7 @@ class FaceReview:
         unless `named` (or the filter names an identity); a name the event was marked "not
         this person" is never given back."""
         named = named or f.identity is not None
-        events, _ = self.gallery.review.events(f if named else replace(f, unknown=True),
+        events, _ = self.gallery.pages.events(f if named else replace(f, unknown=True),
                                                before=before, limit=limit, count=False)
         vecs = self.embeddings([e.id for e in events if e.crops])
         order = [e.id for e in events if e.id in vecs]
@@ -367,19 +365,19 @@ class FaceReview:
         """`facemoe enroll NAME --event ID` for one event, which is then named `name`."""
         report = enroll(name, [], self.recognizer.detector, self.embedder, self.gallery,
                         outlier_margin=outlier_margin, events=[int(event_id)])
-        self.gallery.review.relabel([int(event_id)], report.name)
+        self.gallery.event_store.relabel([int(event_id)], report.name)
         return report
 
     def ignore(self, cluster_id: int) -> None:
-        self.gallery.review.set_cluster_state(cluster_id, "ignored")
+        self.gallery.clusters.set_cluster_state(cluster_id, "ignored")
 
     def restore(self, cluster_id: int) -> None:
-        self.gallery.review.set_cluster_state(cluster_id, "open")
+        self.gallery.clusters.set_cluster_state(cluster_id, "open")
 
     def merge_choices(self, cluster_ids: list[int], members: dict[int, int], top: int = 10
                       ) -> dict[int, list[MergeChoice]]:
         """For each of `cluster_ids`, the others among them, most similar centroid first."""
-        ids, cents, _ = self.gallery.review.cluster_centroids(self.model)
+        ids, cents, _ = self.gallery.clusters.cluster_centroids(self.model)
         pos = {cid: k for k, cid in enumerate(ids)}
         shown = [c for c in cluster_ids if c in pos]
         if len(shown) < 2:
@@ -395,12 +393,12 @@ class FaceReview:
 
     def merge(self, into: int, other: int) -> None:
         """One person in two clusters: move `other`'s events into `into`."""
-        review = self.gallery.review
-        review.cluster(into)
-        review.cluster(other)
-        ids, cents, counts = review.cluster_centroids(self.model)
+        self.gallery.clusters.cluster(into)
+        self.gallery.clusters.cluster(other)
+        ids, cents, counts = self.gallery.clusters.cluster_centroids(self.model)
         pos = {cid: k for k, cid in enumerate(ids)}
         if into not in pos or other not in pos:
             raise GalleryError("both clusters must belong to the current model")
         a, b = pos[into], pos[other]
-        review.merge_clusters(into, other, _unit(cents[a] * counts[a] + cents[b] * counts[b]))
+        self.gallery.clusters.merge_clusters(
+            into, other, _unit(cents[a] * counts[a] + cents[b] * counts[b]))

@@ -5,15 +5,12 @@ A kind is a module with `create(cfg: DetectorConfig) -> Detector`; the config's
 `detector.kind` names it and the config type (`app.config.DetectorConfig`) is the one source
 of every default. YuNet (`app.yunet`) is the first kind. The kind's module is imported only
 when a detector is made, so reading the config does not load OpenCV.
-
-The names `FaceDetector`, `DETECTOR_FILE` and `find_detector_model` of YuNet, which older code
-imports from here, are forwarded to `app.yunet` on first use.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # the config reads KINDS: importing this module loads neither NumPy nor OpenCV
     from collections.abc import Sequence
@@ -53,11 +50,3 @@ def create_detector(cfg: DetectorConfig) -> Detector:
                          f"{', '.join(KINDS)}")
     return importlib.import_module(KINDS[cfg.kind]).create(cfg)
 
-
-_YUNET_NAMES = ("FaceDetector", "DETECTOR_FILE", "find_detector_model")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _YUNET_NAMES:
-        return getattr(importlib.import_module(KINDS["yunet"]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,8 @@
-"""`facemoe gallery export|import|reembed|purge|events|audit|settings|check|templates|
-delete-template|merge`: gallery lifecycle.
+"""`facemoe gallery list|remove|rename|export|import|reembed|purge|events|audit|settings|
+check|templates|delete-template|merge`: every gallery action, its parser and its handler.
 
-`add_gallery_actions` adds the sub-commands to `facemoe gallery`; `open_gallery_for` opens
+`add_gallery` adds `facemoe gallery` and its sub-commands; `cmd_gallery` runs one:
+`open_gallery_for` opens
 the gallery the way an action needs it; `run_gallery_action` runs one and prints its result
 (one JSON object with --json). Only actions that embed (`uses_embedder`) load the model; the
 others need only its name@version from the manifest. Heavy imports happen inside the
@@ -17,13 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.cli.common import _config, _embedder, _gallery_path, _model_id, _out, common
+
 if TYPE_CHECKING:
     from app.embed import Embedder
     from app.gallery import Gallery
 
 log = logging.getLogger(__name__)
-KEY_HELP = ("file with the gallery's AES-256 key, base64 (openssl rand -base64 32); "
-             "default: $FACEMOE_GALLERY_KEY, then the file named by $FACEMOE_GALLERY_KEY_FILE")
 
 
 def _days(text: str) -> float:
@@ -54,7 +55,70 @@ def _on_off(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
 
 
-def add_gallery_actions(gsub: argparse._SubParsersAction, common: Callable) -> None:
+def add_gallery(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("gallery", help="manage the gallery: list, remove, export, import, ...")
+    gsub = sp.add_subparsers(dest="action", required=True)
+    g = gsub.add_parser("list", help="every identity with its template count")
+    common(g)
+    g = gsub.add_parser("remove", help="delete a person: templates, crops, stored events, and "
+                        "their lines in the configured JSONL files and their snapshots")
+    g.add_argument("name")
+    g.add_argument("--events-jsonl", action="append", metavar="FILE",
+                   help="another events JSONL file to erase the person from (e.g. one written "
+                        "by `process --events`); repeatable")
+    common(g)
+    g = gsub.add_parser("rename", help="rename a person (past events keep the old name)")
+    g.add_argument("name", help="the current name")
+    g.add_argument("new_name", help="the new name (must not exist yet)")
+    common(g)
+    add_gallery_actions(gsub)
+    sp.set_defaults(func=cmd_gallery)
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    embedder = _embedder(cfg) if uses_embedder(args) else None
+    path = _gallery_path(args, cfg)
+    with open_gallery_for(args, path, _model_id(cfg)) as gallery:
+        if args.action == "list":
+            ids = gallery.identities()
+            _out(
+                args,
+                {
+                    "gallery": str(path),
+                    "model": gallery.model,
+                    "identities": [
+                        {
+                            "name": i.name,
+                            "templates": i.templates,
+                            "created_at": i.created_at.isoformat(),
+                        }
+                        for i in ids
+                    ],
+                },
+                "\n".join(f"{i.name}\t{i.templates}\t{i.created_at:%Y-%m-%d %H:%M}" for i in ids)
+                or "(empty gallery)",
+            )
+        elif args.action == "remove":
+            from app.erasure import Outputs, erase
+
+            erased = erase(gallery, Outputs.of(cfg, args.events_jsonl or ()), name=args.name)
+            _out(args, erased.as_json(), erased.summary())
+            if erased.unfinished:
+                return 1
+        elif args.action == "rename":
+            gallery.rename(args.name, args.new_name)
+            _out(
+                args,
+                {"renamed": args.name, "to": args.new_name},
+                f"renamed {args.name!r} to {args.new_name!r}",
+            )
+        else:
+            run_gallery_action(args, gallery, embedder)
+    return 0
+
+
+def add_gallery_actions(gsub: argparse._SubParsersAction) -> None:
     """Add the lifecycle actions to `facemoe gallery`'s sub-parsers."""
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -268,7 +332,7 @@ def _check(_args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | No
 
 def _templates(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | None
                ) -> tuple[dict, str]:
-    refs = gallery.review.template_refs(args.name)
+    refs = gallery.pages.template_refs(args.name)
     text = "\n".join(f"{t.id}\t{t.quality:.3f}\t{t.model}\t{'photo' if t.has_crop else '-'}\t"
                      f"{t.source}" for t in refs) or "(no templates)"
     return {"gallery": gallery.location, "name": args.name, "templates": [
@@ -278,14 +342,14 @@ def _templates(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder |
 
 def _delete_template(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | None
                      ) -> tuple[dict, str]:
-    name = gallery.review.delete_template(args.id)
+    name = gallery.delete_template(args.id)
     return ({"gallery": gallery.location, "deleted_template": args.id, "identity": name},
             f"deleted template {args.id} of {name!r}")
 
 
 def _merge(args: argparse.Namespace, gallery: Gallery, _embedder: Embedder | None
            ) -> tuple[dict, str]:
-    moved = gallery.review.merge_identities(args.name, args.into)
+    moved = gallery.merge_identities(args.name, args.into)
     return ({"gallery": gallery.location, "merged": args.name, "into": args.into,
              "templates_moved": moved},
             f"merged {args.name!r} into {args.into!r} ({moved} template(s) moved)")

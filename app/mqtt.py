@@ -55,6 +55,15 @@ NAMES_POLL_S = 2.0  # how often the sink asks who is enrolled
 RECONCILE_AFTER_S = 1.0  # the broker sends retained messages at once on a subscription
 
 
+def _json_object(payload: bytes) -> dict | None:
+    """A retained payload read as a JSON object; None for anything else (not ours to read)."""
+    try:
+        record = json.loads(payload)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def slug(name: str) -> str:
     """A topic level and Home Assistant object id for a name: lower-case [a-z0-9_], accents
     dropped ("Zoë Ünal" -> "zoe_unal")."""
@@ -518,11 +527,8 @@ class MqttSink:
         camera = topic[len(f"{self.prefix}/cameras/"):].removesuffix("/state")
         if camera not in self._cameras:
             return []  # another box's
-        try:
-            record = json.loads(payload)
-        except ValueError:
-            return []
-        if not isinstance(record, dict):
+        record = _json_object(payload)
+        if record is None:
             return []
         if topic.endswith("/state"):
             who = record.get("snapshot_of")
@@ -712,11 +718,8 @@ def clear_retained(cfg: MqttConfig, names: Iterable[str], timeout: float = 10.0)
 
     def names_them(topic: str, payload: bytes) -> list[str]:
         """The topics to clear for one retained message."""
-        try:
-            record = json.loads(payload)
-        except ValueError:
-            return []
-        if not isinstance(record, dict):
+        record = _json_object(payload)
+        if record is None:
             return []
         if topic.endswith("/config"):
             state = str(record.get("state_topic", ""))

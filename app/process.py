@@ -14,7 +14,7 @@ from tqdm import tqdm
 from app.annotate import draw
 from app.config import AppConfig
 from app.daemon.sinks import SinkSpec, open_sinks
-from app.detect import FaceDetector
+from app.detect import Detector
 from app.embed import Embedder
 from app.gallery import Gallery
 from app.openset import OpenSet
@@ -92,7 +92,7 @@ def event_id(fingerprint: str, camera: str, track_id: int) -> str:
 def process_video(
     video: str,
     cfg: AppConfig,
-    detector: FaceDetector,
+    detector: Detector,
     embedder: Embedder,
     gallery: Gallery,
     threshold: float | OpenSet,

@@ -14,6 +14,7 @@ import stat
 import time
 import weakref
 from collections.abc import Iterator
+from contextlib import ExitStack
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -21,7 +22,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
-from app.fsutil import temp_beside
+from app.fsutil import atomic_path
 from app.records import Frame
 
 try:
@@ -531,9 +532,9 @@ def open_source(uri: str, camera: str = "file", *, loop: bool = False,
 class VideoWriter:
     """H.264 MP4 writer: `write()` BGR frames, then `close()` (or use `with`).
 
-    Writes to a private temporary beside `path` (mkstemp: O_EXCL, mode 0600, random name,
-    handed to GStreamer as a descriptor) and renames it to `path` only after the muxer
-    finished; on any failure the partial file is removed and `SourceError` is raised.
+    Writes through `atomic_path`: a private temporary beside `path` (O_EXCL, mode 0600,
+    random name, handed to GStreamer as a descriptor) that replaces `path` only after the
+    muxer finished; on any failure the partial file is removed and `SourceError` is raised.
     """
 
     def __init__(self, path: str | Path, fps: float, size: tuple[int, int]) -> None:
@@ -553,9 +554,14 @@ class VideoWriter:
         self._stride = (self._encoded[0] * 3 + 3) & ~3  # GStreamer pads BGR rows to 4 bytes
         self._count = 0
         self._closed = False
+        if not self.path.parent.is_dir():  # a typo in a folder name: not a new folder
+            raise SourceError(f"cannot write {self.path}: no folder {self.path.parent}")
+        self._output = ExitStack()  # the temporary: replaces `path` when closed, else removed
         try:
-            self._fd, self._part = temp_beside(self.path, ".part")
+            self._part = self._output.enter_context(atomic_path(self.path, suffix=".part"))
+            self._fd = os.open(self._part, os.O_WRONLY)
         except OSError as exc:
+            self._output.__exit__(type(exc), exc, None)
             raise SourceError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
         self._pipeline = Gst.Pipeline.new("writer")
@@ -597,10 +603,15 @@ class VideoWriter:
             os.close(self._fd)
             self._fd = -1
 
+    def _drop_output(self) -> None:
+        """Delete the partial file (the temporary of `atomic_path`, told the write failed)."""
+        failed = SourceError(f"cannot write {self.path}")
+        self._output.__exit__(SourceError, failed, None)
+
     def _abort(self, reason: str) -> None:
         """Tear down, delete the partial file and raise SourceError."""
         self._release()
-        self._part.unlink(missing_ok=True)
+        self._drop_output()
         raise SourceError(f"cannot write {self.path}: {reason}")
 
     def write(self, bgr: np.ndarray) -> None:
@@ -651,16 +662,15 @@ class VideoWriter:
             self._abort(f"encoder did not finish within {timeout:g} s")
         if message.type == Gst.MessageType.ERROR:
             self._abort(_error_text(message)[0])
-        os.fsync(self._fd)
         self._release()
-        os.replace(self._part, self.path)
+        self._output.close()  # fsynced, then it replaces `path`
         log.info("wrote %s: %d frames", self.path, self._count)
 
     def discard(self) -> None:
         """Stop without finishing the file; the partial output is deleted."""
         if not self._closed:
             self._release()
-            self._part.unlink(missing_ok=True)
+            self._drop_output()
 
     def __enter__(self) -> VideoWriter:
         return self

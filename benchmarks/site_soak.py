@@ -23,8 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -33,20 +31,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from app.paths import shared  # noqa: E402
+from benchmarks.daemon_soak import health  # noqa: E402
 from tests.services import Mosquitto, Postgres, free_port  # noqa: E402
 
 VIDEOS = ("short_hamilton_clip.mp4", "intel_face-demographics-walking.mp4",
           "intel_head-pose-face-detection-female.mp4", "intel_classroom.mp4")
-
-
-def health(port: int) -> dict:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return json.loads(e.read())
-    except OSError:
-        return {}
 
 
 def main() -> int:
@@ -86,7 +75,7 @@ def main() -> int:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
             boxes.append((name, port, proc, folder))
             deadline = time.monotonic() + 120
-            while not health(port).get("cameras") and time.monotonic() < deadline:
+            while not (health(port) or {}).get("cameras") and time.monotonic() < deadline:
                 time.sleep(1)  # one at a time: the first creates the tables
         started = time.monotonic()
         end = started + args.minutes * 60

@@ -7,7 +7,10 @@ Tests that use the shared data skip with a clear reason when the shared folder i
 
 from __future__ import annotations
 
+import gc
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,14 +42,47 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def facemoe(*args: object, cwd: Path = REPO_ROOT, env: dict[str, str] | None = None,
-            timeout: float = 300, script: str | None = None) -> subprocess.CompletedProcess:
+            timeout: float = 300, script: str | None = None,
+            check: bool = False) -> subprocess.CompletedProcess:
     """`facemoe ARGS` in a new interpreter (`python -m app.cli`, or `python -c script ARGS`)
     run from `cwd` (the checkout) with `env` added to this environment; output captured as
-    text. The tests' one CLI runner: `from tests.conftest import facemoe`."""
+    text; with `check`, a non-zero exit fails the test with the end of stderr. The tests' one
+    CLI runner: `from tests.conftest import facemoe`."""
     command = ["-c", script] if script else ["-m", "app.cli"]
-    return subprocess.run([sys.executable, *command, *map(str, args)], cwd=cwd,
+    done = subprocess.run([sys.executable, *command, *map(str, args)], cwd=cwd,
                           env={**os.environ, **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"facemoe {args} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return done
+
+
+def stop_daemon(daemon: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    """SIGTERM a `facemoe run` started by a test: it must exit 0 within `timeout` seconds (the
+    test fails with the end of its log otherwise)."""
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout) == 0, log.read_text()[-3000:]
+
+
+def kill_daemon(daemon: subprocess.Popen) -> None:
+    """In a test's `finally`: a daemon still running (the test failed before stopping it) is
+    killed and reaped."""
+    if daemon.poll() is None:
+        daemon.kill()
+        daemon.wait(5)
+
+
+def open_fds() -> int:
+    """How many file descriptors this process holds now (after a garbage collection)."""
+    gc.collect()
+    return len(os.listdir("/proc/self/fd"))
+
+
+def plant_symlinks(directory: Path, names: list[str], victim: Path) -> None:
+    """Symlinks to `victim` at `names` in `directory`: what an attacker plants where a writer
+    might put its temporary (a writer that follows one overwrites the victim)."""
+    for name in names:
+        (directory / name).symlink_to(victim)
 
 
 def _need(path: Path, what: str) -> Path:
@@ -90,6 +126,33 @@ def detector(yunet_path: Path):
 
 
 TINY_ARCH = dict(depth=1, dim=48, heads=2, stem_width=8)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(detector, embedder) of the default config (the shipped model), once per module."""
+    from app.config import load_config
+    from app.runtime import make_detector, make_embedder
+
+    cfg = load_config(None)
+    return make_detector(cfg), make_embedder(cfg)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, data_dir: Path) -> Path:
+    """The web tests' gallery (`tests.web_helpers.build_gallery`: the CLI enrolls and processes
+    real clips), built once per module that asks for it."""
+    from tests.web_helpers import built_gallery
+
+    return built_gallery(tmp_path_factory.mktemp("web"), data_dir)
+
+
+@pytest.fixture
+def db(built: Path, tmp_path: Path) -> Path:
+    """A copy of the built gallery that a test may change."""
+    copy = tmp_path / "gallery.db"
+    shutil.copy(built, copy)
+    return copy
 
 
 @pytest.fixture(scope="session")

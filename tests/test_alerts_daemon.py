@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import signal
 import sqlite3
 import stat
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 import yaml
 
 from app.config import AppConfig
+from tests.conftest import kill_daemon, stop_daemon
 from tests.test_mqtt_sink import Watcher, brokers  # noqa: F401  (brokers: a fixture)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -79,12 +79,9 @@ def test_daemon_announces_lin_manuel_miranda_on_mqtt_and_the_webhook(
         watcher.wait(lambda m: daemon.poll() is None and any(
             t == "facemoe/events" and json.loads(p)["type"] == "end"
             and json.loads(p)["end"] > 7.5 for t, p, _ in m), 120)
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(30) == 0, log_path.read_text()[-3000:]
+        stop_daemon(daemon, log_path, 30)
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait(5)
+        kill_daemon(daemon)
         hook.shutdown()
         watcher.close()
     log_text = log_path.read_text()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from app.align import STORE, align_face, degrade_to, recut, stored_geometry
-from app.detect import FaceDetector
+from app.yunet import FaceDetector
 from trainer.models.resnet import DLIB_150
 from trainer.preprocess import ARCFACE_112, CropTemplate
 

@@ -3,6 +3,7 @@ model, failures that end with the one-line error, one version."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,49 @@ def test_version_is_the_release_in_one_place() -> None:
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "app.__version__"}
     done = facemoe("--version")
     assert (done.returncode, done.stdout) == (0, f"facemoe {app.__version__}\n")
+
+
+def test_process_refuses_directory_targets_before_work(tmp_path: Path, data_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    clip = data_dir / "videos" / "short_hamilton_clip.mp4"
+    for flag in ("--annotate", "--events"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "app.cli", "process", str(clip), flag, str(tmp_path),
+             "--gallery", str(tmp_path / "none.db")],
+            capture_output=True, text=True, timeout=120,
+            cwd=Path(__file__).resolve().parent.parent)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"facemoe: error: {flag} {tmp_path} is a directory; give a file name"]
+
+
+@pytest.mark.slow
+def test_key_file_is_accepted_where_the_key_is_needed(tmp_path: Path, data_dir: Path,
+                                                      monkeypatch) -> None:
+    import base64
+
+    monkeypatch.delenv("FACEMOE_GALLERY_KEY", raising=False)
+    monkeypatch.delenv("FACEMOE_GALLERY_KEY_FILE", raising=False)
+    key = tmp_path / "key"
+    key.write_text(base64.b64encode(os.urandom(32)).decode())
+    db = str(tmp_path / "g.db")
+    videos = data_dir / "videos"
+    done = facemoe("enroll", "Barack Obama", str(videos / "obama.jpg"), "--gallery", db,
+                "--key-file", str(key), timeout=300)
+    assert done.returncode == 0, done.stderr
+    for argv in (["gallery", "list"], ["gallery", "events"], ["gallery", "check"],
+                 ["gallery", "rename", "Barack Obama", "Obama"]):
+        done = facemoe(*argv, "--gallery", db, "--key-file", str(key))
+        assert done.returncode == 0, (argv, done.stderr)
+    done = facemoe("gallery", "list", "--gallery", db)
+    assert done.returncode == 1 and "encrypted" in done.stderr
+    done = facemoe("process", str(videos / "intel_head-pose-face-detection-female.mp4"),
+                "--gallery", db, "--key-file", str(key), "--no-progress", timeout=300)
+    assert done.returncode == 0, done.stderr
+    config = tmp_path / "daemon.yaml"
+    config.write_text(f"gallery:\n  path: {db}\ncameras:\n  - name: door\n    uri: "
+                      f"{videos / 'intel_head-pose-face-detection-female.mp4'}\n")
+    done = facemoe("run", "--validate-config", "--config", str(config), "--key-file", str(key))
+    assert done.returncode == 0, done.stderr

@@ -8,6 +8,7 @@ import yaml
 
 from app import paths
 from app.config import ConfigError, load_config
+from tests.conftest import facemoe
 from trainer.config import load_train_config
 from trainer.site import load_site_config
 
@@ -109,3 +110,77 @@ def test_every_tracker_value_is_settable_and_is_what_the_stages_take(tmp_path):
     assert (tracker.config.low_match_iou, tracker.config.max_center_shift) == (0.7, 0.5)
     assert TrackAggregator("cam", cfg.embed).policy.first_n == 1
     assert Tracker().config.min_hits == load_config(CONFIGS / "app.yaml").tracker.min_hits == 2
+
+
+@pytest.mark.parametrize("threshold", ["-1", "2.5", ".nan", "1"])
+@pytest.mark.parametrize("command", ["process", "run"])
+def test_validate_config_refuses_thresholds_out_of_range(tmp_path: Path, command: str,
+                                                         threshold: str) -> None:
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text(f"matching:\n  min_frames: 2\n  threshold: {threshold}\n")
+    proc = facemoe(command, "--config", str(cfg), "--validate-config")
+    assert proc.returncode == 1, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "matching.threshold (line 3)" in lines[0], proc.stderr
+    assert "(-1, 1)" in lines[0]
+
+
+def test_validate_config_warns_outside_sane_band_and_accepts(tmp_path: Path) -> None:
+    cfg = tmp_path / "app.yaml"  # run refuses a config without a camera
+    cfg.write_text("matching:\n  threshold: -0.5\ncameras:\n  - name: door\n"
+                   "    uri: /dev/video0\n")
+    proc = facemoe("run", "--config", str(cfg), "--validate-config")
+    assert proc.returncode == 0 and proc.stdout.strip() == "config ok", proc.stderr
+    assert "almost everyone will be named" in proc.stderr
+
+
+def test_config_reports_every_error_with_lines(tmp_path: Path) -> None:
+    from app.config import ConfigError, load_config
+
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text(
+        "embed:\n"
+        "  every_n: 0\n"            # line 2: would raise ValueError in process
+        "  min_gain: -1\n"          # line 3
+        "daemon:\n"
+        "  metrics_port: 70000\n"   # line 5
+        "  reconnect:\n"
+        "    initial_s: 10\n"
+        "    max_s: 1\n"            # line 8 area: max_s < initial_s
+        "  mqtt:\n"
+        "    host: localhost\n"
+        "    port: 0\n"             # line 11
+        "cameras:\n"
+        "  - name: a\n"
+        "    uri: rtsp://127.0.0.1/x\n"
+        "    threshold: 3\n")       # line 15
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    text = str(info.value)
+    assert "\n" not in text and "6 errors" in text, text
+    for part in ("embed.every_n (line 2)", "embed.min_gain (line 3)",
+                 "daemon.metrics_port (line 5)", "daemon.reconnect (line 7)",
+                 "daemon.mqtt.port (line 11)", "cameras.0.threshold (line 15)"):
+        assert part in text, (part, text)
+
+
+def test_non_utf8_config_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "app.yaml"
+    cfg.write_bytes(b"gallery:\n  path: caf\xe9.db\n")
+    proc = facemoe("process", "--config", str(cfg), "--validate-config")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"facemoe: error: {cfg}: not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"]
+
+
+def test_shipped_configs_still_validate() -> None:
+    """Each shipped app config loads, and what it resolves to is itself a valid config that
+    means the same (the resolved config written next to outputs can be read back)."""
+    from app.config import AppConfig, load_config
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    shipped = sorted(root.glob("app*.yaml"))
+    assert shipped
+    for path in shipped:
+        cfg = load_config(path)
+        assert AppConfig.model_validate(cfg.model_dump(mode="json")) == cfg, path

@@ -22,10 +22,10 @@ import yaml
 from prometheus_client import generate_latest
 
 from app.config import AppConfig, CameraConfig
-from app.records import Event
 from app.sinks import RotatingJsonlSink
 from benchmarks.rtsp_camera import RtspCamera, free_port, rtsp_available
-from tests.gallery_helpers import EVENT_KEYS
+from tests.conftest import kill_daemon, open_fds, stop_daemon
+from tests.gallery_helpers import EVENT_KEYS, event
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WALKING = "intel_face-demographics-walking.mp4"  # 35 frames, people walking towards the camera
@@ -36,11 +36,19 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
         return r.status, r.read()
 
 
-def _health(port: int) -> dict | None:
+def _healthz(port: int) -> tuple[int, dict]:
+    """/healthz's status (503: degraded) and its JSON body."""
     try:
-        return json.loads(_get(port, "/healthz")[1])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:  # 503: degraded, with the same JSON body
-        return json.loads(e.read())
+        return e.code, json.loads(e.read())
+
+
+def _health(port: int) -> dict | None:
+    """/healthz's JSON body; None while nothing answers."""
+    try:
+        return _healthz(port)[1]
     except OSError:
         return None
 
@@ -183,27 +191,13 @@ def test_daemon_reconnects_and_shuts_down_cleanly(tmp_path, data_dir, tiny_model
     print(f"daemon: {len(lines)} events, {len(snaps)} snapshots, stopped in {stop_s:.2f} s")
 
 
-def _event(i: int) -> Event:
-    return Event(
-        camera="c",
-        track_id=i,
-        identity=None,
-        score=0.1,
-        start=0.0,
-        end=1.0,
-        frames=3,
-        best_bbox=(1.0, 2.0, 3.0, 4.0),
-        model="m",
-    )
-
-
 @pytest.mark.unit
 def test_rotating_jsonl_keeps_backups(tmp_path):
     path = tmp_path / "ev.jsonl"
     sink = RotatingJsonlSink(path, max_bytes=800, backups=2)
-    sink.write([_event(i) for i in range(20)])
+    sink.write([event(i, None) for i in range(20)])
     sink.close()
-    files = sorted(p.name for p in tmp_path.iterdir())
+    files = sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".lock")  # writers' lock
     assert files == ["ev.jsonl", "ev.jsonl.1", "ev.jsonl.2"]
     ids = [
         json.loads(line)["track_id"]
@@ -308,12 +302,9 @@ def test_person_enrolled_while_running_is_matched_without_restart(tmp_path, data
             lambda: daemon.poll() is None and "Lin-Manuel Miranda" in identities(),
             60,
         )
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(15) == 0, log_path.read_text()[-3000:]
+        stop_daemon(daemon, log_path, 15)
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait(5)
+        kill_daemon(daemon)
 
 
 @pytest.mark.unit
@@ -387,6 +378,8 @@ def test_snapshots_cut_the_best_face_and_every_sink_names_them(tmp_path, data_di
         daemon._emit(cam, cam.flush())
         daemon.stop_sinks(time.monotonic() + 30)  # every sink written and closed
         stored = {e.id: e for e in daemon.gallery.events()}
+        pictures = [daemon.gallery.pages.event_snapshot_jpeg(s.id)
+                    for s in daemon.gallery.stored_events()]
     finally:
         daemon.gallery.close()
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
@@ -395,7 +388,7 @@ def test_snapshots_cut_the_best_face_and_every_sink_names_them(tmp_path, data_di
     assert stat.S_IMODE((snaps / "hall").stat().st_mode) == 0o700
     for e in lines:
         assert e["snapshot"] == str(snaps / "hall" / f"{e['id']}.jpg")
-        assert stored[e["id"]].snapshot == e["snapshot"]
+        assert stored[e["id"]].snapshot is None  # the gallery keeps the picture, not a path
         path = Path(e["snapshot"])
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         x, y, w, h = e["best_bbox"]
@@ -404,3 +397,177 @@ def test_snapshots_cut_the_best_face_and_every_sink_names_them(tmp_path, data_di
         assert cv2.imread(str(path)).shape[:2] == (y1 - y0, x1 - x0)
     assert sorted(p.name for p in (snaps / "hall").iterdir()) == sorted(
         f"{e['id']}.jpg" for e in lines)
+    assert len(pictures) == len(lines) and all(p[:3] == b"\xff\xd8\xff" for p in pictures)
+
+
+@pytest.mark.unit
+@pytest.mark.slow
+def test_daemon_dead_camera_keeps_descriptors_flat(tmp_path: Path, tiny_model_dir: Path,
+                                                   yunet_path: Path, no_gallery_key) -> None:
+    from app.config import AppConfig
+    from app.daemon import Daemon
+
+    cfg = AppConfig.model_validate({
+        "model": {"dir": str(tiny_model_dir), "threads": 1},
+        "detector": {"model": str(yunet_path)},
+        "gallery": {"path": str(tmp_path / "gallery.db")},
+        "cameras": [{"name": "dead", "uri": f"rtsp://127.0.0.1:{free_port()}/cam"}],
+        "daemon": {"frame_timeout_s": 2, "reconnect": {"initial_s": 0.01, "max_s": 0.01}},
+    })
+    daemon = Daemon(cfg)
+    cam = daemon.cameras[0]
+    cam.thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while cam.reconnects < 10:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        before = open_fds()
+        while cam.reconnects < 110:
+            assert time.monotonic() < deadline, f"only {cam.reconnects} reconnects"
+            time.sleep(0.05)
+        after = open_fds()
+    finally:
+        daemon.stopping.set()
+        cam.thread.join(10)
+        daemon.gallery.close()
+    assert after - before <= 2, (before, after)
+
+
+
+@pytest.mark.unit
+def test_healthz_degraded_on_drops_sink_failure_and_reconnect(
+        tmp_path: Path, data_dir: Path, tiny_model_dir: Path, yunet_path: Path,
+        no_gallery_key) -> None:
+    import threading
+
+    from app.config import AppConfig
+    from app.daemon import Daemon
+    from tests.gallery_helpers import event
+
+    port = free_port()
+    cfg = AppConfig.model_validate({
+        "model": {"dir": str(tiny_model_dir), "threads": 1},
+        "detector": {"model": str(yunet_path)},
+        "gallery": {"path": str(tmp_path / "gallery.db")},
+        "cameras": [{"name": "door", "loop": True,
+                     "uri": str(data_dir / "videos" / "short_hamilton_clip.mp4")},
+                    {"name": "dead", "uri": f"rtsp://127.0.0.1:{free_port()}/cam",
+                     "enabled": True}],
+        "daemon": {"metrics_port": port, "frame_queue": 1, "frame_timeout_s": 2,
+                   "reconnect": {"initial_s": 0.2, "max_s": 0.2},
+                   "jsonl": {"path": "/dev/full"},  # every write fails: ENOSPC
+                   "health": {"window_s": 3, "max_drop_rate": 0.5}},
+    })
+    daemon = Daemon(cfg)
+    door, dead = daemon.cameras
+    daemon._serve_http()
+    threading.Thread(target=daemon._monitor, daemon=True).start()
+    door.thread.start()
+    dead.thread.start()
+    try:
+        # no worker yet: the queue of one frame overflows, nearly every frame is dropped
+        def dropping() -> tuple[int, dict] | None:
+            code, h = _healthz(port)
+            problems = [h["cameras"][c]["problem"] or "" for c in ("door", "dead")]
+            ok = problems[0].startswith("dropped") and problems[1].startswith("reconnecting")
+            return (code, h) if ok else None
+
+        code, h = _wait("drops to show", dropping, 20)
+        assert code == 503 and h["status"] == "degraded"
+        assert "camera door: dropped" in " ".join(h["reasons"])
+        assert any(r.startswith("camera dead: reconnecting") for r in h["reasons"])
+        # a worker that keeps up: the drops leave the window
+        threading.Thread(target=daemon._work, daemon=True).start()
+        _wait("drops to clear", lambda: _healthz(port)[1]["cameras"]["door"]["problem"] is None,
+               30)
+        daemon.workers["jsonl"].start().put([event(1)])  # the JSONL sink's own thread
+        code, h = _wait("the failed write to show", lambda: (r := _healthz(port))[0] == 503
+                         and any(x.startswith("sink jsonl") for x in r[1]["reasons"]) and r, 10)
+        assert any(r.startswith("sink jsonl: failed") and "No space left" in r
+                   for r in h["reasons"]), h["reasons"]
+        assert "camera door" not in " ".join(h["reasons"])
+    finally:
+        daemon.stopping.set()
+        for cam in daemon.cameras:
+            cam.thread.join(10)
+        daemon.http.shutdown()
+        daemon.gallery.close()
+
+
+@pytest.mark.unit
+def test_daemon_refuses_plain_snapshots_of_an_encrypted_gallery(
+        tmp_path: Path, tiny_model_dir: Path, yunet_path: Path, monkeypatch) -> None:
+    import base64
+
+    from app.config import AppConfig, ConfigError
+    from app.daemon import Daemon
+
+    monkeypatch.delenv("FACEMOE_GALLERY_KEY_FILE", raising=False)
+    monkeypatch.setenv("FACEMOE_GALLERY_KEY", base64.b64encode(os.urandom(32)).decode())
+    raw = {"model": {"dir": str(tiny_model_dir), "threads": 1},
+           "detector": {"model": str(yunet_path)},
+           "gallery": {"path": str(tmp_path / "gallery.db")},
+           "cameras": [{"name": "a", "uri": f"rtsp://127.0.0.1:{free_port()}/x"}],
+           "daemon": {"snapshots": {"dir": str(tmp_path / "snaps")}}}
+    with pytest.raises(ConfigError, match="encrypted"):
+        Daemon(AppConfig.model_validate(raw))
+    raw["daemon"]["snapshots"]["allow_unencrypted"] = True
+    daemon = Daemon(AppConfig.model_validate(raw))
+    try:
+        import dataclasses
+
+        import numpy as np
+
+        from tests.gallery_helpers import event
+
+        ev = dataclasses.replace(event(1), snapshot=str(tmp_path / "snaps" / "a" / "x.jpg"),
+                                 snapshot_image=np.zeros((32, 32, 3), np.uint8))
+        daemon._sinks["snapshots"].write([ev])
+    finally:
+        daemon.gallery.close()
+    assert os.stat(tmp_path / "snaps").st_mode & 0o777 == 0o700
+    assert os.stat(tmp_path / "snaps" / "a").st_mode & 0o777 == 0o700
+    assert os.stat(ev.snapshot).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.unit
+@pytest.mark.slow
+def test_stalled_http_clients_are_dropped_without_tracebacks(
+        tmp_path: Path, tiny_model_dir: Path, yunet_path: Path, monkeypatch, caplog,
+        no_gallery_key) -> None:
+    import logging
+    import socket
+    import threading
+
+    import app.daemon.http as daemon_http
+    from app.config import AppConfig
+    from app.daemon import Daemon
+
+    monkeypatch.setattr(daemon_http, "_HTTP_TIMEOUT_S", 1.0)
+    port = free_port()
+    daemon = Daemon(AppConfig.model_validate({
+        "model": {"dir": str(tiny_model_dir), "threads": 1},
+        "detector": {"model": str(yunet_path)},
+        "gallery": {"path": str(tmp_path / "gallery.db")},
+        "cameras": [{"name": "a", "uri": f"rtsp://127.0.0.1:{free_port()}/x"}],
+        "daemon": {"metrics_port": port}}))
+    daemon._serve_http()
+    try:
+        baseline = threading.active_count()
+        stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+        for s in stalled[:5]:
+            s.sendall(b"GET /healthz HTTP/1.1\r\n")  # a request that never ends
+        time.sleep(0.3)
+        assert threading.active_count() <= baseline + 16
+        time.sleep(1.5)  # past the timeout: every stalled connection is closed
+        code, health = _healthz(port)
+        assert code == 503 and health["cameras"]["a"]["state"] == "starting"
+        _wait("threads to be released", lambda: threading.active_count() <= baseline + 1, 10)
+        for s in stalled:
+            s.close()
+    finally:
+        daemon.http.shutdown()
+        daemon.gallery.close()
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from app.config import AppConfig
+from tests.conftest import kill_daemon, stop_daemon
 from tests.services import Mosquitto, free_port
 from tests.test_daemon import _health, _wait
 
@@ -96,12 +97,9 @@ def test_a_locked_gallery_delays_only_its_own_sink(tmp_path, data_dir, no_galler
             lock.close()
         held_s = time.monotonic() - locked_at
         _wait("/healthz ok once the lock is gone", lambda: health().get("status") == "ok", 30)
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(30) == 0, log_path.read_text()[-3000:]
+        stop_daemon(daemon, log_path, 30)
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait(5)
+        kill_daemon(daemon)
         sub.loop_stop()
         broker.stop()
     ends = sorted(e["id"] for e in lines())

@@ -15,8 +15,8 @@ import pytest
 
 from app.cli import build_parser, main
 from app.dataprep import prepare_folder
-from app.detect import FaceDetector
 from app.faces import read_image
+from app.yunet import FaceDetector
 
 pytestmark = pytest.mark.unit
 
@@ -168,7 +168,7 @@ def test_cli_teacher_pool_defaults_to_arcface_112(tmp_path: Path, data_dir: Path
 
 def test_the_recipe_scripts_use_the_current_options() -> None:
     """Every `facemoe data prepare` in configs/*.sh parses and passes the option rules."""
-    from app.cli import _data_prepare_outputs
+    from app.cli.train import _data_prepare_outputs
 
     found = 0
     for script in sorted((REPO_ROOT / "configs").glob("*.sh")):

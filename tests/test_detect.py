@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from app import paths
-from app.detect import DETECTOR_FILE, FaceDetector, find_detector_model
 from app.source import open_source
 from app.track import iou_matrix
+from app.yunet import DETECTOR_FILE, FaceDetector, find_detector_model
 from benchmarks.synthetic_faces import Walk, load_sprites, render
 
 pytestmark = pytest.mark.unit

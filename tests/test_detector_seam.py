@@ -93,7 +93,7 @@ def test_yunet_is_the_first_registered_kind_and_the_config_default(yunet_path: P
     detector = create_detector(DetectorConfig(model=str(yunet_path)))
     assert detector.kind == "yunet" and isinstance(detector, Detector)
     # made without a config, it takes the config type's defaults (the one source)
-    from app.detect import FaceDetector
+    from app.yunet import FaceDetector
 
     plain, cfg = FaceDetector(yunet_path), DetectorConfig()
     assert (plain.score_threshold, plain.small_face, plain.weak_score, plain.max_looks) == (

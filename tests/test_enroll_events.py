@@ -64,7 +64,7 @@ def test_aggregator_keeps_the_best_crops_of_a_track() -> None:
 
 def test_events_keep_crops_and_enroll_from_them(tmp_path: Path, embedder, real_faces: dict,
                                                yunet_path: Path) -> None:
-    from app.detect import FaceDetector
+    from app.yunet import FaceDetector
 
     db = tmp_path / "g.db"
     alice, bob = person(real_faces, 0, 5), person(real_faces, 1, 5)

@@ -9,6 +9,7 @@ reports and that a rerun finishes; another person who now carries a reused name 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from app.cli import main
 from app.erasure import Outputs, erase
 from app.gallery import Gallery, GalleryError
 from app.sinks import JsonlSink
+from tests.conftest import facemoe
 from tests.gallery_helpers import event
 from trainer.manifest import model_id, read_manifest
 
@@ -150,7 +152,7 @@ def test_a_reused_name_keeps_the_other_persons_traces(site: Site) -> None:
         old += site.events(g, "Ada L")
         site.enroll(g, "Ada")
         new = site.events(g, "Ada")
-        ada_l = next(i.id for i in g.review.identities()[0] if i.name == "Ada L")
+        ada_l = next(i.id for i in g.pages.identities()[0] if i.name == "Ada L")
         report = erase(g, Outputs((str(site.jsonl),), str(site.snaps)), identity_id=ada_l)
         assert not report.unfinished
         assert {s.event.identity for s in g.stored_events()} == {"Ada"}
@@ -169,7 +171,7 @@ def test_merged_names_are_erased_with_the_identity(site: Site) -> None:
         site.enroll(g, "Ada")
         site.enroll(g, "Bob")
         site.events(g, "Bob")
-        g.review.merge_identities("Bob", "Ada")
+        g.merge_identities("Bob", "Ada")
         report = erase(g, Outputs((str(site.jsonl),), str(site.snaps)), name="Ada")
         assert report.jsonl_lines_removed == 2 and report.events_deleted == 2
     assert site.lines() == []
@@ -229,6 +231,59 @@ def test_retained_mqtt_state_is_cleared_and_an_absent_broker_leaves_it_unfinishe
             assert g.erasures.pending() == []
         finally:
             broker.stop()
+
+
+def test_gallery_remove_erases_jsonl_lines_and_snapshots(tmp_path: Path,
+                                                          default_model_dir: Path,
+                                                          no_gallery_key) -> None:
+    import dataclasses
+    import json
+
+    import numpy as np
+    import yaml
+
+    from app.gallery import Gallery
+    from app.sinks import JsonlSink
+    from tests.gallery_helpers import event
+    from trainer.manifest import model_id, read_manifest
+
+    snaps, jsonl, extra = tmp_path / "snaps", tmp_path / "ev" / "events.jsonl", tmp_path / "p.jsonl"
+    jsonl.parent.mkdir()
+    ada = [dataclasses.replace(event(i, "Ada"), snapshot=str(snaps / "cam0" / f"{event(i).id}.jpg"))
+           for i in (1, 2, 3)]
+    bob = dataclasses.replace(event(4, "Bob"), candidate="Ada", candidate_score=0.3)
+    unknown = dataclasses.replace(event(5, None), candidate="Ada", candidate_score=0.2)
+    (snaps / "cam0").mkdir(parents=True)
+    for ev in [*ada, bob]:
+        (snaps / "cam0" / f"{ev.id}.jpg").write_bytes(b"\xff\xd8jpeg")
+    for path, events in ((jsonl.with_name("events.jsonl.1"), [ada[0], bob]),
+                         (jsonl, [ada[1], unknown]), (extra, [ada[2]])):
+        sink = JsonlSink(path)
+        sink.write(events)
+        sink.close()
+    dim = int(read_manifest(default_model_dir)["embedding_dim"])
+    db = tmp_path / "g.db"
+    with Gallery(db, *model_id(read_manifest(default_model_dir))) as g:
+        g.enroll("Ada", np.random.default_rng(0).normal(size=(1, dim)), ["a.jpg"], [0.9])
+        g.add_events([ada[0], ada[1], bob])
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text(yaml.safe_dump({"daemon": {"jsonl": {"path": str(jsonl)},
+                                              "snapshots": {"dir": str(snaps)}}}))
+    proc = facemoe("gallery", "remove", "Ada", "--gallery", str(db), "--config", str(cfg),
+                "--events-jsonl", str(extra), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["events_deleted"] == 2
+    assert report["jsonl_lines_removed"] == 3 and report["jsonl_candidates_cleared"] == 2
+    assert len(report["jsonl_files_rewritten"]) == 3 and report["errors"] == []
+    assert sorted(report["snapshots_deleted"]) == sorted(ev.snapshot for ev in ada)
+    assert [p.name for p in (snaps / "cam0").iterdir()] == [f"{bob.id}.jpg"]
+    everything = "".join(p.read_text() for p in (jsonl, jsonl.with_name("events.jsonl.1"), extra))
+    assert "Ada" not in everything
+    assert [json.loads(x)["track_id"] for x in everything.splitlines()] == [5, 4]
+    assert os.stat(jsonl).st_mode & 0o777 == 0o600
+    with Gallery(db, *model_id(read_manifest(default_model_dir))) as g:
+        assert [s.event.candidate for s in g.stored_events()] == [None]
 
 
 def test_events_in_flight_on_a_box_are_not_written_after_it_erases(site: Site,

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
 from app.fsutil import atomic_write, make_dirs
 from app.gallery import Gallery
+from tests.conftest import plant_symlinks
 
 pytestmark = pytest.mark.unit
 
@@ -54,3 +56,14 @@ def test_a_new_gallery_in_a_new_folder_is_private(tmp_path):
     Gallery(path, "m", "1", create=True).close()
     assert _mode(path) == 0o600
     assert _mode(tmp_path / "var") == 0o700 and _mode(tmp_path / "var" / "facemoe") == 0o700
+
+
+def test_manifest_write_does_not_follow_a_planted_temporary(tmp_path: Path) -> None:
+    from trainer.manifest import write_json_atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    plant_symlinks(tmp_path, ["manifest.json.tmp"], victim)
+    write_json_atomic(tmp_path / "manifest.json", {"a": 1})
+    assert victim.read_text() == "precious\n"
+    assert (tmp_path / "manifest.json").read_text() == '{\n  "a": 1\n}\n'

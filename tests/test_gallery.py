@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from datetime import timezone
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from app.gallery import EventStore, Gallery, GalleryError, IdentityInfo, Store
 from app.records import Event
+from tests.conftest import facemoe
 from tests.gallery_helpers import MODEL, D, crops, event, unit
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("no_gallery_key")]  # plain galleries here
@@ -229,3 +231,153 @@ def test_event_store_on_its_own_store(db: Path, rng: np.random.Generator) -> Non
         assert g.events() == [event(1), event(2, None)]
     with pytest.raises(GalleryError, match="was built with model facemoe-edge"):
         Gallery(db, "other", "1", create=False)
+
+
+@pytest.mark.parametrize("name", ["Ada\u200bLovelace", "Ada\u202eecalevoL", "\u2066Ada\u2069",
+                                  "Ada\ufeff"])
+def test_names_with_invisible_characters_are_refused(tmp_path: Path, name: str,
+                                                     no_gallery_key) -> None:
+    import numpy as np
+
+    from app.gallery import Gallery, GalleryError
+    from tests.gallery_helpers import unit
+
+    with Gallery(tmp_path / "g.db", "facemoe-edge", "0.1.0") as g:
+        with pytest.raises(GalleryError, match="invisible format characters"):
+            g.enroll(name, unit(np.random.default_rng(0), 1), ["a"], [0.5])
+        g.enroll("Ada Lovelace", unit(np.random.default_rng(0), 1), ["a"], [0.5])
+        with pytest.raises(GalleryError, match="invisible"):
+            g.rename("Ada Lovelace", name)
+
+
+def test_audit_names_the_real_user_not_logname(tmp_path: Path, monkeypatch,
+                                               no_gallery_key) -> None:
+    import pwd
+
+    import numpy as np
+
+    from app.gallery import Gallery
+    from tests.gallery_helpers import unit
+
+    for var in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.setenv(var, "mallory")
+    with Gallery(tmp_path / "g.db", "facemoe-edge", "0.1.0") as g:
+        g.enroll("Ada", unit(np.random.default_rng(0), 1), ["a"], [0.5])
+        users = {row.user for row in g.audit()}
+    assert users == {pwd.getpwuid(os.getuid()).pw_name}
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A 2 MiB tmpfs (needs root; skipped elsewhere), unmounted afterwards."""
+    import subprocess
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_gallery_reads_work_on_a_full_disk(full_disk: Path, default_model_dir: Path,
+                                           no_gallery_key) -> None:
+    import numpy as np
+
+    from app.gallery import Gallery
+    from tests.gallery_helpers import event
+    from trainer.manifest import model_id, read_manifest
+
+    db = full_disk / "g.db"
+    manifest = read_manifest(default_model_dir)
+    with Gallery(db, *model_id(manifest)) as g:  # the disk fills while it is open
+        g.enroll("Ada", np.random.default_rng(0).normal(size=(2, manifest["embedding_dim"])),
+                 ["a.jpg", "b.jpg"], [0.9, 0.8])
+        g.add_events([event(1, "Ada")])
+        fd = os.open(full_disk / "fill", os.O_WRONLY | os.O_CREAT)
+        try:
+            with pytest.raises(OSError, match="No space left"):
+                while True:
+                    os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+    for action, expected in (("check", f"{db}: ok"), ("list", "Ada\t2\t"),
+                             ("events", "    id  camera")):
+        proc = facemoe("gallery", action, "--gallery", str(db))
+        assert proc.returncode == 0, (action, proc.stderr)
+        assert proc.stdout.startswith(expected), (action, proc.stdout)
+
+
+def _flip_bit(db: Path, template_id: int, byte: int, bit: int) -> None:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    (blob,) = con.execute("SELECT vector FROM templates WHERE id = ?", (template_id,)).fetchone()
+    data = bytearray(blob)
+    data[byte] ^= 1 << bit
+    con.execute("UPDATE templates SET vector = ? WHERE id = ?", (bytes(data), template_id))
+    con.commit()
+    con.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_one_flipped_bit_is_found_and_only_that_template_is_left_out(
+        tmp_path: Path, data_dir: Path, default_model_dir: Path, monkeypatch,
+        encrypted: bool) -> None:
+    import base64
+
+    from app.gallery import Gallery
+    from trainer.manifest import model_id, read_manifest
+
+    monkeypatch.delenv("FACEMOE_GALLERY_KEY_FILE", raising=False)
+    monkeypatch.delenv("FACEMOE_GALLERY_KEY", raising=False)
+    if encrypted:
+        monkeypatch.setenv("FACEMOE_GALLERY_KEY", base64.b64encode(os.urandom(32)).decode())
+    db = tmp_path / "g.db"
+    videos = data_dir / "videos"
+    for name, photo in (("Barack Obama", "obama-240p.jpg"), ("Joe Biden", "biden.jpg")):
+        proc = facemoe("enroll", name, str(videos / photo), "--gallery", str(db), timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    assert facemoe("gallery", "check", "--gallery", str(db)).returncode == 0
+    # a low mantissa bit of one float: the vector stays finite and (nearly) unit length
+    _flip_bit(db, 1, byte=(40 if encrypted else 4 * 17), bit=0)
+    proc = facemoe("gallery", "check", "--gallery", str(db))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"facemoe: error: gallery {db} has 1 corrupt template(s) (re-enroll them or restore "
+        "from a backup or an export): 'Barack Obama' template 1: checksum mismatch"]
+    with Gallery(db, *model_id(read_manifest(default_model_dir)), create=False) as g:
+        names, matrix = g.matrix()
+        assert names == ["Joe Biden"] and matrix.shape[0] == 1
+        assert [str(c) for c in g.corrupt_templates] == [
+            "'Barack Obama' template 1: checksum mismatch"]
+
+
+def test_template_without_checksum_is_still_checked(tmp_path: Path, no_gallery_key) -> None:
+    """Rows of older releases have no checksum: a vector that is no longer unit length, or
+    not finite, is still found."""
+    import sqlite3
+
+    import numpy as np
+
+    from app.gallery import Gallery
+    from tests.gallery_helpers import unit
+
+    db = tmp_path / "g.db"
+    with Gallery(db, "facemoe-edge", "0.1.0") as g:
+        g.enroll("Ada", unit(np.random.default_rng(0), 2), ["a", "b"], [0.5, 0.5])
+    con = sqlite3.connect(db)
+    con.execute("UPDATE templates SET checksum = NULL")
+    con.commit()
+    con.close()
+    _flip_bit(db, 2, byte=3, bit=6)  # an exponent bit of the first float
+    with Gallery(db, "facemoe-edge", "0.1.0") as g:
+        problems = g.verify()
+        assert len(problems) == 1 and problems[0].template_id == 2
+        assert "not unit length" in problems[0].problem or "non-finite" in problems[0].problem
+        assert g.matrix()[1].shape[0] == 1

@@ -24,6 +24,7 @@ import pytest
 
 from app.gallery import Gallery, GalleryError, load_key, verify_export
 from app.gallery import db as gallery_db
+from tests.conftest import facemoe
 from tests.gallery_helpers import event
 
 REPO = Path(__file__).resolve().parent.parent
@@ -608,3 +609,9 @@ def test_odd_identity_names(tmp_path: Path, embedder, faces: dict) -> None:
         assert copy.import_file(export).identities_added == len(ODD)
         names = {i.name for i in copy.identities()}
         assert "é/\"'" in names and "x" * 256 in names and "a/b\\c/../d" not in names
+
+
+def test_events_limit_must_be_positive(tmp_path: Path, no_gallery_key) -> None:
+    proc = facemoe("gallery", "events", "--limit", "-5", "--gallery", str(tmp_path / "g.db"))
+    assert proc.returncode == 2
+    assert "--limit: must be at least 1, got -5" in proc.stderr

@@ -16,7 +16,7 @@ import pytest
 
 from app import paths
 from app.config import ModelConfig, load_config
-from app.detect import DETECTOR_FILE
+from app.yunet import DETECTOR_FILE
 
 pytestmark = pytest.mark.unit
 
@@ -133,7 +133,7 @@ def test_wheel_install_finds_config_model_and_detector(tmp_path: Path, shared_di
 
     shown = json.loads(run(sys.executable, "-c", (
         "import json, app; from app import paths; from app.config import load_config;"
-        "from app.detect import find_detector_model; c = load_config();"
+        "from app.yunet import find_detector_model; c = load_config();"
         "print(json.dumps({'app': app.__file__, 'config': str(paths.default_config()),"
         " 'model': c.model.dir, 'gallery': c.gallery.path,"
         " 'detector': str(find_detector_model(c.detector.model))}))")))
@@ -152,3 +152,7 @@ def test_wheel_install_finds_config_model_and_detector(tmp_path: Path, shared_di
     found = json.loads(run(facemoe, "recognize", str(photo / "img2.jpg"), "--json"))
     assert [f["identity"] for f in found["images"][0]["faces"]] == ["Alice"]
 
+
+def test_systemd_unit_bounds_descriptors() -> None:
+    unit = (Path(__file__).resolve().parent.parent / "deploy" / "facemoe.service").read_text()
+    assert "\nLimitNOFILE=" in unit

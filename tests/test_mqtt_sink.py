@@ -23,7 +23,8 @@ import pytest
 
 from app.config import AppConfig
 from app.mqtt import MqttSink
-from app.records import Event
+from app.records import Event, new_event_id
+from tests.gallery_helpers import event as shared_event
 
 pytestmark = pytest.mark.unit
 
@@ -160,6 +161,14 @@ def events_of(w: Watcher, prefix: str = "facemoe") -> list[dict]:
     return [json.loads(p) for p in w.payloads(f"{prefix}/events")]
 
 
+def retained_topics(port: int) -> set[str]:
+    """The topics the broker retains a message on now (a new subscriber gets them at once)."""
+    watcher = Watcher(port, ["homeassistant/#", "facemoe/#"])
+    time.sleep(1.0)
+    watcher.close()
+    return {t for t, p, _ in watcher.messages if p}
+
+
 def mqtt_config(port: int, **extra) -> AppConfig:
     cfg = {"daemon": {"mqtt": {"host": "127.0.0.1", "port": port, "keepalive_s": 5,
                                "reconnect_max_s": 1, **extra}}}
@@ -167,9 +176,10 @@ def mqtt_config(port: int, **extra) -> AppConfig:
 
 
 def event(i: int, name: str | None = "Lin-Manuel Miranda", kind: str = "end") -> Event:
-    return Event("door", i, name, 0.7, 1.0, 2.0, 10, (1.0, 2.0, 30.0, 40.0), "m@1", type=kind,
-                 time="2026-12-01T12:00:00.000+00:00", candidate="Lin-Manuel Miranda",
-                 candidate_score=0.7)
+    """The tests' event (`tests.gallery_helpers.event`) at the door, a new id each time."""
+    return shared_event(i, name, camera="door", score=0.7, id=new_event_id(), type=kind,
+                        time="2026-12-01T12:00:00.000+00:00", candidate="Lin-Manuel Miranda",
+                        candidate_score=0.7)
 
 
 @pytest.mark.slow
@@ -520,10 +530,7 @@ def test_a_person_who_leaves_the_gallery_leaves_no_retained_topic(tmp_path, brok
         watcher.close()
     finally:
         sink.close()
-    retained = Watcher(broker.port, ["homeassistant/#", "facemoe/#"])
-    time.sleep(1.0)
-    retained.close()
-    left = {t for t, p, _ in retained.messages if p}
+    left = retained_topics(broker.port)
     assert config.format("bob") in left and "facemoe/identities/bob/hall" in left
     assert not [t for t in left if "ada" in t]
     # Bob leaves while no box runs: the next run clears what the last one left of him
@@ -533,8 +540,5 @@ def test_a_person_who_leaves_the_gallery_leaves_no_retained_topic(tmp_path, brok
         assert sink.flush(5)
     finally:
         sink.close()
-    retained = Watcher(broker.port, ["homeassistant/#", "facemoe/#"])
-    time.sleep(1.0)
-    retained.close()
-    left = {t for t, p, _ in retained.messages if p}
+    left = retained_topics(broker.port)
     assert not [t for t in left if "bob" in t] and config.format("cy") in left

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from app.config import AppConfig
-from app.detect import FaceDetector
 from app.embed import Embedder
 from app.match import Matcher
 from app.pipeline import EmbedBatch, FacePipeline
 from app.source import open_source
+from app.yunet import FaceDetector
 
 pytestmark = pytest.mark.unit
 

@@ -1,35 +1,22 @@
 """The main job end to end with the shipped model: enroll from stills, process real clips."""
 
 import json
-import os
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import facemoe as run_facemoe
 from tests.gallery_helpers import EVENT_KEYS
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parent.parent
 LIN, ALEX = "Lin-Manuel Miranda", "Alex Lacamoire"
 CLOSE_UP_START = 2.7  # media time of the shot cut that starts Lin-Manuel Miranda's close-up
 
 
-def facemoe(*args, check=True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "app.cli", *map(str, args)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"facemoe {args} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return done
+# the tests' one CLI runner, failing on a non-zero exit unless told `check=False`
+facemoe = partial(run_facemoe, check=True, timeout=600, env={"PYTHONUNBUFFERED": "1"})
 
 
 def _one_line_error(done):

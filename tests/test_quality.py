@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from app.align import TEMPLATE, align_face
-from app.detect import FaceDetector
 from app.quality import pose_frontalness, score_quality
 from app.records import Detection
 from app.source import open_source
+from app.yunet import FaceDetector
 
 pytestmark = pytest.mark.unit
 

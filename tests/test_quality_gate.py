@@ -12,10 +12,10 @@ import pytest
 from app.aggregate import TrackAggregator
 from app.align import STORE, align_face
 from app.config import EmbedPolicy
-from app.detect import FaceDetector
 from app.enroll import EnrollError, ImageLimits, faces_from_array
 from app.quality import exposure, score_quality
 from app.records import AlignedFace, Detection
+from app.yunet import FaceDetector
 
 pytestmark = pytest.mark.unit
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import cv2
 import pytest
 
-from app.detect import FaceDetector
 from app.embed import Embedder
 from app.faces import FaceError, decode_image, read_image
 from app.recognize import Recognizer
+from app.yunet import FaceDetector
 
 pytestmark = pytest.mark.unit
 

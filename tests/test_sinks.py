@@ -261,11 +261,11 @@ def test_snapshots_are_stored_in_the_database_and_old_rows_paths_still_read(
             ev = replace(event(1, None), snapshot_image=face_photo)
             GallerySink(gallery.event_store).write([ev, event(2, None)])
             rows = {e.event.track_id: e.id for e in gallery.event_store.stored()}
-            jpeg = gallery.review.event_snapshot_jpeg(rows[1])
+            jpeg = gallery.pages.event_snapshot_jpeg(rows[1])
             shown = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
             assert shown.shape == face_photo.shape
             assert np.abs(shown.astype(int) - face_photo).mean() < 8
-            assert gallery.review.event_snapshot_jpeg(rows[2]) is None
+            assert gallery.pages.event_snapshot_jpeg(rows[2]) is None
             blob = sqlite3.connect(path).execute("select jpeg from event_snapshots").fetchone()[0]
             assert (blob == jpeg) == (key is None)  # sealed in an encrypted gallery
     old = tmp_path / "old.jpg"
@@ -280,5 +280,33 @@ def test_snapshots_are_stored_in_the_database_and_old_rows_paths_still_read(
         db.execute("update events set snapshot=? where track_id=4", (str(not_a_picture),))
     with Gallery(tmp_path / "g.db", "facemoe-edge", "0.1.0") as gallery:
         rows = {e.event.track_id: e.id for e in gallery.event_store.stored()}
-        assert gallery.review.event_snapshot_jpeg(rows[3]) == jpeg
-        assert gallery.review.event_snapshot_jpeg(rows[4]) is None
+        assert gallery.pages.event_snapshot_jpeg(rows[3]) == jpeg
+        assert gallery.pages.event_snapshot_jpeg(rows[4]) is None
+
+
+def test_jsonl_never_keeps_a_partial_line(tmp_path: Path) -> None:
+    """A write that hits the file size limit (as a full disk would) is undone to the last
+    complete line; the file is private."""
+    import json
+    import resource
+
+    from app.sinks import JsonlSink, SinkError
+    from tests.gallery_helpers import event
+
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(path)
+    sink.write([event(1)])
+    size = path.stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + size // 2, hard))
+    try:
+        with pytest.raises(SinkError, match="cannot write events file"):
+            sink.write([event(2), event(3)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    sink.write([event(4)])
+    sink.close()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["track_id"] for line in lines] == [1, 4]
+    assert path.read_text().endswith("\n")
+    assert os.stat(path).st_mode & 0o777 == 0o600

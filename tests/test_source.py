@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import threading
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 
 from app.source import Gst, SourceError, VideoWriter, _items, _make, init_gstreamer, open_source
+from benchmarks.rtsp_camera import free_port
+from tests.conftest import open_fds, plant_symlinks
 
 pytestmark = pytest.mark.unit
 
@@ -301,3 +304,72 @@ def test_rtsp_live_source() -> None:
     finally:
         loop.quit()
         thread.join(5)
+
+
+def test_source_open_close_keeps_descriptors_flat(data_dir: Path) -> None:
+    clip = str(data_dir / "videos" / "short_hamilton_clip.mp4")
+    dead = f"rtsp://127.0.0.1:{free_port()}/cam"
+    for _ in range(3):  # warm-up: GStreamer loads plugins and starts its shared threads once
+        with open_source(clip) as src:
+            next(iter(src))
+        with pytest.raises(SourceError):
+            open_source(dead, timeout=2)
+    before = open_fds()
+    for _ in range(200):
+        with open_source(clip) as src:
+            next(iter(src))
+    after_files = open_fds()
+    for _ in range(200):
+        with pytest.raises(SourceError):
+            open_source(dead, timeout=2)
+    after_failed = open_fds()
+    assert after_files - before <= 2, (before, after_files)
+    assert after_failed - before <= 2, (before, after_failed)
+
+
+def test_annotated_video_does_not_follow_a_planted_part_file(tmp_path: Path) -> None:
+    import numpy as np
+
+    from app.source import VideoWriter
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    target = tmp_path / "out.mp4"
+    plant_symlinks(tmp_path, ["out.mp4.part"], victim)
+    with VideoWriter(target, 25.0, (64, 48)) as writer:
+        for i in range(10):
+            writer.write(np.full((48, 64, 3), i * 20, np.uint8))
+    assert victim.read_text() == "precious\n"
+    assert os.stat(target).st_mode & 0o777 == 0o600
+    with open_source(str(target)) as src:
+        assert len(list(src)) == 10
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(SourceError, match="is a directory"):
+        VideoWriter(tmp_path, 25.0, (64, 48))
+
+
+def test_token_in_camera_url_is_redacted() -> None:
+    from app.source import redact_uri
+
+    assert redact_uri("rtsp://admin:pw@10.0.0.1:554/live?token=s3cr3t&channel=1") == (
+        "rtsp://admin:***@10.0.0.1:554/live?token=***&channel=1")
+    assert redact_uri("http://cam/mjpg?api_key=abc") == "http://cam/mjpg?api_key=***"
+    assert redact_uri("rtsp://cam/live?channel=1&subtype=0") == "rtsp://cam/live?channel=1&subtype=0"
+    with pytest.raises(SourceError) as err:
+        open_source(f"rtsp://127.0.0.1:{free_port()}/live?token=s3cr3t", timeout=2)
+    assert "s3cr3t" not in str(err.value) and "token=***" in str(err.value)
+
+
+def test_gstreamer_criticals_go_through_python_logging(caplog, capfd) -> None:
+    import logging
+
+    from app.source import Gst, init_gstreamer
+
+    init_gstreamer()
+    with caplog.at_level(logging.WARNING, logger="app.source.glib"):
+        for _ in range(3):
+            Gst.Caps.new_empty().get_structure(0)  # a GStreamer-CRITICAL assertion
+    assert "GStreamer-CRITICAL" not in capfd.readouterr().err
+    messages = [r.getMessage() for r in caplog.records if r.name == "app.source.glib"]
+    assert len(messages) == 3 and messages[0].startswith(
+        "GStreamer-CRITICAL: gst_caps_get_structure: assertion")

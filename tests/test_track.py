@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from app.config import AppConfig
-from app.detect import FaceDetector
 from app.embed import Embedder
 from app.match import Matcher
 from app.pipeline import FacePipeline
@@ -17,6 +16,7 @@ from app.records import Detection, Frame
 from app.runtime import make_detector
 from app.source import open_source
 from app.track import KalmanBoxFilter, Tracker, TrackerConfig, gated_iou, iou_matrix
+from app.yunet import FaceDetector
 from benchmarks.synthetic_faces import Walk, load_sprites, render, visible
 
 pytestmark = pytest.mark.unit

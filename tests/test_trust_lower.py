@@ -77,7 +77,7 @@ def test_the_migration_finds_old_names_in_the_audit_log(tmp_path: Path) -> None:
             g.enroll(name, unit(rng, 1, 8), [name], [0.9])
         g.rename("Ada", "Ada L")
         g.rename("Ada L", "Ada K")
-        g.review.merge_identities("Bob", "Ada K")
+        g.merge_identities("Bob", "Ada K")
     with sqlite3.connect(db) as c:
         c.execute("update alembic_version set version_num = '0002'")
         c.execute("drop table if exists identity_names")
@@ -145,7 +145,7 @@ def test_a_moved_template_and_a_corrupted_crop_are_found(tmp_path: Path) -> None
     with Gallery(db, "m", "1") as g:
         g.enroll("Ada", unit(rng, 2, 16), ["a", "b"], [0.9] * 2, crops)
         g.enroll("Bob", unit(rng, 1, 16), ["c"], [0.9])
-        g.review.merge_identities("Bob", "Ada")  # a move FaceMoE makes is no problem
+        g.merge_identities("Bob", "Ada")  # a move FaceMoE makes is no problem
         assert g.verify() == []
         g.enroll("Cy", unit(rng, 1, 16), ["d"], [0.9])
     with sqlite3.connect(db) as c:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 from pathlib import Path
 
 import cv2
@@ -27,7 +26,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from app.config import WebConfig, load_config  # noqa: E402
 from app.gallery import Gallery  # noqa: E402
-from app.runtime import make_detector, make_embedder, open_gallery, threshold  # noqa: E402
+from app.runtime import open_gallery, threshold  # noqa: E402
 from app.web.app import create_app  # noqa: E402
 from app.web.auth import (  # noqa: E402
     COOKIE,
@@ -38,31 +37,10 @@ from app.web.auth import (  # noqa: E402
     verify_password,
 )
 from app.web.context import WebContext  # noqa: E402
-from tests.web_helpers import ALEX, HAMILTON, LIN, build_gallery, close_up, facemoe  # noqa: E402
+from tests.web_helpers import ALEX, HAMILTON, LIN, close_up, facemoe  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("no_gallery_key")]
 PASSWORD, TOKEN = "correct horse battery", "tok-3f9a2c"
-
-
-@pytest.fixture(scope="module")
-def models():
-    cfg = load_config(None)
-    return make_detector(cfg), make_embedder(cfg)
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, data_dir: Path) -> Path:
-    os.environ.pop("FACEMOE_GALLERY_KEY", None)
-    os.environ.pop("FACEMOE_GALLERY_KEY_FILE", None)
-    return build_gallery(tmp_path_factory.mktemp("web") / "gallery.db", data_dir / "videos")
-
-
-@pytest.fixture
-def db(built: Path, tmp_path: Path) -> Path:
-    """A copy of the built gallery that a test may change."""
-    copy = tmp_path / "gallery.db"
-    shutil.copy(built, copy)
-    return copy
 
 
 def make_client(db: Path, models, *, env: dict[str, str] | None = None,
@@ -422,7 +400,7 @@ def test_cli_serve(built: Path, tmp_path: Path) -> None:
     import urllib.request
 
     from benchmarks.rtsp_camera import free_port
-    from tests.web_helpers import REPO
+    from tests.conftest import REPO_ROOT as REPO
 
     done = facemoe("serve", "--host", "0.0.0.0", "--gallery", built, check=False)
     assert done.returncode == 1 and "Traceback" not in done.stderr
@@ -479,12 +457,12 @@ def test_unknown_faces_are_grouped_in_the_background(db: Path, models) -> None:
 
     c = make_client(db, models, refresh_s=0.2)
     ctx = c.app.state.ctx
-    assert ctx.gallery.review.clusters(ctx.review.model)[1] == 0
+    assert ctx.gallery.clusters.clusters(ctx.review.model)[1] == 0
     stop = threading.Event()
     ctx.start_refresher(stop)
     try:
         deadline = time.monotonic() + 60
-        while ctx.gallery.review.clusters(ctx.review.model)[1] == 0:
+        while ctx.gallery.clusters.clusters(ctx.review.model)[1] == 0:
             assert time.monotonic() < deadline, "no clusters after 60 s"
             time.sleep(0.2)
     finally:

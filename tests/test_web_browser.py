@@ -27,7 +27,8 @@ from app.runtime import make_detector, make_embedder, open_gallery, threshold  #
 from app.web.app import create_app  # noqa: E402
 from app.web.auth import Authenticator  # noqa: E402
 from app.web.context import WebContext  # noqa: E402
-from tests.web_helpers import HAMILTON, LIN, REPO, build_gallery, close_up, facemoe  # noqa: E402
+from tests.conftest import REPO_ROOT as REPO  # noqa: E402
+from tests.web_helpers import HAMILTON, LIN, build_gallery, close_up, facemoe  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("no_gallery_key")]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -135,7 +136,7 @@ def test_review_ui_in_chromium(browser, server, shots: Path, data_dir: Path,
     # the unknown faces of the Hamilton clip, grouped; find the close-up's group
     events = [e.as_json() for e in ctx.gallery.stored_events()]
     target = close_up([e for e in events if e["identity"] is None])
-    cluster = ctx.gallery.review.embeddings([target["id"]], ctx.review.model)[target["id"]][1]
+    cluster = ctx.gallery.clusters.embeddings([target["id"]], ctx.review.model)[target["id"]][1]
     assert cluster is not None
     cards = browser.find_elements(By.CSS_SELECTOR, "section.cluster")
     assert len(cards) >= 3
@@ -204,9 +205,8 @@ def test_corrections_and_groups_in_chromium(browser, loose_server, shots: Path) 
     _login(browser, base, PASSWORD)
     WebDriverWait(browser, 120).until(
         lambda d: d.find_elements(By.CSS_SELECTOR, "section.cluster"))
-    review = ctx.gallery.review
     target = close_up([e.as_json() for e in ctx.gallery.stored_events()])
-    cluster = review.embeddings([target["id"]], ctx.review.model)[target["id"]][1]
+    cluster = ctx.gallery.clusters.embeddings([target["id"]], ctx.review.model)[target["id"]][1]
     # merge: another group is picked from a list, most similar first, not typed by number
     card = browser.find_element(By.ID, f"cluster-{cluster}")
     pick = Select(card.find_element(By.CSS_SELECTOR, "select[name=other]"))
@@ -214,13 +214,13 @@ def test_corrections_and_groups_in_chromium(browser, loose_server, shots: Path) 
     pick.select_by_index(0)
     card.find_element(By.CSS_SELECTOR, "form[action$='/merge'] button").click()
     assert f"cluster {other} merged into {cluster}" in browser.find_element(By.ID, "msg").text
-    members = review.cluster_events(cluster)
+    members = ctx.gallery.clusters.cluster_events(cluster)
     card = browser.find_element(By.ID, f"cluster-{cluster}")
     card.find_element(By.CSS_SELECTOR, "input[name=name]").send_keys(LIN)
     card.find_element(By.CSS_SELECTOR, ".name-form button").click()
     msg = browser.find_element(By.ID, "msg").text
     assert f"cluster {cluster} is {LIN}" in msg and "left unknown" in msg, msg
-    names = {e: review.event(e).event.identity for e in members}
+    names = {e: ctx.gallery.pages.event(e).event.identity for e in members}
     left = [e for e, n in names.items() if n is None]
     assert left and target["id"] not in left and names[target["id"]] == LIN
     browser.get(f"{base}/events/{left[0]}")
@@ -231,14 +231,14 @@ def test_corrections_and_groups_in_chromium(browser, loose_server, shots: Path) 
     browser.get(f"{base}/events/{named}")
     browser.find_element(By.CSS_SELECTOR, "#not-person button").click()
     assert f"is not {LIN}" in browser.find_element(By.ID, "msg").text
-    assert review.event(named).event.identity is None
+    assert ctx.gallery.pages.event(named).event.identity is None
     assert not browser.find_elements(By.ID, "not-person")
     browser.save_screenshot(str(shots / "event-corrected.png"))
     form = browser.find_element(By.ID, "relabel-event")
     form.find_element(By.NAME, "name").send_keys(LIN)
     form.find_element(By.TAG_NAME, "button").click()
     assert f"unknown → {LIN}" in browser.find_element(By.ID, "msg").text
-    assert review.event(named).event.identity == LIN
+    assert ctx.gallery.pages.event(named).event.identity == LIN
     browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
         "width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
     browser.get(f"{base}/events/{named}")

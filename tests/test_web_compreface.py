@@ -26,11 +26,11 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from app import paths  # noqa: E402
 from app.config import WebConfig, load_config  # noqa: E402
-from app.runtime import make_detector, make_embedder, open_gallery, threshold  # noqa: E402
+from app.runtime import open_gallery, threshold  # noqa: E402
 from app.web.app import create_app  # noqa: E402
 from app.web.auth import Authenticator, hash_token  # noqa: E402
 from app.web.context import WebContext  # noqa: E402
-from tests.web_helpers import REPO  # noqa: E402
+from tests.conftest import REPO_ROOT as REPO  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("no_gallery_key")]
 KEY, READ_ONLY_KEY, TOKEN = "cf-write-7d1e", "cf-read-2b9c", "product-token-5e"
@@ -39,12 +39,6 @@ API_KEYS = [{"name": "doubletake", "key_hash": hash_token(KEY)},
 SDK = "compreface-sdk==0.6.0"
 SDK_VENV = REPO / "cache" / "compreface-sdk-0.6.0"
 W, R = {"x-api-key": KEY}, {"x-api-key": READ_ONLY_KEY}
-
-
-@pytest.fixture(scope="module")
-def models():
-    cfg = load_config(None)
-    return make_detector(cfg), make_embedder(cfg)
 
 
 @pytest.fixture

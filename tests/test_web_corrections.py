@@ -6,8 +6,6 @@ their offsets, one-line errors for bad filter values, an HTML 404 page, short sc
 
 from __future__ import annotations
 
-import os
-import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -21,34 +19,13 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from app.clusters import _co_occurring, span_of  # noqa: E402
 from app.config import WebConfig, load_config  # noqa: E402
-from app.runtime import make_detector, make_embedder, open_gallery, threshold  # noqa: E402
+from app.runtime import open_gallery, threshold  # noqa: E402
 from app.web.app import create_app  # noqa: E402
 from app.web.auth import Authenticator  # noqa: E402
 from app.web.context import WebContext  # noqa: E402
-from tests.web_helpers import ALEX, LIN, build_gallery, close_up, facemoe  # noqa: E402
+from tests.web_helpers import ALEX, LIN, close_up, facemoe  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("no_gallery_key")]
-
-
-@pytest.fixture(scope="module")
-def models():
-    cfg = load_config(None)
-    return make_detector(cfg), make_embedder(cfg)
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, data_dir: Path) -> Path:
-    os.environ.pop("FACEMOE_GALLERY_KEY", None)
-    os.environ.pop("FACEMOE_GALLERY_KEY_FILE", None)
-    return build_gallery(tmp_path_factory.mktemp("corrections") / "gallery.db",
-                         data_dir / "videos")
-
-
-@pytest.fixture
-def db(built: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "gallery.db"
-    shutil.copy(built, copy)
-    return copy
 
 
 def loose(models) -> float:
@@ -127,8 +104,8 @@ def test_faces_seen_together_never_share_a_group(db: Path, models) -> None:
     c = make_client(db, models, cluster_threshold=loose(models))
     ctx = c.app.state.ctx
     assert c.get("/api/clusters").status_code == 200  # groups every unknown event
-    stored = ctx.gallery.review.stored([e["id"] for e in events(c)])
-    vecs = ctx.gallery.review.embeddings(sorted(stored), ctx.review.model)
+    stored = ctx.gallery.pages.stored([e["id"] for e in events(c)])
+    vecs = ctx.gallery.clusters.embeddings(sorted(stored), ctx.review.model)
     ids = sorted(vecs)  # the grouped (unknown) events
     pairs = [(ids[i], ids[j]) for i, j in _co_occurring([span_of(stored[e]) for e in ids])]
     assert len(pairs) >= 5
@@ -143,12 +120,12 @@ def test_naming_a_group_names_only_the_faces_it_accepted(db: Path, models) -> No
     lin = close_up(events(c))
     clusters = c.get("/api/clusters").json()["clusters"]
     group = next(g for g in clusters
-                 if lin["id"] in ctx.gallery.review.cluster_events(g["id"]))
-    members = ctx.gallery.review.cluster_events(group["id"])
+                 if lin["id"] in ctx.gallery.clusters.cluster_events(g["id"]))
+    members = ctx.gallery.clusters.cluster_events(group["id"])
     r = c.post(f"/api/clusters/{group['id']}/name", json={"name": LIN})
     assert r.status_code == 200, r.text
     body = r.json()
-    after = {e: ctx.gallery.review.event(e).event.identity for e in members}
+    after = {e: ctx.gallery.pages.event(e).event.identity for e in members}
     named = [e for e, name in after.items() if name == LIN]
     left = [e for e, name in after.items() if name is None]
     assert len(named) == body["events_named"] >= 1 and lin["id"] in named
@@ -156,7 +133,7 @@ def test_naming_a_group_names_only_the_faces_it_accepted(db: Path, models) -> No
     rejected = {int(x["source"].split(":")[0].split()[1]) for x in body["enrolled"]["rejected"]}
     assert rejected and rejected <= set(left)  # a face of someone else, rejected: unknown
     # the faces it left out did not match the name; the next grouping takes them again
-    vecs = ctx.gallery.review.embeddings(left, ctx.review.model)
+    vecs = ctx.gallery.clusters.embeddings(left, ctx.review.model)
     near = ctx.recognizer.nearest(np.stack([vecs[e][0] for e in left]), top=1)
     assert all(not n or n[0].name != LIN or n[0].score < ctx.threshold for n in near)
     # merge by picking: every other group on the page is offered, most similar first

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ pytest.importorskip("fastapi", reason="the web extra is not installed (pip insta
 
 from app.config import AppConfig  # noqa: E402
 from benchmarks.rtsp_camera import free_port  # noqa: E402
+from tests.conftest import kill_daemon, stop_daemon
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_gallery_key")]
@@ -82,8 +82,6 @@ def test_the_daemon_serves_the_review_ui_with_a_cameras_page(tmp_path: Path,
         time.sleep(0.5)  # the sink's batched commit
         events = json.loads(_get(port, "/api/events")[1])["events"]
         assert events and all(e["camera"] == "hall" for e in events)
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(20) == 0, log_path.read_text()[-3000:]
+        stop_daemon(daemon, log_path, 20)
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
+        kill_daemon(daemon)

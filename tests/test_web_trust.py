@@ -18,7 +18,7 @@ pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx (the dev e
 from fastapi.testclient import TestClient  # noqa: E402
 
 from app.config import WebConfig, load_config  # noqa: E402
-from app.runtime import make_detector, make_embedder, open_gallery, threshold  # noqa: E402
+from app.runtime import open_gallery, threshold  # noqa: E402
 from app.sinks import JsonlSink  # noqa: E402
 from app.web.app import create_app, listen  # noqa: E402
 from app.web.auth import COOKIE, AuthConfigError, Authenticator, hash_password  # noqa: E402
@@ -28,12 +28,6 @@ from tests.gallery_helpers import event  # noqa: E402
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_gallery_key")]
 PASSWORD = "correct horse battery"
 LOCAL = "http://127.0.0.1:8080"
-
-
-@pytest.fixture(scope="module")
-def models():
-    cfg = load_config(None)
-    return make_detector(cfg), make_embedder(cfg)
 
 
 @pytest.fixture

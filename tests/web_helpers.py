@@ -4,24 +4,18 @@ clip and an Intel clip processed by the CLI (events with their kept crops)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import facemoe as run_facemoe
+
 LIN, ALEX = "Lin-Manuel Miranda", "Alex Lacamoire"
 HAMILTON = "short_hamilton_clip.mp4"
 INTEL = "intel_face-demographics-walking.mp4"
 
 
-def facemoe(*args: object, env: dict[str, str] | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], cwd=REPO,
-                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=600)
-    if check and done.returncode != 0:
-        raise AssertionError(f"facemoe {args} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return done
+# the tests' one CLI runner, failing on a non-zero exit unless told `check=False`
+facemoe = partial(run_facemoe, check=True, timeout=600)
 
 
 def build_gallery(db: Path, videos: Path, env: dict[str, str] | None = None) -> Path:
@@ -29,6 +23,14 @@ def build_gallery(db: Path, videos: Path, env: dict[str, str] | None = None) -> 
     for clip in (HAMILTON, INTEL):
         facemoe("process", videos / clip, "--gallery", db, "--no-progress", env=env)
     return db
+
+
+def built_gallery(folder: Path, data_dir: Path) -> Path:
+    """`build_gallery` in `folder`, plain (a gallery key in the environment is dropped): a test
+    module's gallery, built once."""
+    os.environ.pop("FACEMOE_GALLERY_KEY", None)
+    os.environ.pop("FACEMOE_GALLERY_KEY_FILE", None)
+    return build_gallery(folder / "gallery.db", data_dir / "videos")
 
 
 def close_up(events: list[dict]) -> dict:

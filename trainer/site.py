@@ -217,6 +217,20 @@ def expert_report(start: nn.Module, model: nn.Module, usage: np.ndarray | None
     return {"moe_layers": layers, "most_changed_tensors": dict(top)}
 
 
+def _expert_usage(model: nn.Module, split: FrozenSplit, site_feats: torch.Tensor,
+                  layers: list) -> np.ndarray | None:
+    """Each MoE layer's share of routed tokens per expert on (up to) 256 site faces, with the
+    trained model in eval mode; None for a model without MoE layers."""
+    if not layers:
+        return None
+    with torch.no_grad():
+        model.eval()
+        split.suffix(site_feats[:256].float())
+        return np.stack([torch.bincount(m.last.top_idx.reshape(-1),
+                                        minlength=m.num_experts).float().numpy()
+                         / m.last.top_idx.numel() for m in layers])
+
+
 def site_finetune(cfg: SiteConfig) -> Path:
     """Run the recipe; returns the run directory (model/, site_report.json)."""
     if not cfg.data.site_pool:
@@ -293,14 +307,7 @@ def site_finetune(cfg: SiteConfig) -> Path:
     train_s = time.time() - t_train
     emb1 = embed_cached(split, site_feats)
     after = identification(emb1, lab, sp, tr)
-    usage = None
-    if layers:
-        with torch.no_grad():
-            model.eval()
-            split.suffix(site_feats[:256].float())
-            usage = np.stack([torch.bincount(m.last.top_idx.reshape(-1),
-                                             minlength=m.num_experts).float().numpy()
-                              / m.last.top_idx.numel() for m in layers])
+    usage = _expert_usage(model, split, site_feats, layers)
     anchor_after = embed_cached(split, anchor_feats)
     kept = float((anchor_after * teacher.numpy()).sum(1).mean())
     experts = expert_report(start, model, usage)

@@ -11,11 +11,14 @@ Modules, each one concern, in the order they build on each other:
 - `audit`: `AuditLog.record` (in a change's transaction) and `AuditLog.entries`.
 - `store`: `Store`, an opened gallery: `db`, `sealer`, `audit`, the model it belongs to
   and `claim(session)`, which every write of templates or events makes.
-- `events`: `EventStore`, the events the daemon and `process` write.
+- `events`: `EventStore`, the events the daemon and `process` write, and relabelling them.
+- `paging`: `Pages`, read-only pages of events and identities for the review UI and the API.
+- `clusters`: `ClusterStore`, event embeddings cached per model and face clusters.
 - `reembed`: rebuilding templates from stored crops with a new model.
 - `transfer`: the checksummed export file, `export` and `import_file`.
-- `identities`: enrolled identities and templates, and `Gallery`, the handle that opens a
-  gallery and reaches all of the above.
+- `identities`: enrolled identities and templates (enroll, rename, merge, delete one
+  template, remove), and `Gallery`, the handle that opens a gallery and reaches all of the
+  above (`pages`, `clusters`, `event_store`, `erasures`).
 """
 
 from app.gallery.audit import AuditEntry, AuditLog

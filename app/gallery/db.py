@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import (
+    Column,
     DateTime,
     Engine,
     Float,
@@ -72,6 +73,12 @@ KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 3
 POOL_RECYCLE_S = 1800  # connections older than this are replaced (idle-killing firewalls)
 LOCK_RETRIES = 5  # attempts of a write that still finds the database locked after the timeout
 IN_CHUNK = 500  # values per SQL IN (...) list
+
+
+def chunks(ids) -> list[list]:
+    """`ids` in lists of at most `IN_CHUNK` (one SQL IN (...) list each)."""
+    ids = list(ids)
+    return [ids[i:i + IN_CHUNK] for i in range(0, len(ids), IN_CHUNK)]
 _PAGE_SIZE = 16384  # a 512-d template (2 KiB) per identity: ~2.6 KB on disk, not ~4.3 KB
 
 T = TypeVar("T")
@@ -220,9 +227,19 @@ class EventSnapshotRow(Base):
     jpeg: Mapped[bytes] = mapped_column(LargeBinary)
 
 
-# Columns of `events` that galleries of release 0.2 lack (migration 0002 adds them on open).
-EVENT_COLUMNS_ADDED = ("uid", "time", "snapshot", "candidate", "candidate_score", "zones")
-TEMPLATE_COLUMNS_ADDED = ("checksum",)  # and of `templates` (also migration 0002)
+# Columns of `events` and `templates` that galleries of release 0.2 lack, as release 0.3 added
+# them (migration 0002 adds the missing ones on open; its one source, frozen as they were).
+RELEASE_0_3_EVENT_COLUMNS = (
+    Column("uid", String(64), nullable=True),
+    Column("time", String(40), nullable=True),
+    Column("snapshot", String(1024), nullable=True),
+    Column("candidate", String(256), nullable=True),
+    Column("candidate_score", Float(), nullable=True),
+    Column("zones", String(1024), nullable=True),
+)
+RELEASE_0_3_TEMPLATE_COLUMNS = (Column("checksum", String(64), nullable=True),)
+EVENT_COLUMNS_ADDED = tuple(c.name for c in RELEASE_0_3_EVENT_COLUMNS)
+TEMPLATE_COLUMNS_ADDED = tuple(c.name for c in RELEASE_0_3_TEMPLATE_COLUMNS)
 
 
 class EventCropRow(Base):
@@ -596,7 +613,8 @@ class Database:
             Base.metadata.create_all(self._engine)
         from app.gallery.schema import ensure_current
 
-        ensure_current(self._engine, self.location)  # versioned: Alembic migrations
+        # versioned (Alembic migrations); a new gallery's tables, made from the models, are HEAD's
+        ensure_current(self._engine, self.location, new="meta" not in tables)
         with Session(self._engine) as session:
             meta = dict(session.execute(select(MetaRow.key, MetaRow.value)).all())
             has_templates = session.scalar(select(TemplateRow.id).limit(1)) is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,8 +16,8 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from app.gallery.codec import decode_crop, encode_crop, normalise_name
-from app.gallery.db import EventCropRow, EventRow, EventSnapshotRow, as_utc, utcnow
+from app.gallery.codec import clean_name, decode_crop, encode_crop, normalise_name
+from app.gallery.db import EventCropRow, EventRow, EventSnapshotRow, as_utc, chunks, utcnow
 from app.gallery.errors import GalleryError, plural
 from app.gallery.seal import CROP, SNAPSHOT
 from app.gallery.store import Store
@@ -185,6 +186,23 @@ class EventStore:
         what = f"event {event_id}"
         return stored, [(float(q), decode_crop(self._store.sealer.unseal(c, CROP), what))
                         for q, c in crops]
+
+    def relabel(self, event_ids: Sequence[int], identity: str | None) -> int:
+        """Name the events `identity` (None: unknown again); returns how many changed."""
+        name = clean_name(identity) if identity is not None else None
+        store = self._store
+
+        def work(session: Session) -> int:
+            n = 0
+            for chunk in chunks(event_ids):
+                n += session.execute(update(EventRow).where(EventRow.id.in_(chunk))
+                                     .values(identity=name)).rowcount
+            store.audit.record(session, "relabel", name,
+                               f"{plural(n, 'event')} named {name!r}" if name
+                               else f"{plural(n, 'event')} made unknown")
+            return n
+
+        return store.db.write("relabel events", work)
 
     def purge(self, older_than_days: float, *, compact: bool = True) -> int:
         """Delete events stored more than `older_than_days` days ago, then compact the file;

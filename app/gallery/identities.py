@@ -1,5 +1,6 @@
 """The identity store: enrolled identities and their templates (per model), and `Gallery`,
-the one handle on an opened gallery that the CLI, the pipeline and the tests use.
+the one handle on an opened gallery that the CLI, the pipeline and the tests use. Every write
+of identities and templates is here: enroll, rename, merge two, delete one template, remove.
 
 `remove` deletes an identity, its templates, crops and events, then compacts the file
 (VACUUM). Every change writes an audit row in the same transaction.
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.gallery.audit import AuditEntry
+from app.gallery.clusters import ClusterStore
 from app.gallery.codec import (
     binding_checksum,
     clean_name,
@@ -37,16 +39,18 @@ from app.gallery.db import (
     TemplateRow,
     add_identities,
     as_utc,
+    move_names,
     record_names,
     refuse_lookalikes,
+    stamp_bindings,
     template_dim,
     utcnow,
 )
 from app.gallery.erasures import Erasures
 from app.gallery.errors import GalleryError, names_preview, plural
 from app.gallery.events import EventStore, StoredEvent
+from app.gallery.paging import Pages
 from app.gallery.reembed import EmbedderLike, ReembedReport, reembed
-from app.gallery.review import Review
 from app.gallery.seal import CROP, VECTOR
 from app.gallery.store import Closing, Store
 from app.gallery.training import TrainedFaces
@@ -179,7 +183,8 @@ class Gallery(Closing):
         self.store = Store(location, model_name, model_version, create=create, key=key,
                            adopt_model=adopt_model, defer_open=defer_open)
         self.event_store = EventStore(self.store)
-        self.review = Review(self.store)  # pages, clusters and edits of the review UI
+        self.pages = Pages(self.store)  # read-only pages of events and identities
+        self.clusters = ClusterStore(self.store)  # event embeddings and face clusters
         self.erasures = Erasures(self.store)  # tombstones of erasures (app.erasure)
         self.trained = TrainedFaces(self.store)  # models fine-tuned on its faces
         self.corrupt_templates: list[CorruptTemplate] = []  # left out by the last `matrix()`
@@ -465,6 +470,55 @@ class Gallery(Closing):
 
         store.db.write(f"rename {normalise_name(old)!r}", work)
         log.info("renamed %r to %r in %s", normalise_name(old), clean, self.location)
+
+    def delete_template(self, template_id: int) -> str:
+        """Delete one template; returns its identity's name (the identity stays, even empty)."""
+        store = self.store
+
+        def work(session: Session) -> str:
+            row = session.get(TemplateRow, int(template_id))
+            if row is None:
+                raise GalleryError(f"no template {template_id}")
+            name = row.identity.name
+            store.audit.record(session, "delete_template", name,
+                               f"template {row.id} ({row.source}) deleted")
+            session.delete(row)
+            store.db.bump_version(session)
+            return name
+
+        name = store.db.write(f"delete template {template_id}", work)
+        store.db.compact()
+        return name
+
+    def merge_identities(self, source: str, target: str) -> int:
+        """Move the templates and events of `source` to `target` and delete `source`;
+        returns the templates moved."""
+        store = self.store
+        src_name, dst_name = normalise_name(source), normalise_name(target)
+        if src_name == dst_name:
+            raise GalleryError("cannot merge an identity with itself")
+
+        def work(session: Session) -> int:
+            ids = dict(session.execute(select(IdentityRow.name, IdentityRow.id)
+                                       .where(IdentityRow.name.in_([src_name, dst_name]))).all())
+            for n in (src_name, dst_name):
+                if n not in ids:
+                    raise GalleryError(f"no such identity: {n!r}")
+            moved = session.execute(update(TemplateRow)
+                                    .where(TemplateRow.identity_id == ids[src_name])
+                                    .values(identity_id=ids[dst_name])).rowcount
+            events = session.execute(update(EventRow).where(EventRow.identity == src_name)
+                                     .values(identity=dst_name)).rowcount
+            session.execute(delete(IdentityRow).where(IdentityRow.id == ids[src_name]))
+            move_names(session, ids[src_name], ids[dst_name])  # an erasure of dst finds src's
+            stamp_bindings(session, TemplateRow.identity_id == ids[dst_name])
+            store.audit.record(session, "merge", dst_name,
+                               f"{src_name!r} merged in: {plural(moved, 'template')}, "
+                               f"{plural(events, 'event')} relabelled")
+            store.db.bump_version(session)
+            return moved
+
+        return store.db.write(f"merge {src_name!r} into {dst_name!r}", work)
 
     def set_store_crops(self, on: bool, *, delete_existing: bool = False) -> int:
         """Store aligned crops of new templates (needed by `reembed`) or not; with

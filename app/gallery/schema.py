@@ -1,7 +1,8 @@
 """The gallery schema's version (Alembic revisions in `app/gallery/migrations/versions`).
 
-Every opened gallery is brought to `HEAD`: a new one is created at it, a gallery of release
-0.2 (no version yet) gets the tables it lacks and is stamped with the baseline, an older
+Every opened gallery is brought to `HEAD`: a new one is created at it (stamped `HEAD`), a
+gallery of release 0.2 (no version yet) gets the tables it lacks and is stamped with the
+baseline, then migrated; an older
 revision is upgraded by Alembic's migrations. A gallery of a newer release (a revision this
 one does not know) is refused. Alembic is imported only when there is something to migrate,
 so opening an up-to-date gallery costs one SELECT.
@@ -33,19 +34,21 @@ def revision(engine: Engine) -> str | None:
         return conn.scalar(select(_version.c.version_num))
 
 
-def ensure_current(engine: Engine, location: str) -> None:
-    """Stamp or migrate the gallery to `HEAD` (its tables already exist: `create_all`)."""
+def ensure_current(engine: Engine, location: str, *, new: bool = False) -> None:
+    """Stamp or migrate the gallery to `HEAD` (its tables already exist: `create_all`);
+    `new`: the gallery was just created, its tables made from the models (`HEAD`'s)."""
     current = revision(engine)
     if current == HEAD:
         return
     writer = engine.execution_options(gallery_write=True)
-    if current is None:  # new, or release 0.2: create_all made the baseline's tables
+    if current is None:  # new (HEAD's tables), or release 0.2 (create_all made the baseline's)
+        stamp = HEAD if new else BASELINE
         with writer.begin() as conn:
             _version.create(conn, checkfirst=True)
             if conn.scalar(select(_version.c.version_num)) is None:
-                conn.execute(_version.insert().values(version_num=BASELINE))
-        log.info("gallery %s: schema stamped at revision %s", location, BASELINE)
-        current = BASELINE
+                conn.execute(_version.insert().values(version_num=stamp))
+        log.info("gallery %s: schema stamped at revision %s", location, stamp)
+        current = stamp
         if current == HEAD:
             return
     upgrade(writer, location, current)

@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from app.fsutil import make_dirs, temp_beside
+from app.fsutil import atomic_path
 from app.gallery.codec import (
     binding_checksum,
     clean_name,
@@ -136,29 +136,21 @@ def verify_export(path: str | Path) -> str:
 
 def export(store: Store, path: str | Path) -> ExportReport:
     """Write every identity with its templates and crops (of the gallery's model) to one zip
-    file (mode 0600), written to a temporary name and renamed when complete."""
+    file (mode 0600), written to a temporary name and renamed when complete (`atomic_path`)."""
     dest = Path(path).expanduser()
     if dest.is_dir():
         raise GalleryError(f"cannot export to {dest}: it is a directory")
-    tmp: Path | None = None
     try:
-        make_dirs(dest.parent)
-        fd, tmp = temp_beside(dest)  # O_EXCL, 0600, unpredictable name
-        with os.fdopen(fd, "w+b") as fh:
+        # the checksum is of the file as written: it is read back before it replaces `dest`
+        with atomic_path(dest) as tmp, open(tmp, "w+b") as fh:
             counts = _write_export(store, fh)
             size = fh.seek(0, os.SEEK_END)
             fh.flush()
             digest = _file_sha256(tmp, size - 64)
             fh.seek(size - 64)
             fh.write(digest.encode("ascii"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
     except OSError as exc:
         raise GalleryError(f"cannot write export {dest}: {exc.strerror or exc}") from exc
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
     report = ExportReport(str(dest), counts[0], counts[1], counts[2], size, digest,
                           store.sealer.encrypted)
     store.db.write("audit export", lambda s: store.audit.record(

@@ -30,7 +30,16 @@ from app.web.auth import COOKIE, AuthConfigError, Authenticator, hash_token
 from app.web.context import WebContext
 from app.web.deps import NotAuthenticated, http_error, user_errors
 from app.web.guard import HostGuard, json_answer
-from app.web.routers import clusters, compreface, events, fleet, identities, pages, recognize
+from app.web.routers import (
+    clusters,
+    compreface,
+    events,
+    fleet,
+    identities,
+    pages,
+    recognize,
+    templates,
+)
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -147,7 +156,8 @@ def create_app(ctx: WebContext) -> FastAPI:
                               "tokens); the API takes `Authorization: Bearer TOKEN`.")
     app.state.ctx = ctx
     openapi.install(app)
-    for r in (events.router, clusters.router, identities.router, recognize.router,
+    for r in (events.router, clusters.router, identities.router, templates.router,
+              recognize.router,
               compreface.router, fleet.router, pages.router):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
@@ -158,6 +168,10 @@ def create_app(ctx: WebContext) -> FastAPI:
             return JSONResponse({"detail": "authentication required"}, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
         return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
+
+    @app.exception_handler(pages.PageRefused)
+    async def _page_refused(_request: Request, exc: pages.PageRefused) -> Response:
+        return exc.response  # a page's form refused: back where it came from, with the error
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:

@@ -11,7 +11,7 @@ from typing import Any
 
 from app.clusters import FaceReview, RefreshReport
 from app.config import AppConfig
-from app.detect import FaceDetector
+from app.detect import Detector
 from app.embed import Embedder
 from app.gallery import Gallery, GalleryError
 from app.openset import OpenSet
@@ -29,7 +29,7 @@ class WebContext:
 
     cfg: AppConfig
     gallery: Gallery
-    detector: FaceDetector
+    detector: Detector
     embedder: Embedder
     threshold: float
     auth: Authenticator

@@ -1,10 +1,12 @@
-"""FastAPI dependencies: the context, the authenticated user, write checks, upload reading,
-and the mapping of service errors onto HTTP answers."""
+"""FastAPI dependencies: the context, the authenticated user, write checks (`writer`) and the
+audited writer (`audited_writer`), upload reading, and the mapping of service errors onto HTTP
+answers."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request, UploadFile
@@ -12,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.faces import UPLOAD_MAX_PIXELS, FaceError, decode_image
 from app.gallery import GalleryError
+from app.gallery.audit import acting_as
 from app.web.auth import COOKIE, CSRF_FIELD, CSRF_HEADER, User
 from app.web.context import WebContext
 
@@ -64,6 +67,15 @@ async def writer(request: Request) -> User:
     elif user.via == "local" and not same_site(request):
         raise HTTPException(403, "cross-site request refused")
     return user
+
+
+async def audited_writer(request: Request) -> AsyncIterator[User]:
+    """The audited writer, for every route that changes something (pages and API): `writer`'s
+    user, and every change the request makes is audited as theirs (`acting_as` holds until
+    the response: the handler, and the threads it runs work in, see it)."""
+    user = await writer(request)
+    with acting_as(user.audit_name):
+        yield user
 
 
 _DECODES = asyncio.Semaphore(2)  # images decoded at once (each up to 40 MP: ~120 MB)

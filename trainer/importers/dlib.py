@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from trainer.artifact import save_artifact
+from trainer.importers import save_imported
 from trainer.importers.dlib_format import DlibFormatError, DlibLayer, read_dlib_network
-from trainer.models import create_model, model_config
+from trainer.models import create_model
 from trainer.models.resnet import DLIB_MEAN_RGB, Affine
 
 DAT_NAME = "dlib_face_recognition_resnet_model_v1.dat"
@@ -91,21 +91,11 @@ def import_dlib(
     mean_rgb = (inp.info["avg_red"], inp.info["avg_green"], inp.info["avg_blue"])
     if not all(abs(a - b) < 1e-3 for a, b in zip(mean_rgb, DLIB_MEAN_RGB, strict=True)):
         raise DlibFormatError(f"input means {mean_rgb} are not ResNet v1's {DLIB_MEAN_RGB}")
-    arch = model_config(architecture)
     model = create_model(architecture).eval()
     load_dlib_weights(model, layers)
-    return save_artifact(
-        model,
-        arch,
-        out_dir,
-        name=name or architecture,
-        version=version,
-        recipe={"imported_from": "dlib", "architecture": architecture},
-        data={"source": {
-            "file": DAT_NAME,
-            "package": "face-recognition-models 0.3.0 (PyPI sdist)",
-            "sha256": digest,
-            "known_release": digest == DAT_SHA256,
-            "licence": LICENCE,
-        }},
-    )
+    return save_imported(model, architecture, out_dir, name=name, version=version,
+                         imported_from="dlib", source={
+                             "file": DAT_NAME,
+                             "package": "face-recognition-models 0.3.0 (PyPI sdist)",
+                             "sha256": digest, "known_release": digest == DAT_SHA256,
+                             "licence": LICENCE})

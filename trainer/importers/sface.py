@@ -165,33 +165,23 @@ def import_sface_torch(
     import onnx
     import torch
 
-    from trainer.artifact import save_artifact
-    from trainer.models import create_model, model_config
+    from trainer.importers import save_imported
+    from trainer.models import create_model
 
     if architecture not in ("sface", "facemoe-sface"):
         raise ValueError(f"SFace's weights fit sface or facemoe-sface, not {architecture!r}")
     src = Path(src) if src else default_onnx()
     check_file(src)
-    arch = model_config(architecture)
     with torch.random.fork_rng():  # the new FaceMoE blocks' initial values: the same every import
         torch.manual_seed(0)
         model = create_model(architecture).eval()
     load_sface_weights(model, onnx.load(str(src)))
-    return save_artifact(
-        model,
-        arch,
-        out_dir,
-        name=name or architecture,
-        version=version,
-        recipe={"imported_from": "sface", "architecture": architecture},
-        data={"source": {
-            "file": ONNX_NAME,
-            "package": f"{WHEEL} (PyPI wheel, {MEMBER}; byte-identical to OpenCV Zoo's)",
-            "sha256": SHA256,
-            "known_release": True,
-            "licence": LICENCE,
-        }},
-    )
+    return save_imported(model, architecture, out_dir, name=name, version=version,
+                         imported_from="sface", source={
+                             "file": ONNX_NAME,
+                             "package": f"{WHEEL} (PyPI wheel, {MEMBER}; byte-identical to "
+                                        "OpenCV Zoo's)",
+                             "sha256": SHA256, "known_release": True, "licence": LICENCE})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ import binascii
 import hmac
 import logging
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,14 +132,16 @@ def caller(request: Request) -> Caller:
     return Caller(user, False)
 
 
-async def changer(request: Request) -> Caller:
-    """A caller that may change the gallery: not a read-only key; sessions with CSRF."""
+async def changer(request: Request) -> AsyncIterator[Caller]:
+    """A caller that may change the gallery: not a read-only key; sessions with CSRF. As
+    `audited_writer`: every change the request makes is audited as the caller's."""
     who = caller(request)
     if who.read_only:
         raise CompreFaceError(403, "this API key is read-only")
     if who.user.via != "apikey":
         await writer(request)
-    return who
+    with acting_as(who.user.audit_name):
+        yield who
 
 
 # --- inputs and outputs -----------------------------------------------------------------------
@@ -275,7 +277,7 @@ async def add_face(request: Request, subject: str = Query(..., min_length=1, max
             if index is None:
                 raise CompreFaceError(400, NO_FACE, NO_FACE_CODE)
             faces = faces_from_array(image, "an API upload", ctx.detector, index)
-        with _ADD_LOCK, acting_as(who.user.audit_name):
+        with _ADD_LOCK:
             enroll(subject, [], ctx.detector, ctx.embedder, ctx.gallery, faces=faces)
             face = collection(ctx).newest(subject)
         return {"image_id": str(face.id), "subject": face.subject}
@@ -299,8 +301,7 @@ def delete_faces(subject: str | None = Query(None, min_length=1),
     if subject is None:
         raise CompreFaceError(400, "subject is required (this server does not delete every "
                                    "face of the gallery at once)")
-    with acting_as(who.user.audit_name):
-        return {"deleted": collection(ctx).delete_faces(subject)}
+    return {"deleted": collection(ctx).delete_faces(subject)}
 
 
 def _face_id(image_id: str) -> int:
@@ -313,8 +314,7 @@ def _face_id(image_id: str) -> int:
 def delete_face(image_id: str, ctx: WebContext = Depends(get_ctx),
                 who: Caller = Depends(changer)) -> dict:
     face, _ = collection(ctx).vector(_face_id(image_id))
-    with acting_as(who.user.audit_name):
-        ctx.gallery.review.delete_template(face.id)
+    ctx.gallery.delete_template(face.id)
     return {"image_id": str(face.id), "subject": face.subject}
 
 
@@ -323,7 +323,7 @@ def delete_face(image_id: str, ctx: WebContext = Depends(get_ctx),
             responses={200: {"content": {"image/jpeg": {}}}})
 def face_image(image_id: str, ctx: WebContext = Depends(get_ctx),
                _who: Caller = Depends(caller)) -> Response:
-    data = ctx.gallery.review.template_crop_jpeg(_face_id(image_id))
+    data = ctx.gallery.pages.template_crop_jpeg(_face_id(image_id))
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private"})
 
 
@@ -370,8 +370,7 @@ async def _json(request: Request) -> Any:
 async def add_subject(request: Request, ctx: WebContext = Depends(get_ctx),
                       who: Caller = Depends(changer)) -> dict:
     name = _subject_of(await _json(request))
-    with acting_as(who.user.audit_name):
-        return {"subject": collection(ctx).add_subject(name)}
+    return {"subject": collection(ctx).add_subject(name)}
 
 
 @router.put("/recognition/subjects/{subject}",
@@ -380,11 +379,10 @@ async def rename_subject(subject: str, request: Request, ctx: WebContext = Depen
                          who: Caller = Depends(changer)) -> dict:
     new = _subject_of(await _json(request))
     names = {i.name for i in ctx.gallery.identities()}
-    with acting_as(who.user.audit_name):
-        if new.strip() in names and new.strip() != subject.strip():
-            ctx.gallery.review.merge_identities(subject, new)
-        else:
-            ctx.gallery.rename(subject, new)
+    if new.strip() in names and new.strip() != subject.strip():
+        ctx.gallery.merge_identities(subject, new)
+    else:
+        ctx.gallery.rename(subject, new)
     return {"updated": True}
 
 
@@ -392,8 +390,7 @@ async def rename_subject(subject: str, request: Request, ctx: WebContext = Depen
                summary="Delete a subject with its faces and the events that name it (erasure)")
 def delete_subject(subject: str, ctx: WebContext = Depends(get_ctx),
                    who: Caller = Depends(changer)) -> dict:
-    with acting_as(who.user.audit_name):
-        r = erase(ctx.gallery, Outputs.of(ctx.cfg), name=subject)
+    r = erase(ctx.gallery, Outputs.of(ctx.cfg), name=subject)
     if r.unfinished:
         raise CompreFaceError(500, f"{r.removed} deleted, but not everything was erased "
                                    f"({r.errors[0] if r.errors else 'see the log'}): delete again")

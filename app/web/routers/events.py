@@ -8,30 +8,25 @@ from datetime import datetime
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.gallery import StoredEvent
-from app.gallery.audit import acting_as
-from app.gallery.review import EventFilter
-from app.recognize import Candidate
+from app.gallery.paging import EventFilter
 from app.web.auth import User
 from app.web.context import WebContext
-from app.web.deps import current_user, get_ctx, writer
+from app.web.deps import audited_writer, current_user, get_ctx
 from app.web.models import (
     Enrolled,
     EventOut,
     EventPage,
     NameRequest,
-    Nearest,
     NotPersonOut,
     NotPersonRequest,
     RelabelRequest,
     ReprocessOut,
 )
+from app.web.services import CROP_CACHE, event_out, list_events, one_event
 from app.web.timefmt import parse_time
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/api/events", tags=["events"])
-CROP_CACHE = "private, max-age=86400"
-SCORE_DIGITS = 4  # cosines to 1e-4: more digits are noise of the float32 maths
+router = APIRouter(prefix="/api/events", tags=["events"], dependencies=[Depends(current_user)])
 SINCE = ("stored at or after (ISO 8601; without an offset, in web.timezone, default the "
          "machine's zone)")
 UNTIL = "stored before (ISO 8601, as `since`)"
@@ -46,29 +41,6 @@ def times(ctx: WebContext, since: str | None, until: str | None
         raise HTTPException(400, str(exc)) from None
 
 
-def event_out(e: StoredEvent, nearest: Candidate | None = None, *,
-              snapshot: bool = False) -> EventOut:
-    ev = e.event
-    return EventOut(
-        id=e.id, camera=ev.camera, track_id=ev.track_id, identity=ev.identity,
-        score=round(ev.score, SCORE_DIGITS),
-        start=ev.start, end=ev.end, frames=ev.frames, best_bbox=list(ev.best_bbox),
-        model=ev.model, crops=e.crops, stored_at=e.created_at,
-        nearest=(Nearest(name=nearest.name, score=round(nearest.score, SCORE_DIGITS))
-                 if nearest else None),
-        crop_urls=[f"/api/events/{e.id}/crops/{i}" for i in range(e.crops)],
-        snapshot_url=f"/api/events/{e.id}/snapshot" if snapshot else None,
-    )
-
-
-def list_events(ctx: WebContext, f: EventFilter, before: int | None, limit: int,
-                after: int | None = None,
-                ) -> tuple[list[StoredEvent], int | None, dict[int, Candidate]]:
-    """A page of events and the nearest identity of its unknown ones."""
-    events, total = ctx.gallery.review.events(f, before=before, limit=limit, after=after)
-    return events, total, ctx.review.nearest(events)
-
-
 @router.get("", response_model=EventPage, summary="List events, newest first")
 def get_events(
     camera: str | None = None,
@@ -80,7 +52,6 @@ def get_events(
     before: int | None = Query(None, description="only events with a smaller id (next page)"),
     limit: int = Query(50, ge=1, le=500),
     ctx: WebContext = Depends(get_ctx),
-    _user: User = Depends(current_user),
 ) -> EventPage:
     f = EventFilter(camera, identity, unknown, *times(ctx, since, until), cluster)
     events, total, nearest = list_events(ctx, f, before, limit)
@@ -90,18 +61,14 @@ def get_events(
 
 
 @router.get("/{event_id}", response_model=EventOut, summary="One event")
-def get_event(event_id: int, ctx: WebContext = Depends(get_ctx),
-              _user: User = Depends(current_user)) -> EventOut:
-    e = ctx.gallery.review.event(event_id)
-    return event_out(e, ctx.review.nearest([e]).get(e.id),
-                     snapshot=ctx.gallery.review.event_snapshot_jpeg(e.id) is not None)
+def get_event(event_id: int, ctx: WebContext = Depends(get_ctx)) -> EventOut:
+    return one_event(ctx, event_id)
 
 
 @router.get("/{event_id}/snapshot", summary="An event's best-face picture (JPEG)",
             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
-def get_event_snapshot(event_id: int, ctx: WebContext = Depends(get_ctx),
-                       _user: User = Depends(current_user)) -> Response:
-    data = ctx.gallery.review.event_snapshot_jpeg(event_id)
+def get_event_snapshot(event_id: int, ctx: WebContext = Depends(get_ctx)) -> Response:
+    data = ctx.gallery.pages.event_snapshot_jpeg(event_id)
     if data is None:
         raise HTTPException(404, f"event {event_id} has no snapshot")
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": CROP_CACHE})
@@ -109,46 +76,41 @@ def get_event_snapshot(event_id: int, ctx: WebContext = Depends(get_ctx),
 
 @router.get("/{event_id}/crops/{index}", summary="A kept crop of an event (JPEG), best first",
             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
-def get_event_crop(event_id: int, index: int, ctx: WebContext = Depends(get_ctx),
-                   _user: User = Depends(current_user)) -> Response:
-    data = ctx.gallery.review.event_crop_jpeg(event_id, index)
+def get_event_crop(event_id: int, index: int, ctx: WebContext = Depends(get_ctx)) -> Response:
+    data = ctx.gallery.pages.event_crop_jpeg(event_id, index)
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": CROP_CACHE})
 
 
 @router.post("/{event_id}/name", response_model=Enrolled,
              summary="This is NAME: enroll the event's kept crops and name the event")
 def name_event(event_id: int, body: NameRequest, ctx: WebContext = Depends(get_ctx),
-               user: User = Depends(writer)) -> Enrolled:
-    with acting_as(user.audit_name):
-        r = ctx.review.name_event(event_id, body.name)
+               _user: User = Depends(audited_writer)) -> Enrolled:
+    r = ctx.review.name_event(event_id, body.name)
     return Enrolled.of(r)
 
 
 @router.patch("/{event_id}", response_model=EventOut,
               summary="Relabel an event (an enrolled name, or null: unknown) without enrolling")
 def relabel_event(event_id: int, body: RelabelRequest, ctx: WebContext = Depends(get_ctx),
-                  user: User = Depends(writer)) -> EventOut:
-    with acting_as(user.audit_name):
-        ctx.review.corrections.relabel(event_id, body.identity)
-    return get_event(event_id, ctx, user)
+                  _user: User = Depends(audited_writer)) -> EventOut:
+    ctx.review.corrections.relabel(event_id, body.identity)
+    return one_event(ctx, event_id)
 
 
 @router.post("/{event_id}/not", response_model=NotPersonOut,
              summary="Not this person: unknown, never that name again, its templates deleted")
 def not_person(event_id: int, body: NotPersonRequest, ctx: WebContext = Depends(get_ctx),
-               user: User = Depends(writer)) -> NotPersonOut:
-    with acting_as(user.audit_name):
-        name, removed = ctx.review.corrections.not_person(event_id, body.identity)
-    return NotPersonOut(event=get_event(event_id, ctx, user), not_identity=name,
+               _user: User = Depends(audited_writer)) -> NotPersonOut:
+    name, removed = ctx.review.corrections.not_person(event_id, body.identity)
+    return NotPersonOut(event=one_event(ctx, event_id), not_identity=name,
                         templates_deleted=removed)
 
 
 @router.delete("/{event_id}", status_code=204, response_class=Response,
                summary="Delete an event with its crops")
 def delete_event(event_id: int, ctx: WebContext = Depends(get_ctx),
-                 user: User = Depends(writer)) -> Response:
-    with acting_as(user.audit_name):
-        ctx.review.corrections.delete([event_id])
+                 _user: User = Depends(audited_writer)) -> Response:
+    ctx.review.corrections.delete([event_id])
     return Response(status_code=204)
 
 
@@ -163,13 +125,12 @@ async def reprocess(
     before: int | None = Query(None, description="only events with a smaller id (continue)"),
     limit: int = Query(200, ge=1, le=2000),
     ctx: WebContext = Depends(get_ctx),
-    user: User = Depends(writer),
+    _user: User = Depends(audited_writer),
 ) -> ReprocessOut:
     f = EventFilter(camera, identity, False, *times(ctx, since, until))
 
     def work():
-        with acting_as(user.audit_name):
-            return ctx.review.reprocess(f, named=named, before=before, limit=limit)
+        return ctx.review.reprocess(f, named=named, before=before, limit=limit)
 
     r = await run_in_threadpool(work)
     return ReprocessOut(checked=r.checked, changed=r.changed, without_crops=r.without_crops,

@@ -1,11 +1,15 @@
 """The HTML pages (server-rendered, no JavaScript needed): events, unknown-face clusters,
 gallery, cameras, login. Their forms post here; each handler calls the same service as the
-API route and the CLI, then redirects (post/redirect/get) with a message or an error."""
+API route and the CLI (through `app.web.services`), then redirects (post/redirect/get) with a
+message or an error. `refused_to`, the page-error handler, is the one place a service's
+refusal becomes a redirect; every change is audited as its user's by `audited_writer`."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlencode
@@ -17,15 +21,21 @@ from markupsafe import Markup, escape
 
 from app import __version__
 from app.erasure import Outputs, erase
-from app.gallery.audit import acting_as
-from app.gallery.review import EventFilter
+from app.gallery.paging import EventFilter
 from app.web.auth import COOKIE, LoginRefused, User
 from app.web.context import WebContext
-from app.web.deps import current_user, get_ctx, same_site, user_errors, writer
-from app.web.routers.clusters import list_clusters
-from app.web.routers.events import event_out, list_events
-from app.web.routers.fleet import camera_rows, fleet_view, silent_after_s
-from app.web.routers.identities import enroll_uploads, identity_detail
+from app.web.deps import audited_writer, current_user, get_ctx, same_site, user_errors, writer
+from app.web.services import (
+    camera_rows,
+    enroll_uploads,
+    event_out,
+    fleet_view,
+    identity_detail,
+    list_clusters,
+    list_events,
+    one_event,
+    silent_after_s,
+)
 from app.web.timefmt import local, parse_time
 
 log = logging.getLogger(__name__)
@@ -53,6 +63,25 @@ def back(path: str, **query: object) -> RedirectResponse:
 
 def _one_line(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+class PageRefused(Exception):
+    """A service refused what a page asked: `create_app` answers with `response`."""
+
+    def __init__(self, response: RedirectResponse) -> None:
+        super().__init__(response.headers.get("location", ""))
+        self.response = response
+
+
+@contextmanager
+def refused_to(here: str, *, also: tuple[type[Exception], ...] = (), **query: object
+               ) -> Iterator[None]:
+    """The page-error handler: a service's refusal in the block (`user_errors()`, and `also`)
+    becomes a redirect (303) back to `here` with `query` and its one line as the error."""
+    try:
+        yield
+    except (*also, *user_errors()) as exc:
+        raise PageRefused(back(here, **query, error=_one_line(exc))) from None
 
 
 # --- login ------------------------------------------------------------------------------------
@@ -135,11 +164,11 @@ def events_page(request: Request, camera: str = "", identity: str = "", unknown:
             if rows and (len(rows) == size or after is not None) else None)
     # a newer page: after an "older" step, or after a "newer" one when more are newer still
     newer = (urlencode({**query, "after": rows[0].id})
-             if rows and (before is not None or (after is not None and ctx.gallery.review.events(
+             if rows and (before is not None or (after is not None and ctx.gallery.pages.events(
                  f, after=rows[0].id, limit=1, count=False)[0]))
              else None)
     return page(request, "events.html", user, events=rows, total=total,
-                cameras=ctx.gallery.review.cameras(), filters=query, camera=camera,
+                cameras=ctx.gallery.pages.cameras(), filters=query, camera=camera,
                 identity=identity, unknown=unknown, since=since, until=until, more=more,
                 newer=newer,
                 page_error=error, threshold=ctx.threshold)
@@ -148,90 +177,72 @@ def events_page(request: Request, camera: str = "", identity: str = "", unknown:
 @router.get("/events/{event_id}", response_class=HTMLResponse)
 def event_page(request: Request, event_id: int, user: User = Depends(current_user),
                ctx: WebContext = Depends(get_ctx)) -> Response:
-    try:
-        e = ctx.gallery.review.event(event_id)
-        out = event_out(e, ctx.review.nearest([e]).get(e.id),
-                        snapshot=ctx.gallery.review.event_snapshot_jpeg(e.id) is not None)
-    except user_errors() as exc:
-        return back("/events", error=_one_line(exc))
-    known, total = ctx.gallery.review.identities(limit=NAME_CHOICES)
+    with refused_to("/events"):
+        out = one_event(ctx, event_id)
+    known, total = ctx.gallery.pages.identities(limit=NAME_CHOICES)
     return page(request, "event.html", user, e=out, threshold=ctx.threshold,
                 names=[i.name for i in known] if total <= NAME_CHOICES else [])
 
 
 @router.post("/events/{event_id}/name")
-def name_event_page(event_id: int, name: str = Form(...), user: User = Depends(writer),
+def name_event_page(event_id: int, name: str = Form(...), _user: User = Depends(audited_writer),
                     ctx: WebContext = Depends(get_ctx)) -> Response:
     here = f"/events/{event_id}"
-    try:
-        with acting_as(user.audit_name):
-            r = ctx.review.name_event(event_id, name)
-    except user_errors() as exc:
-        return back(here, error=_one_line(exc))
+    with refused_to(here):
+        r = ctx.review.name_event(event_id, name)
     return back(here, msg=f"enrolled {r.name}: {len(r.faces)} template(s), "
                 f"{len(r.rejected)} rejected as outlier(s)")
 
 
 @router.post("/events/{event_id}/relabel")
-def relabel_event_page(event_id: int, name: str = Form(""), user: User = Depends(writer),
+def relabel_event_page(event_id: int, name: str = Form(""), _user: User = Depends(audited_writer),
                        ctx: WebContext = Depends(get_ctx)) -> Response:
     here = f"/events/{event_id}"
-    try:
-        with acting_as(user.audit_name):
-            old, removed = ctx.review.corrections.relabel(event_id, name.strip() or None)
-    except user_errors() as exc:
-        return back(here, error=_one_line(exc))
+    with refused_to(here):
+        old, removed = ctx.review.corrections.relabel(event_id, name.strip() or None)
     msg = f"event {event_id}: {old or 'unknown'} → {name.strip() or 'unknown'}"
     return back(here, msg=msg + (f" ({removed} template(s) from it deleted from {old})"
                                  if removed else ""))
 
 
 @router.post("/events/{event_id}/not")
-def not_person_page(event_id: int, user: User = Depends(writer),
+def not_person_page(event_id: int, _user: User = Depends(audited_writer),
                     ctx: WebContext = Depends(get_ctx)) -> Response:
     here = f"/events/{event_id}"
-    try:
-        with acting_as(user.audit_name):
-            name, removed = ctx.review.corrections.not_person(event_id)
-    except user_errors() as exc:
-        return back(here, error=_one_line(exc))
+    with refused_to(here):
+        name, removed = ctx.review.corrections.not_person(event_id)
     return back(here, msg=f"event {event_id} is not {name}: unknown now, and never {name} "
                 f"again; {removed} template(s) from it deleted")
 
 
 @router.post("/events/{event_id}/delete")
-def delete_event_page(event_id: int, confirm: str = Form(""), user: User = Depends(writer),
+def delete_event_page(event_id: int, confirm: str = Form(""), _user: User = Depends(audited_writer),
                       ctx: WebContext = Depends(get_ctx)) -> Response:
     if confirm != "yes":
         return back(f"/events/{event_id}", error="tick the box to confirm the deletion")
-    try:
-        with acting_as(user.audit_name):
-            ctx.review.corrections.delete([event_id])
-    except user_errors() as exc:
-        return back("/events", error=_one_line(exc))
+    with refused_to("/events"):
+        ctx.review.corrections.delete([event_id])
     return back("/events", msg=f"event {event_id} deleted with its crops")
 
 
 @router.post("/events/reprocess")
 def reprocess_page(camera: str = Form(""), identity: str = Form(""), since: str = Form(""),
-                   until: str = Form(""), named: str = Form(""), user: User = Depends(writer),
+                   until: str = Form(""), named: str = Form(""),
+                   _user: User = Depends(audited_writer),
                    ctx: WebContext = Depends(get_ctx)) -> Response:
     query = {"camera": camera or None, "identity": identity or None, "since": since or None,
              "until": until or None}
-    try:
+    with refused_to("/events", also=(ValueError,), **query):
         f = EventFilter(camera or None, identity or None, False,
                         parse_time(since, "from", ctx.tz), parse_time(until, "to", ctx.tz))
         checked = changed = 0
         before, deadline = None, time.monotonic() + REPROCESS_BUDGET_S
-        with acting_as(user.audit_name):
-            while True:
-                r = ctx.review.reprocess(f, named=named == "yes", before=before,
-                                         limit=REPROCESS_BATCH)
-                checked, changed, before = checked + r.checked, changed + r.changed, r.next_before
-                if before is None or time.monotonic() > deadline:
-                    break
-    except (ValueError, *user_errors()) as exc:
-        return back("/events", **query, error=_one_line(exc))
+        while True:
+            r = ctx.review.reprocess(f, named=named == "yes", before=before,
+                                     limit=REPROCESS_BATCH)
+            checked, changed, before = checked + r.checked, changed + r.changed, r.next_before
+            if before is None or time.monotonic() > deadline:
+                break
     more = " (more remain: narrow the time range)" if before is not None else ""
     return back("/events", **query, msg=f"re-ran {checked} event(s) against the gallery: "
                 f"{changed} changed name{more}")
@@ -246,7 +257,7 @@ def clusters_page(request: Request, state: str = Query("open", pattern="^(open|i
                   ctx: WebContext = Depends(get_ctx)) -> HTMLResponse:
     size = ctx.cfg.web.page_size
     data = list_clusters(ctx, state, offset, size)
-    known, total = ctx.gallery.review.identities(limit=NAME_CHOICES)
+    known, total = ctx.gallery.pages.identities(limit=NAME_CHOICES)
     names = [i.name for i in known] if total <= NAME_CHOICES else []  # offered while typing
     return page(request, "clusters.html", user, data=data, state=state, offset=offset,
                 size=size, names=names, merge_choices=ctx.review.merge_choices(
@@ -254,13 +265,10 @@ def clusters_page(request: Request, state: str = Query("open", pattern="^(open|i
 
 
 @router.post("/clusters/{cluster_id}/name")
-def name_cluster(cluster_id: int, name: str = Form(...), user: User = Depends(writer),
+def name_cluster(cluster_id: int, name: str = Form(...), _user: User = Depends(audited_writer),
                  ctx: WebContext = Depends(get_ctx)) -> Response:
-    try:
-        with acting_as(user.audit_name):
-            r = ctx.review.name(cluster_id, name)
-    except user_errors() as exc:
-        return back("/clusters", error=_one_line(exc))
+    with refused_to("/clusters"):
+        r = ctx.review.name(cluster_id, name)
     e = r.enrollment
     msg = (f"cluster {cluster_id} is {e.name}: {len(e.faces)} template(s) enrolled, "
            f"{len(e.rejected)} rejected as outlier(s), {r.events_named} event(s) named"
@@ -270,35 +278,26 @@ def name_cluster(cluster_id: int, name: str = Form(...), user: User = Depends(wr
 
 
 @router.post("/clusters/{cluster_id}/ignore")
-def ignore_cluster(cluster_id: int, user: User = Depends(writer),
+def ignore_cluster(cluster_id: int, _user: User = Depends(audited_writer),
                    ctx: WebContext = Depends(get_ctx)) -> Response:
-    try:
-        with acting_as(user.audit_name):
-            ctx.review.ignore(cluster_id)
-    except user_errors() as exc:
-        return back("/clusters", error=_one_line(exc))
+    with refused_to("/clusters"):
+        ctx.review.ignore(cluster_id)
     return back("/clusters", msg=f"cluster {cluster_id} ignored")
 
 
 @router.post("/clusters/{cluster_id}/restore")
-def restore_cluster(cluster_id: int, user: User = Depends(writer),
+def restore_cluster(cluster_id: int, _user: User = Depends(audited_writer),
                     ctx: WebContext = Depends(get_ctx)) -> Response:
-    try:
-        with acting_as(user.audit_name):
-            ctx.review.restore(cluster_id)
-    except user_errors() as exc:
-        return back("/clusters", state="ignored", error=_one_line(exc))
+    with refused_to("/clusters", state="ignored"):
+        ctx.review.restore(cluster_id)
     return back("/clusters", msg=f"cluster {cluster_id} restored")
 
 
 @router.post("/clusters/{cluster_id}/merge")
-def merge_cluster(cluster_id: int, other: int = Form(...), user: User = Depends(writer),
+def merge_cluster(cluster_id: int, other: int = Form(...), _user: User = Depends(audited_writer),
                   ctx: WebContext = Depends(get_ctx)) -> Response:
-    try:
-        with acting_as(user.audit_name):
-            ctx.review.merge(cluster_id, other)
-    except user_errors() as exc:
-        return back("/clusters", error=_one_line(exc))
+    with refused_to("/clusters"):
+        ctx.review.merge(cluster_id, other)
     return back("/clusters", msg=f"cluster {other} merged into {cluster_id}")
 
 
@@ -310,20 +309,18 @@ def gallery_page(request: Request, search: str = "", offset: int = Query(0, ge=0
                  user: User = Depends(current_user),
                  ctx: WebContext = Depends(get_ctx)) -> HTMLResponse:
     size = ctx.cfg.web.page_size
-    rows, total = ctx.gallery.review.identities(search=search, offset=offset, limit=size)
-    thumbs = ctx.gallery.review.photo_templates([i.id for i in rows])
+    rows, total = ctx.gallery.pages.identities(search=search, offset=offset, limit=size)
+    thumbs = ctx.gallery.pages.photo_templates([i.id for i in rows])
     return page(request, "gallery.html", user, identities=rows, total=total, search=search,
                 offset=offset, size=size, thumbs=thumbs)
 
 
 @router.post("/gallery/enroll")
 async def enroll_page(name: str = Form(...), photos: list[UploadFile] = File(...),
-                      user: User = Depends(writer), ctx: WebContext = Depends(get_ctx)
+                      _user: User = Depends(audited_writer), ctx: WebContext = Depends(get_ctx)
                       ) -> Response:
-    try:
-        r = await enroll_uploads(ctx, user, name, photos)
-    except user_errors() as exc:
-        return back("/gallery", error=_one_line(exc))
+    with refused_to("/gallery"):
+        r = await enroll_uploads(ctx, name, photos)
     return back("/gallery", search=r.name,
                 msg=f"enrolled {r.name}: {len(r.faces)} template(s), "
                     f"{len(r.rejected)} rejected as outlier(s)")
@@ -332,13 +329,11 @@ async def enroll_page(name: str = Form(...), photos: list[UploadFile] = File(...
 @router.get("/gallery/{identity_id}", response_class=HTMLResponse)
 def identity_page(request: Request, identity_id: int, user: User = Depends(current_user),
                   ctx: WebContext = Depends(get_ctx)) -> Response:
-    try:
+    with refused_to("/gallery"):
         detail = identity_detail(ctx, identity_id)
-    except user_errors() as exc:
-        return back("/gallery", error=_one_line(exc))
-    events, _ = ctx.gallery.review.events(EventFilter(identity=detail.name), limit=12,
+    events, _ = ctx.gallery.pages.events(EventFilter(identity=detail.name), limit=12,
                                           count=False)
-    known, total = ctx.gallery.review.identities(limit=NAME_CHOICES)
+    known, total = ctx.gallery.pages.identities(limit=NAME_CHOICES)
     return page(request, "identity.html", user, i=detail,
                 events=[event_out(e) for e in events],
                 names=[k.name for k in known] if total <= NAME_CHOICES else [])
@@ -346,42 +341,35 @@ def identity_page(request: Request, identity_id: int, user: User = Depends(curre
 
 @router.post("/gallery/{identity_id}/photos")
 async def add_photos_page(identity_id: int, photos: list[UploadFile] = File(...),
-                          user: User = Depends(writer), ctx: WebContext = Depends(get_ctx)
+                          _user: User = Depends(audited_writer), ctx: WebContext = Depends(get_ctx)
                           ) -> Response:
     here = f"/gallery/{identity_id}"
-    try:
-        name = ctx.gallery.review.identity(identity_id).name
-        r = await enroll_uploads(ctx, user, name, photos)
-    except user_errors() as exc:
-        return back(here, error=_one_line(exc))
+    with refused_to(here):
+        name = ctx.gallery.pages.identity(identity_id).name
+        r = await enroll_uploads(ctx, name, photos)
     return back(here, msg=f"{len(r.faces)} template(s) added, {len(r.rejected)} rejected")
 
 
 @router.post("/gallery/{identity_id}/rename")
-def rename_page(identity_id: int, name: str = Form(...), user: User = Depends(writer),
+def rename_page(identity_id: int, name: str = Form(...), _user: User = Depends(audited_writer),
                 ctx: WebContext = Depends(get_ctx)) -> Response:
     here = f"/gallery/{identity_id}"
-    try:
-        old = ctx.gallery.review.identity(identity_id).name
-        with acting_as(user.audit_name):
-            ctx.gallery.rename(old, name)
-    except user_errors() as exc:
-        return back(here, error=_one_line(exc))
+    with refused_to(here):
+        old = ctx.gallery.pages.identity(identity_id).name
+        ctx.gallery.rename(old, name)
     return back(here, msg=f"renamed {old} to {name.strip()}")
 
 
 @router.post("/gallery/{identity_id}/merge")
 def merge_page(identity_id: int, into: str = Form(...), confirm: str = Form(""),
-               user: User = Depends(writer), ctx: WebContext = Depends(get_ctx)) -> Response:
+               _user: User = Depends(audited_writer),
+               ctx: WebContext = Depends(get_ctx)) -> Response:
     here = f"/gallery/{identity_id}"
     if confirm != "yes":
         return back(here, error="tick the box to confirm the merge")
-    try:
-        src = ctx.gallery.review.identity(identity_id).name
-        with acting_as(user.audit_name):
-            n = ctx.gallery.review.merge_identities(src, into)
-    except user_errors() as exc:
-        return back(here, error=_one_line(exc))
+    with refused_to(here):
+        src = ctx.gallery.pages.identity(identity_id).name
+        n = ctx.gallery.merge_identities(src, into)
     return back("/gallery", search=into.strip(), msg=f"merged {src} into {into.strip()} "
                 f"({n} template(s) moved)")
 
@@ -389,25 +377,20 @@ def merge_page(identity_id: int, into: str = Form(...), confirm: str = Form(""),
 @router.get("/gallery/{identity_id}/delete", response_class=HTMLResponse)
 def delete_confirm_page(request: Request, identity_id: int, user: User = Depends(current_user),
                         ctx: WebContext = Depends(get_ctx)) -> Response:
-    try:
-        i = ctx.gallery.review.identity(identity_id)
-    except user_errors() as exc:
-        return back("/gallery", error=_one_line(exc))
+    with refused_to("/gallery"):
+        i = ctx.gallery.pages.identity(identity_id)
     return page(request, "delete.html", user, i=i)
 
 
 @router.post("/gallery/{identity_id}/delete")
-def delete_page(identity_id: int, confirm: str = Form(""), user: User = Depends(writer),
+def delete_page(identity_id: int, confirm: str = Form(""), _user: User = Depends(audited_writer),
                 ctx: WebContext = Depends(get_ctx)) -> Response:
-    try:
-        name = ctx.gallery.review.identity(identity_id).name
+    with refused_to("/gallery"):
+        name = ctx.gallery.pages.identity(identity_id).name
         if confirm.strip() != name:
             return back(f"/gallery/{identity_id}/delete",
                         error="type the name exactly to confirm the deletion")
-        with acting_as(user.audit_name):
-            erased = erase(ctx.gallery, Outputs.of(ctx.cfg), identity_id=identity_id)
-    except user_errors() as exc:
-        return back("/gallery", error=_one_line(exc))
+        erased = erase(ctx.gallery, Outputs.of(ctx.cfg), identity_id=identity_id)
     if erased.unfinished:
         return back("/gallery", error=f"deleted {name}, but not everything was erased "
                     f"({erased.errors[0]}): delete again to finish (facemoe gallery remove)")
@@ -417,14 +400,11 @@ def delete_page(identity_id: int, confirm: str = Form(""), user: User = Depends(
 
 @router.post("/templates/{template_id}/delete")
 def delete_template_page(template_id: int, identity: int = Form(...),
-                         user: User = Depends(writer), ctx: WebContext = Depends(get_ctx)
+                         _user: User = Depends(audited_writer), ctx: WebContext = Depends(get_ctx)
                          ) -> Response:
     here = f"/gallery/{identity}"
-    try:
-        with acting_as(user.audit_name):
-            ctx.gallery.review.delete_template(template_id)
-    except user_errors() as exc:
-        return back(here, error=_one_line(exc))
+    with refused_to(here):
+        ctx.gallery.delete_template(template_id)
     return back(here, msg=f"template {template_id} deleted")
 
 

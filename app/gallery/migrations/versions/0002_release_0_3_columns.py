@@ -1,7 +1,8 @@
 """Release 0.3's columns, all nullable: the event record's own fields on `events` (uid, time,
 snapshot, candidate, candidate_score, zones) and a per-template checksum on `templates`.
-Galleries created by this release already have them (the tables are made from the models),
-so only the missing ones are added.
+Galleries created by this release already have them (the tables are made from the models)
+and are stamped at the head, so this runs on older galleries; only missing ones are added.
+The columns are `app.gallery.db`'s `RELEASE_0_3_*_COLUMNS` (one source).
 
 Revision ID: 0002
 Revises: 0001
@@ -12,20 +13,14 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from app.gallery.db import RELEASE_0_3_EVENT_COLUMNS, RELEASE_0_3_TEMPLATE_COLUMNS
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None
 
-TEMPLATE_COLUMNS = (sa.Column("checksum", sa.String(length=64), nullable=True),)
-EVENT_COLUMNS = (
-    sa.Column("uid", sa.String(length=64), nullable=True),
-    sa.Column("time", sa.String(length=40), nullable=True),
-    sa.Column("snapshot", sa.String(length=1024), nullable=True),
-    sa.Column("candidate", sa.String(length=256), nullable=True),
-    sa.Column("candidate_score", sa.Float(), nullable=True),
-    sa.Column("zones", sa.String(length=1024), nullable=True),
-)
+EVENT_COLUMNS, TEMPLATE_COLUMNS = RELEASE_0_3_EVENT_COLUMNS, RELEASE_0_3_TEMPLATE_COLUMNS
 
 
 def _add(table: str, columns: tuple[sa.Column, ...]) -> None:
