@@ -553,7 +553,7 @@ class VideoWriter:
         self._encoded = (width + width % 2, height + height % 2)
         self._stride = (self._encoded[0] * 3 + 3) & ~3  # GStreamer pads BGR rows to 4 bytes
         self._count = 0
-        self._closed = False
+        self._closed = True  # nothing to release until the encoder exists
         if not self.path.parent.is_dir():  # a typo in a folder name: not a new folder
             raise SourceError(f"cannot write {self.path}: no folder {self.path.parent}")
         self._output = ExitStack()  # the temporary: replaces `path` when closed, else removed
@@ -563,6 +563,7 @@ class VideoWriter:
         except OSError as exc:
             self._output.__exit__(type(exc), exc, None)
             raise SourceError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        self._closed = False
 
         self._pipeline = Gst.Pipeline.new("writer")
         caps = Gst.Caps.from_string(

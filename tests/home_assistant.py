@@ -163,7 +163,8 @@ class HomeAssistant:
             raise
 
     def registry(self) -> list[dict]:
-        """The entity registry (what HA keeps of every entity, live or not)."""
+        """The entity registry (what HA keeps of every entity, live or not) as last saved: the
+        core saves it some seconds after a change, so wait for what you look for."""
         path = self.folder / ".storage" / "core.entity_registry"
         if not path.exists():
             return []

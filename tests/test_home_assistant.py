@@ -127,6 +127,9 @@ def test_two_boxes_make_distinct_entities(site):
     states = ha.states()
     assert "sensor.facemoe_alpha_lin_manuel_miranda" in states
     assert "sensor.facemoe_beta_camera_hamilton_b_faces" in states
+    # the core writes its entity registry to disk some seconds after a change (a delayed save)
+    ha.wait(lambda: any(e["entity_id"] == "sensor.facemoe_beta_camera_hamilton_b_faces"
+                        for e in ha.registry()), 60, "beta's entities in the saved registry")
     ids = [e["entity_id"] for e in ha.registry() if e["platform"] == "mqtt"]
     assert ids and not [i for i in ids if i.endswith("_2")], ids
     assert len(ids) == len(set(ids))
