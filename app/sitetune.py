@@ -130,6 +130,22 @@ def _expert_rows(report: dict) -> list[str]:
     return rows
 
 
+def _validation_rows(report: dict) -> list[str]:
+    v = report.get("validation") or {}
+    chosen = v.get("at_chosen_step")
+    if not chosen:
+        return [f"- No validation tracks (a person needs 2+ training tracks): the model is "
+                f"the one after all {report['steps']} steps."]
+    step = v["chosen_step"]
+    return [f"- The step was chosen on {chosen['tracks']} validation tracks (one training track "
+            f"per person, kept out of training; the step whose mean margin between a track's own "
+            f"person and the nearest other is widest): step {step} of {report['steps']} "
+            f"(margin {chosen['margin']}, {chosen['correct']} of {chosen['tracks']} named "
+            f"right)"
+            + (": no step beat the start model, so the model is the start model's function."
+               if step == 0 else ".")]
+
+
 def render_report(report: dict) -> str:
     """The operator's report (Markdown)."""
     ident = report["site_heldout_identification"]
@@ -148,6 +164,7 @@ def render_report(report: dict) -> str:
         f"- Identification of the held-out tracks (top-1 among the {pool['identities']} "
         f"people): **{_pct(b['accuracy'])} -> {_pct(a['accuracy'])}** "
         f"({b['correct']} -> {a['correct']} of {a['tracks']}).",
+        *_validation_rows(report),
         f"- General faces kept: mean cosine of the new model's embeddings of the anchor faces "
         f"to the start model's {report['anchor_cosine_to_start']}.",
         "",

@@ -1,9 +1,9 @@
 """Site fine-tune benchmark: a stand-in site, named through the REST API, then fine-tuned.
 
 1. A site from training-side identities only (CelebA subset people; never an LFW evaluation
-   identity): each person walks through `--tracks` segments of low-resolution clips (face 18-32
-   px, blur, sensor noise, x264 at a low bitrate; `benchmarks/lowres_clip.py`'s renderer), one
-   photo per segment, spread over `--cameras` clips.
+   identity): each person walks through `--tracks` segments of low-resolution clips (faces
+   `--sizes` px wide, blur, sensor noise, x264 at a low bitrate; `benchmarks/lowres_clip.py`'s
+   renderer), one photo per segment, spread over `--cameras` clips.
 2. `facemoe process` stores the events with their kept crops in a new gallery.
 3. A reviewer names them through the REST API: `facemoe serve` with a bearer token, `GET
    /api/events`, then `POST /api/events/{id}/name` with the person the segment showed (events
@@ -13,7 +13,8 @@
 
 Usage (from the repository root):
   nice -n 10 .venv/bin/python benchmarks/site_finetune.py --out runs/site-bench
-      [--people 12] [--tracks 6] [--cameras 2] [--no-lfw] [--recipes moe dense]
+      [--people 24] [--tracks 8] [--cameras 3] [--sizes 16 26] [--no-lfw]
+      [--recipes moe dense] [--reuse-site]
 """
 
 from __future__ import annotations
@@ -180,11 +181,11 @@ def serve_and_name(config: Path, segments: list[dict]) -> dict[str, int]:
 
 
 def build_site(shared: Path, work: Path, people: int, tracks: int, cameras: int,
-               seed: int) -> tuple[Path, Path, dict]:
+               seed: int, sizes: tuple[int, int] = (18, 32)) -> tuple[Path, Path, dict]:
     """Clips, gallery and app config of the stand-in site, named through the API."""
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    segments, enroll = render_site(shared, work, people, tracks, cameras, (18, 32), seed)
+    segments, enroll = render_site(shared, work, people, tracks, cameras, sizes, seed)
     rendered = time.time() - t0
     config = work / "app.yaml"
     config.write_text(f"gallery:\n  path: {work / 'gallery.db'}\n")
@@ -198,6 +199,7 @@ def build_site(shared: Path, work: Path, people: int, tracks: int, cameras: int,
     processed = time.time() - t1
     counts = serve_and_name(config, segments)
     info = {"people": people, "tracks_per_person": tracks, "segments": len(segments),
+            "face_px": list(sizes),
             "cameras": cameras, "render_s": round(rendered, 1),
             "process_s": round(processed, 1), "review": counts}
     return config, work / "gallery.db", info
@@ -207,10 +209,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shared = Path(os.environ.get("FACEMOE_SHARED") or REPO.parent / "shared")
     ap.add_argument("--out", default="runs/site-bench")
-    ap.add_argument("--people", type=int, default=12)
-    ap.add_argument("--tracks", type=int, default=6)
-    ap.add_argument("--cameras", type=int, default=2)
+    ap.add_argument("--people", type=int, default=24)
+    ap.add_argument("--tracks", type=int, default=8)
+    ap.add_argument("--cameras", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sizes", type=int, nargs=2, default=[16, 26], metavar=("LO", "HI"),
+                    help="face width range in the clips, px")
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES),
                     help="none: build the site only")
     ap.add_argument("--no-lfw", action="store_true", help="skip the LFW before/after check")
@@ -223,7 +227,7 @@ def main() -> int:
         site = json.loads((out / "site" / "site.json").read_text())
     else:
         config, db, site = build_site(shared, out / "site", args.people, args.tracks,
-                                      args.cameras, args.seed)
+                                      args.cameras, args.seed, tuple(args.sizes))
         (out / "site" / "site.json").write_text(json.dumps(site, indent=2) + "\n")
     print(json.dumps({"site": site}), flush=True)
     lfw = []

@@ -31,7 +31,23 @@ from app.sitepool import PoolRules, SitePoolError, build_site_pool
 from tests.gallery_helpers import event
 from trainer.models import create_model
 from trainer.preprocess import ARCFACE_112
-from trainer.site import HELDOUT, TRAIN, FrozenSplit
+from trainer.site import (
+    HELDOUT,
+    TRAIN,
+    VAL,
+    FrozenSplit,
+    Prepared,
+    SiteConfig,
+    _train_mode,
+    _validate,
+    cache_prefix,
+    embed_cached,
+    identification,
+    onnx_prefix,
+    train,
+    trains,
+    val_split,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,6 +65,13 @@ def test_frozen_prefix_cut_computes_the_whole_network(arch: str, cut: str) -> No
     trainable = {id(p) for n, p in model.named_parameters() if model.probe_trainable(n)}
     frozen = {id(p) for b in split._prefix for p in b.parameters()}
     assert trainable and frozen and not trainable & frozen
+    # the cache runs the prefix in ONNX Runtime: the same features (to float16's precision)
+    runner = onnx_prefix(split)
+    assert runner is not None
+    crops = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+    fast, slow = cache_prefix(split, crops, 2, runner), cache_prefix(split, crops, 2)
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=1e-2,
+                               atol=1e-2 * float(slow.float().abs().max()))
 
 
 @pytest.mark.unit
@@ -66,6 +89,92 @@ def test_use_model_sets_model_dir_and_keeps_the_rest(text: str, expect: str) -> 
 def test_use_model_refuses_an_inline_model_section() -> None:
     with pytest.raises(ConfigError, match="inline"):
         set_model_dir("model: {dir: a}\n", "b")
+
+
+@pytest.mark.unit
+def test_validation_tracks_are_whole_event_tracks_and_leave_one_to_train() -> None:
+    # person 0: photo + 3 event tracks; person 1: photo + 1 event track; person 2: 2 tracks
+    labels = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+    track = np.array([-1, 1, 1, 2, 2, 3, 3, -2, 4, 5, 5, 6, 6])
+    split = np.array([TRAIN] * 9 + [TRAIN, TRAIN, HELDOUT, HELDOUT])
+    out = val_split(labels, split, track, 1, np.random.default_rng(0))
+    assert out[0] == TRAIN and out[7] == TRAIN  # photos always train
+    assert (out[labels == 1] == TRAIN).all()  # one event track: nothing to spare
+    assert (out[11:] == HELDOUT).all() and (out[9:11] == TRAIN).all()  # held-out untouched
+    val = set(track[out == VAL])
+    assert len(val) == 1 and val < {1, 2, 3}  # one whole track of person 0 ...
+    assert set(track[(out == TRAIN) & (labels == 0)]) & {1, 2, 3}  # ... and 2 still train
+    for t in val:
+        assert (out[track == t] == VAL).all()
+    assert (val_split(labels, split, track, 0, np.random.default_rng(0)) == split).all()
+
+
+@pytest.mark.unit
+def test_identification_margin_and_accuracy() -> None:
+    emb = np.array([[1, 0], [0, 1], [0.9, 0.1], [0.2, 0.8], [0.8, 0.2]], np.float32)
+    labels = np.array([0, 1, 0, 1, 1])
+    split = np.array([TRAIN, TRAIN, HELDOUT, HELDOUT, HELDOUT])
+    track = np.array([1, 2, 3, 4, 5])
+    r = identification(emb, labels, split, track)
+    assert (r["correct"], r["tracks"]) == (2, 3)  # track 5 looks like person 0
+    n = np.linalg.norm
+    cos = [(e / n(e)) for e in emb[2:]]
+    expect = np.mean([cos[0][0] - cos[0][1], cos[1][1] - cos[1][0], cos[2][1] - cos[2][0]])
+    assert r["margin"] == pytest.approx(expect, abs=1e-4)
+
+
+@pytest.mark.unit
+def test_batch_norm_statistics_stay_the_start_models_while_training() -> None:
+    model = create_model("sface")
+    _train_mode(model)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    model(torch.rand(4, 3, 112, 112) * 255)
+    after = dict(model.named_buffers())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert model.training and any(m.training for m in model.modules()
+                                  if isinstance(m, torch.nn.Dropout))
+
+
+def _synthetic_site(lr: float) -> tuple[Prepared, SiteConfig]:
+    """A random dense SFace cut at its head, and prefix features of 4 people (3 event tracks
+    each, one of them for validation) that its head cannot yet tell apart."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = create_model("sface").eval()
+    split = FrozenSplit(model, trains(model, "head"))
+    people, per = 4, 3
+    base = torch.randn(people, 1024, 7, 7)
+    rows = [(p, t) for p in range(people) for t in range(per) for _ in range(2)]
+    feats = torch.stack([base[p] + 0.8 * torch.randn(1024, 7, 7) for p, _ in rows]).half()
+    labels = np.array([p for p, _ in rows])
+    track = np.array([1 + p * per + t for p, t in rows])
+    part = val_split(labels, np.full(len(rows), TRAIN), track, 1, rng)
+    anchors = torch.randn(8, 1024, 7, 7).half()
+    prep = Prepared(model, None, {}, {}, split, {"label_names": np.arange(people)}, labels,
+                    part, track, feats, feats[:0], np.zeros(0, np.int64), anchors,
+                    torch.from_numpy(embed_cached(split, anchors)), embed_cached(split, feats),
+                    0.0)
+    cfg = SiteConfig.model_validate({
+        "model": {"init_from": "unused"}, "data": {"anchor_pool": "unused"},
+        "optim": {"lr": lr, "steps": 20, "site_batch": 8, "anchor_batch": 4, "eval_every": 5,
+                  "train": "head"}})
+    return prep, cfg
+
+
+@pytest.mark.unit
+def test_the_step_is_chosen_on_validation_tracks() -> None:
+    prep, cfg = _synthetic_site(lr=0.0)  # nothing can improve: the start model is kept
+    start = {n: p.clone() for n, p in prep.model.named_parameters()}
+    run = train(cfg, prep)
+    assert run["chosen_step"] == 0 and [h["step"] for h in run["history"]] == [5, 10, 15, 20]
+    assert all(torch.equal(start[n], p) for n, p in prep.model.named_parameters())
+    prep, cfg = _synthetic_site(lr=1e-3)  # the head learns the people: a later step wins
+    start_val = _validate(prep)
+    run = train(cfg, prep)
+    assert run["chosen_step"] > 0 and run["val"]["margin"] > start_val["margin"]
+    assert run["val"]["margin"] == max(h["val"]["margin"] for h in run["history"])
+    chosen = next(h for h in run["history"] if h["step"] == run["chosen_step"])
+    assert chosen["val"] == run["val"] == _validate(prep)  # left at the chosen step
 
 
 def _named_tracks(g: Gallery, tracks: dict[str, int], rng: np.random.Generator) -> None:
@@ -154,11 +263,13 @@ def site(tmp_path_factory, shared_dir: Path, data_dir: Path):
         (REPO / "configs" / "finetune-site.yaml").read_text()
         .replace("cache/facemoe-sface-init", str(start))
         .replace("cache/pool112.npz", str(work / "anchors.npz"))
-        .replace("anchor_faces: 200", "anchor_faces: 12")
-        .replace("steps: 120", "steps: 4")
+        .replace("anchor_faces: 400", "anchor_faces: 12")
+        .replace("steps: 80", "steps: 4")
         .replace("site_batch: 16", "site_batch: 4")
-        .replace("anchor_batch: 16", "anchor_batch: 4")
+        .replace("anchor_batch: 32", "anchor_batch: 4")
         .replace("runs/site-moe", str(work / "run")))
+    small = recipe.read_text()  # the recipe's sizes were found and shrunk (or the test is slow)
+    assert all(k in small for k in ("anchor_faces: 12", "steps: 4", "anchor_batch: 4"))
     return {"work": work, "config": config, "db": db, "info": info, "recipe": recipe,
             "start": start}
 
