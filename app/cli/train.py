@@ -40,8 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_train_config
     from trainer.train import train
 
-    overrides = dict(kv.split("=", 1) for kv in args.set or [])
-    overrides = {k: _yaml_value(v) for k, v in overrides.items()}
+    overrides = parse_overrides(args.set or [])
     if getattr(args, "from_gallery", None):
         return site.train_from_gallery(args, overrides)
     if args.command == "finetune":
@@ -184,10 +183,11 @@ def add_data(sub: argparse._SubParsersAction) -> None:
     sp.set_defaults(func=cmd_data)
 
 
-def _yaml_value(v: str):
+def parse_overrides(items: list[str]) -> dict:
+    """`--set a.b=c` items -> {"a.b": c}, each value read as YAML (numbers, lists, true)."""
     import yaml
 
-    return yaml.safe_load(v)
+    return {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in items)}
 
 
 def _data_prepare_outputs(args: argparse.Namespace) -> None:
