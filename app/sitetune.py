@@ -156,7 +156,8 @@ def render_report(report: dict) -> str:
         f"# Site fine-tune: {report['model']}",
         "",
         f"- Trained from gallery `{report['gallery']}`: {pool['identities']} named people, "
-        f"{pool['train_tracks']} training tracks ({pool['train_faces']} faces); "
+        f"{pool['train_tracks']} training tracks and photos ({pool['train_faces']} faces; "
+        f"{pool.get('val_tracks', 0)} of the tracks kept out for validation); "
         f"{pool['heldout_tracks']} tracks of {pool['heldout_identities']} people held out "
         f"whole for the check below (never trained on).",
         f"- Started from `{report['start_model']['dir']}` "
