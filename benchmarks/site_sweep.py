@@ -33,7 +33,6 @@ from app.cli.train import parse_overrides  # noqa: E402
 from trainer.augment import downscale  # noqa: E402
 from trainer.site import (  # noqa: E402
     TRAIN,
-    VAL,
     cache_prefix,
     embed_cached,
     identification,
@@ -69,7 +68,7 @@ def main() -> int:
     k_max = max(load_site_config(args.recipe, {**common, **parse_overrides(v[1:])})
                 .data.site_lowres for v in args.variant)
     prep = prepare(load_site_config(args.recipe, {**common, "data.site_lowres": k_max}))
-    final = np.where(prep.part == VAL, TRAIN, prep.part)
+    final = prep.check_split
     before = identification(prep.emb0, prep.labels, final, prep.track)
     print(json.dumps({"before": before, "cache_s": round(prep.cache_s, 1)}), flush=True)
     general = cache_prefix(prep.split, general_faces(cfg.data.anchor_pool), cfg.run.batch,

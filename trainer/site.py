@@ -217,7 +217,7 @@ def cache_prefix(split: FrozenSplit, crops: np.ndarray, batch: int,
     for i in range(0, len(crops), batch):
         x = _inputs(split.model, crops[i:i + batch])
         out.append((torch.from_numpy(runner(x.numpy())) if runner else split.prefix(x)).half())
-    return torch.cat(out) if out else torch.empty(0)
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -373,6 +373,12 @@ class Prepared:
     emb0: np.ndarray
     cache_s: float
 
+    @property
+    def check_split(self) -> np.ndarray:
+        """`part` as the held-out check sees it: the validation tracks are training tracks
+        again (the check's centres: every training track, as enrolled)."""
+        return np.where(self.part == VAL, TRAIN, self.part)
+
 
 def prepare(cfg: SiteConfig) -> Prepared:
     """Load the start model and pool, choose the validation tracks, cache the frozen prefix."""
@@ -503,8 +509,7 @@ def site_finetune(cfg: SiteConfig) -> Path:
     """Run the recipe; returns the run directory (model/, site_report.json)."""
     t0 = time.time()
     prep = prepare(cfg)
-    final = prep.part.copy()
-    final[final == VAL] = TRAIN  # the check's centres: every training track, as enrolled
+    final = prep.check_split
     before = identification(prep.emb0, prep.labels, final, prep.track)
     run = train(cfg, prep)
     model, split = prep.model, prep.split
